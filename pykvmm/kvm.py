@@ -1,0 +1,559 @@
+"""Layer 2: typed KVM objects owning their fds: Kvm (/dev/kvm), Vm, Vcpu.
+
+Every ioctl comes in two forms, as in the kernel selftests: ``raw_ioctl`` returns the
+result or ``-errno`` (for negative tests), ``ioctl`` raises KvmError naming the ioctl,
+the object and the errno with a hint.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import mmap
+import os
+from dataclasses import dataclass, field
+
+from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
+
+DEFAULT_KVM_DEVICE = "/dev/kvm"
+
+_HINTS = {
+    _errno.EACCES: "run as root or add your user to group 'kvm'",
+    _errno.EPERM: "run as root or add your user to group 'kvm'",
+    _errno.ENOENT: "KVM is not available: load kvm (modprobe kvm_intel / kvm_amd) or check the device path",
+    _errno.ENXIO: "the KVM module is loaded but has no backing hardware support",
+    _errno.ENOTTY: "this kernel does not implement this ioctl",
+    _errno.E2BIG: "the buffer passed is too small for what KVM wants to return",
+    _errno.EEXIST: "the object already exists",
+    _errno.ENOMEM: "the host is out of memory (or of memslots)",
+}
+
+
+class KvmError(OSError):
+    """A KVM ioctl (or opening the KVM device) failed."""
+
+    def __init__(self, what: str, obj: str, err: int, hint: str | None = None):
+        self.what, self.obj = what, obj
+        hint = hint or _HINTS.get(err)
+        msg = f"{what} on {obj} failed: {_errno.errorcode.get(err, err)} ({os.strerror(err)})"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(err, msg)
+
+    def __str__(self):
+        return self.args[1]
+
+
+class NotAKvmDevice(KvmError):
+    pass
+
+
+_ULONG = ffi.typeof("unsigned long")
+
+
+def _arg(arg):
+    if isinstance(arg, int):
+        return ffi.cast(_ULONG, arg)
+    return arg
+
+
+class FdObject:
+    """Something that owns one KVM fd."""
+
+    kind = "fd"
+
+    def __init__(self, fd: int, label: str):
+        self.fd = fd
+        self.label = label
+
+    def raw_ioctl(self, req: str | Ioctl, arg=0) -> int:
+        """The ioctl's return value, or -errno. Never raises for a kernel error."""
+        code = (IOCTLS[req] if isinstance(req, str) else req).code
+        ret = libc.ioctl(self.fd, code, _arg(arg))
+        return -ffi.errno if ret < 0 else ret
+
+    def ioctl(self, req: str | Ioctl, arg=0) -> int:
+        entry = IOCTLS[req] if isinstance(req, str) else req
+        ret = libc.ioctl(self.fd, entry.code, _arg(arg))
+        if ret < 0:
+            raise KvmError(entry.name, self.label, ffi.errno)
+        return ret
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"<{self.label} fd={self.fd}>"
+
+
+class Kvm(FdObject):
+    """The KVM system fd."""
+
+    def __init__(self, path: str = DEFAULT_KVM_DEVICE):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            hint = {
+                _errno.ENOENT: f"{path} does not exist: this host has no KVM (load kvm_intel/kvm_amd, "
+                               "or pass --kvm-device)",
+                _errno.EACCES: f"no permission to open {path}: run as root or join group 'kvm'",
+                _errno.EPERM: f"no permission to open {path}: run as root or join group 'kvm'",
+                _errno.EISDIR: f"{path} is a directory, not the KVM device",
+            }.get(e.errno)
+            raise KvmError("open", path, e.errno, hint) from None
+        super().__init__(fd, path)
+        self.path = path
+        ret = self.raw_ioctl("KVM_GET_API_VERSION")
+        if ret != C.KVM_API_VERSION:
+            self.close()
+            raise NotAKvmDevice("KVM_GET_API_VERSION", path, _errno.ENOTTY if ret < 0 else _errno.EINVAL,
+                                f"{path} is not a KVM device (or speaks API {ret}, not "
+                                f"{C.KVM_API_VERSION}); pass the KVM device with --kvm-device")
+        self.vcpu_mmap_size = self.ioctl("KVM_GET_VCPU_MMAP_SIZE")
+
+    def check_extension(self, cap: int) -> int:
+        ret = self.raw_ioctl("KVM_CHECK_EXTENSION", cap)
+        return max(ret, 0)
+
+    def create_vm(self, vm_type: int = 0) -> Vm:
+        return Vm(self, self.ioctl("KVM_CREATE_VM", vm_type))
+
+    def supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID as a cdata struct kvm_cpuid2 (growing the buffer on E2BIG)."""
+        n = 64
+        while True:
+            buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + n * ffi.sizeof("struct kvm_cpuid_entry2"))
+            cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+            cpuid.nent = n
+            ret = self.raw_ioctl("KVM_GET_SUPPORTED_CPUID", cpuid)
+            if ret == -_errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            if ret < 0:
+                raise KvmError("KVM_GET_SUPPORTED_CPUID", self.label, -ret)
+            return _Owned(cpuid, keepalive=buf)
+
+    def msr_index_list(self) -> list[int]:
+        probe = ffi.new("struct kvm_msr_list *")
+        self.raw_ioctl("KVM_GET_MSR_INDEX_LIST", probe)  # E2BIG, with nmsrs filled in
+        lst = ffi.cast("struct kvm_msr_list *", ffi.new("char[]", 4 + 4 * probe.nmsrs))
+        lst.nmsrs = probe.nmsrs
+        self.ioctl("KVM_GET_MSR_INDEX_LIST", lst)
+        return [lst.indices[i] for i in range(lst.nmsrs)]
+
+
+class _Owned:
+    """A cdata pointer plus the buffer that keeps it alive."""
+
+    def __init__(self, ptr, keepalive):
+        self.ptr, self._keep = ptr, keepalive
+
+    def __getattr__(self, name):
+        return getattr(self.ptr, name)
+
+
+class Vm(FdObject):
+    def __init__(self, kvm: Kvm, fd: int, label: str | None = None):
+        super().__init__(fd, label or f"vm{fd}")
+        self.kvm = kvm
+        self.vcpus: list[Vcpu] = []
+
+    def check_extension(self, cap: int) -> int:
+        ret = self.raw_ioctl("KVM_CHECK_EXTENSION", cap)
+        return max(ret, 0)
+
+    def create_vcpu(self, vcpu_id: int, planes_abi: PlanesAbi | None = None) -> Vcpu:
+        fd = self.ioctl("KVM_CREATE_VCPU", vcpu_id)
+        vcpu = Vcpu(self, fd, vcpu_id, mmap_size=self.kvm.vcpu_mmap_size, planes_abi=planes_abi)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> None:
+        region = ffi.new("struct kvm_userspace_memory_region *",
+                         {"slot": slot, "flags": flags, "guest_phys_addr": gpa,
+                          "memory_size": size, "userspace_addr": hva})
+        self.ioctl("KVM_SET_USER_MEMORY_REGION", region)
+
+    def create_irqchip(self) -> None:
+        self.ioctl("KVM_CREATE_IRQCHIP")
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        self.ioctl("KVM_ENABLE_CAP", _enable_cap_struct(cap, args, flags))
+
+    def raw_enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+        return self.raw_ioctl("KVM_ENABLE_CAP", _enable_cap_struct(cap, args, flags))
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """Deliver an MSI; returns >0 if delivered, 0 if blocked by the guest."""
+        msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF,
+                                           "address_hi": address >> 32, "data": data})
+        return self.ioctl("KVM_SIGNAL_MSI", msi)
+
+    def set_msr_filter(self, default_deny: bool, ranges: list[tuple[int, int, int, bytes]]) -> None:
+        """ranges: (flags, base, nmsrs, bitmap) where a 1 bit allows the access."""
+        flt = ffi.new("struct kvm_msr_filter *")
+        flt.flags = C.KVM_MSR_FILTER_DEFAULT_DENY if default_deny else C.KVM_MSR_FILTER_DEFAULT_ALLOW
+        keep = []
+        for i, (fl, base, nmsrs, bitmap) in enumerate(ranges):
+            buf = ffi.new("__u8[]", bitmap)
+            keep.append(buf)
+            flt.ranges[i].flags, flt.ranges[i].base, flt.ranges[i].nmsrs = fl, base, nmsrs
+            flt.ranges[i].bitmap = buf
+        self.ioctl("KVM_X86_SET_MSR_FILTER", flt)
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        super().close()
+
+
+def _enable_cap_struct(cap, args, flags):
+    ec = ffi.new("struct kvm_enable_cap *")
+    ec.cap, ec.flags = cap, flags
+    for i, a in enumerate(args):
+        ec.args[i] = a
+    return ec
+
+
+# ---- exits -----------------------------------------------------------------------------
+
+class Exit:
+    """A decoded KVM_RUN exit. Each subclass carries exactly that exit's data."""
+
+    __slots__ = ()
+    reason: int = -1
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{k}={_fmt(getattr(self, k))}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    __repr__ = describe
+
+
+def _fmt(v):
+    if isinstance(v, int):
+        return hex(v)
+    return repr(v)
+
+
+def _exit(name, reason, *slots):
+    def __init__(self, *values):
+        for s, v in zip(slots, values):
+            setattr(self, s, v)
+    return type(name, (Exit,), {"__slots__": slots, "__init__": __init__, "reason": reason})
+
+
+IoOut = _exit("IoOut", C.KVM_EXIT_IO, "port", "size", "count", "data")
+IoIn = _exit("IoIn", C.KVM_EXIT_IO, "port", "size", "count", "data_offset")
+Mmio = _exit("Mmio", C.KVM_EXIT_MMIO, "phys_addr", "length", "is_write", "data")
+Hlt = _exit("Hlt", C.KVM_EXIT_HLT)
+Shutdown = _exit("Shutdown", C.KVM_EXIT_SHUTDOWN)
+Debug = _exit("Debug", C.KVM_EXIT_DEBUG, "exception", "pc", "dr6", "dr7")
+FailEntry = _exit("FailEntry", C.KVM_EXIT_FAIL_ENTRY, "hardware_entry_failure_reason", "cpu")
+InternalError = _exit("InternalError", C.KVM_EXIT_INTERNAL_ERROR, "suberror", "data")
+SystemEvent = _exit("SystemEvent", C.KVM_EXIT_SYSTEM_EVENT, "type", "data")
+X86Rdmsr = _exit("X86Rdmsr", C.KVM_EXIT_X86_RDMSR, "index", "msr_reason")
+X86Wrmsr = _exit("X86Wrmsr", C.KVM_EXIT_X86_WRMSR, "index", "data", "msr_reason")
+Hypercall = _exit("Hypercall", C.KVM_EXIT_HYPERCALL, "nr", "args", "longmode")
+MemoryFault = _exit("MemoryFault", C.KVM_EXIT_MEMORY_FAULT, "flags", "gpa", "size")
+PlaneEvent = _exit("PlaneEvent", -1, "cause", "pending_event_planes", "target", "flags", "extra")
+Interrupted = _exit("Interrupted", C.KVM_EXIT_INTR)
+Unknown = _exit("Unknown", -1, "exit_reason", "hardware_exit_reason")
+
+INTERNAL_ERROR_NAMES = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
+
+
+def exit_reason_name(reason: int, planes_abi: PlanesAbi | None = None) -> str:
+    if planes_abi is not None and reason == planes_abi.exit_plane_event:
+        return "PLANE_EVENT"
+    return C.EXIT_REASON_NAMES.get(reason, f"UNKNOWN_{reason}")
+
+
+def _decode_io(vcpu, run):
+    io = run.io
+    if io.direction == C.KVM_EXIT_IO_OUT:
+        n = io.size * io.count
+        off = io.data_offset
+        return IoOut(io.port, io.size, io.count, vcpu.run_mmap[off:off + n])
+    return IoIn(io.port, io.size, io.count, io.data_offset)
+
+
+def _decode_mmio(vcpu, run):
+    m = run.mmio
+    return Mmio(m.phys_addr, m.len, bool(m.is_write), bytes(ffi.buffer(m.data, m.len)))
+
+
+def _decode_internal(vcpu, run):
+    i = run.internal
+    return InternalError(i.suberror, [i.data[k] for k in range(min(i.ndata, 16))])
+
+
+def _decode_plane_event(vcpu, run):
+    if vcpu.planes_abi is not None and vcpu.planes_abi.event_struct == "plane_event_v1":
+        e = run.plane_event_v1
+        return PlaneEvent(e.cause, 1 << e.plane, 1 << e.plane, 0, list(e.extra))
+    e = run.plane_event
+    return PlaneEvent(e.cause, e.pending_event_planes, e.target, e.flags, list(e.extra))
+
+
+_DECODERS = {
+    C.KVM_EXIT_IO: _decode_io,
+    C.KVM_EXIT_MMIO: _decode_mmio,
+    C.KVM_EXIT_HLT: lambda v, r: Hlt(),
+    C.KVM_EXIT_SHUTDOWN: lambda v, r: Shutdown(),
+    C.KVM_EXIT_DEBUG: lambda v, r: Debug(r.debug.arch.exception, r.debug.arch.pc, r.debug.arch.dr6, r.debug.arch.dr7),
+    C.KVM_EXIT_FAIL_ENTRY: lambda v, r: FailEntry(r.fail_entry.hardware_entry_failure_reason, r.fail_entry.cpu),
+    C.KVM_EXIT_INTERNAL_ERROR: _decode_internal,
+    C.KVM_EXIT_SYSTEM_EVENT: lambda v, r: SystemEvent(r.system_event.type,
+                                                      [r.system_event.data[k] for k in range(min(r.system_event.ndata, 16))]),
+    C.KVM_EXIT_X86_RDMSR: lambda v, r: X86Rdmsr(r.msr.index, r.msr.reason),
+    C.KVM_EXIT_X86_WRMSR: lambda v, r: X86Wrmsr(r.msr.index, r.msr.data, r.msr.reason),
+    C.KVM_EXIT_HYPERCALL: lambda v, r: Hypercall(r.hypercall.nr, list(r.hypercall.args), r.hypercall.longmode),
+    C.KVM_EXIT_MEMORY_FAULT: lambda v, r: MemoryFault(r.memory_fault.flags, r.memory_fault.gpa, r.memory_fault.size),
+    C.KVM_EXIT_INTR: lambda v, r: Interrupted(),
+}
+
+
+# ---- vcpu ------------------------------------------------------------------------------
+
+_STATE = {
+    # name: (get ioctl, set ioctl, C type)
+    "regs": ("KVM_GET_REGS", "KVM_SET_REGS", "struct kvm_regs"),
+    "sregs": ("KVM_GET_SREGS", "KVM_SET_SREGS", "struct kvm_sregs"),
+    "fpu": ("KVM_GET_FPU", "KVM_SET_FPU", "struct kvm_fpu"),
+    "xsave": ("KVM_GET_XSAVE", "KVM_SET_XSAVE", "struct kvm_xsave"),
+    "xcrs": ("KVM_GET_XCRS", "KVM_SET_XCRS", "struct kvm_xcrs"),
+    "debugregs": ("KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS", "struct kvm_debugregs"),
+    "lapic": ("KVM_GET_LAPIC", "KVM_SET_LAPIC", "struct kvm_lapic_state"),
+    "vcpu_events": ("KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events"),
+    "mp_state": ("KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "struct kvm_mp_state"),
+}
+
+_SYNC_BITS = {"regs": C.KVM_SYNC_X86_REGS, "sregs": C.KVM_SYNC_X86_SREGS, "vcpu_events": C.KVM_SYNC_X86_EVENTS}
+_KVM_RUN = IOCTLS["KVM_RUN"].code
+_ZERO = ffi.cast(_ULONG, 0)
+
+
+class Vcpu(FdObject):
+    """A KVM vCPU. ``run_struct`` is its mmapped kvm_run (None where KVM forbids mmap).
+
+    Registers: ``get_X()``/``set_X()`` are the plain ioctls. ``regs``/``sregs`` give the
+    live copy kept in kvm_run's sync area (KVM_CAP_SYNC_REGS): free to read after an exit,
+    and written back on the next KVM_RUN after ``mark_dirty``; they fall back to ioctls
+    where the host lacks sync regs.
+    """
+
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int, mmap_size: int | None,
+                 planes_abi: PlanesAbi | None = None, label: str | None = None):
+        super().__init__(fd, label or f"vcpu{vcpu_id}")
+        self.vm = vm
+        self.id = vcpu_id
+        self.planes_abi = planes_abi
+        self.run_mmap = None
+        self.run_struct = None
+        self._sync_supported = 0
+        self._valid = 0       # sync-area classes currently holding this vCPU's state
+        if mmap_size:
+            self.run_mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_mmap))
+            self._sync_supported = vm.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
+        self._decoders = dict(_DECODERS)
+        if planes_abi is not None:
+            self._decoders[planes_abi.exit_plane_event] = _decode_plane_event
+        self.exit_count = 0
+
+    # -- running ----------------------------------------------------------------------
+    def enable_sync_regs(self, classes: int = C.KVM_SYNC_X86_REGS) -> int:
+        """Ask KVM to fill the sync area with these classes on every exit. Returns what's on."""
+        on = classes & self._sync_supported
+        self.run_struct.kvm_valid_regs = on
+        return on
+
+    def raw_run(self) -> int:
+        ret = libc.ioctl(self.fd, _KVM_RUN, _ZERO)
+        if ret < 0:
+            return -ffi.errno
+        return ret
+
+    def run(self) -> Exit:
+        """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``."""
+        run = self.run_struct
+        ret = libc.ioctl(self.fd, _KVM_RUN, _ZERO)
+        self._valid = run.kvm_valid_regs
+        self.exit_count += 1
+        if ret < 0:
+            err = ffi.errno
+            if err == _errno.EINTR or err == _errno.EAGAIN:
+                run.immediate_exit = 0
+                return Interrupted()
+            raise KvmError("KVM_RUN", self.label, err)
+        reason = run.exit_reason
+        decode = self._decoders.get(reason)
+        if decode is None:
+            return Unknown(reason, run.hw.hardware_exit_reason)
+        return decode(self, run)
+
+    def complete_io_in(self, exit_: IoIn, data: bytes) -> None:
+        """Provide the bytes an IN instruction reads (applied on the next KVM_RUN)."""
+        need = exit_.size * exit_.count
+        data = bytes(data[:need]).ljust(need, b"\0")
+        self.run_mmap[exit_.data_offset:exit_.data_offset + need] = data
+
+    def request_immediate_exit(self, on: bool = True) -> None:
+        self.run_struct.immediate_exit = 1 if on else 0
+
+    # -- state: plain ioctls ------------------------------------------------------------
+    def _get(self, name):
+        g, _, ctype = _STATE[name]
+        self._flush(name)
+        obj = ffi.new(ctype + " *")
+        self.ioctl(g, obj)
+        return obj
+
+    def _set(self, name, obj):
+        _, s, _ = _STATE[name]
+        self.ioctl(s, obj)
+        bit = _SYNC_BITS.get(name)
+        if bit and self.run_struct is not None:
+            self.run_struct.kvm_dirty_regs &= ~bit
+            self._valid &= ~bit
+
+    def get_regs(self): return self._get("regs")
+    def set_regs(self, v): self._set("regs", v)
+    def get_sregs(self): return self._get("sregs")
+    def set_sregs(self, v): self._set("sregs", v)
+    def get_fpu(self): return self._get("fpu")
+    def set_fpu(self, v): self._set("fpu", v)
+    def get_xsave(self): return self._get("xsave")
+    def set_xsave(self, v): self._set("xsave", v)
+    def get_xcrs(self): return self._get("xcrs")
+    def set_xcrs(self, v): self._set("xcrs", v)
+    def get_debugregs(self): return self._get("debugregs")
+    def set_debugregs(self, v): self._set("debugregs", v)
+    def get_lapic(self): return self._get("lapic")
+    def set_lapic(self, v): self._set("lapic", v)
+    def get_vcpu_events(self): return self._get("vcpu_events")
+    def set_vcpu_events(self, v): self._set("vcpu_events", v)
+
+    def get_mp_state(self) -> int:
+        return self._get("mp_state").mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        self._set("mp_state", ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        msrs = _msrs_struct([(i, 0) for i in indices])
+        n = self.ioctl("KVM_GET_MSRS", msrs.ptr)
+        return {msrs.ptr.entries[k].index: msrs.ptr.entries[k].data for k in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        msrs = _msrs_struct(list(values.items()))
+        n = self.ioctl("KVM_SET_MSRS", msrs.ptr)
+        if n != len(values):
+            bad = list(values)[n]
+            raise KvmError("KVM_SET_MSRS", self.label, _errno.EINVAL, f"KVM refused MSR {bad:#x}")
+
+    def set_cpuid2(self, cpuid) -> None:
+        self.ioctl("KVM_SET_CPUID2", cpuid.ptr if isinstance(cpuid, _Owned) else cpuid)
+
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        dbg = ffi.new("struct kvm_guest_debug *")
+        dbg.control = control
+        for i, v in enumerate(debugreg or []):
+            dbg.arch.debugreg[i] = v
+        self.ioctl("KVM_SET_GUEST_DEBUG", dbg)
+
+    def translate(self, gva: int) -> int | None:
+        """Guest-virtual to guest-physical through this vCPU's page tables (None if unmapped)."""
+        tr = ffi.new("struct kvm_translation *", {"linear_address": gva})
+        self.ioctl("KVM_TRANSLATE", tr)
+        return tr.physical_address if tr.valid else None
+
+    def interrupt(self, vector: int) -> None:
+        self.ioctl("KVM_INTERRUPT", ffi.new("struct kvm_interrupt *", {"irq": vector}))
+
+    # -- state: the live copy in the sync area -------------------------------------------
+    def _live(self, name):
+        run = self.run_struct
+        if run is None:
+            return self._get(name)
+        area = run.s.regs
+        bit = _SYNC_BITS[name]
+        target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
+        if not self._valid & bit:
+            g, _, ctype = _STATE[name]
+            self.ioctl(g, ffi.addressof(target))
+            self._valid |= bit
+        return target
+
+    @property
+    def regs(self):
+        return self._live("regs")
+
+    @property
+    def sregs(self):
+        return self._live("sregs")
+
+    def mark_dirty(self, name: str = "regs") -> None:
+        """The live copy of ``name`` was changed: hand it to KVM (on the next KVM_RUN if it can)."""
+        bit = _SYNC_BITS[name]
+        run = self.run_struct
+        if run is None:
+            return
+        if self._sync_supported & bit:
+            run.kvm_dirty_regs |= bit
+        else:
+            area = run.s.regs
+            target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
+            self.ioctl(_STATE[name][1], ffi.addressof(target))
+
+    def _flush(self, name):
+        """Before a plain GET ioctl: push a pending sync-area write so it is not lost."""
+        run = self.run_struct
+        bit = _SYNC_BITS.get(name)
+        if bit and run is not None and run.kvm_dirty_regs & bit:
+            area = run.s.regs
+            target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
+            self.ioctl(_STATE[name][1], ffi.addressof(target))
+            run.kvm_dirty_regs &= ~bit
+
+    def close(self) -> None:
+        if self.run_mmap is not None:
+            self.run_struct = None
+            try:
+                self.run_mmap.close()
+            except BufferError:
+                pass
+            self.run_mmap = None
+        super().close()
+
+
+def _msrs_struct(pairs):
+    size = ffi.sizeof("struct kvm_msrs") + len(pairs) * ffi.sizeof("struct kvm_msr_entry")
+    buf = ffi.new("char[]", size)
+    msrs = ffi.cast("struct kvm_msrs *", buf)
+    msrs.nmsrs = len(pairs)
+    for k, (index, data) in enumerate(pairs):
+        msrs.entries[k].index = index
+        msrs.entries[k].data = data
+    return _Owned(msrs, keepalive=buf)

@@ -1,0 +1,112 @@
+"""The guest ABI: every address, port, layout and code a guest under guest/ relies on.
+
+This module is the single source of these numbers. The guest build turns it into an
+assembler include (``python3 -m pykvmm.vmm.abi > abi.inc``), so guests and the VMM
+cannot drift apart. It must stay importable without cffi or KVM.
+"""
+
+# ---- guest-physical memory map --------------------------------------------------------
+GDT_ADDR = 0x1000            # flat GDT: null, code64, data, 64-bit TSS (16 bytes)
+TSS_ADDR = 0x2000
+BOOT_INFO_ADDR = 0x3000      # the boot-info block below; rdx points here at entry
+HYPERCALL_PAGE_ADDR = 0x4000 # stubs written by the VMM for the host's transport
+PAGE_TABLE_ADDR = 0x10000    # PML4, PDPT, then page directories (2 MiB identity pages)
+GUEST_LOAD_ADDR = 0x100000   # flat binary is loaded and entered here
+GUEST_MAX_SIZE = 0xF00000    # the image must end below CONTROL_PAGE_BASE
+CONTROL_PAGE_BASE = 0x1000000  # per (vCPU, plane) 4 KiB control page
+MAX_PLANES = 16
+MAX_VCPUS = 64
+STACK_BASE = CONTROL_PAGE_BASE + MAX_VCPUS * MAX_PLANES * 0x1000  # 0x1400000
+STACK_SIZE = 0x4000          # per (vCPU, plane); stacks grow down from the top of their slot
+DEFAULT_MEM_SIZE = 64 << 20
+
+SEL_CODE64 = 0x08
+SEL_DATA = 0x10
+SEL_TSS = 0x18
+
+
+def control_page(vcpu: int, plane: int) -> int:
+    return CONTROL_PAGE_BASE + (vcpu * MAX_PLANES + plane) * 0x1000
+
+
+def stack_top(vcpu: int, plane: int) -> int:
+    return STACK_BASE + (vcpu * MAX_PLANES + plane + 1) * STACK_SIZE
+
+
+def free_memory_start(vcpus: int) -> int:
+    return STACK_BASE + vcpus * MAX_PLANES * STACK_SIZE
+
+
+# ---- boot-info block (at BOOT_INFO_ADDR) ----------------------------------------------
+BOOT_MAGIC = 0x31304D4D564B5950  # "PYKVMM01" little-endian
+BI_MAGIC = 0x00          # u64
+BI_VCPU_COUNT = 0x08     # u32
+BI_PLANE_COUNT = 0x0C    # u32
+BI_HYPERCALL_PAGE = 0x10 # u64
+BI_CONTROL_PAGE_BASE = 0x18  # u64: control page of (v, p) = base + (v*MAX_PLANES + p)*4096
+BI_MEM_SIZE = 0x20       # u64
+BI_FREE_START = 0x28     # u64: first byte the guest may use freely
+BI_FREE_END = 0x30       # u64
+BI_ARG = 0x38            # u64: the user's --arg value (e.g. pingpong round count)
+BI_SIZE = 0x40
+
+# ---- I/O ports ---------------------------------------------------------------------
+PORT_UCALL = 0xE8        # out 32-bit GPA of a ucall block
+PORT_CONSOLE = 0xE9      # out bytes (single or rep outsb)
+PORT_HYPERCALL = 0xEA    # hypercall transport: registers carry the call, the data byte is ignored
+PORT_NULL = 0xEB         # writes are ignored: the cheapest possible exit, for benchmarks
+
+# ---- ucall block (the kernel selftests' guest-to-host channel) --------------------------
+UCALL_SYNC = 1           # args[0] = stage, args[1] = value
+UCALL_ASSERT = 2         # args[0], args[1] = the compared values, file/line/msg say where
+UCALL_PRINT = 3          # msg = string
+UCALL_DONE = 4
+UC_VERB = 0x00           # u32
+UC_LINE = 0x04           # u32
+UC_ARGS = 0x08           # u64[4]
+UC_FILE = 0x28           # u64 GPA of NUL-terminated string, or 0
+UC_MSG = 0x30            # u64 GPA of NUL-terminated string, or 0
+UC_SIZE = 0x38
+UCALL_STRING_MAX = 1024
+
+# ---- hypercall page (Hyper-V offsets) ---------------------------------------------------
+HCPAGE_HYPERCALL = 0x00  # call with RCX = control word, RDX/R8 = inputs; RAX = status on return
+HCPAGE_VTL_CALL = 0x0F
+HCPAGE_VTL_RETURN = 0x26
+
+# ---- hypercall codes (Hyper-V's where one exists) ----------------------------------------
+HVCALL_SEND_SYNTHETIC_CLUSTER_IPI = 0x000B
+HVCALL_VTL_CALL = 0x0011
+HVCALL_VTL_RETURN = 0x0012
+HVCALL_PYKVMM_NOP = 0x8001       # pykvmm-only: returns RDX + R8 in RDX, status success
+HVCALL_PYKVMM_SWITCH_PLANE = 0x8002  # pykvmm-only (bare policy): RDX = target plane
+
+HV_STATUS_SUCCESS = 0x0000
+HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002
+HV_STATUS_INVALID_HYPERCALL_INPUT = 0x0003
+HV_STATUS_INVALID_ALIGNMENT = 0x0004
+HV_STATUS_INVALID_PARAMETER = 0x0005
+HV_STATUS_ACCESS_DENIED = 0x0006
+HV_STATUS_INVALID_VP_INDEX = 0x000E
+HV_STATUS_INVALID_VTL_STATE = 0x0014  # not in TLFS lists we rely on; used for bad VTL targets
+
+# ---- VTL control page (VP-assist layout, at the (vCPU, plane) control page) ---------------
+VTL_ENTRY_REASON = 0x08          # u32
+VTL_VINA_STATUS = 0x0C           # u8
+VTL_RETURN_RAX = 0x10            # u64
+VTL_RETURN_RCX = 0x18            # u64
+VTL_ENTRY_RESERVED = 0
+VTL_ENTRY_VTL_CALL = 1
+VTL_ENTRY_INTERRUPT = 2
+
+
+def _asm_include() -> str:
+    lines = ["/* generated from pykvmm/vmm/abi.py: do not edit */"]
+    for name, value in globals().items():
+        if name.isupper() and isinstance(value, int):
+            lines.append(f".set {name}, {value:#x}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(_asm_include(), end="")

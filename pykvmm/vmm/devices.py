@@ -1,0 +1,108 @@
+"""The machine's devices: the debug console and the test-result (ucall) port."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from . import abi
+from .memory import GuestMemory, GuestMemoryError
+
+VERB_NAMES = {abi.UCALL_SYNC: "SYNC", abi.UCALL_ASSERT: "ASSERT", abi.UCALL_PRINT: "PRINT",
+              abi.UCALL_DONE: "DONE"}
+
+
+class Console:
+    """Bytes the guest writes to PORT_CONSOLE, line-buffered per (vCPU, plane)."""
+
+    def __init__(self, out=None, prefix_vcpus: bool = False, prefix_planes: bool = False):
+        self.out = out if out is not None else sys.stdout
+        self.prefix_vcpus, self.prefix_planes = prefix_vcpus, prefix_planes
+        self._buffers: dict[tuple[int, int], bytearray] = {}
+        self._lock = threading.Lock()
+        self.lines: list[tuple[int, int, str]] = []
+
+    def write(self, vcpu: int, plane: int, data: bytes) -> None:
+        buf = self._buffers.setdefault((vcpu, plane), bytearray())
+        buf += data
+        while (nl := buf.find(b"\n")) >= 0:
+            self._emit(vcpu, plane, bytes(buf[:nl]))
+            del buf[:nl + 1]
+        if len(buf) > 4096:
+            self._emit(vcpu, plane, bytes(buf))
+            buf.clear()
+
+    def _emit(self, vcpu: int, plane: int, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        prefix = ""
+        if self.prefix_vcpus or self.prefix_planes:
+            parts = []
+            if self.prefix_vcpus:
+                parts.append(f"vcpu{vcpu}")
+            if self.prefix_planes:
+                parts.append(f"plane{plane}")
+            prefix = "[" + "/".join(parts) + "] "
+        with self._lock:
+            self.lines.append((vcpu, plane, text))
+            if self.out is not None:
+                self.out.write(prefix + text + "\n")
+                self.out.flush()
+
+    def flush(self) -> None:
+        for (vcpu, plane), buf in list(self._buffers.items()):
+            if buf:
+                self._emit(vcpu, plane, bytes(buf))
+                buf.clear()
+
+
+@dataclass
+class Ucall:
+    """One guest-to-host test message (the kernel selftests' ucall)."""
+    vcpu: int
+    plane: int
+    verb: int
+    args: tuple[int, int, int, int]
+    line: int = 0
+    file: str = ""
+    message: str = ""
+
+    @property
+    def name(self) -> str:
+        return VERB_NAMES.get(self.verb, f"verb{self.verb}")
+
+    def describe(self) -> str:
+        where = f"vcpu{self.vcpu}/plane{self.plane}"
+        if self.verb == abi.UCALL_SYNC:
+            return f"{where} SYNC stage={self.args[0]} value={self.args[1]:#x}"
+        if self.verb == abi.UCALL_ASSERT:
+            loc = f"{self.file}:{self.line}" if self.file else f"line {self.line}"
+            return (f"{where} ASSERT failed at {loc}: {self.message or '(no message)'} "
+                    f"(values {self.args[0]:#x}, {self.args[1]:#x})")
+        if self.verb == abi.UCALL_PRINT:
+            return f"{where} {self.message}"
+        return f"{where} {self.name}"
+
+
+class BadUcall(ValueError):
+    pass
+
+
+def decode_ucall(mem: GuestMemory, gpa: int, vcpu: int, plane: int) -> Ucall:
+    try:
+        raw = mem.read(gpa, abi.UC_SIZE)
+    except GuestMemoryError as e:
+        raise BadUcall(f"ucall block address {gpa:#x} is not in guest memory") from e
+    verb = int.from_bytes(raw[abi.UC_VERB:abi.UC_VERB + 4], "little")
+    if verb not in VERB_NAMES:
+        raise BadUcall(f"ucall block at {gpa:#x} has unknown verb {verb}")
+    line = int.from_bytes(raw[abi.UC_LINE:abi.UC_LINE + 4], "little")
+    args = tuple(int.from_bytes(raw[abi.UC_ARGS + 8 * i:abi.UC_ARGS + 8 * i + 8], "little") for i in range(4))
+    file_ptr = int.from_bytes(raw[abi.UC_FILE:abi.UC_FILE + 8], "little")
+    msg_ptr = int.from_bytes(raw[abi.UC_MSG:abi.UC_MSG + 8], "little")
+    try:
+        file = mem.cstring(file_ptr, abi.UCALL_STRING_MAX)
+        msg = mem.cstring(msg_ptr, abi.UCALL_STRING_MAX)
+    except GuestMemoryError as e:
+        raise BadUcall(f"ucall string pointer is outside guest memory: {e}") from e
+    return Ucall(vcpu, plane, verb, args, line, file, msg)

@@ -1,0 +1,149 @@
+"""Hypercalls: the page of stubs the guest calls, and the transport-agnostic dispatcher.
+
+The guest never knows the mechanism: it calls the stub at HYPERCALL_PAGE_ADDR (+0 for
+ordinary calls, +0x0F VtlCall, +0x26 VtlReturn, Hyper-V's offsets) with Hyper-V's register
+convention (RCX = control word, RDX/R8 = inputs or GPAs; status back in RAX). The default
+transport is port I/O, which exits on every KVM including hosts where ``vmcall`` never does.
+
+Every value the guest passes is untrusted: handlers raise HypercallError (an HV status) or
+InjectFault, never anything else for guest input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import abi
+
+# ---- control word -------------------------------------------------------------------------
+CONTROL_RESERVED_MASK = (0x1F << 27) | (0xF << 44) | (0xF << 60)
+
+
+@dataclass(frozen=True)
+class Control:
+    value: int
+
+    @property
+    def code(self) -> int:
+        return self.value & 0xFFFF
+
+    @property
+    def fast(self) -> bool:
+        return bool(self.value >> 16 & 1)
+
+    @property
+    def var_header_size(self) -> int:
+        return (self.value >> 17) & 0x3FF
+
+    @property
+    def rep_count(self) -> int:
+        return (self.value >> 32) & 0xFFF
+
+    @property
+    def rep_start(self) -> int:
+        return (self.value >> 48) & 0xFFF
+
+    @property
+    def reserved_bits(self) -> int:
+        return self.value & CONTROL_RESERVED_MASK
+
+    @staticmethod
+    def encode(code: int, fast: bool = False, rep_count: int = 0, rep_start: int = 0,
+               var_header_size: int = 0) -> int:
+        return (code & 0xFFFF) | int(fast) << 16 | (var_header_size & 0x3FF) << 17 \
+            | (rep_count & 0xFFF) << 32 | (rep_start & 0xFFF) << 48
+
+
+NAMES = {
+    abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI: "HvCallSendSyntheticClusterIpi",
+    abi.HVCALL_VTL_CALL: "HvCallVtlCall",
+    abi.HVCALL_VTL_RETURN: "HvCallVtlReturn",
+    abi.HVCALL_PYKVMM_NOP: "PykvmmNop",
+    abi.HVCALL_PYKVMM_SWITCH_PLANE: "PykvmmSwitchPlane",
+}
+
+STATUS_NAMES = {
+    abi.HV_STATUS_SUCCESS: "SUCCESS",
+    abi.HV_STATUS_INVALID_HYPERCALL_CODE: "INVALID_HYPERCALL_CODE",
+    abi.HV_STATUS_INVALID_HYPERCALL_INPUT: "INVALID_HYPERCALL_INPUT",
+    abi.HV_STATUS_INVALID_ALIGNMENT: "INVALID_ALIGNMENT",
+    abi.HV_STATUS_INVALID_PARAMETER: "INVALID_PARAMETER",
+    abi.HV_STATUS_ACCESS_DENIED: "ACCESS_DENIED",
+    abi.HV_STATUS_INVALID_VP_INDEX: "INVALID_VP_INDEX",
+    abi.HV_STATUS_INVALID_VTL_STATE: "INVALID_VTL_STATE",
+}
+
+
+def call_name(code: int) -> str:
+    return NAMES.get(code, f"hypercall {code:#06x}")
+
+
+class HypercallError(Exception):
+    """Answer the call with this HV status."""
+
+    def __init__(self, status: int, why: str = ""):
+        super().__init__(why or STATUS_NAMES.get(status, hex(status)))
+        self.status = status
+
+
+class InjectFault(Exception):
+    """Inject this exception into the caller instead of answering (e.g. #UD)."""
+
+    def __init__(self, vector: int, why: str):
+        super().__init__(why)
+        self.vector = vector
+
+
+# ---- the page ------------------------------------------------------------------------------
+
+def _port_stub(code: int | None) -> bytes:
+    out = bytes([0xE6, abi.PORT_HYPERCALL])          # out PORT_HYPERCALL, al
+    if code is None:
+        return out + b"\xC3"                           # ret
+    return (b"\x48\x89\xC8"                            # mov rax, rcx  (VTL input -> RAX)
+            + b"\xB9" + code.to_bytes(4, "little")    # mov ecx, code
+            + out + b"\xC3")
+
+
+def hypercall_page(transport: str = "port") -> bytes:
+    if transport != "port":
+        raise ValueError(f"hypercall transport {transport!r} is not available on this build; use 'port'")
+    page = bytearray(b"\xCC" * 4096)  # int3 everywhere else: a stray call traps visibly
+    for off, code in ((abi.HCPAGE_HYPERCALL, None), (abi.HCPAGE_VTL_CALL, abi.HVCALL_VTL_CALL),
+                      (abi.HCPAGE_VTL_RETURN, abi.HVCALL_VTL_RETURN)):
+        stub = _port_stub(code)
+        page[off:off + len(stub)] = stub
+    return bytes(page)
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+class Dispatcher:
+    """code -> handler(cpu, plane, control, regs) returning a status, or None for "no answer"
+    (calls like VtlCall that do not return a status to the caller)."""
+
+    def __init__(self):
+        self.handlers = {}
+        self.counts: dict[int, int] = {}
+        self.register(abi.HVCALL_PYKVMM_NOP, _nop)
+
+    def register(self, code: int, handler) -> None:
+        self.handlers[code] = handler
+
+    def dispatch(self, cpu, plane: int, regs) -> tuple[Control, int | None]:
+        control = Control(regs.rcx)
+        self.counts[control.code] = self.counts.get(control.code, 0) + 1
+        handler = self.handlers.get(control.code)
+        if handler is None:
+            return control, abi.HV_STATUS_INVALID_HYPERCALL_CODE
+        try:
+            return control, handler(cpu, plane, control, regs)
+        except HypercallError as e:
+            return control, e.status
+
+
+def _nop(cpu, plane, control, regs):
+    if control.reserved_bits or control.rep_count:
+        raise HypercallError(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
+    regs.rdx = (regs.rdx + regs.r8) & 0xFFFFFFFFFFFFFFFF
+    return abi.HV_STATUS_SUCCESS

@@ -1,0 +1,92 @@
+"""Local APIC register layout (as KVM_GET_LAPIC returns it), ICR and MSI encodings."""
+
+from dataclasses import dataclass
+
+# byte offsets in struct kvm_lapic_state.regs (xAPIC MMIO layout)
+APIC_ID = 0x20
+APIC_TPR = 0x80
+APIC_PPR = 0xA0
+APIC_SPIV = 0xF0
+APIC_ISR = 0x100
+APIC_TMR = 0x180
+APIC_IRR = 0x200
+APIC_ICR_LO = 0x300
+APIC_ICR_HI = 0x310
+
+DM_FIXED = 0
+DM_LOWEST = 1
+DM_SMI = 2
+DM_NMI = 4
+DM_INIT = 5
+DM_STARTUP = 6
+DELIVERY_MODE_NAMES = {0: "fixed", 1: "lowest", 2: "smi", 4: "nmi", 5: "init", 6: "startup", 7: "extint"}
+
+SH_NONE, SH_SELF, SH_ALL, SH_OTHERS = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Icr:
+    """An x2APIC ICR value (MSR 0x830): 32-bit destination in the high half."""
+    vector: int
+    delivery_mode: int = DM_FIXED
+    logical: bool = False
+    level: bool = True
+    trigger_level: bool = False
+    shorthand: int = SH_NONE
+    destination: int = 0
+
+    def encode(self) -> int:
+        lo = (self.vector & 0xFF) | (self.delivery_mode & 7) << 8 | int(self.logical) << 11 \
+            | int(self.level) << 14 | int(self.trigger_level) << 15 | (self.shorthand & 3) << 18
+        return (self.destination & 0xFFFFFFFF) << 32 | lo
+
+    @classmethod
+    def decode(cls, value: int) -> "Icr":
+        lo = value & 0xFFFFFFFF
+        return cls(vector=lo & 0xFF, delivery_mode=(lo >> 8) & 7, logical=bool(lo >> 11 & 1),
+                   level=bool(lo >> 14 & 1), trigger_level=bool(lo >> 15 & 1),
+                   shorthand=(lo >> 18) & 3, destination=value >> 32)
+
+
+def msi_message(dest_apic_id: int, vector: int, delivery_mode: int = DM_FIXED) -> tuple[int, int]:
+    """(address, data) of an MSI to one APIC ID, physical destination, edge.
+
+    IDs above 255 use the extended destination ID in address bits 11:5, as KVM accepts
+    with KVM_X2APIC_API_USE_32BIT_IDS (high bits also go in address_hi)."""
+    address = 0xFEE00000 | (dest_apic_id & 0xFF) << 12 | ((dest_apic_id >> 8) & 0x7F) << 5
+    address |= (dest_apic_id >> 8) << 40 if dest_apic_id > 0x7FFF else 0
+    data = (vector & 0xFF) | (delivery_mode & 7) << 8
+    return address, data
+
+
+def _bits(regs: bytes, base: int) -> list[int]:
+    out = []
+    for word in range(8):
+        off = base + word * 0x10
+        val = int.from_bytes(regs[off:off + 4], "little")
+        while val:
+            low = val & -val
+            out.append(word * 32 + low.bit_length() - 1)
+            val ^= low
+    return out
+
+
+def irr_vectors(regs: bytes) -> list[int]:
+    return _bits(regs, APIC_IRR)
+
+
+def isr_vectors(regs: bytes) -> list[int]:
+    return _bits(regs, APIC_ISR)
+
+
+def irr_pending(regs: bytes) -> bool:
+    return any(regs[APIC_IRR + w * 0x10:APIC_IRR + w * 0x10 + 4] != b"\0\0\0\0" for w in range(8))
+
+
+def reg32(regs: bytes, offset: int) -> int:
+    return int.from_bytes(regs[offset:offset + 4], "little")
+
+
+def highest_irr(regs: bytes) -> int | None:
+    v = irr_vectors(regs)
+    return max(v) if v else None

@@ -29,8 +29,11 @@ class Probe:
 
 def probe_native(kvm) -> Probe:
     with kvm.create_vm() as vm:
-        tried = []
+        tried, seen = [], set()
         for abi in PROFILES.values():
+            if abi.create_plane.code in seen:
+                continue
+            seen.add(abi.create_plane.code)
             ret = vm.raw_ioctl(abi.create_plane, 1)
             if ret >= 0:
                 import os

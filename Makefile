@@ -1,0 +1,36 @@
+# pykvmm: `make demo` and `make test` work on a fresh machine (Python, gcc, binutils).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all setup guests demo test test-all bench clean
+
+all: setup guests
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+guests:
+	$(MAKE) -s -C guest PYTHON=$(PYTHON)
+
+demo: setup guests
+	$(VENV)/bin/pykvmm run
+
+test: setup guests
+	$(PY) -m pytest -q
+
+test-all: setup guests
+	$(PY) -m pytest -q -m ''
+
+bench: setup guests
+	$(PY) scripts/bench.py
+
+clean:
+	$(MAKE) -s -C guest clean
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,176 @@
+"""Layer 7: the command line (thin: parsing, wiring, printing)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
+from .vmm import abi, loader
+from .vmm.machine import ExitStatus, Machine, MachineConfig
+
+DEMO_VCPUS, DEMO_PLANES = 2, 2
+
+
+def _err(msg: str) -> None:
+    click.echo(f"pykvmm: {msg}", err=True)
+
+
+def _resolve_guest(guest: str | None) -> tuple[Path, bool]:
+    """(path, is_demo). GUEST may be a file or the name of a bundled guest."""
+    if guest is None:
+        return loader.bundled_guest(loader.DEMO_GUEST), True
+    p = Path(guest)
+    if not p.exists() and "/" not in guest and guest in loader.bundled_names():
+        return loader.bundled_guest(guest), False
+    return p, False
+
+
+def _plane_label(personality: str, planes: int) -> str:
+    return "VTL" if personality in ("vtl", "auto") and planes > 1 else "plane"
+
+
+def _print_summary(result, planes: int, label: str) -> None:
+    out = [f"--- {result.status.name.lower()} after {result.elapsed * 1000:.1f} ms, {result.exits} exits "
+           f"({result.stats.get('backend')} backend, personality {result.stats.get('personality')})"]
+    if result.hypercalls:
+        out.append("hypercalls: " + ", ".join(f"{k} {v}" for k, v in sorted(result.hypercalls.items())))
+    if planes > 1:
+        sw = ", ".join(f"{label}{a}->{label}{b} {n}" for (a, b), n in sorted(result.switches.items())) or "none"
+        out.append(f"switches: {sw}")
+        if result.entry_reasons:
+            out.append("entry reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(result.entry_reasons.items())))
+    for key, value in result.stats.items():
+        if key in ("backend", "personality", "warnings") or not value:
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        out.append(f"{key.replace('_', ' ')}: {value}")
+    for w in result.stats.get("warnings", []):
+        out.append(f"warning: {w}")
+    click.echo("\n".join(out), err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pykvmm")
+def main():
+    """pykvmm: a userspace VMM on /dev/kvm for developing, testing and debugging VM planes."""
+
+
+@main.command()
+@click.argument("guest", required=False)
+@click.option("--vcpus", type=click.IntRange(1, abi.MAX_VCPUS), default=None,
+              help=f"vCPUs (1..{abi.MAX_VCPUS}; default 1, or {DEMO_VCPUS} for the demo).")
+@click.option("--planes", type=click.IntRange(1, 16), default=None,
+              help=f"Planes per vCPU (1 to the backend's limit, 16 for multivm; default 1, or {DEMO_PLANES} for the demo).")
+@click.option("--backend", type=click.Choice(["auto", "native", "apic-groups", "multivm"]), default="auto",
+              show_default=True, help="How planes are made (auto: native > apic-groups > multivm).")
+@click.option("--personality", type=click.Choice(["auto", "vtl", "vmpl", "none"]), default="auto", show_default=True,
+              help="Plane policy (auto: vtl when --planes > 1).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop the guest after SECONDS (exit status 4).")
+@click.option("--arg", type=click.IntRange(0, 2**64 - 1), default=0, help="Value passed to the guest in boot info.")
+@click.option("--mem", "mem_mib", type=click.IntRange(32, 65536), default=abi.DEFAULT_MEM_SIZE >> 20,
+              show_default=True, help="Guest memory in MiB (a multiple of 2).")
+@click.option("--kvm-device", default=DEFAULT_KVM_DEVICE, show_default=True, help="The KVM device to open.")
+@click.option("--quiet", is_flag=True, help="Do not echo the guest console.")
+def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet):
+    """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
+
+    Exit status: 0 guest reported DONE, 1 guest assertion failed, 2 bad usage or input,
+    3 guest crashed, 4 timeout, 5 host lacks what is needed, 130 interrupted.
+    """
+    if mem_mib % 2:
+        raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
+    try:
+        path, is_demo = _resolve_guest(guest)
+        image = loader.load_image(path)
+    except loader.GuestImageError as e:
+        _err(str(e))
+        sys.exit(ExitStatus.USAGE)
+    vcpus = vcpus or (DEMO_VCPUS if is_demo else 1)
+    planes = planes or (DEMO_PLANES if is_demo else 1)
+    config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
+                           kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet)
+    try:
+        machine = Machine(image, config)
+    except KvmError as e:
+        _err(str(e))
+        sys.exit(ExitStatus.HOST)
+    except ValueError as e:
+        _err(str(e))
+        sys.exit(ExitStatus.USAGE)
+    label = _plane_label(machine.policy.name, planes)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with machine:
+            result = machine.run(timeout)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _report(result, planes, label)
+    sys.exit(result.status)
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _report(result, planes: int, label: str) -> None:
+    from .debug.dump import format_cpu_report, where
+
+    if result.status == ExitStatus.ASSERT_FAILED:
+        _err("guest assertion failed: " + result.failure.describe())
+    elif result.status == ExitStatus.CRASHED:
+        c = result.crash
+        _err(f"guest crashed on vCPU {c.vcpu} {label} {c.plane}: {c.reason}")
+        if c.report is not None:
+            click.echo(format_cpu_report(c.report, label), err=True)
+        _err("the registers and code above are the crashed vCPU's, every plane; fix the guest "
+             "(a triple fault usually means an exception with no usable IDT)")
+    elif result.status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
+        why = "timed out" if result.status == ExitStatus.TIMEOUT else "was interrupted"
+        _err(f"guest {why}; where each unfinished vCPU was:")
+        for rep in result.timeout_reports:
+            click.echo("  " + where(rep), err=True)
+        for rep in result.timeout_reports:
+            click.echo(format_cpu_report(rep, label), err=True)
+    _print_summary(result, planes, label)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--kvm-device", default=DEFAULT_KVM_DEVICE, show_default=True)
+def caps(as_json, kvm_device):
+    """What this host's KVM offers pykvmm, and which planes backend 'auto' picks and why."""
+    from .caps import gather
+
+    try:
+        with Kvm(kvm_device) as kvm:
+            info = gather(kvm)
+    except KvmError as e:
+        _err(str(e))
+        sys.exit(ExitStatus.HOST)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"KVM device {info['device']} (API {info['api_version']})")
+    click.echo("capabilities:")
+    for c in info["capabilities"]:
+        click.echo(f"  {c['name']:<28} {c['value']:>6}  {c['meaning']}")
+    click.echo("planes backends (probed with the ioctls on a scratch VM, never by capability number):")
+    for b in info["backends"]:
+        mark = "yes" if b["available"] else "no "
+        click.echo(f"  {b['backend']:<12} {mark}  {b['reason']}")
+    click.echo(f"auto picks: {info['auto']['backend']} ({info['auto']['reason']})")
+    click.echo("hypercall transports:")
+    for t in info["transports"]:
+        click.echo(f"  {t['name']:<8} {'yes' if t['works'] else 'no '}  {t['detail']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Selftest-style fixtures: real /dev/kvm, skips only for a missing host feature.
+
+PYKVMM_REQUIRE=kvm,native,apic-groups,... turns the skip for that feature into a failure
+(for hosts that must have it), like the kernel selftests' TEST_REQUIRE run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pykvmm.kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
+from pykvmm.vmm import loader
+from pykvmm.vmm.machine import Machine, MachineConfig
+
+REQUIRED = {f.strip() for f in os.environ.get("PYKVMM_REQUIRE", "").split(",") if f.strip()}
+
+
+def require(feature: str, available: bool, reason: str) -> None:
+    """Skip with ``reason`` unless ``feature`` is listed in PYKVMM_REQUIRE (then fail)."""
+    if available:
+        return
+    if feature in REQUIRED:
+        pytest.fail(f"PYKVMM_REQUIRE={feature}: {reason}")
+    pytest.skip(reason)
+
+
+def _kvm_status() -> tuple[bool, str]:
+    try:
+        Kvm(DEFAULT_KVM_DEVICE).close()
+        return True, ""
+    except KvmError as e:
+        return False, f"host lacks usable KVM: {e}"
+
+
+@pytest.fixture(scope="session")
+def kvm_available():
+    ok, why = _kvm_status()
+    require("kvm", ok, why)
+    return True
+
+
+@pytest.fixture
+def kvm(kvm_available):
+    k = Kvm(DEFAULT_KVM_DEVICE)
+    yield k
+    k.close()
+
+
+def _backend_probes():
+    ok, _ = _kvm_status()
+    if not ok:
+        return {}
+    from pykvmm.planes import probe_all
+    with Kvm(DEFAULT_KVM_DEVICE) as k:
+        return probe_all(k)
+
+
+_PROBES = None
+
+
+def backend_probe(name: str):
+    global _PROBES
+    if _PROBES is None:
+        _PROBES = _backend_probes()
+    return _PROBES.get(name)
+
+
+@pytest.fixture(params=["native", "apic-groups", "multivm"])
+def backend(request, kvm_available):
+    """Each planes backend; those the host lacks skip with the probe's reason."""
+    probe = backend_probe(request.param)
+    require(request.param, probe is not None and probe.available,
+            probe.reason if probe else "backend probe failed")
+    return request.param
+
+
+def guest_image(name: str) -> bytes:
+    return loader.load_image(loader.bundled_guest(name))
+
+
+@pytest.fixture
+def run_guest(kvm_available):
+    """run_guest("hello", vcpus=2, planes=2, backend=..., timeout=10) -> RunResult."""
+
+    def run(name: str, timeout: float = 20.0, **config):
+        config.setdefault("quiet", True)
+        with Machine(guest_image(name), MachineConfig(**config)) as m:
+            return m.run(timeout)
+
+    return run
+
+
+def assert_done(result) -> None:
+    """The guest reported DONE on every vCPU; otherwise show what it said."""
+    if result.ok:
+        return
+    detail = result.failure.describe() if result.failure else (result.crash.reason if result.crash else "")
+    pytest.fail(f"guest did not finish: {result.status.name}: {detail}\nucalls: "
+                + "\n".join(u.describe() for u in result.ucalls[-20:]))

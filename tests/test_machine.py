@@ -1,0 +1,77 @@
+"""The foundation guests on the real /dev/kvm: results come from the guest's own reports."""
+
+import pytest
+
+from pykvmm.vmm import abi
+from pykvmm.vmm.machine import ExitStatus
+
+from conftest import assert_done
+
+
+@pytest.mark.parametrize("vcpus", [1, 2, 4])
+def test_hello_reports_from_every_vcpu(run_guest, vcpus):
+    r = run_guest("hello", vcpus=vcpus)
+    assert_done(r)
+    for v in range(vcpus):
+        assert r.syncs(vcpu=v) == [(1, 42), (2, v)]
+    assert r.prints().count("hello via ucall") == vcpus
+    console = sorted(text for _, _, text in r.console if text.startswith("hello from"))
+    assert console == sorted(f"hello from vCPU {v} plane 0" for v in range(vcpus))
+
+
+def test_ipi_between_two_vcpus(run_guest):
+    r = run_guest("ipi", vcpus=2)
+    assert_done(r)
+    assert r.syncs(vcpu=1) == [(1, 0x40)]
+    assert r.syncs(vcpu=0) == [(1, 0)]
+
+
+def test_assert_failure_carries_values_and_message(run_guest):
+    r = run_guest("assert_fail")
+    assert r.status == ExitStatus.ASSERT_FAILED
+    assert r.failure.args[:2] == (1, 2)
+    assert r.failure.message == "one is not two"
+    assert r.failure.file.endswith("assert_fail.S") and r.failure.line > 0
+
+
+def test_triple_fault_is_a_crash_with_state(run_guest):
+    r = run_guest("fault")
+    assert r.status == ExitStatus.CRASHED
+    assert "triple fault" in r.crash.reason
+    plane0 = r.crash.report.planes[0]
+    assert plane0.regs["rax"] == 0xFA17 and plane0.regs["rbx"] == 0x1234
+    from pykvmm.debug.disasm import insn_at
+    assert insn_at(plane0.code, plane0.code_addr, plane0.regs["rip"]).text == "ud2"
+    assert any("about to fault" in text for _, _, text in r.console)
+
+
+def test_unhandled_exception_reported_by_guest_runtime(run_guest):
+    r = run_guest("exception")
+    assert r.status == ExitStatus.ASSERT_FAILED
+    assert r.failure.message == "unhandled exception"
+    assert r.failure.args[0] == 6                      # #UD
+    assert abi.GUEST_LOAD_ADDR <= r.failure.args[1] < abi.GUEST_LOAD_ADDR + 0x10000
+
+
+def test_hang_times_out_with_location(run_guest):
+    r = run_guest("hang", timeout=0.5)
+    assert r.status == ExitStatus.TIMEOUT
+    [report] = r.timeout_reports
+    assert report.planes[0].regs["rflags"] & (1 << 9) == 0   # it hangs with interrupts off
+    from pykvmm.debug.disasm import insn_at
+    ps = report.planes[0]
+    assert insn_at(ps.code, ps.code_addr, ps.regs["rip"]).text.startswith("jmp")
+
+
+def test_hypercall_dispatcher(run_guest):
+    r = run_guest("hypercall")
+    assert_done(r)
+    assert r.syncs() == [(1, 1)]
+    assert r.hypercalls.get("PykvmmNop") == 1
+    assert r.hypercalls.get("hypercall 0x7777") == 1
+
+
+def test_pio_loop_counts_exits(run_guest):
+    r = run_guest("pio_loop", arg=500)
+    assert_done(r)
+    assert r.exits >= 500

@@ -39,6 +39,9 @@ class Plane(ABC):
         """KVM_SIGNAL_MSI delivered to this plane's LAPICs only."""
 
     def _check_new_vcpu(self, vcpu: "PlanesVcpu"):
+        if self.id == 0:
+            raise KvmError("KVM_CREATE_VCPU_PLANE", "plane0", errno.ENOTTY,
+                           "plane-0 vCPUs are made with create_vcpu() on the VM")
         if vcpu.id in self.vcpus:
             raise KvmError("KVM_CREATE_VCPU_PLANE", f"plane{self.id}", errno.EEXIST,
                            f"vCPU {vcpu.id} already has a plane-{self.id} instance")
@@ -159,9 +162,24 @@ class PlanesVm(ABC):
         self.close()
 
 
+def pkru_xsave_offset(kvm) -> int | None:
+    """Byte offset of PKRU in the XSAVE image (CPUID 0xD.9 EBX), None without PKU."""
+    cpuid = kvm.supported_cpuid()
+    entries = [cpuid.entries[i] for i in range(cpuid.nent)]
+    has_pku = any(e.function == 7 and e.index == 0 and e.ecx & (1 << 3) for e in entries)
+    for e in entries:
+        if has_pku and e.function == 0xD and e.index == 9 and e.eax >= 4:
+            return e.ebx
+    return None
+
+
 def copy_fpu_state(src: Vcpu, dst: Vcpu, pkru_offset: int | None) -> None:
-    """Shared-FPU emulation: dst takes src's XSAVE image but keeps its own PKRU."""
+    """Shared-FPU emulation: dst takes src's XSAVE image but keeps its own PKRU.
+
+    The legacy x87/SSE part is copied with KVM_GET/SET_FPU as well: state written with
+    KVM_SET_FPU is not marked in XSTATE_BV, so KVM_GET_XSAVE would report it as init state."""
     image = src.get_xsave()
+    legacy = src.get_fpu()
     if pkru_offset is not None:
         mine = dst.get_xsave()
         region_src = ffi.cast("uint8_t *", image.region)
@@ -172,3 +190,4 @@ def copy_fpu_state(src: Vcpu, dst: Vcpu, pkru_offset: int | None) -> None:
         bv_dst = ffi.cast("uint64_t *", region_dst + 512)
         bv_src[0] = (bv_src[0] & ~(1 << 9)) | (bv_dst[0] & (1 << 9))
     dst.set_xsave(image)
+    dst.set_fpu(legacy)

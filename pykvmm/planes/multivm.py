@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 
 from ..kvm import KvmError, Vcpu, Vm
-from .api import MAX_PLANES, Plane, PlanesVm
+from .api import MAX_PLANES, Plane, PlanesVm, pkru_xsave_offset
 from .softswitch import SoftSwitchVcpu
 
 
@@ -30,9 +30,6 @@ class MultiVmPlane(Plane):
 
     def create_vcpu_plane(self, vcpu: "SoftSwitchVcpu") -> Vcpu:
         self._check_new_vcpu(vcpu)
-        if self.id == 0:
-            raise KvmError("KVM_CREATE_VCPU_PLANE", "plane0", errno.ENOTTY,
-                           "plane-0 vCPUs are made with create_vcpu() on the VM")
         v = self.kvm_vm.create_vcpu(vcpu.id)
         v.label = f"vcpu{vcpu.id}/plane{self.id}"
         if vcpu.cpuid is not None:
@@ -58,7 +55,7 @@ class MultiVmPlanesVm(PlanesVm):
         self.kicker = None          # set by the machine: sends the kick signal to a thread
         self._regions: list[tuple] = []
         self._vm_setup = []         # callables applied to every plane VM (MSR filter, caps)
-        self.pkru_offset = None
+        self.pkru_offset = pkru_xsave_offset(kvm)
         self.planes[0] = MultiVmPlane(self, 0, kvm.create_vm())
 
     def _new_kvm_vm(self, plane_id: int) -> Vm:

@@ -51,10 +51,9 @@ class Icr:
 def msi_message(dest_apic_id: int, vector: int, delivery_mode: int = DM_FIXED) -> tuple[int, int]:
     """(address, data) of an MSI to one APIC ID, physical destination, edge.
 
-    IDs above 255 use the extended destination ID in address bits 11:5, as KVM accepts
-    with KVM_X2APIC_API_USE_32BIT_IDS (high bits also go in address_hi)."""
-    address = 0xFEE00000 | (dest_apic_id & 0xFF) << 12 | ((dest_apic_id >> 8) & 0x7F) << 5
-    address |= (dest_apic_id >> 8) << 40 if dest_apic_id > 0x7FFF else 0
+    IDs above 255 put their high 24 bits in address_hi, as KVM reads them with
+    KVM_X2APIC_API_USE_32BIT_IDS (address_lo[19:12] | address_hi[31:8])."""
+    address = 0xFEE00000 | (dest_apic_id & 0xFF) << 12 | (dest_apic_id & 0xFFFFFF00) << 32
     data = (vector & 0xFF) | (delivery_mode & 7) << 8
     return address, data
 

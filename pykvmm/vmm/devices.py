@@ -16,8 +16,8 @@ VERB_NAMES = {abi.UCALL_SYNC: "SYNC", abi.UCALL_ASSERT: "ASSERT", abi.UCALL_PRIN
 class Console:
     """Bytes the guest writes to PORT_CONSOLE, line-buffered per (vCPU, plane)."""
 
-    def __init__(self, out=None, prefix_vcpus: bool = False, prefix_planes: bool = False):
-        self.out = out if out is not None else sys.stdout
+    def __init__(self, out=sys.stdout, prefix_vcpus: bool = False, prefix_planes: bool = False):
+        self.out = out  # None: keep lines only (tests read them from the result)
         self.prefix_vcpus, self.prefix_planes = prefix_vcpus, prefix_planes
         self._buffers: dict[tuple[int, int], bytearray] = {}
         self._lock = threading.Lock()

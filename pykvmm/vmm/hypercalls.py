@@ -105,6 +105,14 @@ def _port_stub(code: int | None) -> bytes:
             + out + b"\xC3")
 
 
+_VTL_STUB_PROLOGUE = 8  # mov rax, rcx; mov ecx, imm32
+OUT_SIZE = 2           # out imm8, al
+
+# Where each stub's `out` sits in the page: a #UD for a bad call must point there.
+STUB_OUT_OFFSETS = (abi.HCPAGE_HYPERCALL, abi.HCPAGE_VTL_CALL + _VTL_STUB_PROLOGUE,
+                    abi.HCPAGE_VTL_RETURN + _VTL_STUB_PROLOGUE)
+
+
 def hypercall_page(transport: str = "port") -> bytes:
     if transport != "port":
         raise ValueError(f"hypercall transport {transport!r} is not available on this build; use 'port'")

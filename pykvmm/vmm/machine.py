@@ -22,7 +22,7 @@ from ..uapi import constants as C
 from ..x86 import arch, longmode
 from . import abi, events as ev
 from .devices import BadUcall, Console, Ucall, decode_ucall
-from .hypercalls import Dispatcher, InjectFault, call_name, hypercall_page
+from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, Dispatcher, InjectFault, call_name, hypercall_page
 from .memory import GuestMemory, GuestMemoryError
 from .policy import make_policy
 
@@ -216,8 +216,11 @@ class VcpuThread:
         policy = m.policy
         cpu = self.cpu
         sink = m.trace
+        dbg = m.debugger
         try:
             while not self.done and not m.stopping:
+                if dbg and not dbg.before_run(self):   # a gdb stub holds this vCPU (all-stop)
+                    continue
                 plane = self.plane
                 ex = cpu.run(plane=plane, req_exit_planes=policy.req_exit_planes(self))
                 self.exits += 1
@@ -332,9 +335,12 @@ class VcpuThread:
         """Make ``plane`` of this vCPU take exception ``vector`` (e.g. #UD for a bad VtlCall)."""
         v = self.cpu.plane_vcpu(plane)
         if hypercall_rewind:
+            # The fault must point at the stub's `out`. Some hosts (this PVM one) report RIP
+            # already past it at the exit; mainline KVM reports the `out` itself.
             regs = v.regs
-            regs.rip -= 2     # back onto the stub's `out`: the fault points at the hypercall instruction
-            v.mark_dirty("regs")
+            if regs.rip - abi.HYPERCALL_PAGE_ADDR - OUT_SIZE in STUB_OUT_OFFSETS:
+                regs.rip -= OUT_SIZE
+                v.mark_dirty("regs")
         events = v.get_vcpu_events()
         events.exception.injected = 1
         events.exception.nr = vector
@@ -627,6 +633,7 @@ class Machine:
                 res.entry_reasons[k] = res.entry_reasons.get(k, 0) + n
         res.stats = {"backend": self.pvm.backend, "personality": self.policy.name,
                      "faults_injected": len(self.faults), "warnings": list(self.warnings)}
+        res.stats.update(getattr(self.policy, "summary", dict)())  # the personality's counters
         return res
 
     def close(self) -> None:

@@ -69,3 +69,8 @@ def make_policy(name: str) -> PlanePolicy:
         return POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown personality {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
+
+
+# The VTL and VMPL personalities register themselves in POLICIES. Imported last: vtl.py
+# imports PlanePolicy and POLICIES from this module, which are defined by now.
+from . import vtl as _vtl  # noqa: E402,F401

@@ -1,0 +1,151 @@
+/*
+ * vtl_bad (1 vCPU, 2 planes, personality vtl): malformed VtlCall/VtlReturn get #UD, and the
+ * VMM and the guest carry on.
+ * Both VTLs install a #UD handler (ud_handler) that counts per VTL, records the faulting RIP,
+ * and resumes at the caller of the hypercall stub: it pops the stub's return address off the
+ * interrupted stack into the saved RIP (so it works for any stub layout or transport; the
+ * VMM points the faulting RIP at the stub's hypercall instruction).
+ * VTL0:
+ *   1. generic stub (+0), RCX = 0x10011 (VtlCall with the Fast bit)      -> #UD
+ *   2. generic stub (+0), RCX = 0x11 | 1 << 40 (VtlCall with a rep count)  -> #UD
+ *   3. VtlCall stub (+0x0F) with RCX = 5 (VTL input 5 ends up in RAX)      -> #UD
+ *   4. VtlReturn stub (+0x26) from VTL0                                      -> #UD
+ *   5. generic stub (+0), RCX = 0x10012 (VtlReturn with the Fast bit)      -> #UD
+ *   then VtlCall with rbx = CMD_BAD; VTL1 (the highest VTL of 2) does:
+ *   6. VtlCall (vtl_call) from the top VTL                                   -> #UD in VTL1
+ *   7. VtlReturn stub with RCX = 3 (fast + a reserved bit)                   -> #UD in VTL1
+ *   8. VtlReturn stub with RCX = 0x100                                        -> #UD in VTL1
+ *   and returns normally; 9. a valid VtlCall (rbx = CMD_ECHO, rdx = 0x1234): VTL1 returns
+ *   rdx + 1.
+ * Reports: SYNC <case>, RIP of the #UD - HYPERCALL_PAGE_ADDR, for cases 1-5 (VTL0) and
+ *   0x106-0x108 (VTL1); each case also asserts its VTL's #UD count went up by exactly one.
+ *   SYNC 0x20, rdx after the valid VtlCall (0x1235); SYNC 0x30, #UDs in VTL0 (5);
+ *   SYNC 0x31, #UDs in VTL1 (3). DONE.
+ */
+.include "guest.inc"
+.include "vtl.inc"
+
+.set CMD_BAD, 0xbad
+.set CMD_ECHO, 0xec0
+
+/* BAD_BEGIN; <the bad call>; BAD_END stage: check exactly one #UD came, SYNC its RIP offset.
+ * rbx holds the expected count across the call (the #UD handler resumes after the call). */
+.macro BAD_BEGIN
+    mov rax, gs:[PCPU_PLANE]
+    lea rdx, [rip + ud_count]
+    mov rbx, [rdx + rax * 8]
+    inc rbx                             /* the count after this case */
+.endm
+
+.macro BAD_END stage:req
+    mov rax, gs:[PCPU_PLANE]
+    lea rdx, [rip + ud_count]
+    GUEST_ASSERT_EQ rbx, "qword ptr [rdx + rax * 8]", "expected exactly one #UD"
+    lea rdx, [rip + ud_rip]
+    mov rdx, [rdx + rax * 8]
+    sub rdx, HYPERCALL_PAGE_ADDR
+    GUEST_SYNC \stage, rdx
+.endm
+
+.text
+.globl main
+main:
+    cmp rsi, 1
+    je vtl1_main
+    test rdi, rdi
+    jnz .Ldone
+    call idt_install
+    mov edi, VECTOR_UD
+    lea rsi, [rip + ud_handler]
+    call idt_set_handler
+    call vtl_call                       /* initialise VTL1 */
+
+    BAD_BEGIN
+    mov rcx, 0x10011
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    BAD_END 1
+    BAD_BEGIN
+    mov rcx, 0x11 | (1 << 40)
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    BAD_END 2
+    BAD_BEGIN
+    mov ecx, 5
+    call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_CALL
+    BAD_END 3
+    BAD_BEGIN
+    xor ecx, ecx
+    call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
+    BAD_END 4
+    BAD_BEGIN
+    mov rcx, 0x10012
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    BAD_END 5
+
+    mov rbx, CMD_BAD
+    call vtl_call
+    mov rbx, CMD_ECHO
+    mov edx, 0x1234
+    call vtl_call
+    GUEST_SYNC 0x20, rdx
+    GUEST_SYNC 0x30, [rip + ud_count]
+    GUEST_SYNC 0x31, [rip + ud_count + 8]
+.Ldone:
+    GUEST_DONE
+
+/* ---- VTL1 ------------------------------------------------------------------------------ */
+vtl1_main:
+    call idt_install
+    mov edi, VECTOR_UD
+    lea rsi, [rip + ud_handler]
+    call idt_set_handler
+    lea rdi, [rip + vtl1_call]
+    call vtl_serve                      /* never returns */
+
+vtl1_call:
+    mov rax, CMD_ECHO
+    cmp rbx, rax
+    jne 1f
+    inc rdx
+    clc
+    ret
+1:  mov rax, CMD_BAD
+    cmp rbx, rax
+    jne 2f
+    BAD_BEGIN
+    call vtl_call
+    BAD_END 0x106
+    BAD_BEGIN
+    mov ecx, 3
+    call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
+    BAD_END 0x107
+    BAD_BEGIN
+    mov ecx, 0x100
+    call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
+    BAD_END 0x108
+2:  clc
+    ret
+
+/* #UD: count, record RIP, resume at the stub's caller. Frame: RIP, CS, RFLAGS, RSP, SS. */
+ud_handler:
+    push rax
+    push rcx
+    push rdx
+    mov rcx, gs:[PCPU_PLANE]
+    lea rdx, [rip + ud_count]
+    inc qword ptr [rdx + rcx * 8]
+    mov rax, [rsp + 24]                 /* the faulting RIP */
+    lea rdx, [rip + ud_rip]
+    mov [rdx + rcx * 8], rax
+    mov rcx, [rsp + 24 + 24]            /* the interrupted RSP: [RSP] = the stub's return address */
+    mov rax, [rcx]
+    mov [rsp + 24], rax
+    add qword ptr [rsp + 24 + 24], 8
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
+.bss
+.balign 64
+ud_count: .space 16
+ud_rip:   .space 16

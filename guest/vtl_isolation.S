@@ -1,0 +1,144 @@
+/*
+ * vtl_isolation (2 vCPUs, 2 planes, personality vtl): each VTL has its own APIC namespace.
+ * Both VTLs of vCPU1 have handlers for 0x44 and 0x45 (counted per VTL and vector), APIC on,
+ * interrupts on. vCPU0/VTL0 then:
+ *   1. sends 0x44 through its x2APIC ICR to vCPU1's VTL0 x2APIC ID: only vCPU1/VTL0 takes it;
+ *   2. VtlCalls its VTL1 with rbx = CMD_ICR: VTL1 of vCPU0 sends 0x45 through ITS ICR to
+ *      vCPU1's VTL1 x2APIC ID: only vCPU1/VTL1 takes it (preempting vCPU1/VTL0). VTL1 of vCPU1
+ *      has now run with interrupts on, so a leaked 0x44 would have been taken;
+ *   3. positive control: HvCallSendSyntheticClusterIpi 0x44 to VTL1 of vCPU1: VTL1 takes it.
+ * Reports from vCPU1/VTL0 at the end:
+ *   SYNC 1, VTL0 count of 0x44 (1); SYNC 2, VTL1 count of 0x44 after step 2 (0);
+ *   SYNC 3, VTL1 count of 0x45 (1); SYNC 4, VTL0 count of 0x45 (0);
+ *   SYNC 5, VTL1 count of 0x44 after the control (1). DONE on both.
+ */
+.include "guest.inc"
+.include "vtl.inc"
+
+.set V_A, 0x44
+.set V_B, 0x45
+.set CMD_ICR, 0x1c1c
+
+.text
+.globl main
+main:
+    cmp rsi, 1
+    je vtl1_main
+    cmp rdi, 1
+    ja .Ldone
+    call vtl_call                       /* initialise this vCPU's VTL1 */
+    call idt_install
+    mov edi, V_A
+    lea rsi, [rip + handler_a]
+    call idt_set_handler
+    mov edi, V_B
+    lea rsi, [rip + handler_b]
+    call idt_set_handler
+    call apic_enable
+    call apic_id
+    mov rcx, gs:[PCPU_VCPU]
+    lea rdx, [rip + vtl0_apic_id]
+    mov [rdx + rcx * 8], rax
+    sti
+    test rcx, rcx
+    jz vcpu0
+
+    /* vCPU1/VTL0 */
+    mov qword ptr [rip + vcpu1_ready], 1
+    lea rdi, [rip + finished]
+    mov esi, 1
+    call pause_until_eq
+    GUEST_SYNC 1, [rip + count + 0 * 8]       /* VTL0, 0x44 */
+    GUEST_SYNC 2, [rip + vtl1_a_after_step2]
+    GUEST_SYNC 3, [rip + count + 3 * 8]       /* VTL1, 0x45 */
+    GUEST_SYNC 4, [rip + count + 1 * 8]       /* VTL0, 0x45 */
+    GUEST_SYNC 5, [rip + count + 2 * 8]       /* VTL1, 0x44 */
+.Ldone:
+    GUEST_DONE
+
+vcpu0:
+    lea rdi, [rip + vcpu1_ready]
+    mov esi, 1
+    call pause_until_eq
+    /* 1 */
+    mov rdi, [rip + vtl0_apic_id + 8]
+    mov esi, V_A
+    call apic_send_ipi
+    lea rdi, [rip + count + 0 * 8]
+    mov esi, 1
+    call pause_until_eq
+    /* 2 */
+    mov rbx, CMD_ICR
+    call vtl_call
+    lea rdi, [rip + count + 3 * 8]
+    mov esi, 1
+    call pause_until_eq
+    mov rax, [rip + count + 2 * 8]
+    mov [rip + vtl1_a_after_step2], rax
+    /* 3 */
+    mov edi, V_A
+    mov esi, HV_INPUT_VTL_USE_TARGET | 1
+    mov edx, 1 << 1
+    call vtl_send_ipi
+    GUEST_ASSERT_EQ rax, 0, "SendSyntheticClusterIpi to VTL1"
+    lea rdi, [rip + count + 2 * 8]
+    mov esi, 1
+    call pause_until_eq
+    mov qword ptr [rip + finished], 1
+    GUEST_DONE
+
+/* ---- VTL1 ------------------------------------------------------------------------------ */
+vtl1_main:
+    call idt_install
+    mov edi, V_A
+    lea rsi, [rip + handler_a]
+    call idt_set_handler
+    mov edi, V_B
+    lea rsi, [rip + handler_b]
+    call idt_set_handler
+    call apic_enable
+    call apic_id
+    mov rcx, gs:[PCPU_VCPU]
+    lea rdx, [rip + vtl1_apic_id]
+    mov [rdx + rcx * 8], rax
+    sti
+    lea rdi, [rip + vtl1_call]
+    call vtl_serve                      /* never returns */
+
+vtl1_call:
+    mov rax, CMD_ICR
+    cmp rbx, rax
+    jne 1f
+    mov rdi, [rip + vtl1_apic_id + 8]
+    mov esi, V_B
+    call apic_send_ipi
+1:  clc
+    ret
+
+/* count[plane * 2 + (vector - V_A)] += 1 (the IDT is per plane, the handlers shared) */
+handler_a:
+    push rax
+    xor eax, eax
+    jmp handler_common
+handler_b:
+    push rax
+    mov eax, 1
+handler_common:
+    push rcx
+    mov rcx, gs:[PCPU_PLANE]
+    lea rax, [rax + rcx * 2]
+    lea rcx, [rip + count]
+    lock inc qword ptr [rcx + rax * 8]
+    pop rcx
+    call apic_eoi
+    pop rax
+    iretq
+
+.bss
+.balign 64
+vtl0_apic_id:       .space 16
+vtl1_apic_id:       .space 16
+vcpu1_ready:        .space 8
+finished:           .space 8
+count:              .space 4 * 8
+vtl1_a_after_step2: .space 8

@@ -1,0 +1,157 @@
+/*
+ * vtl_lower_pending (2 vCPUs, 2 planes, personality vtl): an interrupt for VTL0 that arrives
+ * while VTL1 runs is held until VtlReturn, then delivered in VTL0.
+ * vCPU0/VTL0 has handlers for 0x46 and 0x47, APIC on, interrupts on, and VtlCalls VTL1 with
+ * rbx = CMD_HOLD. VTL1 of vCPU0 then:
+ *   - lets vCPU1/VTL0 send 0x46 through the x2APIC ICR to vCPU0's VTL0 APIC, and waits for it;
+ *   - sends itself 0x47 for VTL0 with HvCallSendSyntheticClusterIpi (TargetVtl 0, mask vCPU0);
+ *   - makes 50 more exits (HVCALL_PYKVMM_NOP), then checks VTL0's handlers have not run;
+ *   - returns (fast). VTL0 takes the first interrupt before its next instruction, the second
+ *     at once after it (real KVM) or at its next exit (kvm_pvm injects one per entry); VTL0
+ *     waits for both with the cli/sti;hlt loop.
+ * Reports:
+ *   vCPU0/VTL1: SYNC 0x101, status of the send (0); SYNC 0x102, VTL0's 0x46 count while VTL1
+ *               runs (0); SYNC 0x103, VTL0's 0x47 count (0)
+ *   vCPU0/VTL0: SYNC 4, 1 if an interrupt was taken before the first instruction after the
+ *               VtlCall; then SYNC 1, 0x46 count (1); SYNC 2, 0x47 count (1);
+ *               SYNC 3, order: the vector taken first (0x47 has the higher priority) << 8 |
+ *               the second (0x4746)
+ *   DONE on both.
+ */
+.include "guest.inc"
+.include "vtl.inc"
+
+.set V_ICR, 0x46
+.set V_SYN, 0x47
+.set CMD_HOLD, 0x401d
+.set EXTRA_EXITS, 50
+
+.text
+.globl main
+main:
+    cmp rsi, 1
+    je vtl1_main
+    cmp rdi, 1
+    ja .Ldone
+    call vtl_call                       /* initialise this vCPU's VTL1 */
+    cmp qword ptr gs:[PCPU_VCPU], 0
+    je vcpu0
+
+    /* vCPU1/VTL0: once VTL1 of vCPU0 runs, IPI vCPU0's VTL0 */
+    lea rdi, [rip + in_vtl1]
+    mov esi, 1
+    call pause_until_eq
+    call apic_enable
+    mov rdi, [rip + vtl0_apic_id]
+    mov esi, V_ICR
+    call apic_send_ipi
+    mov qword ptr [rip + sent], 1
+.Ldone:
+    GUEST_DONE
+
+vcpu0:
+    call idt_install
+    mov edi, V_ICR
+    lea rsi, [rip + handler_icr]
+    call idt_set_handler
+    mov edi, V_SYN
+    lea rsi, [rip + handler_syn]
+    call idt_set_handler
+    call apic_enable
+    call apic_id
+    mov [rip + vtl0_apic_id], rax
+    sti
+    mov rbx, CMD_HOLD
+    call vtl_call
+    /* VTL0 runs again: its pending interrupts are injected. On the kvm_pvm host only the first
+     * one comes at once; the next is injected at the next exit, so wait with the hlt loop. */
+    mov rax, [rip + taken]
+    mov [rip + taken_at_return], rax
+1:  cli
+    cmp qword ptr [rip + taken], 2
+    jae 2f
+    sti
+    hlt
+    jmp 1b
+2:  xor eax, eax
+    cmp qword ptr [rip + taken_at_return], 0
+    setne al
+    GUEST_SYNC 4, rax
+    GUEST_SYNC 1, [rip + count_icr]
+    GUEST_SYNC 2, [rip + count_syn]
+    mov rax, [rip + order]
+    shl rax, 8
+    or rax, [rip + order + 8]
+    GUEST_SYNC 3, rax
+    GUEST_DONE
+
+handler_icr:
+    push rax
+    mov eax, V_ICR
+    jmp handler_common
+handler_syn:
+    push rax
+    mov eax, V_SYN
+handler_common:
+    push rcx
+    mov rcx, [rip + taken]
+    and ecx, 1
+    push rdx
+    lea rdx, [rip + order]
+    mov [rdx + rcx * 8], rax
+    pop rdx
+    inc qword ptr [rip + taken]
+    cmp eax, V_ICR
+    jne 1f
+    lock inc qword ptr [rip + count_icr]
+    jmp 2f
+1:  lock inc qword ptr [rip + count_syn]
+2:  pop rcx
+    call apic_eoi
+    pop rax
+    iretq
+
+/* ---- VTL1 ------------------------------------------------------------------------------ */
+vtl1_main:
+    call idt_install
+    call apic_enable
+    sti
+    lea rdi, [rip + vtl1_call]
+    call vtl_serve                      /* never returns */
+
+vtl1_call:
+    mov rax, CMD_HOLD
+    cmp rbx, rax
+    jne .Lret
+    mov qword ptr [rip + in_vtl1], 1
+    lea rdi, [rip + sent]
+    mov esi, 1
+    call pause_until_eq
+    mov edi, V_SYN
+    mov esi, HV_INPUT_VTL_USE_TARGET | 0
+    mov edx, 1 << 0
+    call vtl_send_ipi
+    GUEST_SYNC 0x101, rax
+    mov ebx, EXTRA_EXITS
+1:  mov edi, HVCALL_PYKVMM_NOP
+    xor esi, esi
+    xor edx, edx
+    call hypercall
+    dec ebx
+    jnz 1b
+    GUEST_SYNC 0x102, [rip + count_icr]
+    GUEST_SYNC 0x103, [rip + count_syn]
+.Lret:
+    clc
+    ret
+
+.bss
+.balign 64
+vtl0_apic_id: .space 8
+in_vtl1:      .space 8
+sent:         .space 8
+count_icr:    .space 8
+count_syn:    .space 8
+taken:        .space 8
+order:        .space 16
+taken_at_return: .space 8

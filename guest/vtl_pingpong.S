@@ -1,0 +1,161 @@
+/*
+ * vtl_pingpong (2 vCPUs, 2 planes, personality vtl): N round trips of cross-VTL IPIs in both
+ * directions at once; N = BI_ARG (0 means 1000).
+ * On each vCPU v (other = 1 - v), VTL0 sends N pings, one at a time: PING (0x70) to VTL1 of the
+ * other vCPU with HvCallSendSyntheticClusterIpi, then waits (cli; check; sti; hlt) for the pong.
+ * VTL1's PING handler (preempting the other vCPU's VTL0, halted or not) counts the ping, checks
+ * it is the one the sender announced (seq), and answers PONG (0x71) to VTL0 of the sender with
+ * SendSyntheticClusterIpi (TargetVtl 0). VTL0's PONG handler counts and checks it too.
+ * So every round trip is two cross-VTL IPIs, one preemption of a VTL0 and one VtlReturn.
+ * Reports, per vCPU v from VTL0 at the end (after both vCPUs finished sending):
+ *   SYNC 1, pongs VTL0 of v received (N); SYNC 2, pings VTL1 of v received (N);
+ *   SYNC 3, sequence errors (a ping or pong that was not the next one, or a failed send) (0);
+ *   SYNC 4, N. DONE.
+ */
+.include "guest.inc"
+.include "vtl.inc"
+
+.set PING, 0x70
+.set PONG, 0x71
+.set DEFAULT_N, 1000
+
+.text
+.globl main
+main:
+    cmp rsi, 1
+    je vtl1_main
+    cmp rdi, 1
+    ja .Ldone
+    mov r15, rdi                        /* r15 = v (callee-saved by our own code) */
+    call vtl_call                       /* initialise this vCPU's VTL1 */
+    mov r15, gs:[PCPU_VCPU]
+    mov rax, gs:[PCPU_BOOT_INFO]
+    mov r14, [rax + BI_ARG]
+    test r14, r14
+    jnz 1f
+    mov r14d, DEFAULT_N
+1:  call idt_install
+    mov edi, PONG
+    lea rsi, [rip + pong_handler]
+    call idt_set_handler
+    call apic_enable
+    lea rax, [rip + ready]
+    mov qword ptr [rax + r15 * 8], 1
+    mov rdi, r15
+    xor rdi, 1
+    lea rdi, [rax + rdi * 8]
+    mov esi, 1
+    call pause_until_eq                 /* the other vCPU's VTL0 and VTL1 are set up */
+
+    lea r13, [rip + seq]
+    lea r12, [rip + pongs]
+    xor ebx, ebx                        /* rbx = round */
+.Lround:
+    inc rbx
+    mov [r13 + r15 * 8], rbx            /* the ping the other VTL1 will see */
+    mov edi, PING
+    mov esi, HV_INPUT_VTL_USE_TARGET | 1
+    mov ecx, r15d
+    xor ecx, 1
+    mov edx, 1
+    shl edx, cl                         /* mask: the other vCPU */
+    call vtl_send_ipi
+    test eax, eax
+    jz 2f
+    lock inc qword ptr [rip + errors]
+2:  cli
+    cmp [r12 + r15 * 8], rbx
+    jae 3f
+    sti
+    hlt
+    jmp 2b
+3:  sti
+    cmp rbx, r14
+    jb .Lround
+
+    lea rax, [rip + finished]
+    lock inc qword ptr [rax]
+    mov rdi, rax
+    mov esi, 2
+    call pause_until_eq                 /* spin, not hlt: the other vCPU's pings still preempt us */
+    lea rax, [rip + pongs]
+    GUEST_SYNC 1, "qword ptr [rax + r15 * 8]"
+    lea rax, [rip + pings]
+    GUEST_SYNC 2, "qword ptr [rax + r15 * 8]"
+    GUEST_SYNC 3, [rip + errors]
+    GUEST_SYNC 4, r14
+.Ldone:
+    GUEST_DONE
+
+/* VTL0: pong from the other vCPU's VTL1 */
+pong_handler:
+    push rax
+    push rcx
+    mov rcx, gs:[PCPU_VCPU]
+    lea rax, [rip + pongs]
+    inc qword ptr [rax + rcx * 8]
+    mov rax, [rax + rcx * 8]
+    push rdx
+    lea rdx, [rip + seq]
+    cmp rax, [rdx + rcx * 8]
+    pop rdx
+    je 1f
+    lock inc qword ptr [rip + errors]
+1:  call apic_eoi
+    pop rcx
+    pop rax
+    iretq
+
+/* ---- VTL1 ------------------------------------------------------------------------------ */
+vtl1_main:
+    call idt_install
+    mov edi, PING
+    lea rsi, [rip + ping_handler]
+    call idt_set_handler
+    call apic_enable
+    sti
+    xor edi, edi
+    call vtl_serve                      /* never returns */
+
+/* VTL1: ping from the other vCPU's VTL0; answer with a pong to it. */
+ping_handler:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    mov rcx, gs:[PCPU_VCPU]
+    lea rax, [rip + pings]
+    inc qword ptr [rax + rcx * 8]
+    mov rax, [rax + rcx * 8]
+    mov rdx, rcx
+    xor rdx, 1                          /* the sender */
+    lea rsi, [rip + seq]
+    cmp rax, [rsi + rdx * 8]
+    je 1f
+    lock inc qword ptr [rip + errors]
+1:  call apic_eoi
+    mov edi, PONG
+    mov esi, HV_INPUT_VTL_USE_TARGET | 0  /* UseTargetVtl = 0 would mean VTL1: name VTL0 */
+    mov ecx, edx
+    mov edx, 1
+    shl edx, cl
+    call vtl_send_ipi
+    test eax, eax
+    jz 2f
+    lock inc qword ptr [rip + errors]
+2:  pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
+.bss
+.balign 64
+ready:    .space 16
+seq:      .space 16
+pings:    .space 16
+pongs:    .space 16
+errors:   .space 8
+finished: .space 8

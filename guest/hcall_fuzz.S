@@ -33,27 +33,32 @@ main:
     cmp r15, 0
     jne plane_high
 
-    mov rbx, [rdx + BI_FREE_START]      /* rdx: boot info (still intact: calls preserve it) */
-    mov r12, [rbx]                      /* count */
-    lea r13, [rbx + 8]                  /* first entry */
-    xor r14d, r14d
-2:  cmp r14, r12
+    /* Loop state lives in memory: a VtlCall shares every GPR with VTL1, whose code (and
+     * first entry through _start) is free to change them. */
+    mov rbx, [rdx + BI_FREE_START]      /* rdx: boot info */
+    mov rax, [rbx]
+    mov [rip + count], rax
+    lea rax, [rbx + 8]
+    mov [rip + entry], rax
+2:  mov rax, [rip + done]
+    cmp rax, [rip + count]
     jae 3f
-    mov rcx, [r13 + 0]
-    mov rdx, [r13 + 8]
-    mov r8,  [r13 + 16]
+    mov rbx, [rip + entry]
+    mov rcx, [rbx + 0]
+    mov rdx, [rbx + 8]
+    mov r8,  [rbx + 16]
     mov qword ptr [rip + in_call], 1
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
     cmp qword ptr [rip + in_call], 2
     jne 4f
     mov rax, UD_MARK
 4:  mov qword ptr [rip + in_call], 0
-    mov [r13 + 24], rax
-    add r13, ENTRY_SIZE
-    inc r14
-    mov rdx, BOOT_INFO_ADDR
+    mov rbx, [rip + entry]
+    mov [rbx + 24], rax
+    add qword ptr [rip + entry], ENTRY_SIZE
+    inc qword ptr [rip + done]
     jmp 2b
-3:  GUEST_SYNC 1, r14
+3:  GUEST_SYNC 1, [rip + done]
     GUEST_SYNC 2, [rip + ud_count]
     GUEST_DONE
 
@@ -84,5 +89,8 @@ irq_handler:
 .data
 .balign 8
 in_call:   .quad 0
+count:     .quad 0
+entry:     .quad 0
+done:      .quad 0
 ud_count:  .quad 0
 irq_count: .quad 0

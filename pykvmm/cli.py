@@ -13,6 +13,7 @@ from . import __version__
 from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
 from .vmm import abi, loader
 from .vmm.machine import ExitStatus, Machine, MachineConfig
+from .debug.session import DebugSession
 
 DEMO_VCPUS, DEMO_PLANES = 2, 2
 
@@ -79,7 +80,20 @@ def main():
               show_default=True, help="Guest memory in MiB (a multiple of 2).")
 @click.option("--kvm-device", default=DEFAULT_KVM_DEVICE, show_default=True, help="The KVM device to open.")
 @click.option("--quiet", is_flag=True, help="Do not echo the guest console.")
-def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet):
+@click.option("--trace", metavar="FILE", default=None,
+              help="Record every exit, hypercall, plane switch, plane event, fault and ucall to FILE "
+                   "(.json: Chrome trace for Perfetto/chrome://tracing; .jsonl: JSON lines).")
+@click.option("--trace-format", type=click.Choice(["jsonl", "chrome"]), default=None,
+              help="Format of --trace (default: from the file name, else jsonl).")
+@click.option("--trace-exits", is_flag=True,
+              help="Print every exit live on stderr: vCPU/plane, exit, RIP and the instruction there.")
+@click.option("--dump-on-exit", is_flag=True,
+              help="At the end, print every vCPU's planes: registers, segments, pending events, code at RIP.")
+@click.option("--gdb", metavar="PORT|PATH", default=None,
+              help="Serve gdb on 127.0.0.1:PORT (or the unix socket PATH) and wait for it before the first "
+                   "instruction; every (vCPU, plane) is a gdb thread.")
+@click.option("--gdb-stop-on-switch", is_flag=True, help="With --gdb: every plane switch stops the guest.")
+def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, **debug):
     """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
 
     Exit status: 0 guest reported DONE, 1 guest assertion failed, 2 bad usage or input,
@@ -106,10 +120,18 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
         _err(str(e))
         sys.exit(ExitStatus.USAGE)
     label = _plane_label(machine.policy.name, planes)
+    session = DebugSession(**debug)
+    try:
+        session.attach(machine, label)
+    except (OSError, ValueError) as e:
+        machine.close()
+        _err(f"cannot start the debugging options: {e}")
+        sys.exit(ExitStatus.USAGE)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with machine:
             result = machine.run(timeout)
+            session.after_run(result)
     finally:
         signal.signal(signal.SIGTERM, previous)
     _report(result, planes, label)
@@ -170,6 +192,28 @@ def caps(as_json, kvm_device):
     click.echo("hypercall transports:")
     for t in info["transports"]:
         click.echo(f"  {t['name']:<8} {'yes' if t['works'] else 'no '}  {t['detail']}")
+
+
+@main.group()
+def trace():
+    """Read traces written by `pykvmm run --trace FILE`."""
+
+
+@trace.command("summary")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trace_summary(file, as_json):
+    """Exits per reason, hypercalls, plane residency per vCPU and switch latency percentiles
+    of a trace FILE (JSON lines or Chrome JSON)."""
+    from .debug.summary import format_summary, summarize
+    from .debug.trace import TraceFormatError, load
+
+    try:
+        summary = summarize(load(file))
+    except (TraceFormatError, UnicodeDecodeError) as e:
+        _err(str(e))
+        sys.exit(ExitStatus.USAGE)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 if __name__ == "__main__":

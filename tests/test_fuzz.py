@@ -55,7 +55,8 @@ def run_cases(table, planes, personality):
 def check(table, planes, personality):
     result, statuses, faults = run_cases(table, planes, personality)
     assert_done(result)
-    assert result.syncs()[0] == (1, len(table))
+    assert result.syncs()[0] == (1, len(table)), (result.switches, result.entry_reasons, result.stats,
+                                                  [hex(x) for x in statuses[:3]])
     uds = result.syncs()[1][1]
     assert uds == sum(1 for s in statuses if s == UD_MARK)
     assert uds == len(faults)

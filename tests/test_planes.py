@@ -114,14 +114,17 @@ def test_regs_are_per_plane(rig):
 
 
 def _set_xmm0(v, byte):
-    fpu = v.get_fpu()
+    """Through KVM_SET_XSAVE with x87/SSE marked present, so the value survives KVM_RUN."""
+    from pykvmm.planes.api import fpu_image
+    image = fpu_image(v)
+    raw = ffi.cast("uint8_t *", image.region)
     for i in range(16):
-        fpu.xmm[0][i] = byte
-    v.set_fpu(fpu)
+        raw[160 + i] = byte
+    v.set_xsave(image)
 
 
 def _xmm0(v):
-    return bytes(v.get_fpu().xmm[0])
+    return bytes(ffi.buffer(ffi.cast("uint8_t *", v.get_xsave().region) + 160, 16))
 
 
 def test_fpu_not_shared_by_default(rig):
@@ -155,7 +158,7 @@ def test_shared_fpu_must_be_chosen_before_vcpus(kvm, backend):
 def test_pkru_per_plane_with_shared_fpu(kvm, rig):
     from conftest import require
     from pykvmm.planes.api import pkru_xsave_offset
-    offset = pkru_xsave_offset(kvm)
+    offset = pkru_xsave_offset(kvm.supported_cpuid())
     require("pku", offset is not None, "host CPUID has no PKU (CPUID.7.0:ECX[3]): PKRU cannot be set")
     r = rig(shared_fpu=True)
 

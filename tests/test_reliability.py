@@ -4,7 +4,6 @@ nothing behind."""
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import time
 
 import pytest
 
-from pykvmm.kvm import Kvm
 from pykvmm.planes import open_planes_vm
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 

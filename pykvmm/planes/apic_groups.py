@@ -49,7 +49,7 @@ class ApicGroupsPlanesVm(PlanesVm):
         self.vm0.ioctl("KVM_SET_APIC_ID_GROUPS", ffi.new("struct kvm_apic_id_groups *", {"n_bits": n_bits}))
         self.kicker = None
         self.scan_gap = 50e-6
-        self.pkru_offset = pkru_xsave_offset(kvm)
+        self.pkru_offset = pkru_xsave_offset(kvm.supported_cpuid())
         self.planes[0] = ApicGroupsPlane(self, 0)
 
     def kvm_vcpu_id(self, plane_id: int, vcpu_index: int) -> int:

@@ -55,7 +55,7 @@ class MultiVmPlanesVm(PlanesVm):
         self.kicker = None          # set by the machine: sends the kick signal to a thread
         self._regions: list[tuple] = []
         self._vm_setup = []         # callables applied to every plane VM (MSR filter, caps)
-        self.pkru_offset = pkru_xsave_offset(kvm)
+        self.pkru_offset = pkru_xsave_offset(kvm.supported_cpuid())
         self.planes[0] = MultiVmPlane(self, 0, kvm.create_vm())
 
     def _new_kvm_vm(self, plane_id: int) -> Vm:

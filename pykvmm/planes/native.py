@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 
-from ..kvm import FdObject, KvmError, Vcpu, Vm
-from ..uapi import PlanesAbi, constants as C, ffi
+from ..kvm import FdObject, KvmError, Vcpu
+from ..uapi import PlanesAbi, ffi
 from .api import Plane, PlanesVcpu, PlanesVm
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import abi
 from .memory import GuestMemory, GuestMemoryError

@@ -63,6 +63,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from ..planes.api import merge_pkru, pkru_xsave_offset
 from ..uapi import constants as C, ffi
 from ..x86 import apic
 from . import abi
@@ -80,20 +81,6 @@ ENTRY_REASONS = {"call": abi.VTL_ENTRY_VTL_CALL, "interrupt": abi.VTL_ENTRY_INTE
 HV_INPUT_VTL_TARGET = 0x0F
 HV_INPUT_VTL_USE_TARGET = 0x10
 HV_INPUT_VTL_RESERVED = 0xE0
-XSTATE_BV_OFFSET = 512
-XFEATURE_PKRU = 9
-CPUID_7_ECX_PKU = 1 << 3
-
-
-def merge_pkru(image, mine: bytes, offset: int) -> None:
-    """Give the XSAVE ``image`` (struct kvm_xsave) the PKRU of ``mine`` (the destination's
-    image, as bytes): the 4 PKRU bytes at ``offset`` and XSTATE_BV bit 9 (as
-    planes.api.copy_fpu_state does)."""
-    region = ffi.cast("uint8_t *", image.region)
-    ffi.memmove(region + offset, mine[offset:offset + 4], 4)
-    bv = ffi.cast("uint64_t *", region + XSTATE_BV_OFFSET)
-    mine_bv = int.from_bytes(mine[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8], "little")
-    bv[0] = (bv[0] & ~(1 << XFEATURE_PKRU)) | (mine_bv & (1 << XFEATURE_PKRU))
 
 
 class _Known:
@@ -113,18 +100,6 @@ def _commit(v, name: str, obj) -> None:
         getattr(v, "set_" + name)(obj)
     else:
         v.mark_dirty(name)
-
-
-def _pkru_offset(cpuid) -> int | None:
-    """Offset of PKRU in the standard-format XSAVE image, if the guest can have PKRU."""
-    pku = off = None
-    for i in range(cpuid.nent):
-        e = cpuid.entries[i]
-        if e.function == 7 and e.index == 0:
-            pku = bool(e.ecx & CPUID_7_ECX_PKU)
-        elif e.function == 0xD and e.index == XFEATURE_PKRU and e.eax:
-            off = e.ebx
-    return off if pku else None
 
 
 class VtlPolicy(PlanePolicy):
@@ -148,7 +123,7 @@ class VtlPolicy(PlanePolicy):
         self._blocked: list[dict[int, tuple[int, float]]] = [{} for _ in range(self.vcpu_count)]
         self._known: dict[tuple[int, int], _Known] = {}
         self.copy_xcr0 = bool(getattr(machine, "osxsave", False))
-        self.pkru_offset = _pkru_offset(machine.kvm.supported_cpuid()) if self.copy_xcr0 else None
+        self.pkru_offset = pkru_xsave_offset(machine.kvm.supported_cpuid()) if self.copy_xcr0 else None
         d = machine.dispatcher
         d.register(abi.HVCALL_VTL_CALL, self._vtl_call)
         d.register(abi.HVCALL_VTL_RETURN, self._vtl_return)

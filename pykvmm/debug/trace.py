@@ -1,0 +1,458 @@
+"""Trace recording and export: JSON lines, and Chrome trace-event JSON (Perfetto, chrome://tracing).
+
+The machine calls ``machine.trace(event)`` (a :class:`pykvmm.vmm.events.TraceEvent`) at every
+exit, hypercall, plane switch, plane event, injected fault, ucall and lifecycle step, and
+only when a sink is set. :class:`TraceRecorder` is such a sink: it appends the event object
+to a list (atomic under the GIL, so vCPU threads need no lock) and converts nothing until
+the run is over. Any ``kind`` is accepted; kinds this module does not know are exported as
+plain instant events.
+
+Normalised events (what both files hold, and what :func:`load` gives back) are dicts:
+``{"ts": microseconds since the start, "kind", "vcpu", "plane", ...details}``; an exit also
+gets ``"reason"`` (``IoOut:0xea`` ...), see :func:`exit_reason`.
+
+Chrome export: one process; one track per vCPU (tid = vCPU + 1, named "vCPU n"); every plane
+residency is a complete ("X") slice named "VTL1" / "plane 1" with a colour per plane; every
+recorded event is also an instant ("i") on its vCPU's track whose args are the normalised
+event (so a Chrome file can be read back); an IPI hypercall gets a flow arrow ("s" -> "f",
+bp "e") to the target vCPU's next entry into the target plane for an interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+from ..vmm import abi
+from ..vmm import events as ev
+
+JSONL, CHROME = "jsonl", "chrome"
+FORMATS = (JSONL, CHROME)
+
+PORT_NAMES = {abi.PORT_UCALL: "ucall", abi.PORT_CONSOLE: "console", abi.PORT_HYPERCALL: "hypercall",
+              abi.PORT_NULL: "null"}
+# Chrome's reserved colour names (trace_viewer's base/color_scheme), one per plane.
+PLANE_COLOURS = ("thread_state_running", "rail_response", "thread_state_iowait", "rail_animation",
+                 "yellow", "olive", "rail_load", "terrible", "good", "bad", "generic_work", "startup",
+                 "rail_idle", "thread_state_runnable", "thread_state_unknown", "heap_dump_stack_frame")
+IPI_CODES = {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, 0x0015}   # ...ClusterIpi, ...ClusterIpiEx
+
+
+def format_for(path: str, flag: str | None = None) -> str:
+    """The export format: an explicit flag wins; else .jsonl/.json-lines/.ndjson -> jsonl,
+    .json -> chrome; anything else jsonl."""
+    if flag:
+        if flag not in FORMATS:
+            raise ValueError(f"unknown trace format {flag!r} (choose {', '.join(FORMATS)})")
+        return flag
+    name = str(path).lower()
+    if name.endswith((".jsonl", ".json-lines", ".ndjson")):
+        return JSONL
+    if name.endswith(".json"):
+        return CHROME
+    return JSONL
+
+
+class TraceRecorder:
+    """A trace sink: ``machine.trace = TraceRecorder()``. Cheap: one list append per event."""
+
+    def __init__(self):
+        self.events: list = []
+        self.t0 = time.monotonic()
+        self.append = self.events.append
+
+    def __call__(self, event) -> None:
+        self.append(event)
+
+    def __len__(self):
+        return len(self.events)
+
+    def __bool__(self):          # the machine tests ``if sink:``: an empty recorder is still on
+        return True
+
+    def normalised(self) -> list[dict]:
+        return normalise(self.events, self.t0)
+
+    def export(self, path: str, fmt: str | None = None) -> str:
+        fmt = format_for(path, fmt)
+        events = self.normalised()
+        with open(path, "w") as f:
+            if fmt == JSONL:
+                write_jsonl(events, f)
+            else:
+                json.dump(chrome_trace(events), f, separators=(",", ":"))
+                f.write("\n")
+        return fmt
+
+
+class Fanout:
+    """Call several sinks with every event (e.g. the recorder and the live exit printer)."""
+
+    def __init__(self, *sinks):
+        self.sinks = [s for s in sinks if s]
+
+    def __call__(self, event) -> None:
+        for s in self.sinks:
+            s(event)
+
+    def __bool__(self):
+        return bool(self.sinks)
+
+
+class IpiAnnotator:
+    """A trace sink that decodes IPI hypercalls where they happen (on the vCPU thread, with the
+    caller's registers and the input page still live) and adds ``vector``, ``target_plane`` and
+    ``targets`` to the event: the memory form keeps its input in guest memory, which the
+    exporter could no longer trust at the end of the run. Put it before the recorder."""
+
+    def __init__(self, machine):
+        self.machine = machine
+
+    def __call__(self, event) -> None:
+        d = event.details
+        if event.kind != ev.HYPERCALL or d.get("code") not in IPI_CODES or "targets" in d:
+            return
+        if d.get("code") != abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI:
+            return
+        try:
+            v = self.machine.threads[event.vcpu].cpu.plane_vcpu(event.plane)
+            fast = v.regs.rcx >> 16 & 1
+            if fast:
+                head, mask = d.get("rdx", 0), d.get("r8", 0)
+            else:
+                raw = self.machine.memory.read(d.get("rdx", 0), 16)
+                head, mask = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+        except Exception:        # a bad GPA: the call failed anyway; leave the event as it is
+            return
+        vtl = (head >> 32) & 0xFF
+        d["vector"] = head & 0xFFFFFFFF
+        d["target_plane"] = vtl & 0xF if vtl & 0x10 else event.plane
+        d["targets"] = [i for i in range(64) if mask >> i & 1]
+
+
+# ---- normalisation ------------------------------------------------------------------------
+
+_EXIT_NAME = re.compile(r"^(\w+)(?:\((.*)\))?$", re.S)
+_PORT = re.compile(r"port=(0x[0-9a-fA-F]+|\d+)")
+
+
+def exit_reason(describe: str) -> str:
+    """``IoOut(port=0xea, ...)`` -> ``IoOut:0xea(hypercall)``; others: the exit's class name."""
+    m = _EXIT_NAME.match(describe or "")
+    if not m:
+        return str(describe)
+    name = m.group(1)
+    if name in ("IoOut", "IoIn"):
+        p = _PORT.search(m.group(2) or "")
+        if p:
+            port = int(p.group(1), 0)
+            label = PORT_NAMES.get(port)
+            return f"{name}:{port:#x}" + (f"({label})" if label else "")
+    return name
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+def normalise(events, t0: float | None = None) -> list[dict]:
+    """TraceEvents (or dicts with a ``t`` in seconds) -> normalised dicts, time-ordered."""
+    raw = []
+    for e in events:
+        if isinstance(e, dict):
+            d = dict(e)
+        else:
+            d = {"t": e.t, "kind": e.kind, "vcpu": e.vcpu, "plane": e.plane, **(e.details or {})}
+        raw.append(d)
+    if not raw:
+        return []
+    start = [d["t"] for d in raw if d.get("kind") == ev.LIFECYCLE and d.get("what") == "start"]
+    base = start[0] if start else (t0 if t0 is not None else min(d["t"] for d in raw))
+    out = []
+    for d in raw:
+        t = d.pop("t")
+        n = {"ts": round((t - base) * 1e6, 3)}
+        n.update({k: _jsonable(v) for k, v in d.items()})
+        if n.get("kind") == ev.EXIT and "reason" not in n:
+            n["reason"] = exit_reason(n.get("exit", ""))
+        out.append(n)
+    out.sort(key=lambda d: d["ts"])   # stable: one thread's events keep their order
+    return out
+
+
+def write_jsonl(events: list[dict], f) -> None:
+    for e in events:
+        f.write(json.dumps(e, separators=(",", ":")))
+        f.write("\n")
+
+
+# ---- reading back -----------------------------------------------------------------------------
+
+class TraceFormatError(ValueError):
+    pass
+
+
+def load(path: str) -> list[dict]:
+    """Normalised events from a JSON-lines or a Chrome trace file written by pykvmm."""
+    text = Path(path).read_text()
+    stripped = text.lstrip()
+    if not stripped:
+        return []
+    if stripped[0] == "{":
+        try:
+            doc = json.loads(stripped)
+        except json.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and "traceEvents" in doc:
+            return from_chrome(doc)
+    if stripped[0] == "[":
+        try:
+            return from_chrome({"traceEvents": json.loads(stripped)})
+        except json.JSONDecodeError as e:
+            raise TraceFormatError(f"{path}: not valid JSON: {e}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TraceFormatError(f"{path}:{n}: not a JSON line: {e}") from None
+        if not isinstance(d, dict) or "kind" not in d or "ts" not in d:
+            raise TraceFormatError(f"{path}:{n}: not a pykvmm trace event (needs 'ts' and 'kind')")
+        out.append(d)
+    return out
+
+
+def from_chrome(doc: dict) -> list[dict]:
+    out = [e["args"] for e in doc.get("traceEvents", [])
+           if e.get("ph") in ("i", "I") and e.get("cat", "").startswith("pykvmm")
+           and isinstance(e.get("args"), dict) and "kind" in e["args"]]
+    if not out and doc.get("traceEvents"):
+        raise TraceFormatError("a Chrome trace, but not one written by pykvmm (no pykvmm events)")
+    out.sort(key=lambda d: d["ts"])
+    return out
+
+
+# ---- derived views (shared with the summary) ---------------------------------------------------
+
+def run_info(events: list[dict]) -> dict:
+    for e in events:
+        if e.get("kind") == ev.LIFECYCLE and e.get("what") == "start":
+            return e
+    return {}
+
+
+def vcpu_ids(events: list[dict]) -> list[int]:
+    n = run_info(events).get("vcpus")
+    ids = {e["vcpu"] for e in events if isinstance(e.get("vcpu"), int) and e["vcpu"] >= 0}
+    if isinstance(n, int):
+        ids |= set(range(n))
+    return sorted(ids)
+
+
+def plane_label(events: list[dict]) -> str:
+    return "VTL" if run_info(events).get("personality") == "vtl" else "plane "
+
+
+def residency(events: list[dict]) -> dict[int, list[dict]]:
+    """Per vCPU, the plane it was in over time: [{"plane", "start", "end", "why"}] (µs).
+
+    Every vCPU starts in plane 0 at the run's start; a switch event ends one residency and
+    begins the next; the last ends at the vCPU's DONE ucall if it has one, else at the end of
+    the run (the lifecycle end, or the last event)."""
+    if not events:
+        return {}
+    info = run_info(events)
+    t_start = info.get("ts", events[0]["ts"])
+    ends = [e["ts"] for e in events if e.get("kind") == ev.LIFECYCLE and e.get("what") == "end"]
+    t_end = ends[-1] if ends else events[-1]["ts"]
+    out: dict[int, list[dict]] = {}
+    for v in vcpu_ids(events):
+        out[v] = [{"plane": 0, "start": t_start, "end": None, "why": "start"}]
+    done: dict[int, float] = {}
+    for e in events:
+        v = e.get("vcpu")
+        if not isinstance(v, int) or v < 0:
+            continue
+        if v not in out:
+            out[v] = [{"plane": 0, "start": t_start, "end": None, "why": "start"}]
+        k = e.get("kind")
+        if k == ev.SWITCH:
+            cur = out[v][-1]
+            cur["end"] = e["ts"]
+            out[v].append({"plane": e.get("to", e.get("plane", 0)), "start": e["ts"], "end": None,
+                           "why": e.get("why", "")})
+        elif k == ev.UCALL and e.get("verb") in ("DONE", "done") and v not in done:
+            done[v] = e["ts"]
+    for v, segs in out.items():
+        last = done.get(v, t_end)
+        segs[-1]["end"] = max(last, segs[-1]["start"])
+    return out
+
+
+def _ipi_targets(e: dict) -> tuple[list[int], int | None]:
+    """(target vCPUs, target plane) of an IPI hypercall event, or ([], None)."""
+    if e.get("kind") != ev.HYPERCALL:
+        return [], None
+    name = str(e.get("name", ""))
+    if e.get("code") not in IPI_CODES and "ipi" not in name.lower():
+        return [], None
+    status = e.get("status")
+    if status not in (None, 0):
+        return [], None
+    targets = e.get("targets", e.get("target_vcpus"))
+    if targets is None:
+        mask = e.get("mask", e.get("processor_mask", e.get("r8")))
+        targets = [i for i in range(64) if isinstance(mask, int) and mask >> i & 1]
+    plane = e.get("target_plane", e.get("target_vtl", e.get("vtl")))
+    if plane is None:
+        rdx = e.get("rdx")
+        if isinstance(rdx, int):
+            vtl = (rdx >> 32) & 0xFF           # HV_INPUT_VTL: bits 3:0 VTL, bit 4 use it
+            plane = vtl & 0xF if vtl & 0x10 else e.get("plane")
+        else:
+            plane = e.get("plane")
+    return [t for t in targets if isinstance(t, int)], plane
+
+
+def ipi_flows(events: list[dict]) -> list[tuple[dict, dict]]:
+    """(sender hypercall event, receiver event) pairs: the receiver is the target vCPU's first
+    later switch into the target plane for an interrupt, or an interrupt event in that plane."""
+    by_vcpu: dict[int, list[dict]] = {}
+    for e in events:
+        if e.get("kind") in (ev.SWITCH, ev.INTERRUPT) and isinstance(e.get("vcpu"), int):
+            by_vcpu.setdefault(e["vcpu"], []).append(e)
+    flows = []
+    for e in events:
+        targets, plane = _ipi_targets(e)
+        for tv in targets:
+            for r in by_vcpu.get(tv, ()):
+                if r["ts"] < e["ts"]:
+                    continue
+                if r["kind"] == ev.SWITCH and r.get("to") == plane and "interrupt" in str(r.get("why", "")):
+                    flows.append((e, r))
+                    break
+                if r["kind"] == ev.INTERRUPT and r.get("plane") == plane:
+                    flows.append((e, r))
+                    break
+    return flows
+
+
+# ---- Chrome trace-event JSON ------------------------------------------------------------------
+
+def _tid(vcpu) -> int:
+    return vcpu + 1 if isinstance(vcpu, int) and vcpu >= 0 else 1
+
+
+def _instant_name(e: dict, label: str) -> str:
+    k = e.get("kind")
+    if k == ev.EXIT:
+        return e.get("reason") or "exit"
+    if k == ev.HYPERCALL:
+        return str(e.get("name", "hypercall"))
+    if k == ev.SWITCH:
+        return f"switch {label}{e.get('from')}->{label}{e.get('to')} ({e.get('why', '')})".replace("  ", " ")
+    if k == ev.UCALL:
+        return f"ucall {e.get('verb', '')}".strip()
+    if k == ev.PLANE_EVENT:
+        return "plane event"
+    if k == ev.LIFECYCLE:
+        return f"run {e.get('what', '')}".strip()
+    if k == ev.FAULT:
+        return "crash" if "crash" in e else f"fault {e.get('vector', '')}".strip()
+    return str(k)
+
+
+def chrome_trace(events: list[dict]) -> dict:
+    info = run_info(events)
+    label = plane_label(events)
+    pid = 1
+    out = [{"ph": "M", "pid": pid, "name": "process_name",
+            "args": {"name": "pykvmm guest" + (f" ({info.get('backend')} backend, personality "
+                                                f"{info.get('personality')})" if info else "")}}]
+    for v in vcpu_ids(events):
+        out.append({"ph": "M", "pid": pid, "tid": _tid(v), "name": "thread_name", "args": {"name": f"vCPU {v}"}})
+        out.append({"ph": "M", "pid": pid, "tid": _tid(v), "name": "thread_sort_index", "args": {"sort_index": v}})
+    for v, segs in residency(events).items():
+        for s in segs:
+            p = s["plane"] if isinstance(s["plane"], int) else 0
+            out.append({"ph": "X", "pid": pid, "tid": _tid(v), "ts": s["start"],
+                        "dur": round(max(s["end"] - s["start"], 0.0), 3),
+                        "name": f"{label}{p}", "cat": "plane", "cname": PLANE_COLOURS[p % len(PLANE_COLOURS)],
+                        "args": {"plane": p, "entered": s["why"]}})
+    for e in events:
+        scope = "g" if e.get("kind") == ev.LIFECYCLE else "t"
+        out.append({"ph": "i", "s": scope, "pid": pid, "tid": _tid(e.get("vcpu")), "ts": e["ts"],
+                    "name": _instant_name(e, label), "cat": f"pykvmm.{e.get('kind')}", "args": e})
+    for n, (src, dst) in enumerate(ipi_flows(events), 1):
+        out.append({"ph": "s", "id": n, "pid": pid, "tid": _tid(src["vcpu"]), "ts": src["ts"],
+                    "name": "IPI", "cat": "ipi"})
+        out.append({"ph": "f", "bp": "e", "id": n, "pid": pid, "tid": _tid(dst["vcpu"]), "ts": dst["ts"],
+                    "name": "IPI", "cat": "ipi"})
+    return {"traceEvents": out, "displayTimeUnit": "ns",
+            "otherData": {"generator": "pykvmm", "planes": info.get("planes"), "vcpus": info.get("vcpus")}}
+
+
+# ---- live exit printing (--trace-exits) -----------------------------------------------------------
+
+class ExitPrinter:
+    """A trace sink printing one line per exit: vCPU/plane, exit, RIP and the instruction.
+
+    For port I/O exits KVM has already moved RIP past an ``in``/``out``, so the line shows the
+    instruction just before RIP when that is the port instruction (a ``rep outs`` still in
+    progress leaves RIP on itself)."""
+
+    def __init__(self, machine, out, label: str = "plane"):
+        from .disasm import around
+        self._around = around
+        self.machine = machine
+        self.out = out
+        self.label = label
+        self._lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        if event.kind != ev.EXIT:
+            return
+        line = self.format(event.vcpu, event.plane, event.details.get("exit", ""))
+        with self._lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def format(self, vcpu: int, plane: int, describe: str) -> str:
+        head = f"vcpu{vcpu}/{self.label}{plane} {describe}"
+        try:
+            v = self.machine.threads[vcpu].cpu.plane_vcpu(plane)
+            rip = v.regs.rip
+            code, addr = self.machine.read_code(v, rip, before=16, after=16)
+        except Exception as e:       # a dead or torn-down vCPU: say so, never break the run
+            return f"{head}  (state unavailable: {e})"
+        insn = None
+        if describe.startswith(("IoOut", "IoIn")):
+            prev = self._around(code, addr, rip, before=1, after=0)
+            if prev and prev[0].address + prev[0].size == rip and _is_port_insn(prev[0].text):
+                insn = prev[0]
+        if insn is None:
+            at = self._around(code, addr, rip, before=0, after=1)
+            insn = at[0] if at else None
+        text = f"{insn.address:#x}: {insn.text}" if insn else "(code not mapped)"
+        return f"{head}  rip={rip:#x}  {text}"
+
+
+def _is_port_insn(text: str) -> bool:
+    words = text.split()
+    if words and words[0] in ("rep", "repe", "repne"):
+        words = words[1:]
+    return bool(words) and (words[0] in ("in", "out") or words[0].startswith(("ins", "outs")))

@@ -1,0 +1,308 @@
+"""The plane-aware gdb stub, driven by the real gdb (`gdb -batch -nx -ex ...`) against
+`pykvmm run GUEST --gdb ADDR` in a subprocess, plus protocol-level tests without gdb.
+
+Every (vCPU, plane) is a gdb thread (id vcpu*16 + plane + 1). The 2-plane guest is
+guest/dbg_planes.S: plane 0 switches to plane 1 (plane1_work) and back --arg times.
+Every wait has a timeout so a broken stub fails the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from pykvmm.debug import gdbstub as gs
+from pykvmm.vmm import loader
+from pykvmm.vmm.machine import Machine, MachineConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GDB = shutil.which("gdb")
+needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed (Debian package gdb; .ci/run installs it)")
+
+
+def built(name: str, ext: str = "bin") -> str:
+    p = os.path.join(ROOT, "guest", "build", f"{name}.{ext}")
+    if not os.path.exists(p):
+        pytest.skip(f"guest/build/{name}.{ext} is not built (make -C guest)")
+    return p
+
+
+def symbols(name: str) -> dict[str, int]:
+    out = subprocess.run(["nm", built(name, "elf")], capture_output=True, text=True, check=True).stdout
+    return {parts[2]: int(parts[0], 16) for parts in (ln.split() for ln in out.splitlines()) if len(parts) == 3}
+
+
+class Vmm:
+    """`pykvmm run ... --gdb ADDR` in the background; always reaped. Its stderr is read by a
+    thread (select() on a buffered pipe would miss lines already in Python's buffer)."""
+
+    def __init__(self, *args):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "pykvmm", "run", *args], cwd=ROOT, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def err(self) -> str:
+        return "".join(self.lines)
+
+    def wait_listening(self, timeout: float = 30.0) -> str:
+        """Wait until the stub says where it listens; returns that address."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"gdb stub listening on (\S+);", self.err)
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                break
+            time.sleep(0.02)
+        self.kill()
+        pytest.fail(f"pykvmm did not start its gdb stub: {self.err}")
+
+    def finish(self, timeout: float = 30.0) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"pykvmm did not finish after gdb was done: {self.err}")
+        self.reader.join(5)
+        return self.proc.returncode, self.err
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def vmm():
+    started = []
+
+    def start(*args):
+        v = Vmm(*args)
+        started.append(v)
+        return v
+    yield start
+    for v in started:
+        v.kill()
+
+
+def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, interrupt_after: float | None = None) -> str:
+    argv = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off", "-ex", "set width 0"]
+    if elf:
+        argv += ["-ex", f"file {elf}"]
+    argv += ["-ex", f"target remote {target}"]
+    for c in commands:
+        argv += ["-ex", c]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        if interrupt_after is not None:
+            time.sleep(interrupt_after)
+            p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        pytest.fail(f"gdb timed out; its output:\n{out}")
+    return out
+
+
+def values(out: str) -> list[int]:
+    """The $N = 0x... values gdb printed, in order."""
+    return [int(v, 16) for v in re.findall(r"^\$\d+ = (0x[0-9a-f]+)", out, re.M)]
+
+
+@needs_gdb
+def test_planes_are_threads_break_in_plane1_step_memory_registers_detach(kvm_available, vmm, tmp_path):
+    sym = symbols("dbg_planes")
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("dbg_planes"), "--planes", "2", "--personality", "none", "--arg", "3", "--quiet",
+            "--gdb", sock, "--timeout", "60")
+    assert v.wait_listening() == sock
+    out = gdb(sock,
+              "info threads",
+              "thread 1", "p/x $rip", "thread 2", "p/x $rip",
+              "break plane1_work", "continue",
+              "info threads",
+              "p/x $pc", "stepi", "stepi", "p/x $pc",
+              "x/8bx &p1_count",
+              "thread 1", "p/x $rip",
+              "set var $r12 = 1",                  # plane 0's round count: one round only
+              "p/x $r12", "thread 2", "p/x $r12",
+              "set {long}((char *)&p1_mark + 8) = 0x1122334455667788",
+              "x/1gx (char *)&p1_mark + 8",
+              "monitor planes",
+              "delete", "detach",
+              elf=built("dbg_planes", "elf"))
+    assert 'Thread 1 "vcpu0/plane0" (running plane)' in out, out
+    assert 'Thread 2 "vcpu0/plane1" (never entered)' in out, out
+    assert re.search(r'Thread 2 "vcpu0/plane1" hit Breakpoint 1, plane1_work', out), out
+    assert re.search(r'Thread 1 "vcpu0/plane0" \(suspended\)', out), out
+    assert re.search(r'\* 2 +Thread 2 "vcpu0/plane1" \(running plane\)\s+plane1_work', out), out
+    rip0, rip1, pc_bp, pc_step, rip0_later, r12_plane0, r12_plane1 = values(out)[:7]
+    assert rip0 == rip1 == 0x100000                           # both planes start at the entry
+    assert pc_bp == sym["plane1_work"]
+    assert pc_step == sym["plane1_work"] + 7 + 4              # lea (7 bytes), inc qword (4 bytes)
+    assert re.search(rf"{sym['p1_count']:#x}( <p1_count>)?:\s+0x01(\s+0x00){{7}}", out), out  # the inc ran
+    assert rip0_later == 0x4002                               # plane 0 waits inside the hypercall stub
+    assert r12_plane0 == 1 and r12_plane1 != 1                # registers are per plane
+    assert "0x1122334455667788" in out
+    assert "vCPU 0: running plane 1, suspended plane 0" in out
+    assert "detached" in out
+    status, err = v.finish()
+    assert status == 0, err
+    assert "switches: plane0->plane1 1, plane1->plane0 1" in err, err   # plane 0 saw r12 = 1
+
+
+@needs_gdb
+def test_two_vcpus_stop_on_switch_tcp_and_kill(kvm_available, vmm):
+    v = vmm(built("dbg_planes"), "--vcpus", "2", "--planes", "2", "--personality", "none", "--arg", "2",
+            "--quiet", "--gdb", "0", "--gdb-stop-on-switch", "--timeout", "60")
+    addr = v.wait_listening()
+    assert addr.startswith("127.0.0.1:")
+    out = gdb(":" + addr.rpartition(":")[2], "info threads", "continue", "info threads", "monitor planes", "kill",
+              elf=built("dbg_planes", "elf"))
+    for name in ("vcpu0/plane0", "vcpu0/plane1", "vcpu1/plane0", "vcpu1/plane1"):
+        assert f'"{name}"' in out, out
+    assert re.search(r"Thread 1[78] ", out), out                    # vCPU 1's ids: 16 + plane + 1
+    m = re.search(r"plane switch on vCPU (\d): plane 0 -> plane 1", out)
+    assert m, out
+    vcpu = m.group(1)
+    assert re.search(rf'Thread \d+ "vcpu{vcpu}/plane1" stopped', out), out
+    assert re.search(rf'\* \d+ +Thread \d+ "vcpu{vcpu}/plane1" \(running plane\)\s+_start', out), out
+    assert f"vCPU {vcpu}: running plane 1, suspended plane 0" in out
+    status, err = v.finish()
+    assert status == 130, err
+    assert "killed from gdb" in err
+
+
+@needs_gdb
+def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", "60")
+    v.wait_listening()
+    out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"), interrupt_after=1.5)
+    assert "received signal SIGINT" in out, out
+    frames = re.findall(r'Thread \d+ "vcpu(\d)/plane0" \(running plane\)\s+(\w+)', out)
+    assert sorted(frames) == [("0", "hang_loop"), ("1", "hang_loop")], out
+    assert values(out)[-1] == symbols("hang")["hang_loop"]
+    assert v.finish()[0] == 130
+
+
+@needs_gdb
+def test_crash_stops_with_sigsegv_then_ends(kvm_available, vmm, tmp_path):
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("fault"), "--quiet", "--gdb", sock, "--timeout", "60")
+    v.wait_listening()
+    out = gdb(sock, "continue", "p/x $rax", "continue", elf=built("fault", "elf"))
+    assert "triple fault" in out and "received signal SIGSEGV" in out, out
+    assert "fault_ud2 ()" in out
+    assert values(out)[0] == 0xFA17
+    assert "exited with code 03" in out
+    status, err = v.finish()
+    assert status == 3 and "triple fault" in err
+
+
+@needs_gdb
+def test_vtl_personality_threads_and_a_vtl1_breakpoint(kvm_available, vmm, tmp_path):
+    from pykvmm.vmm.policy import POLICIES
+    if "vtl" not in POLICIES:
+        pytest.skip("the VTL personality is not available")
+    if "vtl1_main" not in symbols("vtl_call"):
+        pytest.skip("guest vtl_call has no vtl1_main symbol")
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", "60")
+    v.wait_listening()
+    out = gdb(sock, "break vtl1_main", "continue", "info threads", "detach", elf=built("vtl_call", "elf"))
+    assert re.search(r'Thread 2 "vcpu0/vtl1" hit Breakpoint 1, .*vtl1_main', out), out
+    assert 'Thread 1 "vcpu0/vtl0" (suspended)' in out, out
+    status, err = v.finish()
+    assert status == 0, err
+
+
+# ---- the protocol, without gdb ------------------------------------------------------------------
+
+def test_packet_helpers():
+    assert gs.checksum(b"OK") == 0x9A
+    raw = bytes(range(256))
+    esc = gs.escape_binary(raw)
+    assert b"#" not in esc and b"$" not in esc and b"*" not in esc
+    assert gs.unescape_binary(esc) == raw
+    assert gs.tid_of(1, 1) == 18 and gs.split_tid(18) == (1, 1) and gs.tid_of(0, 0) == 1
+
+
+def test_target_description_matches_the_g_packet():
+    root = ET.fromstring(gs.target_xml().split("\n", 2)[2])
+    assert root.find("architecture").text == "i386:x86-64"
+    regs = [r for f in root.iter("feature") for r in f.iter("reg")]
+    assert [r.get("name") for r in regs] == [r[0] for r in gs.REGISTERS]
+    assert [int(r.get("regnum")) for r in regs] == list(range(len(regs)))
+    core = [r.get("name") for r in root.find("feature[@name='org.gnu.gdb.i386.core']").iter("reg")]
+    assert core[:18] == list(gs.GPRS) + ["rip", "eflags"] and len(core) == 40   # gdb's amd64 core set
+
+
+@pytest.fixture
+def stub(kvm_available):
+    image = loader.load_image(built("dbg_planes"))
+    with Machine(image, MachineConfig(planes=2, personality="none", quiet=True)) as m:
+        s = gs.GdbStub(m, "unused", caps=gs.HostDebugCaps(sw_bp=True, watch=True, blockirq=True))
+        yield m, s
+
+
+def test_registers_are_per_plane(stub):
+    m, s = stub
+    assert s._handle(b"qfThreadInfo") == "m1,2"
+    g = s._handle(b"g")
+    assert len(g) == 2 * sum(r[1] // 8 for r in gs.REGISTERS)
+    rip = gs.REG_INDEX["rip"]
+    assert s._handle(b"Hg2") == "OK"
+    assert s._handle(b"P%x=%s" % (rip, (0x123456).to_bytes(8, "little").hex().encode())) == "OK"
+    assert int.from_bytes(bytes.fromhex(s._handle(b"p%x" % rip)), "little") == 0x123456
+    assert m.threads[0].cpu.plane_vcpu(1).get_regs().rip == 0x123456
+    assert m.threads[0].cpu.plane_vcpu(0).get_regs().rip == 0x100000
+    assert s._handle(b"Hg1") == "OK" and s._handle(b"g") == g        # plane 0 untouched
+    assert s._handle(b"Hg99") == "E01"
+    info = bytes.fromhex(s._handle(b"qThreadExtraInfo,2")).decode()
+    assert info == "vcpu0/plane1: never entered"
+
+
+def test_software_breakpoints_hide_and_restore_the_byte(stub):
+    m, s = stub
+    addr = symbols("dbg_planes")["plane1_work"]
+    orig = m.memory.read(addr, 2)          # identity-mapped
+    assert s._handle(b"Z0,%x,1" % addr) == "OK"
+    assert m.memory.read(addr, 1) == b"\xCC"
+    assert s._handle(b"m%x,2" % addr) == orig.hex()          # gdb sees the original
+    assert s._handle(b"M%x,1:90" % addr) == "OK"             # a write under the breakpoint
+    assert m.memory.read(addr, 1) == b"\xCC"
+    assert s._handle(b"z0,%x,1" % addr) == "OK"
+    assert m.memory.read(addr, 2) == b"\x90" + orig[1:]
+
+
+def test_hardware_slots_and_watchpoint_split(stub):
+    m, s = stub
+    assert s._handle(b"Z1,100000,1") == "OK"
+    assert s._handle(b"Z2,102003,6") == "OK"        # 0x102003 1 + 0x102004 4 + 0x102008 1: 3 slots
+    assert s._handle(b"Z4,102100,8") == "E28"        # only 4 debug registers
+    dr7, dr = s._debugregs()
+    assert dr[:4] == [0x100000, 0x102003, 0x102004, 0x102008]
+    assert dr7 & 0xFF == 0b01010101
+    # per slot RW (bits 0-1: 00 exec, 01 write) and LEN (bits 2-3: 00 one byte, 11 four bytes)
+    assert [(dr7 >> (16 + 4 * i)) & 0xF for i in range(4)] == [0b0000, 0b0001, 0b1101, 0b0001]
+    assert s._handle(b"z2,102003,6") == "OK" and s._handle(b"Z3,102100,8") == ""
+    assert s._hw[1:] == [None, None, None]

@@ -128,17 +128,22 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
         _err(f"cannot start the debugging options: {e}")
         sys.exit(ExitStatus.USAGE)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         with machine:
             result = machine.run(timeout)
             session.after_run(result)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     _report(result, planes, label)
     sys.exit(result.status)
 
 
 def _raise_interrupt(*_):
+    # Only the first SIGINT/SIGTERM interrupts; the stop that follows must not be cut short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -637,6 +637,9 @@ class Machine:
         return res
 
     def close(self) -> None:
+        # vCPU threads must be out of KVM_RUN before their fds and the guest memory go away.
+        if any(t.thread is not None and t.thread.is_alive() for t in getattr(self, "threads", [])):
+            self.stop()
         if self.pvm is not None:
             self.pvm.close()
             self.pvm = None

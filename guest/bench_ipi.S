@@ -10,6 +10,8 @@
  *   mode 1, hypercall: vCPU 0's plane 0 asks the host with hypercall BENCH_SEND_IPI
  *     (RDX = target vCPU, R8 = vector; registered by scripts/bench.py), which signals an
  *     MSI into plane 1 (the path a cross-VTL SendSyntheticClusterIpi takes).
+ *   mode | 4: vCPU 1's plane 0 makes a PORT_NULL exit in every turn of its loop instead of
+ *     only `pause` (a busy plane 0: the IRR is then also scanned after its exits).
  * Each round the sender first makes a pseudo-random number (0..delay_max-1) of PORT_NULL
  * exits, so that sends are spread over the kick period, then a PykvmmNop hypercall (mode
  * 0: the host's timestamp of the send, right before the ICR write) or BENCH_SEND_IPI
@@ -37,7 +39,11 @@ main:
     mov rcx, rax
     shr rcx, 32
     movzx ecx, cl
+    mov r8, rcx
+    and ecx, 3
     mov [rip + mode], rcx
+    and r8d, 4
+    mov [rip + busy], r8
     shr rax, 40
     mov [rip + delay_max], rax
     test rsi, rsi
@@ -51,8 +57,12 @@ main:
 /* ---- vCPU 1 ---------------------------------------------------------------------------- */
 vcpu1_plane0:
     call switch_to_plane1               /* plane 1 sets up its IDT and APIC, then resumes us */
-2:  pause                               /* the tight loop: no exits */
-    mov rax, [rip + acks]
+2:  pause                               /* the tight loop: no exits (mode | 4: one each turn) */
+    cmp qword ptr [rip + busy], 0
+    je 13f
+    xor eax, eax
+    out PORT_NULL, al
+13: mov rax, [rip + acks]
     cmp rax, [rip + rounds]
     jb 2b
     GUEST_SYNC 2, [rip + acks]
@@ -172,6 +182,7 @@ resume_plane0:
 .balign 64
 rounds:         .quad 0
 mode:           .quad 0
+busy:           .quad 0
 delay_max:      .quad 0
 ready:          .quad 0
 target_apic_id: .quad 0

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = {
     "1_pio_exit": ["c_us", "raw_cffi_us", "pykvmm_us", "pykvmm_over_c", "ioctls_per_exit"],
     "2_plane_round_trip": ["bare_switch", "raw_exit_us", "floor_two_raw_exits_us"],
-    "3_cross_plane_ipi": ["host_msi_inactive_plane", "in_kernel_ipi_inactive_plane"],
+    "3_cross_plane_ipi": ["host_msi_inactive_plane", "in_kernel_ipi_inactive_plane", "in_kernel_ipi_busy_receiver"],
     "4_startup": ["probe_median_s", "machine_build_ms", "cli_process_exit_median_s"],
     "5_scaling": ["switch_rate", "rss_per_plane"],
     "6_tracing": ["trace_off_us", "trace_on_us", "overhead_us"],

@@ -1,7 +1,8 @@
 /*
- * vtl_pingpong (2 vCPUs, 2 planes, personality vtl): N round trips of cross-VTL IPIs in both
- * directions at once; N = BI_ARG (0 means 1000).
- * On each vCPU v (other = 1 - v), VTL0 sends N pings, one at a time: PING (0x70) to VTL1 of the
+ * vtl_pingpong (an even number of vCPUs, 2 planes, personality vtl): N round trips of
+ * cross-VTL IPIs in both directions at once between the vCPU pairs (0,1), (2,3), ...;
+ * N = BI_ARG (0 means 1000). With an odd vCPU count the last vCPU just reports DONE.
+ * On each vCPU v (other = v ^ 1), VTL0 sends N pings, one at a time: PING (0x70) to VTL1 of the
  * other vCPU with HvCallSendSyntheticClusterIpi, then waits (cli; check; sti; hlt) for the pong.
  * VTL1's PING handler (preempting the other vCPU's VTL0, halted or not) counts the ping, checks
  * it is the one the sender announced (seq), and answers PONG (0x71) to VTL0 of the sender with
@@ -24,8 +25,12 @@
 main:
     cmp rsi, 1
     je vtl1_main
-    cmp rdi, 1
-    ja .Ldone
+    mov rax, rdx
+    mov eax, [rax + BI_VCPU_COUNT]
+    and eax, ~1                         /* vCPUs in pairs */
+    cmp rdi, rax
+    jae .Ldone
+    mov [rip + participants], rax
     mov r15, rdi                        /* r15 = v (callee-saved by our own code) */
     call vtl_call                       /* initialise this vCPU's VTL1 */
     mov r15, gs:[PCPU_VCPU]
@@ -76,7 +81,7 @@ main:
     lea rax, [rip + finished]
     lock inc qword ptr [rax]
     mov rdi, rax
-    mov esi, 2
+    mov rsi, [rip + participants]
     call pause_until_eq                 /* spin, not hlt: the other vCPU's pings still preempt us */
     lea rax, [rip + pongs]
     GUEST_SYNC 1, "qword ptr [rax + r15 * 8]"
@@ -153,9 +158,10 @@ ping_handler:
 
 .bss
 .balign 64
-ready:    .space 16
-seq:      .space 16
-pings:    .space 16
-pongs:    .space 16
+ready:    .space 8 * MAX_VCPUS
+seq:      .space 8 * MAX_VCPUS
+pings:    .space 8 * MAX_VCPUS
+pongs:    .space 8 * MAX_VCPUS
 errors:   .space 8
 finished: .space 8
+participants: .space 8

@@ -178,6 +178,17 @@ def test_vtl_pingpong_counts_every_ipi(run_guest, backend):
     assert r.entry_reasons["return"] == 2 + preempt
 
 
+@pytest.mark.parametrize("vcpus, n", [(4, 500), pytest.param(8, 100_000 // 8, marks=pytest.mark.slow)])
+def test_vtl_pingpong_pairs_none_lost(run_guest, backend, vcpus, n):
+    """vCPU pairs ping-pong at once; the slow case is the 8 vCPUs x 2 planes soak
+    (100k cross-VTL IPIs: 8 vCPUs x n pings + n pongs)."""
+    r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=vcpus, arg=n, timeout=1800)
+    assert syncs(r) == {(v, 0, stage): value for v in range(vcpus)
+                        for stage, value in ((1, n), (2, n), (3, 0), (4, n))}
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 0, "synthetic_cross_vtl": 2 * vcpus * n}
+    assert r.stats["ipis_dropped"] == 0
+
+
 # ---- 7. the demo --------------------------------------------------------------------------------
 
 def test_demo_story(run_guest, backend):

@@ -76,18 +76,17 @@ class SoftSwitchVcpu(PlanesVcpu):
         v = self.plane_vcpu(plane)
         req = req_exit_planes & ~(1 << plane) & ((1 << MAX_PLANES) - 1)
         switching = plane != self.last_plane
-        with self._lock:
-            self._pending &= ~(1 << plane)
         # Interrupts that arrived while outside KVM_RUN are re-checked on entry (an IRR scan
         # is forced when entering a different plane, rate-limited otherwise).
         if req:
-            pending = self.pending_planes(req, force_scan=switching)
+            pending = self.pending_planes(req, force_scan=switching) & ~(1 << plane)
             if pending & req:
                 return self._event(pending, req)
         if switching and self.vm.shared_fpu:
             copy_fpu_state(self.plane_vcpu(self.last_plane), v, self.vm.pkru_offset)
         self.last_plane = plane
         with self._lock:
+            self._pending &= ~(1 << plane)      # entering a plane clears its pending bit
             if self._kicked:
                 self._kicked = False
                 return K.Interrupted()
@@ -103,9 +102,12 @@ class SoftSwitchVcpu(PlanesVcpu):
                 v.request_immediate_exit(False)
         if req:
             kicked = type(ex) is K.Interrupted
-            pending = self.pending_planes(req, force_scan=kicked)
-            if pending & req and kicked:
-                return self._event(pending, req)
+            found = self.pending_planes(req, force_scan=kicked) & req
+            if found:
+                with self._lock:
+                    self._pending |= found      # remembered: the next entry exits at once
+                if kicked:
+                    return self._event(self._pending, req)
         return ex
 
     def _event(self, pending: int, req: int):

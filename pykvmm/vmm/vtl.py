@@ -83,6 +83,21 @@ HV_INPUT_VTL_USE_TARGET = 0x10
 HV_INPUT_VTL_RESERVED = 0xE0
 
 
+def _gpr_ranges() -> tuple[tuple[int, int], ...]:
+    """SHARED_GPRS as (offset, length) runs of struct kvm_regs: everything but RSP, RIP, RFLAGS."""
+    runs: list[list[int]] = []
+    for name in sorted(SHARED_GPRS, key=lambda n: ffi.offsetof("struct kvm_regs", n)):
+        off = ffi.offsetof("struct kvm_regs", name)
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1][1] += 8
+        else:
+            runs.append([off, 8])
+    return tuple((a, b) for a, b in runs)
+
+
+_SHARED_GPR_RANGES = _gpr_ranges()
+
+
 class _Known:
     """What one plane of one vCPU holds of the shared state while it is not running."""
     __slots__ = ("dr", "xsave", "xcr0")
@@ -201,8 +216,9 @@ class VtlPolicy(PlanePolicy):
         ioctls = 0
         # GPRs and CR2: the live copies (no ioctl with KVM_CAP_SYNC_REGS).
         rs, rd = vs.regs, vd.regs
-        for name in SHARED_GPRS:
-            setattr(rd, name, getattr(rs, name))
+        ps, pd = ffi.cast("char *", ffi.addressof(rs)), ffi.cast("char *", ffi.addressof(rd))
+        for start, length in _SHARED_GPR_RANGES:
+            ffi.memmove(pd + start, ps + start, length)
         _commit(vd, "regs", rd)
         ss, sd = vs.sregs, vd.sregs
         if sd.cr2 != ss.cr2:

@@ -162,6 +162,20 @@ class PlanesVm(ABC):
         self.close()
 
 
+class SingleKvmVm:
+    """Mixin for backends whose planes all live in one KVM VM (``self.vm0``)."""
+
+    def set_user_memory_region(self, slot, gpa, size, hva, flags=0) -> None:
+        self.vm0.set_user_memory_region(slot, gpa, size, hva, flags)
+
+    def create_irqchip(self) -> None:
+        self.vm0.create_irqchip()
+        self.irqchip = True
+
+    def on_every_plane_vm(self, fn) -> None:
+        fn(self.vm0)
+
+
 def pkru_xsave_offset(cpuid) -> int | None:
     """Byte offset of PKRU in the standard-format XSAVE image (CPUID 0xD.9 EBX), or None
     when ``cpuid`` (a struct kvm_cpuid2) offers no PKU."""

@@ -14,7 +14,7 @@ import errno
 from ..kvm import KvmError, Vcpu
 from ..uapi import ffi
 from ..x86 import apic
-from .api import MAX_PLANES, Plane, PlanesVm, pkru_xsave_offset
+from .api import MAX_PLANES, Plane, PlanesVm, SingleKvmVm, pkru_xsave_offset
 from .softswitch import SoftSwitchVcpu
 
 N_BITS = 4  # 16 planes
@@ -39,7 +39,7 @@ class ApicGroupsPlane(Plane):
         return ret
 
 
-class ApicGroupsPlanesVm(PlanesVm):
+class ApicGroupsPlanesVm(SingleKvmVm, PlanesVm):
     backend = "apic-groups"
 
     def __init__(self, kvm, n_bits: int = N_BITS, shift: int | None = None):
@@ -66,16 +66,6 @@ class ApicGroupsPlanesVm(PlanesVm):
         pv = SoftSwitchVcpu(self, vcpu_id, v0)
         self.vcpus[vcpu_id] = pv
         return pv
-
-    def set_user_memory_region(self, slot, gpa, size, hva, flags=0) -> None:
-        self.vm0.set_user_memory_region(slot, gpa, size, hva, flags)
-
-    def create_irqchip(self) -> None:
-        self.vm0.create_irqchip()
-        self.irqchip = True
-
-    def on_every_plane_vm(self, fn) -> None:
-        fn(self.vm0)
 
     def close(self) -> None:
         self.vm0.close()

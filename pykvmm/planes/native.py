@@ -12,7 +12,7 @@ import errno
 
 from ..kvm import FdObject, KvmError, Vcpu
 from ..uapi import PlanesAbi, ffi
-from .api import Plane, PlanesVcpu, PlanesVm
+from .api import Plane, PlanesVcpu, PlanesVm, SingleKvmVm
 
 
 class NativePlane(Plane):
@@ -67,7 +67,7 @@ class NativeVcpu(PlanesVcpu):
             self.vm.kicker(self.thread_id)
 
 
-class NativePlanesVm(PlanesVm):
+class NativePlanesVm(SingleKvmVm, PlanesVm):
     backend = "native"
 
     def __init__(self, kvm, abi: PlanesAbi):
@@ -96,21 +96,11 @@ class NativePlanesVm(PlanesVm):
         self.vcpus[vcpu_id] = pv
         return pv
 
-    def set_user_memory_region(self, slot, gpa, size, hva, flags=0) -> None:
-        self.vm0.set_user_memory_region(slot, gpa, size, hva, flags)
-
-    def create_irqchip(self) -> None:
-        self.vm0.create_irqchip()
-        self.irqchip = True
-
     def enable_shared_fpu(self, on: bool = True) -> None:
         if self.abi.cap_planes_fpu is None:
             raise KvmError("KVM_ENABLE_CAP", self.label, errno.EINVAL, f"{self.abi.name} has no shared-FPU mode")
         self.vm0.enable_cap(self.abi.cap_planes_fpu, int(on))
         self.shared_fpu = on
-
-    def on_every_plane_vm(self, fn) -> None:
-        fn(self.vm0)
 
     def close(self) -> None:
         for p in self.planes.values():

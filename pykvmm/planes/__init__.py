@@ -15,7 +15,8 @@ def open_planes_vm(kvm, backend: str = "auto") -> PlanesVm:
 
     probe, _ = choose_backend(kvm, backend)
     if not probe.available:
-        raise BackendUnavailable(f"backend {backend}", kvm.path, errno.ENOTSUP, probe.reason)
+        raise BackendUnavailable(f"the {backend} planes backend", kvm.path, errno.ENOTSUP,
+                                 f"{probe.reason}; use --backend auto (it picks what the host has) or multivm")
     if probe.backend == "native":
         from .native import NativePlanesVm
         return NativePlanesVm(kvm, probe.abi)

@@ -70,9 +70,7 @@ vcpu1_plane0:
 
 vcpu1_plane1:
     call idt_install
-    mov edi, BENCH_IPI_VECTOR
-    lea rsi, [rip + bench_ipi_handler]
-    call idt_set_handler
+    SET_HANDLER BENCH_IPI_VECTOR, bench_ipi_handler
     call apic_enable
     call apic_id
     mov [rip + target_apic_id], rax

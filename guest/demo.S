@@ -49,9 +49,7 @@ main:
     SAY "VTL0: hello! starting the secure kernel in VTL1 with a VtlCall"
     call vtl_call
     call idt_install
-    mov edi, V_ANSWER
-    lea rsi, [rip + answer_handler]
-    call idt_set_handler
+    SET_HANDLER V_ANSWER, answer_handler
     call apic_enable
     sti
     mov qword ptr [rip + vcpu0_started], 1
@@ -113,9 +111,7 @@ vcpu1:
 vtl1_main:
     SAY "VTL1: secure kernel up (entered by VtlCall, entry reason 1); VtlReturn to VTL0"
     call idt_install
-    mov edi, V_HELP
-    lea rsi, [rip + help_handler]
-    call idt_set_handler
+    SET_HANDLER V_HELP, help_handler
     call apic_enable
     sti
     xor edi, edi

@@ -19,9 +19,7 @@
 main:
     mov r15, rsi                        /* plane */
     call idt_install
-    mov edi, 6
-    lea rsi, [rip + ud_handler]
-    call idt_set_handler
+    SET_HANDLER 6, ud_handler
     mov edi, 16
 1:  lea rsi, [rip + irq_handler]
     call idt_set_handler

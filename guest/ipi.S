@@ -34,9 +34,7 @@ vcpu0_main:
 
 vcpu1_main:
     call idt_install
-    mov edi, IPI_VECTOR
-    lea rsi, [rip + ipi_handler]
-    call idt_set_handler
+    SET_HANDLER IPI_VECTOR, ipi_handler
     call apic_enable
     call apic_id
     mov [rip + target_apic_id], rax

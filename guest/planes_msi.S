@@ -26,9 +26,7 @@ main:
 
 plane1:
     call idt_install
-    mov edi, MSI_VECTOR
-    lea rsi, [rip + msi_handler]
-    call idt_set_handler
+    SET_HANDLER MSI_VECTOR, msi_handler
     call apic_enable
     GUEST_SYNC 1, 0
     sti

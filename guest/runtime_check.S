@@ -182,9 +182,7 @@ main:
     /* IDT: install twice (keeps the custom gate), then fire it. */
     SET_SENTINELS
     call idt_install
-    mov edi, TEST_VECTOR
-    lea rsi, [rip + test_handler]
-    call idt_set_handler
+    SET_HANDLER TEST_VECTOR, test_handler
     call idt_install
     GUEST_ASSERT_EQ rdi, TEST_VECTOR, "idt_set_handler clobbered rdi"
     lea rax, [rip + test_handler]

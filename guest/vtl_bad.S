@@ -55,9 +55,7 @@ main:
     test rdi, rdi
     jnz .Ldone
     call idt_install
-    mov edi, VECTOR_UD
-    lea rsi, [rip + ud_handler]
-    call idt_set_handler
+    SET_HANDLER VECTOR_UD, ud_handler
     call vtl_call                       /* initialise VTL1 */
 
     BAD_BEGIN
@@ -95,9 +93,7 @@ main:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    mov edi, VECTOR_UD
-    lea rsi, [rip + ud_handler]
-    call idt_set_handler
+    SET_HANDLER VECTOR_UD, ud_handler
     lea rdi, [rip + vtl1_call]
     call vtl_serve                      /* never returns */
 

@@ -61,9 +61,7 @@ main:
 
     /* vCPU1/VTL0 */
     call idt_install
-    mov edi, V_OWN
-    lea rsi, [rip + vtl0_handler]
-    call idt_set_handler
+    SET_HANDLER V_OWN, vtl0_handler
     call apic_enable
     sti
     mov qword ptr [rip + vcpu1_ready], 1
@@ -145,12 +143,8 @@ vcpu0:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    mov edi, V_FAST
-    lea rsi, [rip + vtl1_handler_fast]
-    call idt_set_handler
-    mov edi, V_MEM
-    lea rsi, [rip + vtl1_handler_mem]
-    call idt_set_handler
+    SET_HANDLER V_FAST, vtl1_handler_fast
+    SET_HANDLER V_MEM, vtl1_handler_mem
     call apic_enable
     sti
     xor edi, edi

@@ -88,9 +88,7 @@ vcpu0:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    mov edi, IPI_VECTOR
-    lea rsi, [rip + ipi_handler]
-    call idt_set_handler
+    SET_HANDLER IPI_VECTOR, ipi_handler
     call apic_enable
     call apic_id
     mov rcx, gs:[PCPU_VCPU]

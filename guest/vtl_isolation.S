@@ -28,12 +28,8 @@ main:
     ja .Ldone
     call vtl_call                       /* initialise this vCPU's VTL1 */
     call idt_install
-    mov edi, V_A
-    lea rsi, [rip + handler_a]
-    call idt_set_handler
-    mov edi, V_B
-    lea rsi, [rip + handler_b]
-    call idt_set_handler
+    SET_HANDLER V_A, handler_a
+    SET_HANDLER V_B, handler_b
     call apic_enable
     call apic_id
     mov rcx, gs:[PCPU_VCPU]
@@ -90,12 +86,8 @@ vcpu0:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    mov edi, V_A
-    lea rsi, [rip + handler_a]
-    call idt_set_handler
-    mov edi, V_B
-    lea rsi, [rip + handler_b]
-    call idt_set_handler
+    SET_HANDLER V_A, handler_a
+    SET_HANDLER V_B, handler_b
     call apic_enable
     call apic_id
     mov rcx, gs:[PCPU_VCPU]

@@ -51,12 +51,8 @@ main:
 
 vcpu0:
     call idt_install
-    mov edi, V_ICR
-    lea rsi, [rip + handler_icr]
-    call idt_set_handler
-    mov edi, V_SYN
-    lea rsi, [rip + handler_syn]
-    call idt_set_handler
+    SET_HANDLER V_ICR, handler_icr
+    SET_HANDLER V_SYN, handler_syn
     call apic_enable
     call apic_id
     mov [rip + vtl0_apic_id], rax

@@ -40,9 +40,7 @@ main:
     jnz 1f
     mov r14d, DEFAULT_N
 1:  call idt_install
-    mov edi, PONG
-    lea rsi, [rip + pong_handler]
-    call idt_set_handler
+    SET_HANDLER PONG, pong_handler
     call apic_enable
     lea rax, [rip + ready]
     mov qword ptr [rax + r15 * 8], 1
@@ -114,9 +112,7 @@ pong_handler:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    mov edi, PING
-    lea rsi, [rip + ping_handler]
-    call idt_set_handler
+    SET_HANDLER PING, ping_handler
     call apic_enable
     sti
     xor edi, edi

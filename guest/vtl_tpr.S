@@ -63,12 +63,8 @@ main:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    mov edi, V_LOW
-    lea rsi, [rip + handler_low]
-    call idt_set_handler
-    mov edi, V_HIGH
-    lea rsi, [rip + handler_high]
-    call idt_set_handler
+    SET_HANDLER V_LOW, handler_low
+    SET_HANDLER V_HIGH, handler_high
     call apic_enable
     mov edi, VTL1_TPR
     call apic_set_tpr

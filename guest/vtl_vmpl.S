@@ -71,9 +71,7 @@ main:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    mov edi, V_IRQ
-    lea rsi, [rip + irq_handler]
-    call idt_set_handler
+    SET_HANDLER V_IRQ, irq_handler
     call apic_enable
     mov r12, VTL1_R12
     sti

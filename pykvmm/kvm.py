@@ -130,6 +130,7 @@ class Kvm(FdObject):
             raise KvmError("open", path, e.errno, hint) from None
         super().__init__(fd, path)
         self.path = path
+        self._supported_cpuid: bytes | None = None
         ret = self.raw_ioctl("KVM_GET_API_VERSION")
         if ret != C.KVM_API_VERSION:
             self.close()
@@ -146,19 +147,26 @@ class Kvm(FdObject):
         return Vm(self, self.ioctl("KVM_CREATE_VM", vm_type))
 
     def supported_cpuid(self):
-        """KVM_GET_SUPPORTED_CPUID as a cdata struct kvm_cpuid2 (growing the buffer on E2BIG)."""
-        n = 64
-        while True:
-            buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + n * ffi.sizeof("struct kvm_cpuid_entry2"))
-            cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
-            cpuid.nent = n
-            ret = self.raw_ioctl("KVM_GET_SUPPORTED_CPUID", cpuid)
-            if ret == -_errno.E2BIG and n < 4096:
-                n *= 2
-                continue
-            if ret < 0:
-                raise KvmError("KVM_GET_SUPPORTED_CPUID", self.label, -ret)
-            return _Owned(cpuid, keepalive=buf)
+        """KVM_GET_SUPPORTED_CPUID as a fresh cdata struct kvm_cpuid2 the caller may change.
+
+        The answer is fixed per host, so it is fetched once (growing the buffer on E2BIG)."""
+        if self._supported_cpuid is None:
+            n = 64
+            while True:
+                buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + n * ffi.sizeof("struct kvm_cpuid_entry2"))
+                cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+                cpuid.nent = n
+                ret = self.raw_ioctl("KVM_GET_SUPPORTED_CPUID", cpuid)
+                if ret == -_errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                if ret < 0:
+                    raise KvmError("KVM_GET_SUPPORTED_CPUID", self.label, -ret)
+                size = ffi.sizeof("struct kvm_cpuid2") + cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2")
+                self._supported_cpuid = bytes(ffi.buffer(buf, size))
+                break
+        buf = ffi.new("char[]", self._supported_cpuid)
+        return _Owned(ffi.cast("struct kvm_cpuid2 *", buf), keepalive=buf)
 
     def msr_index_list(self) -> list[int]:
         probe = ffi.new("struct kvm_msr_list *")

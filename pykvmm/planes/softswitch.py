@@ -53,6 +53,10 @@ class SoftSwitchVcpu(PlanesVcpu):
         if kick:
             self.kick()
 
+    def needs_scan_kick(self) -> bool:
+        """In KVM_RUN with planes requested: only a kick lets it look at their IRRs."""
+        return bool(self._running_req) and self._in_run is not None
+
     def scan(self, planes_mask: int) -> int:
         """Planes of ``planes_mask`` whose LAPIC has an interrupt in IRR (one ioctl each)."""
         found = 0

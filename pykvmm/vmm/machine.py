@@ -488,7 +488,7 @@ class Machine:
             t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
             t.thread.start()
         ticker = None
-        if self.plane_count > 1 and hasattr(self.threads[0].cpu, "scan"):
+        if self.plane_count > 1 and hasattr(self.threads[0].cpu, "needs_scan_kick"):
             ticker = threading.Thread(target=self._tick, name="plane-ticker", daemon=True)
             ticker.start()
         status = None
@@ -511,9 +511,8 @@ class Machine:
         while not self.stopping:
             time.sleep(interval)
             for t in self.threads:
-                cpu = t.cpu
-                if cpu._running_req and cpu._in_run is not None:
-                    cpu.kick()
+                if t.cpu.needs_scan_kick():
+                    t.cpu.kick()
 
     def stop(self) -> None:
         """Stop every vCPU thread and wait for them."""

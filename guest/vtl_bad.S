@@ -50,10 +50,7 @@
 .text
 .globl main
 main:
-    cmp rsi, 1
-    je vtl1_main
-    test rdi, rdi
-    jnz .Ldone
+    VTL_MAIN_DISPATCH 1
     call idt_install
     SET_HANDLER VECTOR_UD, ud_handler
     call vtl_call                       /* initialise VTL1 */

@@ -51,10 +51,7 @@
 .text
 .globl main
 main:
-    cmp rsi, 1
-    je vtl1_main
-    cmp rdi, 1
-    ja .Ldone
+    VTL_MAIN_DISPATCH 2
     call vtl_call                       /* initialise this vCPU's VTL1 */
     cmp qword ptr gs:[PCPU_VCPU], 0
     je vcpu0

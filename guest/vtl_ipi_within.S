@@ -26,10 +26,7 @@
 .text
 .globl main
 main:
-    cmp rsi, 1
-    je vtl1_main
-    cmp rdi, 1
-    ja .Ldone
+    VTL_MAIN_DISPATCH 2
     mov r12, rdi
     call vtl_call                       /* initialise this vCPU's VTL1 */
     mov rdi, gs:[PCPU_VCPU]

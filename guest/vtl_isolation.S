@@ -22,10 +22,7 @@
 .text
 .globl main
 main:
-    cmp rsi, 1
-    je vtl1_main
-    cmp rdi, 1
-    ja .Ldone
+    VTL_MAIN_DISPATCH 2
     call vtl_call                       /* initialise this vCPU's VTL1 */
     call idt_install
     SET_HANDLER V_A, handler_a

@@ -12,10 +12,7 @@
 .text
 .globl main
 main:
-    cmp rsi, 1
-    je vtl1_main
-    test rdi, rdi
-    jnz .Ldone
+    VTL_MAIN_DISPATCH 1
     mov rax, gs:[PCPU_BOOT_INFO]
     mov rbx, [rax + BI_ARG]
     test rbx, rbx

@@ -30,10 +30,7 @@
 .text
 .globl main
 main:
-    cmp rsi, 1
-    je vtl1_main
-    test rdi, rdi
-    jnz .Ldone
+    VTL_MAIN_DISPATCH 1
     call vtl_call                       /* initialise VTL1 */
 
     SEND_SELF_VTL1 V_LOW

@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
-from .vmm import abi, loader
+from .vmm import abi, boot, loader
 from .vmm.machine import ExitStatus, Machine, MachineConfig
 from .debug.session import DebugSession
 
@@ -37,7 +37,13 @@ def _plane_label(personality: str, planes: int) -> str:
 
 
 def _print_summary(result, planes: int, label: str) -> None:
-    out = [f"--- {result.status.name.lower()} after {result.elapsed * 1000:.1f} ms, {result.exits} exits "
+    out = []
+    if result.exit_code is not None:
+        from .vmm.devices.debug_exit import qemu_status
+
+        out.append(f"guest wrote {result.exit_code:#x} to isa-debug-exit (QEMU would exit with status "
+                   f"{qemu_status(result.exit_code)})")
+    out += [f"--- {result.status.name.lower()} after {result.elapsed * 1000:.1f} ms, {result.exits} exits "
            f"({result.stats.get('backend')} backend, personality {result.stats.get('personality')})"]
     if result.hypercalls:
         out.append("hypercalls: " + ", ".join(f"{k} {v}" for k, v in sorted(result.hypercalls.items())))
@@ -93,8 +99,14 @@ def main():
               help="Serve gdb on 127.0.0.1:PORT (or the unix socket PATH) and wait for it before the first "
                    "instruction; every (vCPU, plane) is a gdb thread.")
 @click.option("--gdb-stop-on-switch", is_flag=True, help="With --gdb: every plane switch stops the guest.")
-def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, **debug):
-    """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
+@click.option("--append", "cmdline", metavar="TEXT", default="",
+              help="Kernel command line for a multiboot/ELF guest (as QEMU's -append).")
+@click.option("--initrd", metavar="FILE", default=None,
+              help="File given to a multiboot/ELF guest as module 0 (as QEMU's -initrd).")
+def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, cmdline, initrd,
+        **debug):
+    """Run GUEST: a flat x86-64 binary, a multiboot or ELF kernel (kvm-unit-tests' x86/*.flat,
+    booted as QEMU's -kernel does), or a bundled guest's name; default: the cross-VTL IPI demo.
 
     Exit status: 0 guest reported DONE, 1 guest assertion failed, 2 bad usage or input,
     3 guest crashed, 4 timeout, 5 host lacks what is needed, 130 interrupted.
@@ -103,8 +115,8 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
         raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
     try:
         path, is_demo = _resolve_guest(guest)
-        image = loader.load_image(path)
-    except loader.GuestImageError as e:
+        image = boot.open_guest(path, cmdline=cmdline, initrd=initrd)
+    except (loader.GuestImageError, boot.BootError) as e:
         _err(str(e))
         sys.exit(ExitStatus.USAGE)
     vcpus = vcpus or (DEMO_VCPUS if is_demo else 1)
@@ -150,7 +162,9 @@ def _raise_interrupt(*_):
 def _report(result, planes: int, label: str) -> None:
     from .debug.dump import format_cpu_report, where
 
-    if result.status == ExitStatus.ASSERT_FAILED:
+    if result.status == ExitStatus.ASSERT_FAILED and result.failure is None:
+        _err(f"guest reported failure: it wrote code {result.exit_code} to isa-debug-exit")
+    elif result.status == ExitStatus.ASSERT_FAILED:
         _err("guest assertion failed: " + result.failure.describe())
     elif result.status == ExitStatus.CRASHED:
         c = result.crash

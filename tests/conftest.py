@@ -99,3 +99,28 @@ def assert_done(result) -> None:
     detail = result.failure.describe() if result.failure else (result.crash.reason if result.crash else "")
     pytest.fail(f"guest did not finish: {result.status.name}: {detail}\nucalls: "
                 + "\n".join(u.describe() for u in result.ucalls[-20:]))
+
+
+@pytest.fixture(scope="session")
+def kut_suite(tmp_path_factory):
+    """kvm-unit-tests built once per test run in a scratch folder (x86/*.flat ready)."""
+    from pykvmm.kut.build import SHARED_SUITE, build_suite, find_suite
+
+    source = find_suite()
+    require("kut", source is not None,
+            f"kvm-unit-tests not found: KUT_DIR is unset and {SHARED_SUITE} does not exist")
+    return build_suite(source, tmp_path_factory.mktemp("kut"))
+
+
+@pytest.fixture
+def run_kut(kvm_available, kut_suite):
+    """run_kut("smptest", vcpus=2, cmdline="...") -> RunResult of x86/<name>.flat under pykvmm."""
+    from pykvmm.vmm import boot
+
+    def run(name: str, timeout: float = 60.0, cmdline: str = "", initrd: str | None = None, **config):
+        config.setdefault("quiet", True)
+        image = boot.open_guest(kut_suite / "x86" / f"{name}.flat", cmdline=cmdline, initrd=initrd)
+        with Machine(image, MachineConfig(**config)) as m:
+            return m.run(timeout)
+
+    return run

@@ -18,26 +18,34 @@ class GuestImageError(ValueError):
     """The guest image cannot be used; the message says why and what to do."""
 
 
+def read_file(path: str | os.PathLike, what: str, max_size: int = abi.GUEST_MAX_SIZE) -> bytes:
+    """The bytes of a file the user named, or a GuestImageError that says what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise GuestImageError(f"{what} file {p} does not exist")
+    if p.is_dir():
+        raise GuestImageError(f"{p} is a directory, not a {what} file")
+    try:
+        size = p.stat().st_size
+        if size > max_size:
+            raise GuestImageError(f"{what} file {p} is {size} bytes; the most pykvmm loads is "
+                                  f"{max_size} bytes ({max_size >> 20} MiB)")
+        return p.read_bytes()
+    except PermissionError:
+        raise GuestImageError(f"cannot read {what} file {p}: permission denied") from None
+    except OSError as e:
+        raise GuestImageError(f"cannot read {what} file {p}: {e.strerror}") from None
+
+
 def load_image(path: str | os.PathLike) -> bytes:
     p = Path(path)
     if not p.exists():
         raise GuestImageError(f"guest file {p} does not exist (build the bundled guests with "
-                              "'make -C guest', or give a path to a flat binary)")
-    if p.is_dir():
-        raise GuestImageError(f"{p} is a directory, not a guest image")
-    try:
-        size = p.stat().st_size
-        if size > abi.GUEST_MAX_SIZE:
-            raise GuestImageError(f"guest file {p} is {size} bytes; the most pykvmm loads is "
-                                  f"{abi.GUEST_MAX_SIZE} bytes ({abi.GUEST_MAX_SIZE >> 20} MiB)")
-        data = p.read_bytes()
-    except PermissionError:
-        raise GuestImageError(f"cannot read guest file {p}: permission denied") from None
-    except OSError as e:
-        raise GuestImageError(f"cannot read guest file {p}: {e.strerror}") from None
+                              "'make -C guest', or give a path to a flat binary or a multiboot kernel)")
+    data = read_file(p, "guest")
     if not data:
         raise GuestImageError(f"guest file {p} is empty: a guest is a flat x86-64 binary entered "
-                              f"at {abi.GUEST_LOAD_ADDR:#x}")
+                              f"at {abi.GUEST_LOAD_ADDR:#x}, or a multiboot/ELF kernel")
     return data
 
 

@@ -21,8 +21,10 @@ from ..planes import open_planes_vm
 from ..uapi import constants as C
 from ..x86 import arch, longmode
 from . import abi, events as ev
-from .devices import BadUcall, Console, Ucall, decode_ucall
-from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, Dispatcher, InjectFault, call_name, hypercall_page
+from .boot import FlatBinary
+from .devices import BadUcall, Console, MmioBus, PortBus, Ucall, decode_ucall
+from .devices.pc import attach_pc_devices
+from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, Dispatcher, InjectFault, call_name
 from .memory import GuestMemory, GuestMemoryError
 from .policy import make_policy
 
@@ -100,6 +102,7 @@ class RunResult:
     entry_reasons: dict = field(default_factory=dict)  # reason -> count
     stats: dict = field(default_factory=dict)
     message: str = ""
+    exit_code: int | None = None   # what the guest wrote to isa-debug-exit, if it did
 
     def syncs(self, vcpu: int | None = None, plane: int | None = None) -> list[tuple[int, int]]:
         return [(u.args[0], u.args[1]) for u in self.ucalls
@@ -179,8 +182,9 @@ class VcpuThread:
             K.SystemEvent: self._on_system_event,
             K.Hlt: self._on_hlt,
             K.Debug: self._on_debug,
+            K.Mmio: self._on_mmio,
         }
-        self._unknown_ports: set[int] = set()
+        self._unknown_ports: set[str] = set()   # unhandled accesses already warned about
 
     # -- plane switching -----------------------------------------------------------------
     def vcpu(self, plane: int | None = None) -> K.Vcpu:
@@ -244,17 +248,41 @@ class VcpuThread:
 
     # -- exits -----------------------------------------------------------------------------
     def _on_io_out(self, ex) -> None:
-        handler = self._port_handlers.get(ex.port, self._on_unknown_port)
+        handler = self._port_handlers.get(ex.port, self._on_device_out)
         if handler is not None:
             handler(ex)
 
-    def _on_io_in(self, ex) -> None:
-        self.vcpu().complete_io_in(ex, b"\xFF" * (ex.size * ex.count))
+    def _on_device_out(self, ex) -> None:
+        write, size, data = self.machine.ports.write, ex.size, ex.data
+        for i in range(0, size * ex.count, size):   # `rep outs` brings several values at once
+            if not write(ex.port, size, int.from_bytes(data[i:i + size], "little")):
+                self._unknown_access(f"write to unhandled port {ex.port:#x} ignored")
+                return
 
-    def _on_unknown_port(self, ex) -> None:
-        if ex.port not in self._unknown_ports:
-            self._unknown_ports.add(ex.port)
-            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: write to unhandled port {ex.port:#x} ignored")
+    def _on_io_in(self, ex) -> None:
+        read, size = self.machine.ports.read, ex.size
+        values = [read(ex.port, size) for _ in range(ex.count)]
+        if values[0] is None:
+            self._unknown_access(f"read of unhandled port {ex.port:#x} returned all ones")
+            values = [(1 << (8 * size)) - 1] * ex.count
+        self.vcpu().complete_io_in(ex, b"".join(v.to_bytes(size, "little") for v in values))
+
+    def _on_mmio(self, ex) -> None:
+        bus = self.machine.mmio
+        if ex.is_write:
+            if not bus.write(ex.phys_addr, ex.len, int.from_bytes(ex.data, "little")):
+                self._unknown_access(f"MMIO write to {ex.phys_addr:#x} (no device there) ignored")
+            return
+        value = bus.read(ex.phys_addr, ex.len)
+        if value is None:
+            self._unknown_access(f"MMIO read of {ex.phys_addr:#x} (no device there) returned all ones")
+            value = (1 << (8 * ex.len)) - 1
+        self.vcpu().complete_mmio_read(value.to_bytes(ex.len, "little"))
+
+    def _unknown_access(self, what: str) -> None:
+        if what not in self._unknown_ports:
+            self._unknown_ports.add(what)
+            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: {what}")
 
     def _on_interrupted(self, ex) -> None:
         pass  # a kick: the loop re-checks stop/done and runs again
@@ -361,8 +389,8 @@ class Machine:
         self.config = cfg = config or MachineConfig()
         if not 1 <= cfg.vcpus <= abi.MAX_VCPUS:
             raise ValueError(f"--vcpus must be 1..{abi.MAX_VCPUS}, not {cfg.vcpus}")
-        if len(image) > abi.GUEST_MAX_SIZE or not image:
-            raise ValueError(f"guest image must be 1..{abi.GUEST_MAX_SIZE} bytes")
+        # The boot hook: a protocol object from boot/ (bytes are a flat pykvmm guest).
+        self.boot = FlatBinary(image) if isinstance(image, (bytes, bytearray)) else image
         self.trace = cfg.trace
         self.debugger = None
         self.console = Console(out=None if cfg.quiet else (cfg.console_out or sys.stdout),
@@ -376,6 +404,8 @@ class Machine:
         self._ucalls: list[Ucall] = []
         self._failure: Ucall | None = None
         self._crash_info: Crash | None = None
+        self._exit_code: int | None = None
+        self.ports, self.mmio = PortBus(), MmioBus()
         self.memory = None
         self.pvm = None
         self.kvm = Kvm(cfg.kvm_device)
@@ -401,10 +431,8 @@ class Machine:
             personality = "vtl" if cfg.planes > 1 and "vtl" in POLICIES else "none"
         self.policy = make_policy(personality)
 
-        needed = abi.free_memory_start(cfg.vcpus)
-        if cfg.mem_size < needed:
-            raise ValueError(f"guest memory of {cfg.mem_size >> 20} MiB is too small; {cfg.vcpus} vCPUs need "
-                             f"at least {(needed + (1 << 20) - 1) >> 20} MiB")
+        self.platform = attach_pc_devices(self)
+        self.boot.check(cfg)
         self.memory = mem = GuestMemory(cfg.mem_size)
         pvm.set_user_memory_region(0, 0, cfg.mem_size, mem.hva)
         pvm.create_irqchip()
@@ -413,9 +441,10 @@ class Machine:
         for p in range(1, cfg.planes):
             pvm.create_plane(p)
 
-        self._write_memory(image)
+        self.boot.write_memory(self)
+        self.platform.write_memory(self)
         cpuid = self.kvm.supported_cpuid()
-        self.osxsave = longmode.supports_xsave(cpuid)
+        self.osxsave = self.boot.long_mode and longmode.supports_xsave(cpuid)
         self.policy.attach(self)
         self.threads: list[VcpuThread] = []
         for i in range(cfg.vcpus):
@@ -429,39 +458,8 @@ class Machine:
             self.threads.append(VcpuThread(self, i, cpu))
         pvm.kicker = self._kick_thread
 
-    def _write_memory(self, image: bytes) -> None:
-        mem, cfg = self.memory, self.config
-        mem.write(abi.GDT_ADDR, longmode.gdt_bytes(abi.TSS_ADDR))
-        mem.write(abi.PAGE_TABLE_ADDR, longmode.identity_page_tables(abi.PAGE_TABLE_ADDR, cfg.mem_size))
-        mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_page("port"))
-        mem.write(abi.GUEST_LOAD_ADDR, image)
-        bi = abi.BOOT_INFO_ADDR
-        mem.write_u64(bi + abi.BI_MAGIC, abi.BOOT_MAGIC)
-        mem.write_u32(bi + abi.BI_VCPU_COUNT, cfg.vcpus)
-        mem.write_u32(bi + abi.BI_PLANE_COUNT, cfg.planes)
-        mem.write_u64(bi + abi.BI_HYPERCALL_PAGE, abi.HYPERCALL_PAGE_ADDR)
-        mem.write_u64(bi + abi.BI_CONTROL_PAGE_BASE, abi.CONTROL_PAGE_BASE)
-        mem.write_u64(bi + abi.BI_MEM_SIZE, cfg.mem_size)
-        mem.write_u64(bi + abi.BI_FREE_START, abi.free_memory_start(cfg.vcpus))
-        mem.write_u64(bi + abi.BI_FREE_END, cfg.mem_size)
-        mem.write_u64(bi + abi.BI_ARG, cfg.arg)
-
     def _init_plane_vcpu(self, v: K.Vcpu, index: int, plane: int) -> None:
-        sregs = v.get_sregs()
-        longmode.setup_sregs(sregs, gdt_addr=abi.GDT_ADDR, tss_addr=abi.TSS_ADDR, cr3=abi.PAGE_TABLE_ADDR,
-                             sel_code=abi.SEL_CODE64, sel_data=abi.SEL_DATA, sel_tss=abi.SEL_TSS,
-                             osxsave=self.osxsave)
-        v.set_sregs(sregs)
-        regs = v.get_regs()
-        regs.rip = abi.GUEST_LOAD_ADDR
-        regs.rsp = abi.stack_top(index, plane)
-        regs.rflags = arch.RFLAGS_FIXED
-        regs.rdi, regs.rsi, regs.rdx = index, plane, abi.BOOT_INFO_ADDR
-        v.set_regs(regs)
-        base = arch.APIC_DEFAULT_BASE | arch.APICBASE_ENABLE | (arch.APICBASE_BSP if index == 0 else 0)
-        v.set_msrs({arch.MSR_IA32_APICBASE: base})
-        v.set_msrs({arch.MSR_IA32_APICBASE: base | arch.APICBASE_X2APIC})
-        v.set_mp_state(C.KVM_MP_STATE_RUNNABLE)
+        self.boot.init_vcpu(self, v, index, plane)
         if v.run_struct is not None:
             v.enable_sync_regs(C.KVM_SYNC_X86_REGS | self.policy.sync_classes)
 
@@ -565,6 +563,13 @@ class Machine:
             if t.thread is not threading.current_thread():
                 t.cpu.kick()
 
+    def request_exit(self, code: int) -> None:
+        """The guest asked to end the machine (isa-debug-exit) with ``code``."""
+        with self._lock:
+            if self._exit_code is None:
+                self._exit_code = code
+        self._finish_now()
+
     def warn(self, text: str) -> None:
         with self._lock:
             if text not in self.warnings:
@@ -617,10 +622,12 @@ class Machine:
             status = ExitStatus.CRASHED
         elif failure is not None:
             status = ExitStatus.ASSERT_FAILED
+        elif self._exit_code is not None:
+            status = ExitStatus.DONE if self._exit_code == 0 else ExitStatus.ASSERT_FAILED
         elif status is None:
             status = ExitStatus.DONE
         res = RunResult(status=status, ucalls=list(self._ucalls), console=list(self.console.lines),
-                        failure=failure, crash=crash, elapsed=elapsed)
+                        failure=failure, crash=crash, elapsed=elapsed, exit_code=self._exit_code)
         if status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
             res.timeout_reports = [self.capture(t) for t in self.threads if not t.done]
         res.exits = sum(t.exits for t in self.threads)

@@ -15,16 +15,16 @@ PAGE_HUGE = 1 << 7
 GDT_ENTRIES = 5  # null, code64, data, tss (two slots)
 
 
-def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
+def descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
     return struct.pack("<HHBBBB", limit & 0xFFFF, base & 0xFFFF, (base >> 16) & 0xFF, access,
                        ((limit >> 16) & 0xF) | (flags << 4), (base >> 24) & 0xFF)
 
 
 def gdt_bytes(tss_addr: int, tss_limit: int = 0x67) -> bytes:
     null = b"\0" * 8
-    code64 = _descriptor(0, 0xFFFFF, 0x9B, 0xA)    # present, DPL0, code exec/read accessed; G, L
-    data = _descriptor(0, 0xFFFFF, 0x93, 0xC)      # present, DPL0, data r/w accessed; G, D/B
-    tss_lo = _descriptor(tss_addr, tss_limit, 0x8B, 0x0)  # present, 64-bit TSS (busy)
+    code64 = descriptor(0, 0xFFFFF, 0x9B, 0xA)    # present, DPL0, code exec/read accessed; G, L
+    data = descriptor(0, 0xFFFFF, 0x93, 0xC)      # present, DPL0, data r/w accessed; G, D/B
+    tss_lo = descriptor(tss_addr, tss_limit, 0x8B, 0x0)  # present, 64-bit TSS (busy)
     tss_hi = struct.pack("<II", tss_addr >> 32, 0)
     return null + code64 + data + tss_lo + tss_hi
 

@@ -99,12 +99,15 @@ def main():
               help="Serve gdb on 127.0.0.1:PORT (or the unix socket PATH) and wait for it before the first "
                    "instruction; every (vCPU, plane) is a gdb thread.")
 @click.option("--gdb-stop-on-switch", is_flag=True, help="With --gdb: every plane switch stops the guest.")
+@click.option("--cpu", metavar="MODEL[,+FEAT,-FEAT,...]", default=None,
+              help="Guest CPU model and features in QEMU's -cpu syntax (qemu64, kvm64, Opteron_G1, host, max); "
+                   "default: every feature KVM supports.")
 @click.option("--append", "cmdline", metavar="TEXT", default="",
               help="Kernel command line for a multiboot/ELF guest (as QEMU's -append).")
 @click.option("--initrd", metavar="FILE", default=None,
               help="File given to a multiboot/ELF guest as module 0 (as QEMU's -initrd).")
-def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, cmdline, initrd,
-        **debug):
+def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, cpu, cmdline,
+        initrd, **debug):
     """Run GUEST: a flat x86-64 binary, a multiboot or ELF kernel (kvm-unit-tests' x86/*.flat,
     booted as QEMU's -kernel does), or a bundled guest's name; default: the cross-VTL IPI demo.
 
@@ -122,7 +125,7 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     vcpus = vcpus or (DEMO_VCPUS if is_demo else 1)
     planes = planes or (DEMO_PLANES if is_demo else 1)
     config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
-                           kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet)
+                           kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet, cpu=cpu)
     try:
         machine = Machine(image, config)
     except KvmError as e:
@@ -211,6 +214,68 @@ def caps(as_json, kvm_device):
     click.echo("hypercall transports:")
     for t in info["transports"]:
         click.echo(f"  {t['name']:<8} {'yes' if t['works'] else 'no '}  {t['detail']}")
+
+
+@main.command()
+@click.argument("tests", nargs=-1)
+@click.option("--suite", metavar="DIR", default=None,
+              help="kvm-unit-tests folder, built or not (default: $KUT_DIR, else ../shared/kvm-unit-tests).")
+@click.option("--planes", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Planes per vCPU; the tests run in plane 0 and must not notice the others.")
+@click.option("-j", "jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Tests run at once.")
+@click.option("--tap", "as_tap", is_flag=True, help="TAP output instead of run_tests.sh's lines.")
+@click.option("--compare", metavar="FILE", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A reference run (run_tests.sh output, e.g. QEMU/KVM's) to put beside ours; differences are marked.")
+@click.option("--logs", metavar="DIR", default=None, help="Write each test's output to DIR/<test>.log.")
+def kut(tests, suite, planes, jobs, as_tap, compare, logs):
+    """Run kvm-unit-tests (x86/unittests.cfg) on pykvmm, as run_tests.sh runs them on QEMU.
+
+    TESTS are test names (default: every test). Prints PASS/FAIL/SKIP per test, the SUMMARY
+    counts and a table. Exit status: 0, or 1 when pykvmm itself failed on a test or (with
+    --compare) a test that passes in the reference does not pass here; 2 bad usage.
+    """
+    import tempfile
+
+    from .kut import build, config, runner
+
+    reference = None
+    if compare:
+        reference = runner.parse_reference(Path(compare).read_text(errors="replace"))
+        if not reference:
+            _err(f"{compare} has no PASS/FAIL/SKIP lines (expected run_tests.sh output)")
+            sys.exit(ExitStatus.USAGE)
+    scratch = tempfile.TemporaryDirectory(prefix="pykvmm-kut-build-")
+    try:
+        tree = build.suite_build(suite, Path(scratch.name))
+        entries = config.load_config(tree)
+        runner.select(entries, list(tests))
+    except (build.SuiteError, config.ConfigError, ValueError) as e:
+        _err(str(e))
+        scratch.cleanup()
+        sys.exit(ExitStatus.USAGE)
+    log_dir = None
+    if logs:
+        log_dir = Path(logs)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    color = sys.stdout.isatty() and not as_tap
+    on_result = None if as_tap else (lambda r: click.echo(r.line(color)))
+    try:
+        results = runner.run_suite(entries, tree, names=list(tests), planes=planes, jobs=jobs, log_dir=log_dir,
+                                   on_result=on_result)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(ExitStatus.INTERRUPTED)
+    finally:
+        scratch.cleanup()
+    if as_tap:
+        click.echo(runner.tap(results))
+        return
+    click.echo(runner.summary_line(results))
+    click.echo(runner.table(results, reference, "reference"))
+    bad = any(r.pykvmm_failure for r in results)
+    if reference is not None:
+        bad |= any(reference.get(r.name, ("",))[0] == "PASS" and r.status != "PASS" for r in results)
+    sys.exit(1 if bad else 0)
 
 
 @main.group()

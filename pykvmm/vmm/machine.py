@@ -19,7 +19,7 @@ from ..kvm import Kvm, KvmError
 from ..planes import open_planes_vm
 from ..planes.api import install_kick_handler
 from ..uapi import constants as C
-from ..x86 import arch, longmode
+from ..x86 import arch, cpu_model, longmode
 from . import abi, events as ev
 from .boot import FlatBinary
 from .devices import BadUcall, Console, MmioBus, PortBus, Ucall, decode_ucall
@@ -53,6 +53,7 @@ class MachineConfig:
     kick_interval: float = 1e-3    # multivm/apic-groups ticker: in-kernel IPIs to inactive planes
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
+    cpu: str | None = None         # QEMU -cpu syntax (x86/cpu_model.py); None: all KVM supports
 
 
 @dataclass
@@ -442,12 +443,17 @@ class Machine:
         self.boot.write_memory(self)
         self.platform.write_memory(self)
         cpuid = self.kvm.supported_cpuid()
+        self.cpu_model = None
+        if cfg.cpu is not None:
+            self.cpu_model = cpu_model.resolve(cfg.cpu, cpuid)
+            for w in self.cpu_model.warnings:
+                self.warn(w)
         self.osxsave = self.boot.long_mode and longmode.supports_xsave(cpuid)
         self.policy.attach(self)
         self.threads: list[VcpuThread] = []
         for i in range(cfg.vcpus):
             cpu = pvm.create_vcpu(i)
-            longmode.adjust_cpuid_for_vcpu(cpuid, i, self.osxsave)
+            longmode.adjust_cpuid_for_vcpu(cpuid, i, self.osxsave, add_flags=self.cpu_model is None)
             cpu.set_cpuid2(cpuid)
             for p in range(1, cfg.planes):
                 pvm.planes[p].create_vcpu_plane(cpu)

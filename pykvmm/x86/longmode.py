@@ -91,13 +91,15 @@ CPUID_1_ECX_OSXSAVE = 1 << 27
 CPUID_1_ECX_HYPERVISOR = 1 << 31
 
 
-def adjust_cpuid_for_vcpu(cpuid, apic_id: int, osxsave: bool) -> None:
-    """Per-vCPU fix-ups of KVM_GET_SUPPORTED_CPUID before KVM_SET_CPUID2."""
+def adjust_cpuid_for_vcpu(cpuid, apic_id: int, osxsave: bool, add_flags: bool = True) -> None:
+    """Per-vCPU fix-ups of KVM_GET_SUPPORTED_CPUID before KVM_SET_CPUID2 (``add_flags``:
+    turn on x2APIC and the hypervisor flag; off when a CPU model has chosen the flags)."""
     for i in range(cpuid.nent):
         e = cpuid.entries[i]
         if e.function == 1:
             e.ebx = (e.ebx & 0x00FFFFFF) | ((apic_id & 0xFF) << 24)
-            e.ecx |= CPUID_1_ECX_X2APIC | CPUID_1_ECX_HYPERVISOR
+            if add_flags:
+                e.ecx |= CPUID_1_ECX_X2APIC | CPUID_1_ECX_HYPERVISOR
             if osxsave:
                 e.ecx |= CPUID_1_ECX_OSXSAVE
         elif e.function in (0xB, 0x1F):

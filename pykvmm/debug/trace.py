@@ -279,7 +279,7 @@ def from_chrome(doc: dict, where: str = "trace") -> list[dict]:
            if isinstance(e, dict) and e.get("ph") in ("i", "I") and str(e.get("cat", "")).startswith("pykvmm")
            and isinstance(e.get("args"), dict) and "kind" in e["args"]]
     if not out and events:
-        raise TraceFormatError(f"{where}: not a trace written by pykvmm (no pykvmm events)")
+        raise TraceFormatError(f"{where}: a Chrome trace, but not one written by pykvmm (no pykvmm events)")
     out.sort(key=lambda d: d["ts"])
     return out
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .. import kvm as K
 from ..kvm import Kvm, KvmError
 from ..planes import open_planes_vm
+from ..planes.api import install_kick_handler
 from ..uapi import constants as C
 from ..x86 import arch, longmode
 from . import abi, events as ev
@@ -27,8 +28,6 @@ from .devices import BadUcall, Ucall, decode_ucall
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, Dispatcher, InjectFault, call_name, hypercall_page
 from .memory import GuestMemory, GuestMemoryError
 from .policy import make_policy
-
-KICK_SIGNAL = signal.SIGUSR1
 
 # What a run keeps of what a guest can repeat without end (README "Bounded host memory"):
 # the newest entries are kept, the older ones only counted.
@@ -63,7 +62,7 @@ class MachineConfig:
     console_out: object = None     # a text stream; None = sys.stdout
     quiet: bool = False            # no console echo (tests read result.console)
     raw_console: bool = False      # pass guest console bytes unescaped (control characters too)
-    kick_interval: float = 1e-3    # periodic kick for in-kernel IPIs to inactive planes
+    kick_interval: float = 1e-3    # multivm/apic-groups ticker: in-kernel IPIs to inactive planes
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
 
@@ -226,7 +225,6 @@ class VcpuThread:
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
         m = self.machine
-        self.cpu.thread_id = threading.get_ident()
         # SIGINT/SIGTERM go to the main thread, which waits for them (Machine.run)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         handlers = self._exit_handlers
@@ -431,6 +429,8 @@ class Machine:
         if max_vcpus and cfg.vcpus > max_vcpus:
             raise ValueError(f"--vcpus {cfg.vcpus} is more than this host's KVM allows ({max_vcpus})")
         self.pvm = pvm = open_planes_vm(self.kvm, cfg.backend)
+        if hasattr(pvm, "kick_interval"):
+            pvm.kick_interval = cfg.kick_interval
         if not 1 <= cfg.planes <= pvm.max_planes:
             raise ValueError(f"--planes must be 1..{pvm.max_planes} on the {pvm.backend} backend, not {cfg.planes}")
         self.plane_count = cfg.planes
@@ -466,7 +466,6 @@ class Machine:
             for p in range(cfg.planes):
                 self._init_plane_vcpu(cpu.plane_vcpu(p), i, p)
             self.threads.append(VcpuThread(self, i, cpu))
-        pvm.kicker = self._kick_thread
 
     def _write_memory(self, image: bytes) -> None:
         mem, cfg = self.memory, self.config
@@ -505,18 +504,12 @@ class Machine:
             v.enable_sync_regs(C.KVM_SYNC_X86_REGS | self.policy.sync_classes)
 
     # -- running ---------------------------------------------------------------------------
-    def _kick_thread(self, thread_id: int) -> None:
-        try:
-            signal.pthread_kill(thread_id, KICK_SIGNAL)
-        except (ProcessLookupError, OSError):
-            pass
-
     def kick_all(self) -> None:
         for t in self.threads:
             t.cpu.kick()
 
     def run(self, timeout: float | None = None) -> RunResult:
-        self._install_kick_handler()
+        install_kick_handler()
         start = time.monotonic()
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "start", "vcpus": self.config.vcpus,
@@ -526,10 +519,6 @@ class Machine:
         for t in self.threads:
             t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
             t.thread.start()
-        ticker = None
-        if self.plane_count > 1 and hasattr(self.threads[0].cpu, "needs_scan_kick"):
-            ticker = threading.Thread(target=self._tick, name="plane-ticker", daemon=True)
-            ticker.start()
         status = None
         deadline = None if timeout is None else start + timeout
         try:
@@ -544,8 +533,6 @@ class Machine:
         if self._interrupted:
             status = ExitStatus.INTERRUPTED
         self.stop()
-        if ticker:
-            ticker.join()
         elapsed = time.monotonic() - start
         result = self._result(status, elapsed)
         if self.trace:
@@ -556,14 +543,6 @@ class Machine:
         """Stop the run with status INTERRUPTED (safe in a signal handler: only sets a flag)."""
         self._interrupted = True
 
-    def _tick(self) -> None:
-        interval = self.config.kick_interval
-        while not self.stopping:
-            time.sleep(interval)
-            for t in self.threads:
-                if t.cpu.needs_scan_kick():
-                    t.cpu.kick()
-
     def stop(self) -> None:
         """Stop every vCPU thread and wait for them."""
         self.stopping = True
@@ -573,12 +552,6 @@ class Machine:
                 t.cpu.kick()
                 t.thread.join(0.01)
         self._console_blocked = not self.console.flush()
-
-    def _install_kick_handler(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-                signal.signal(KICK_SIGNAL, lambda *_: None)
-            signal.siginterrupt(KICK_SIGNAL, True)
 
     def _thread_finished(self, t: VcpuThread) -> None:
         with self._lock:

@@ -439,7 +439,7 @@ class Vcpu(FdObject):
         self.run_mmap[exit_.data_offset:exit_.data_offset + need] = data
 
     def complete_mmio_read(self, data: bytes) -> None:
-        """Provide the bytes an MMIO read returns (applied on the next KVM_RUN)."""
+        """Provide the bytes an MMIO read gets (applied on the next KVM_RUN)."""
         m = self.run_struct.mmio
         ffi.memmove(m.data, bytes(data[:m.len]).ljust(m.len, b"\0"), m.len)
 

@@ -5,7 +5,7 @@ kvm-unit-tests use (UART, isa-debug-exit, fw_cfg, ...). Devices know nothing of 
 """
 
 from .bus import BusConflict, MmioBus, MmioDevice, PortBus, PortDevice
-from .console import Console
+from ..console import Console   # re-exported: the console's home is vmm/console.py
 from .ucall import VERB_NAMES, BadUcall, Ucall, decode_ucall
 
 __all__ = ["BadUcall", "BusConflict", "Console", "MmioBus", "MmioDevice", "PortBus", "PortDevice",

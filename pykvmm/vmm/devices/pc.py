@@ -6,7 +6,7 @@ guest such as kvm-unit-tests finds the devices it expects from QEMU's `pc` machi
 
 from __future__ import annotations
 
-from .console import Console
+from ..console import Console
 from .debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, IsaDebugExit
 from .fw_cfg import FW_CFG_PORT_SEL, FW_CFG_PORTS, FwCfg
 from .uart import COM1_BASE, UART_PORTS, Uart16550

@@ -106,12 +106,13 @@ def main():
 @click.option("--cpu", metavar="MODEL[,+FEAT,-FEAT,...]", default=None,
               help="Guest CPU model and features in QEMU's -cpu syntax (qemu64, kvm64, Opteron_G1, host, max); "
                    "default: every feature KVM supports.")
+@click.option("--no-pit", is_flag=True, help="No i8254 PIT (as QEMU's -machine pit=off).")
 @click.option("--append", "cmdline", metavar="TEXT", default="",
               help="Kernel command line for a multiboot/ELF guest (as QEMU's -append).")
 @click.option("--initrd", metavar="FILE", default=None,
               help="File given to a multiboot/ELF guest as module 0 (as QEMU's -initrd).")
 def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, raw_console,
-        cpu, cmdline, initrd, **debug):
+        cpu, no_pit, cmdline, initrd, **debug):
     """Run GUEST: a flat x86-64 binary, a multiboot or ELF kernel (kvm-unit-tests' x86/*.flat,
     booted as QEMU's -kernel does), or a bundled guest's name; default: the cross-VTL IPI demo.
 
@@ -123,14 +124,14 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     try:
         interrupts.install()
         _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-             raw_console, cpu, cmdline, initrd, debug)
+             raw_console, cpu, no_pit, cmdline, initrd, debug)
     except KeyboardInterrupt:                       # the first signal, before the guest ran
         _err("interrupted before the guest ran")
         sys.exit(ExitStatus.INTERRUPTED)
 
 
 def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-         raw_console, cpu, cmdline, initrd, debug):
+         raw_console, cpu, no_pit, cmdline, initrd, debug):
     if mem_mib % 2:
         raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
     try:
@@ -143,7 +144,7 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     planes = planes or (DEMO_PLANES if is_demo else 1)
     config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
                            kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet,
-                           raw_console=raw_console, cpu=cpu)
+                           raw_console=raw_console, cpu=cpu, pit=not no_pit)
     try:
         machine = Machine(image, config)
     except KvmError as e:

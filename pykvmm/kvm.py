@@ -212,6 +212,18 @@ class Vm(FdObject):
     def create_irqchip(self) -> None:
         self.ioctl("KVM_CREATE_IRQCHIP")
 
+    def create_pit2(self, flags: int = C.KVM_PIT_SPEAKER_DUMMY) -> None:
+        """The in-kernel i8254 PIT (ports 0x40-0x43, and 0x61 with the dummy speaker)."""
+        cfg = ffi.new("struct kvm_pit_config *")
+        cfg.flags = flags
+        self.ioctl("KVM_CREATE_PIT2", cfg)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """Drive ISA/GSI line ``irq`` of the in-kernel PIC and IOAPIC to ``level``."""
+        arg = ffi.new("struct kvm_irq_level *")
+        arg.irq, arg.level = irq, level
+        self.ioctl("KVM_IRQ_LINE", arg)
+
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         self.ioctl("KVM_ENABLE_CAP", _enable_cap_struct(cap, args, flags))
 

@@ -134,3 +134,138 @@ def test_fw_cfg_selection_rewinds_and_reads_past_end_are_zero():
     assert read_item(dev, 0x11, 8) == bytes(8)          # unknown item (kvm-unit-tests' MAX_RAM)
     assert read_item(dev, F.FW_CFG_NB_CPUS | F.FW_CFG_WRITE_CHANNEL, 2) == b"\1\0"
     assert read_item(dev, F.FW_CFG_NB_CPUS | F.FW_CFG_ARCH_LOCAL, 2) == b"\0\0"   # another namespace
+
+
+# ---- ACPI tables --------------------------------------------------------------------------
+from pykvmm.vmm.devices import acpi as A               # noqa: E402
+from pykvmm.vmm.devices import acpi_pm as PM           # noqa: E402
+from pykvmm.vmm.devices import pc_testdev as T         # noqa: E402
+from pykvmm.vmm.devices import rtc as R                # noqa: E402
+import struct                                          # noqa: E402
+
+
+def table_at(area, addr):
+    off = addr - A.ACPI_BASE
+    length = struct.unpack_from("<I", area, off + 4)[0]
+    return area[off:off + length]
+
+
+def test_acpi_tables_are_linked_and_checksummed():
+    area = A.build_tables(vcpus=3)
+    rsdp = area[:36]
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    rsdt_addr, xsdt_addr = struct.unpack_from("<I", rsdp, 16)[0], struct.unpack_from("<Q", rsdp, 24)[0]
+    rsdt, xsdt = table_at(area, rsdt_addr), table_at(area, xsdt_addr)
+    listed = [struct.unpack_from("<I", rsdt, 36 + 4 * i)[0] for i in range((len(rsdt) - 36) // 4)]
+    assert listed == [struct.unpack_from("<Q", xsdt, 36 + 8 * i)[0] for i in range((len(xsdt) - 36) // 8)]
+    sigs = {}
+    for addr in listed:
+        t = table_at(area, addr)
+        assert sum(t) % 256 == 0, t[:4]
+        sigs[t[:4]] = t
+    assert set(sigs) == {b"FACP", b"APIC"}
+    fadt = sigs[b"FACP"]
+    facs_addr, dsdt_addr = struct.unpack_from("<II", fadt, 36)
+    assert facs_addr % 64 == 0 and area[facs_addr - A.ACPI_BASE:][:4] == b"FACS"
+    assert table_at(area, dsdt_addr)[:4] == b"DSDT" and b"_S3_" in table_at(area, dsdt_addr)
+    pm1a_evt, _, pm1a_cnt, _, _, pm_tmr = struct.unpack_from("<6I", fadt, 56)
+    assert (pm1a_evt, pm1a_cnt, pm_tmr) == (0x600, 0x604, 0x608)
+    madt = sigs[b"APIC"]
+    entries, off = [], 44
+    while off < len(madt):
+        entries.append((madt[off], madt[off + 2:off + madt[off + 1]]))
+        off += madt[off + 1]
+    assert [e[1][1] for e in entries if e[0] == 0] == [0, 1, 2]          # one LAPIC per vCPU
+    assert [struct.unpack_from("<I", e[1], 2)[0] for e in entries if e[0] == 1] == [A.IOAPIC_ADDR]
+
+
+# ---- ACPI PM registers ----------------------------------------------------------------------
+def test_pm_timer_counts_at_3_579545_mhz():
+    now = [0]
+    pm = PM.AcpiPm(lambda t: None, clock=lambda: now[0])
+    now[0] = 1_000_000_000
+    assert pm.io_read(PM.PM_BASE + PM.PM_TMR, 4) == 3579545
+    now[0] = 5_000_000_000                                   # wraps at 24 bits
+    assert pm.io_read(PM.PM_BASE + PM.PM_TMR, 4) == (5 * 3579545) & 0xFFFFFF
+
+
+def test_pm1_status_is_write_one_to_clear_and_slp_en_sleeps():
+    slept = []
+    pm = PM.AcpiPm(slept.append)
+    pm.set_status(PM.STS_RTC | PM.STS_WAK)
+    pm.io_write(PM.PM_BASE, 2, PM.STS_RTC)
+    assert pm.io_read(PM.PM_BASE, 2) == PM.STS_WAK
+    pm.io_write(PM.PM_BASE + 2, 2, PM.EN_RTC)
+    assert pm.io_read(PM.PM_BASE + 2, 2) == PM.EN_RTC
+    pm.io_write(PM.PM_BASE + PM.PM1_CNT, 2, 0x2400)          # SLP_EN | SLP_TYP=1
+    assert slept == [1]
+    assert pm.io_read(PM.PM_BASE + PM.PM1_CNT, 2) == 0x400 | PM.CNT_SCI_EN   # SLP_EN reads 0
+
+
+# ---- RTC/CMOS -------------------------------------------------------------------------------
+def rtc_read(rtc, reg):
+    rtc.io_write(R.RTC_PORT, 1, reg)
+    return rtc.io_read(R.RTC_PORT + 1, 1)
+
+
+def rtc_write(rtc, reg, value):
+    rtc.io_write(R.RTC_PORT, 1, reg)
+    rtc.io_write(R.RTC_PORT + 1, 1, value)
+
+
+def test_rtc_time_is_bcd_then_binary():
+    t = [1_700_000_000.5]       # 2023-11-14 22:13:20 UTC
+    rtc = R.Rtc(clock=lambda: t[0])
+    assert (rtc_read(rtc, R.HOUR), rtc_read(rtc, R.MIN), rtc_read(rtc, R.SEC)) == (0x22, 0x13, 0x20)
+    assert (rtc_read(rtc, R.YEAR), rtc_read(rtc, R.MONTH), rtc_read(rtc, R.DAY)) == (0x23, 0x11, 0x14)
+    rtc_write(rtc, R.REG_B, R.B_24H | R.B_DM_BINARY)
+    assert rtc_read(rtc, R.MIN) == 13
+
+
+def test_rtc_uip_window_follows_the_datasheet():
+    t = [100.5]
+    rtc = R.Rtc(clock=lambda: t[0])
+    assert not rtc_read(rtc, R.REG_A) & R.A_UIP
+    t[0] = 100.9999                                          # 100 us before the update
+    assert rtc_read(rtc, R.REG_A) & R.A_UIP
+    t[0] = 101.001                                           # 1 ms into the update cycle
+    assert rtc_read(rtc, R.REG_A) & R.A_UIP
+    t[0] = 101.003
+    assert not rtc_read(rtc, R.REG_A) & R.A_UIP
+
+
+def test_rtc_alarm_sets_af_and_irqf_and_reading_c_clears():
+    t = [1000.2]
+    rtc = R.Rtc(clock=lambda: t[0])
+    for reg in (R.SEC_ALARM, R.MIN_ALARM, R.HOUR_ALARM):
+        rtc_write(rtc, reg, R.ALARM_ANY)
+    rtc_write(rtc, R.REG_B, rtc_read(rtc, R.REG_B) | R.B_AIE)
+    assert rtc.next_alarm() == 1001
+    t[0] = 1001.1
+    c = rtc_read(rtc, R.REG_C)
+    assert c & R.C_AF and c & R.C_IRQF
+    assert rtc_read(rtc, R.REG_C) == 0
+
+
+def test_rtc_guest_can_set_the_time_and_cmos_has_memory():
+    t = [1_700_000_000.0]
+    rtc = R.Rtc(clock=lambda: t[0], mem_size=128 << 20, cpus=2)
+    rtc_write(rtc, R.HOUR, 0x05)
+    assert rtc_read(rtc, R.HOUR) == 0x05 and rtc_read(rtc, R.MIN) == 0x13
+    assert rtc_read(rtc, 0x34) | rtc_read(rtc, 0x35) << 8 == (112 << 20) >> 16
+    assert rtc_read(rtc, 0x5F) == 1
+
+
+# ---- pc-testdev ---------------------------------------------------------------------------
+def test_pc_testdev_ioport_iomem_and_irq_lines():
+    lines = []
+    dev = T.PcTestDev(lambda irq, level: lines.append((irq, level)))
+    dev.io_write(T.IOPORT, 4, 0x12345678)
+    assert dev.io_read(T.IOPORT, 4) == 0x12345678 and dev.io_read(T.IOPORT, 1) == 0x78
+    dev.io_write(T.IOPORT, 2, 0xABCD)
+    assert dev.io_read(T.IOPORT, 4) == 0x1234ABCD
+    dev.io_write(T.IRQ_PORT + 11, 1, 1)
+    dev.io_write(T.IRQ_PORT + 11, 1, 0)
+    assert lines == [(11, 1), (11, 0)]
+    dev.mmio_write(0x10, 8, 0x1122334455667788)
+    assert dev.mmio_read(0x14, 4) == 0x11223344

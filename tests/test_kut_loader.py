@@ -81,11 +81,12 @@ def serial(result):
 def test_probe_sees_the_multiboot_info(kvm_available, tmp_path, elf64):
     initrd = tmp_path / "mod"
     initrd.write_bytes(b"MODULE")
-    image = boot.open_guest(build_probe(tmp_path, elf64), cmdline="hello world", initrd=str(initrd))
+    path = build_probe(tmp_path, elf64)
+    image = boot.open_guest(path, cmdline="hello world", initrd=str(initrd))
     assert isinstance(image, boot.MultibootImage)
     with Machine(image, MachineConfig(quiet=True, mem_size=64 << 20)) as m:
         r = m.run(20)
-    assert serial(r) == ["hello world|MODULE"]
+    assert serial(r) == [f"{path} hello world|MODULE"]
     assert r.exit_code == (64 << 10) - 1024 and r.status == ExitStatus.ASSERT_FAILED
 
 
@@ -93,8 +94,9 @@ def test_probe_sees_the_multiboot_info(kvm_available, tmp_path, elf64):
 def test_cli_append_and_initrd(kvm_available, tmp_path):
     initrd = tmp_path / "mod"
     initrd.write_bytes(b"ENV=1")
-    res = pykvmm("run", build_probe(tmp_path, False), "--append", "a b", "--initrd", str(initrd), "--mem", "32")
-    assert res.stdout.splitlines() == ["a b|ENV=1"]
+    path = build_probe(tmp_path, False)
+    res = pykvmm("run", path, "--append", "a b", "--initrd", str(initrd), "--mem", "32")
+    assert res.stdout.splitlines() == [f"{path} a b|ENV=1"]
     assert res.returncode == 1 and "guest wrote 0x7c00 to isa-debug-exit" in res.stderr
 
 
@@ -133,7 +135,8 @@ BAD_IMAGES = [
     ("no-segments", elf32([]), "no loadable segment"),
     ("beyond-file", elf32([(0x200000, 16, 16)])[:-8], "beyond the end of the file"),
     ("outside-ram", elf32([(0x7FF0000, 16, 0x100000)]), "outside guest RAM"),
-    ("over-boot-structures", elf32([(0x8000, 16, 16)]), "overlaps the multiboot boot structures"),
+    ("over-acpi-tables", elf32([(0xF0000, 16, 16)]), "overlaps the ACPI tables"),
+    ("no-room-for-boot-info", elf32([(0x3FFF000, 16, 0x1000)]), "boot structures"),
 ]
 
 
@@ -161,4 +164,4 @@ def test_initrd_that_does_not_fit_exit_2(kvm_available, tmp_path):
     p.write_bytes(elf32([(0x1F00000, 16, 0xF0000)]))
     big = tmp_path / "big"
     big.write_bytes(b"\0" * (0x200000))
-    assert_clean_error(pykvmm("run", str(p), "--mem", "32", "--initrd", str(big)), 2, "does not fit")
+    assert_clean_error(pykvmm("run", str(p), "--mem", "32", "--initrd", str(big)), 2, "do not fit")

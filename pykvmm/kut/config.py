@@ -103,7 +103,7 @@ class RunPlan:
         if self.cmdline:
             out += ["--append", self.cmdline]
         if not self.pit:
-            out += ["--no-pit"]  # noqa: the option lands with the PIT device
+            out += ["--no-pit"]
         return out
 
 

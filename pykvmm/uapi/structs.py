@@ -179,6 +179,11 @@ struct kvm_irq_routing {
     struct kvm_irq_routing_entry entries[];
 };
 
+struct kvm_pit_config {
+    __u32 flags;
+    __u32 pad[15];
+};
+
 struct kvm_irq_level {
     __u32 irq;
     __u32 level;

@@ -68,6 +68,7 @@ class MachineConfig:
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
     cpu: str | None = None         # QEMU -cpu syntax (x86/cpu_model.py); None: all KVM supports
+    pit: bool = True               # the in-kernel i8254 (KVM_CREATE_PIT2)
 
 
 @dataclass
@@ -471,6 +472,7 @@ class Machine:
         self.memory = mem = GuestMemory(cfg.mem_size)
         pvm.set_user_memory_region(0, 0, cfg.mem_size, mem.hva)
         pvm.create_irqchip()
+        self.platform.create_kvm_devices(pvm)
         if cfg.shared_fpu:
             pvm.enable_shared_fpu(True)
         for p in range(1, cfg.planes):
@@ -587,6 +589,15 @@ class Machine:
         for t in self.threads:
             if t.thread is not threading.current_thread():
                 t.cpu.kick()
+
+    def current_vcpu_thread(self) -> "VcpuThread | None":
+        me = threading.current_thread()
+        return next((t for t in self.threads if t.thread is me), None)
+
+    def sleep(self, seconds: float | None) -> bool:
+        """Wait (a device holding its vCPU, e.g. in S3); False when the machine is stopping."""
+        self._finished.wait(seconds)
+        return not self.stopping and not self._finished.is_set()
 
     def request_exit(self, code: int) -> None:
         """The guest asked to end the machine (isa-debug-exit) with ``code``."""

@@ -4,12 +4,13 @@ The image is an ELF32/ELF64 executable (loaded by its PT_LOAD program headers at
 physical addresses), or a multiboot kernel whose header has the a.out kludge (flag 16:
 the header gives the load and entry addresses). The boot processor starts in 32-bit
 protected mode with paging off, EAX = 0x2BADB002 and EBX = the multiboot information
-(memory sizes and map, the --append command line, the --initrd file as module 0). The
+(memory sizes and map, the command line "FILE --append-text", the --initrd file as module 0). The
 application processors wait for INIT/SIPI (KVM_MP_STATE_INIT_RECEIVED): the BSP starts
 them through the in-kernel LAPIC, as on a PC.
 
-Boot structures live at BOOT_AREA (below 640 KiB, as a BIOS would keep them); the image
-may not overlap them or anything the platform reserves (the ACPI tables at 0xE0000).
+As QEMU lays them out, the module follows the image (page aligned) and the boot structures
+(multiboot info, memory map, module list, strings, a GDT and TSS) follow the module. The
+image may not overlap anything the platform reserves (the ACPI tables at 0xE0000).
 """
 
 from __future__ import annotations
@@ -34,15 +35,14 @@ MBI_MEM, MBI_CMDLINE, MBI_MODS, MBI_MMAP, MBI_LOADER_NAME = 1 << 0, 1 << 2, 1 <<
 MBI_SIZE = 88
 MMAP_AVAILABLE, MMAP_RESERVED = 1, 2
 
-# The boot area: GDT and TSS, the multiboot info, the memory map, the module list, strings.
-BOOT_AREA = 0x8000
-GDT_ADDR = 0x8000
-TSS_ADDR = 0x8100
-MBI_ADDR = 0x9000
-MMAP_ADDR = MBI_ADDR + 0x100
-MODS_ADDR = MBI_ADDR + 0x200
-STRINGS_ADDR = MBI_ADDR + 0x400
-BOOT_AREA_END = 0xA000
+# The boot area (offsets from its page-aligned start after the image and the module).
+MBI_OFFSET = 0x000
+MMAP_OFFSET = 0x100
+MODS_OFFSET = 0x200
+GDT_OFFSET = 0x300
+TSS_OFFSET = 0x380
+STRINGS_OFFSET = 0x400
+BOOT_AREA_SIZE = 0x2000
 LOW_MEM_END = 0x9FC00             # 639 KiB of conventional memory, as a PC BIOS reports
 HIGH_MEM = 0x100000
 LOADER_NAME = b"pykvmm\0"
@@ -172,13 +172,15 @@ class MultibootImage:
             raise BootError(f"{name}: multiboot header without address fields (flag 16) and not an ELF file")
         if self.entry >= 1 << 32:
             raise BootError(f"{name}: entry point {self.entry:#x} is above 4 GiB (entered in 32-bit mode)")
-        self.cmdline = cmdline.encode() + b"\0"
+        # As QEMU: the command line is the kernel's file name, a space, then the -append text
+        # (kvm-unit-tests takes argv[0] from it).
+        self.cmdline = f"{name} {cmdline}".encode() + b"\0"
         self.initrd = initrd
-        room = BOOT_AREA_END - STRINGS_ADDR - len(LOADER_NAME) - 64
+        room = BOOT_AREA_SIZE - STRINGS_OFFSET - len(LOADER_NAME) - 64
         if len(self.cmdline) > room:
             raise BootError(f"the command line is {len(self.cmdline) - 1} bytes; at most {room - 1} fit")
-        self.reserved: list[tuple[int, int, str]] = [(BOOT_AREA, BOOT_AREA_END, "the multiboot boot structures")]
-        self.module_addr = None
+        self.reserved: list[tuple[int, int, str]] = []
+        self.module_addr = self.boot_area = None
 
     def reserve(self, start: int, end: int, what: str) -> None:
         """Keep the image out of a range the platform uses (ACPI tables, ...)."""
@@ -194,11 +196,14 @@ class MultibootImage:
                 if seg.paddr < end and start < seg.end:
                     raise BootError(f"{self.path}: {seg.what} at {seg.paddr:#x}-{seg.end:#x} overlaps {what} "
                                     f"at {start:#x}-{end:#x}")
-        top = max(seg.end for seg in self.segments)
-        self.module_addr = (top + 0xFFF) & ~0xFFF   # after the kernel, page aligned, as QEMU puts it
-        if self.initrd is not None and self.module_addr + len(self.initrd) > mem:
-            raise BootError(f"the --initrd file ({len(self.initrd)} bytes at {self.module_addr:#x}) does not fit "
-                            f"in guest RAM ({mem >> 20} MiB)")
+        page = 0xFFF
+        self.module_addr = (max(seg.end for seg in self.segments) + page) & ~page
+        module_end = self.module_addr + (len(self.initrd) if self.initrd is not None else 0)
+        self.boot_area = (module_end + page) & ~page
+        if self.boot_area + BOOT_AREA_SIZE > mem:
+            what = "the --initrd file and the boot structures" if self.initrd else "the boot structures"
+            raise BootError(f"{what} ({module_end - self.module_addr + BOOT_AREA_SIZE} bytes after the image, "
+                            f"at {self.module_addr:#x}) do not fit in guest RAM ({mem >> 20} MiB)")
 
     def memory_map(self, mem_size: int) -> list[tuple[int, int, int]]:
         regions = [(0, LOW_MEM_END, MMAP_AVAILABLE), (LOW_MEM_END, 0xA0000 - LOW_MEM_END, MMAP_RESERVED),
@@ -209,16 +214,17 @@ class MultibootImage:
 
     def write_memory(self, machine) -> None:
         mem, cfg = machine.memory, machine.config
-        if self.module_addr is None:
+        if self.boot_area is None:
             self.check(cfg)
+        area = self.boot_area
         for seg in self.segments:
             mem.write(seg.paddr, seg.data)
             if seg.memsz > len(seg.data):
                 mem.write(seg.paddr + len(seg.data), bytes(seg.memsz - len(seg.data)))
-        mem.write(GDT_ADDR, protmode.gdt32_bytes(TSS_ADDR))
-        mem.write(TSS_ADDR, bytes(0x68))
+        mem.write(area + GDT_OFFSET, protmode.gdt32_bytes(area + TSS_OFFSET))
+        mem.write(area + TSS_OFFSET, bytes(0x68))
 
-        strings = STRINGS_ADDR
+        strings = area + STRINGS_OFFSET
         cmdline_addr = strings
         mem.write(cmdline_addr, self.cmdline)
         strings += len(self.cmdline)
@@ -232,20 +238,20 @@ class MultibootImage:
             mem.write(self.module_addr, self.initrd)
             mod_name = strings
             mem.write(mod_name, b"initrd\0")
-            mem.write(MODS_ADDR, struct.pack("<4I", self.module_addr, self.module_addr + len(self.initrd),
+            mem.write(area + MODS_OFFSET, struct.pack("<4I", self.module_addr, self.module_addr + len(self.initrd),
                                              mod_name, 0))
             flags |= MBI_MODS
             mods_count = 1
         mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind)
                         for base, length, kind in self.memory_map(cfg.mem_size))
-        mem.write(MMAP_ADDR, mmap)
+        mem.write(area + MMAP_OFFSET, mmap)
         upper_kib = (min(cfg.mem_size, 0xFFFFFFFF) - HIGH_MEM) // 1024
         info = bytearray(MBI_SIZE)
         struct.pack_into("<7I", info, 0, flags, LOW_MEM_END // 1024, upper_kib, 0, cmdline_addr,
-                         mods_count, MODS_ADDR)
-        struct.pack_into("<2I", info, 44, len(mmap), MMAP_ADDR)
+                         mods_count, area + MODS_OFFSET)
+        struct.pack_into("<2I", info, 44, len(mmap), area + MMAP_OFFSET)
         struct.pack_into("<I", info, 64, loader_addr)
-        mem.write(MBI_ADDR, bytes(info))
+        mem.write(area + MBI_OFFSET, bytes(info))
 
     def init_vcpu(self, machine, v, index: int, plane: int) -> None:
         if index != 0:
@@ -253,11 +259,11 @@ class MultibootImage:
             v.set_mp_state(C.KVM_MP_STATE_INIT_RECEIVED)
             return
         sregs = v.get_sregs()
-        protmode.setup_sregs32(sregs, gdt_addr=GDT_ADDR, tss_addr=TSS_ADDR)
+        protmode.setup_sregs32(sregs, gdt_addr=self.boot_area + GDT_OFFSET, tss_addr=self.boot_area + TSS_OFFSET)
         v.set_sregs(sregs)
         regs = v.get_regs()
         regs.rip = self.entry
-        regs.rax, regs.rbx = MULTIBOOT_BOOT_MAGIC, MBI_ADDR
+        regs.rax, regs.rbx = MULTIBOOT_BOOT_MAGIC, self.boot_area + MBI_OFFSET
         regs.rflags = arch.RFLAGS_FIXED
         v.set_regs(regs)
         v.set_mp_state(C.KVM_MP_STATE_RUNNABLE)

@@ -4,7 +4,7 @@
  *   1 console spam: COUNT lines "spam spam spam spam" on the console, then DONE
  *   2 sync spam: GUEST_SYNC 1, i for i = 1..COUNT, then DONE
  *   3 every port: `out dx, al` to each of the 65,536 ports (except pykvmm's own
- *     0xe8-0xeb and isa-debug-exit's 0xf4), then DONE
+ *     0xe8-0xeb and isa-debug-exit's 0xf4-0xf7), then DONE
  *   4 terminal escapes: a window title, hidden text, a fake summary line, byte 0xff, then DONE
  *   5 outside RAM: maps GPA 0x7fe00000 (past RAM unless --mem is 2 GiB or more), reads it
  *     (SYNC 1, value), writes it and reads again (SYNC 2, value), then DONE
@@ -68,7 +68,9 @@ every_port:
     jb 2f
     cmp edx, PORT_NULL
     jbe 3f
-2:  cmp edx, 0xf4
+2:  mov ecx, edx
+    and ecx, ~3
+    cmp ecx, 0xf4
     je 3f
     out dx, al
 3:  inc edx

@@ -12,6 +12,7 @@ import click
 from . import __version__
 from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
 from .vmm import abi, loader
+from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
 from .debug.session import DebugSession
 
@@ -80,6 +81,8 @@ def main():
               show_default=True, help="Guest memory in MiB (a multiple of 2).")
 @click.option("--kvm-device", default=DEFAULT_KVM_DEVICE, show_default=True, help="The KVM device to open.")
 @click.option("--quiet", is_flag=True, help="Do not echo the guest console.")
+@click.option("--hyperv", is_flag=True,
+              help="Give the guest the Hyper-V enlightenments (every hv_* flag; see README).")
 @click.option("--trace", metavar="FILE", default=None,
               help="Record every exit, hypercall, plane switch, plane event, fault and ucall to FILE "
                    "(.json: Chrome trace for Perfetto/chrome://tracing; .jsonl: JSON lines).")
@@ -93,7 +96,7 @@ def main():
               help="Serve gdb on 127.0.0.1:PORT (or the unix socket PATH) and wait for it before the first "
                    "instruction; every (vCPU, plane) is a gdb thread.")
 @click.option("--gdb-stop-on-switch", is_flag=True, help="With --gdb: every plane switch stops the guest.")
-def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, **debug):
+def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, hyperv, **debug):
     """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
 
     Exit status: 0 guest reported DONE, 1 guest assertion failed, 2 bad usage or input,
@@ -110,7 +113,8 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     vcpus = vcpus or (DEMO_VCPUS if is_demo else 1)
     planes = planes or (DEMO_PLANES if is_demo else 1)
     config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
-                           kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet)
+                           kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet,
+                           hyperv=HvConfig.everything() if hyperv else None)
     try:
         machine = Machine(image, config)
     except KvmError as e:

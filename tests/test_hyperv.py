@@ -118,3 +118,17 @@ def test_cli_hyperv_flag(kvm_available):
 
 def test_echo_code_is_outside_hyper_v_range():
     assert abi.HVCALL_PYKVMM_ECHO >= 0x8000 and set(FLAGS) >= {"synic", "stimer", "time", "vapic"}
+
+
+def test_synic_and_timers_are_per_vtl(kvm_available):
+    r, _ = run("hv_synic_vtl", hyperv=everything(), planes=2, personality="vtl")
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[1] == 0            # PostMessage to VTL1's connection
+    assert s[2] == 0            # ... left VTL0's own SINT2 slot empty
+    assert s[3] == 1            # ... and reached VTL1's handler (preempting VTL0)
+    assert s[4] == 1            # VTL0's own connection reaches VTL0
+    assert s[5] == 0            # VTL0's SIEF page untouched by VTL1's event
+    assert s[6] == 0x11         # VTL1's flag 0x23 set, its auto-EOI SINT3 handler ran once
+    assert s[7] >= 20 and s[8] >= 20 and s[9] == 0   # both VTLs' timers, each with its own index
+    assert r.stats["preemptions"] >= 20

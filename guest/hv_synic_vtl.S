@@ -107,12 +107,12 @@ main:
     WRMSR_OK HV_MSR_STIMER0_CONFIG, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | (2 << 16)
     mov qword ptr [rip + vtl1_arm], 1
     call vtl_call                       /* VTL1 arms its STIMER1 */
-    sti
+    sti                                 /* no hlt: VTL1's progress does not wake VTL0 */
 3:  cmp qword ptr [rip + vtl0_ticks], TICKS
     jb 4f
     cmp qword ptr [rip + vtl1_ticks], TICKS
     jae 5f
-4:  hlt
+4:  pause
     jmp 3b
 5:  cli
     WRMSR_OK HV_MSR_STIMER0_CONFIG, 0
@@ -141,7 +141,8 @@ main:
     je 2f
     lock inc qword ptr [rip + wrong_index]
 2:  lock inc qword ptr [rip + \ticks]
-3:  mov dword ptr [rdx], 0              /* free the slot ... */
+3:  xor eax, eax
+    xchg [rdx], eax                     /* free the slot (a full barrier, as the TLFS asks) ... */
     test byte ptr [rdx + HV_MSG_HEADER_FLAGS], HV_MSG_FLAG_PENDING
     jz 4f
     mov edi, HV_MSR_EOM                 /* ... and ask for the next one */

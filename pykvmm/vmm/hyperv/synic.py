@@ -21,9 +21,19 @@ LAPIC in that VTL; not sent while the SINT is masked or polled. AutoEOI: see
 from __future__ import annotations
 
 import struct
+import threading
 
 from . import tlfs as T
 from .partition import MsrFault
+
+
+_BARRIER = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory barrier from Python: taking a lock is a LOCKed read-modify-write."""
+    with _BARRIER:
+        pass
 
 
 class SynIc:
@@ -60,8 +70,13 @@ class SynIcUnit:
         if mem.u32(slot + T.MSG_HEADER_TYPE) != T.HVMSG_NONE:
             flags = mem.read(slot + T.MSG_HEADER_FLAGS, 1)[0]
             mem.write(slot + T.MSG_HEADER_FLAGS, bytes([flags | T.MSG_FLAG_PENDING]))
-            self.counts["messages_busy"] += 1
-            return False
+            # The guest frees a slot by storing HVMSG_NONE, then (after a barrier) reading
+            # MessagePending. Mirror it: our store of the flag must be visible before we look
+            # at the type again, or both sides miss each other and the message waits forever.
+            _full_barrier()
+            if mem.u32(slot + T.MSG_HEADER_TYPE) != T.HVMSG_NONE:
+                self.counts["messages_busy"] += 1
+                return False
         mem.write(slot + T.MSG_PAYLOAD, payload.ljust(T.MESSAGE_PAYLOAD_MAX, b"\0"))
         mem.write(slot + T.MSG_HEADER_PAYLOAD_SIZE, struct.pack("<BBHQ", len(payload), 0, 0, sender))
         mem.write_u32(slot + T.MSG_HEADER_TYPE, msg_type)

@@ -48,6 +48,21 @@
     add \reg, \to
 .endm
 
+/* TALLY sent, taken, sum_sent, sum_taken: add cell rdx of both matrices to the sums; count a
+ * difference in rbx. Clobbers rax, rsi, rdi. */
+.macro TALLY sent_m:req, taken_m:req, sum_sent:req, sum_taken:req
+    lea rax, [rip + \sent_m]
+    mov rsi, [rax + rdx * 8]
+    add \sum_sent, rsi
+    lea rax, [rip + \taken_m]
+    mov rdi, [rax + rdx * 8]
+    add \sum_taken, rdi
+    cmp rsi, rdi
+    je .Ltally\@
+    inc ebx
+.Ltally\@:
+.endm
+
 /* CMD cmd: VtlCall to this vCPU's VTL1 with rbx = cmd (rdi, rsi are its arguments). */
 .macro CMD cmd:req
     mov ebx, \cmd
@@ -124,17 +139,9 @@ main:
     call send_from_random_source
     mov edi, 3
     call rand_below
+    mov rsi, rax
     mov rdi, r14
-    cmp eax, 1
-    jb .Lwait_halted
-    je .Lwait_spinning
-    call wait_making_exits
-    jmp .Lround
-.Lwait_spinning:
-    call wait_spinning
-    jmp .Lround
-.Lwait_halted:
-    call wait_halted
+    call wait_acked
     jmp .Lround
 
 .Lmasked:
@@ -170,25 +177,9 @@ main:
     xor ebx, ebx                        /* mismatching pairs */
     xor ecx, ecx                        /* sender s */
 4:  PAIR rdx, rcx, r13
-    lea rax, [rip + sent]
-    mov rsi, [rax + rdx * 8]
-    add r8, rsi
-    lea rax, [rip + recv]
-    mov rdi, [rax + rdx * 8]
-    add r9, rdi
-    cmp rsi, rdi
-    je 5f
-    inc ebx
-5:  lea rax, [rip + msent]
-    mov rsi, [rax + rdx * 8]
-    add r10, rsi
-    lea rax, [rip + mrecv]
-    mov rdi, [rax + rdx * 8]
-    add r11, rdi
-    cmp rsi, rdi
-    je 6f
-    inc ebx
-6:  inc ecx
+    TALLY sent, recv, r8, r9
+    TALLY msent, mrecv, r10, r11
+    inc ecx
     cmp rcx, [rip + nvcpus]
     jb 4b
     GUEST_SYNC 1, r8
@@ -274,40 +265,30 @@ send_from_random_source:
     lock inc qword ptr [rip + send_errors]
 1:  ret
 
-/* wait_*(rdi = cell me -> t): until t's VTL1 took as many as I sent. Preserve rdi. */
-wait_halted:
+/* wait_acked(rdi = cell me -> t, rsi = 0 halted / 1 spinning / 2 making exits): until t's
+ * VTL1 took as many as I sent. */
+wait_acked:
     lea rax, [rip + sent]
     mov rcx, [rax + rdi * 8]
     lea rdx, [rip + recv]
 1:  cli
     cmp [rdx + rdi * 8], rcx
-    jae 2f
+    jae 4f
+    cmp esi, 1
+    je 2f
+    ja 3f
     inc qword ptr gs:[HALTS]
     sti
-    hlt
+    hlt                                 /* sti's shadow: nothing is taken between them */
     jmp 1b
 2:  sti
-    ret
-
-wait_spinning:
-    lea rax, [rip + sent]
-    mov rcx, [rax + rdi * 8]
-    lea rdx, [rip + recv]
-1:  cmp [rdx + rdi * 8], rcx
-    jae 2f
     pause
     jmp 1b
-2:  ret
-
-wait_making_exits:
-    lea rax, [rip + sent]
-    mov rcx, [rax + rdi * 8]
-    lea rdx, [rip + recv]
-1:  cmp [rdx + rdi * 8], rcx
-    jae 2f
+3:  sti
     out PORT_NULL, al
     jmp 1b
-2:  ret
+4:  sti
+    ret
 
 door_handler:
     call apic_eoi

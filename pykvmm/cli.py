@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
 from .vmm import abi, boot, loader
+from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
 from .debug.session import DebugSession
 
@@ -90,6 +91,8 @@ def main():
 @click.option("--raw-console", is_flag=True,
               help="Pass the guest console through unchanged, terminal control sequences included "
                    "(default: control characters are shown escaped, e.g. \\x1b).")
+@click.option("--hyperv", is_flag=True,
+              help="Give the guest the Hyper-V enlightenments (every hv_* flag; see README).")
 @click.option("--trace", metavar="FILE", default=None,
               help="Record every exit, hypercall, plane switch, plane event, fault and ucall to FILE "
                    "(.json: Chrome trace for Perfetto/chrome://tracing; .jsonl: JSON lines).")
@@ -112,7 +115,7 @@ def main():
 @click.option("--initrd", metavar="FILE", default=None,
               help="File given to a multiboot/ELF guest as module 0 (as QEMU's -initrd).")
 def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, raw_console,
-        cpu, no_pit, cmdline, initrd, **debug):
+        hyperv, cpu, no_pit, cmdline, initrd, **debug):
     """Run GUEST: a flat x86-64 binary, a multiboot or ELF kernel (kvm-unit-tests' x86/*.flat,
     booted as QEMU's -kernel does), or a bundled guest's name; default: the cross-VTL IPI demo.
 
@@ -124,14 +127,14 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     try:
         interrupts.install()
         _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-             raw_console, cpu, no_pit, cmdline, initrd, debug)
+             raw_console, hyperv, cpu, no_pit, cmdline, initrd, debug)
     except KeyboardInterrupt:                       # the first signal, before the guest ran
         _err("interrupted before the guest ran")
         sys.exit(ExitStatus.INTERRUPTED)
 
 
 def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-         raw_console, cpu, no_pit, cmdline, initrd, debug):
+         raw_console, hyperv, cpu, no_pit, cmdline, initrd, debug):
     if mem_mib % 2:
         raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
     try:
@@ -144,7 +147,8 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     planes = planes or (DEMO_PLANES if is_demo else 1)
     config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
                            kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet,
-                           raw_console=raw_console, cpu=cpu, pit=not no_pit)
+                           raw_console=raw_console, hyperv=HvConfig.everything() if hyperv else None,
+                           cpu=cpu, pit=not no_pit)
     try:
         machine = Machine(image, config)
     except KvmError as e:

@@ -69,6 +69,7 @@ class MachineConfig:
     trace: object = None           # callable(TraceEvent) or None
     cpu: str | None = None         # QEMU -cpu syntax (x86/cpu_model.py); None: all KVM supports
     pit: bool = True               # the in-kernel i8254 (KVM_CREATE_PIT2)
+    hyperv: object = None          # hyperv.HvConfig: the Hyper-V enlightenments, or None
 
 
 @dataclass
@@ -442,6 +443,7 @@ class Machine:
         self.ports, self.mmio = PortBus(), MmioBus()
         self.memory = None
         self.pvm = None
+        self.hyperv = None
         self.kvm = Kvm(cfg.kvm_device)
         try:
             self._build(image)
@@ -488,6 +490,11 @@ class Machine:
                 self.warn(w)
         self.osxsave = self.boot.long_mode and longmode.supports_xsave(cpuid)
         self.policy.attach(self)
+        if cfg.hyperv is not None:
+            from .hyperv import HyperV
+            self.hyperv = HyperV(self, cfg.hyperv)
+            self.hyperv.attach()
+            cpuid = self.hyperv.cpuid(cpuid)
         self.threads: list[VcpuThread] = []
         for i in range(cfg.vcpus):
             cpu = pvm.create_vcpu(i)
@@ -498,6 +505,8 @@ class Machine:
             for p in range(cfg.planes):
                 self._init_plane_vcpu(cpu.plane_vcpu(p), i, p)
             self.threads.append(VcpuThread(self, i, cpu))
+            if self.hyperv:
+                self.hyperv.attach_thread(self.threads[-1])
 
     def _init_plane_vcpu(self, v: K.Vcpu, index: int, plane: int) -> None:
         self.boot.init_vcpu(self, v, index, plane)
@@ -517,6 +526,8 @@ class Machine:
                                                          "planes": self.plane_count,
                                                          "backend": self.pvm.backend,
                                                          "personality": self.policy.name}))
+        if self.hyperv:
+            self.hyperv.start()
         for t in self.threads:
             t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
             t.thread.start()
@@ -552,6 +563,8 @@ class Machine:
             while t.thread is not None and t.thread.is_alive() and time.monotonic() < deadline:
                 t.cpu.kick()
                 t.thread.join(0.01)
+        if self.hyperv:
+            self.hyperv.stop()
         self._console_blocked = not self.console.flush()
 
     def _thread_finished(self, t: VcpuThread) -> None:
@@ -719,6 +732,8 @@ class Machine:
             res.stats["outside_ram"] = (f"{reads} reads (all ones), {writes} writes (dropped), "
                                         f"first at {outside[0][2]:#x}")
         res.stats.update(getattr(self.policy, "summary", dict)())  # the personality's counters
+        if self.hyperv:
+            res.stats.update(self.hyperv.summary())
         return res
 
     def close(self) -> None:

@@ -33,7 +33,11 @@ class FlatBinary:
         mem, cfg = machine.memory, machine.config
         mem.write(abi.GDT_ADDR, longmode.gdt_bytes(abi.TSS_ADDR))
         mem.write(abi.PAGE_TABLE_ADDR, longmode.identity_page_tables(abi.PAGE_TABLE_ADDR, cfg.mem_size))
-        mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_page("port"))
+        if cfg.hyperv is not None:
+            from ..hyperv.hypercall import page_bytes
+            mem.write(abi.HYPERCALL_PAGE_ADDR, page_bytes())   # the same stubs, plus rep continuation
+        else:
+            mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_page("port"))
         mem.write(abi.GUEST_LOAD_ADDR, self.image)
         bi = abi.BOOT_INFO_ADDR
         mem.write_u64(bi + abi.BI_MAGIC, abi.BOOT_MAGIC)

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup guests demo test test-all bench clean
+.PHONY: all setup guests demo test test-all bench kut clean
 
 all: setup guests
 
@@ -30,6 +30,12 @@ test-all: setup guests
 
 bench: setup guests
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_kut.py
+
+# kvm-unit-tests (../shared/kvm-unit-tests or KUT_DIR), every test, beside QEMU/KVM's results
+KUT_REFERENCE ?= ../shared/kvm-unit-tests-qemu-kvm.txt
+kut: setup
+	$(VENV)/bin/pykvmm kut -j 2 $(if $(wildcard $(KUT_REFERENCE)),--compare $(KUT_REFERENCE))
 
 clean:
 	$(MAKE) -s -C guest clean

@@ -275,7 +275,9 @@ def caps(as_json, kvm_device):
 @click.option("--compare", metavar="FILE", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A reference run (run_tests.sh output, e.g. QEMU/KVM's) to put beside ours; differences are marked.")
 @click.option("--logs", metavar="DIR", default=None, help="Write each test's output to DIR/<test>.log.")
-def kut(tests, suite, planes, jobs, as_tap, compare, logs):
+@click.option("--timeout-scale", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Multiply every test's timeout (unittests.cfg's, or run_tests.sh's 90 s) on a loaded machine.")
+def kut(tests, suite, planes, jobs, as_tap, compare, logs, timeout_scale):
     """Run kvm-unit-tests (x86/unittests.cfg) on pykvmm, as run_tests.sh runs them on QEMU.
 
     TESTS are test names (default: every test). Prints PASS/FAIL/SKIP per test, the SUMMARY
@@ -309,7 +311,7 @@ def kut(tests, suite, planes, jobs, as_tap, compare, logs):
     on_result = None if as_tap else (lambda r: click.echo(r.line(color)))
     try:
         results = runner.run_suite(entries, tree, names=list(tests), planes=planes, jobs=jobs, log_dir=log_dir,
-                                   on_result=on_result)
+                                   on_result=on_result, timeout_scale=timeout_scale)
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(ExitStatus.INTERRUPTED)

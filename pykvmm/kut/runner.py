@@ -87,10 +87,11 @@ def environment_file(suite: Path, directory: Path) -> Path:
     return path
 
 
-def pykvmm_command(entry: TestEntry, suite: Path, env_file: Path, planes: int) -> tuple[list[str], list[str]]:
+def pykvmm_command(entry: TestEntry, suite: Path, env_file: Path, planes: int,
+                   timeout_scale: float = 1.0) -> tuple[list[str], list[str]]:
     """(argv, unsupported QEMU options) for one test."""
     plan = plan_run(entry)
-    timeout = entry.timeout or DEFAULT_TIMEOUT
+    timeout = (entry.timeout or DEFAULT_TIMEOUT) * timeout_scale
     argv = [sys.executable, "-m", "pykvmm", "run", str(suite / "x86" / entry.file), "--vcpus", str(entry.smp),
             "--timeout", str(timeout), "--initrd", str(env_file), *plan.args()]
     if planes > 1:
@@ -98,9 +99,11 @@ def pykvmm_command(entry: TestEntry, suite: Path, env_file: Path, planes: int) -
     return argv, plan.unsupported
 
 
-def classify(entry: TestEntry, returncode: int, stdout: str, stderr: str) -> TestResult:
+def classify(entry: TestEntry, returncode: int, stdout: str, stderr: str, timeout_scale: float = 1.0) -> TestResult:
     """A finished `pykvmm run` as run_tests.sh would show the same QEMU outcome."""
     timeout_text = entry.timeout_text or f"{int(DEFAULT_TIMEOUT)}s"
+    if timeout_scale != 1.0:
+        timeout_text = f"{(entry.timeout or DEFAULT_TIMEOUT) * timeout_scale:g}s"
     tail = [ln.rstrip("\r") for ln in stdout.splitlines()[-3:]]
     summary = next((f"({ln[len('SUMMARY: '):]})" for ln in tail if ln.startswith("SUMMARY: ")), "")
     m = EXIT_LINE.search(stderr)
@@ -130,12 +133,13 @@ def classify(entry: TestEntry, returncode: int, stdout: str, stderr: str) -> Tes
                       pykvmm_failure=True)
 
 
-def run_one(entry: TestEntry, suite: Path, env_file: Path, planes: int, log_dir: Path | None) -> TestResult:
-    argv, unsupported = pykvmm_command(entry, suite, env_file, planes)
+def run_one(entry: TestEntry, suite: Path, env_file: Path, planes: int, log_dir: Path | None,
+            timeout_scale: float = 1.0) -> TestResult:
+    argv, unsupported = pykvmm_command(entry, suite, env_file, planes, timeout_scale)
     if unsupported:
         return TestResult(entry.name, "SKIP", f"(pykvmm does not model {', '.join(unsupported)})")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    limit = (entry.timeout or DEFAULT_TIMEOUT) + GRACE
+    limit = (entry.timeout or DEFAULT_TIMEOUT) * timeout_scale + GRACE
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, env=env,
                               stdin=subprocess.DEVNULL, errors="replace")
@@ -145,7 +149,7 @@ def run_one(entry: TestEntry, suite: Path, env_file: Path, planes: int, log_dir:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         res.log = out
         return res
-    res = classify(entry, proc.returncode, proc.stdout, proc.stderr)
+    res = classify(entry, proc.returncode, proc.stdout, proc.stderr, timeout_scale)
     res.log = f"$ {' '.join(argv)}\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     if log_dir is not None:
         (log_dir / f"{entry.name}.log").write_text(res.log)
@@ -163,7 +167,7 @@ def select(tests: list[TestEntry], names: list[str]) -> list[TestEntry]:
 
 
 def run_suite(tests: list[TestEntry], suite: Path, *, names: list[str], planes: int = 1, jobs: int = 1,
-              log_dir: Path | None = None, on_result=None) -> list[TestResult]:
+              log_dir: Path | None = None, on_result=None, timeout_scale: float = 1.0) -> list[TestResult]:
     """Run the chosen tests (all when ``names`` is empty); results in unittests.cfg order."""
     chosen = select(tests, names)
     results: dict[str, TestResult] = {}
@@ -185,7 +189,7 @@ def run_suite(tests: list[TestEntry], suite: Path, *, names: list[str], planes: 
             else:
                 runnable.append(t)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for fut in [pool.submit(run_one, t, suite, env_file, planes, log_dir) for t in runnable]:
+            for fut in [pool.submit(run_one, t, suite, env_file, planes, log_dir, timeout_scale) for t in runnable]:
                 report(fut.result())
     return [results[t.name] for t in chosen]
 

@@ -153,8 +153,8 @@ def parse_cpu_spec(text: str) -> CpuSpec:
         if key == "enforce" and value in (True, "on", "true"):
             spec.enforce = True
             continue
-        if key == "migratable" and value in ("yes", "on", "true", True):
-            continue                  # pykvmm never migrates: the default changes nothing
+        if key == "migratable" and (value in ("yes", "on", "true", True) or MODELS[name].features is None):
+            continue   # pykvmm never migrates; host/max already give every supported flag
         if isinstance(value, str):
             if value in ("on", "true", "yes"):
                 value = True

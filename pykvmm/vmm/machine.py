@@ -278,6 +278,11 @@ class VcpuThread:
 
     def _on_io_in(self, ex) -> None:
         read, size = self.machine.ports.read, ex.size
+        if ex.count == 1:                     # the common case, kept short: it is a userspace exit
+            value = read(ex.port, size)
+            if value is not None:
+                self.vcpu().complete_io_in(ex, value.to_bytes(size, "little"))
+                return
         values = [read(ex.port, size) for _ in range(ex.count)]
         if values[0] is None:
             self._unknown_access(f"read of unhandled port {ex.port:#x} returned all ones", "unhandled port")

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from conftest import thread_cpu_ticks, wait_for
 from pykvmm.debug import gdbstub as gs
 from pykvmm.vmm import loader
 from pykvmm.vmm.machine import Machine, MachineConfig
@@ -102,7 +103,8 @@ def vmm():
         v.kill()
 
 
-def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, interrupt_after: float | None = None) -> str:
+def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, interrupt_when=None) -> str:
+    """Run gdb in batch mode; with ``interrupt_when``, send it Ctrl-C once that condition holds."""
     argv = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off", "-ex", "set width 0"]
     if elf:
         argv += ["-ex", f"file {elf}"]
@@ -111,8 +113,8 @@ def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, i
         argv += ["-ex", c]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
-        if interrupt_after is not None:
-            time.sleep(interrupt_after)
+        if interrupt_when is not None:
+            wait_for(interrupt_when, "the condition for gdb's Ctrl-C", timeout)
             p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -196,7 +198,16 @@ def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", "60")
     v.wait_listening()
-    out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"), interrupt_after=1.5)
+    start = {}
+
+    def vcpus_spinning():
+        # gdb's `continue` has released both vCPUs once each thread burns CPU in the guest loop
+        ticks = thread_cpu_ticks(v.proc.pid)
+        start.setdefault("ticks", ticks)
+        return all(ticks.get(f"vcpu{i}", 0) - start["ticks"].get(f"vcpu{i}", 0) >= 20 for i in (0, 1))
+
+    out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"),
+              interrupt_when=vcpus_spinning)
     assert "received signal SIGINT" in out, out
     frames = re.findall(r'Thread \d+ "vcpu(\d)/plane0" \(running plane\)\s+(\w+)', out)
     assert sorted(frames) == [("0", "hang_loop"), ("1", "hang_loop")], out

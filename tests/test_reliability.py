@@ -15,7 +15,7 @@ import pytest
 from pykvmm.planes import open_planes_vm
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 
-from conftest import guest_image
+from conftest import guest_image, thread_cpu_ticks, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,8 @@ def test_signal_stops_a_running_guest(kvm_available, sig):
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, "-m", "pykvmm", "run", "hang", "--vcpus", "2"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    # the vCPU threads exist only once the run (and its signal handling) has started
+    wait_for(lambda: {"vcpu0", "vcpu1"} <= set(thread_cpu_ticks(p.pid)), "the guest's vCPU threads")
     p.send_signal(sig)
     out, err = p.communicate(timeout=20)
     assert p.returncode == ExitStatus.INTERRUPTED, err

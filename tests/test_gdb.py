@@ -21,7 +21,9 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conftest import thread_cpu_ticks, wait_for
-from pykvmm.debug import gdbstub as gs
+from pykvmm.debug.gdb import control as gctl, framing, registers as gregs
+from pykvmm.debug.gdb.handlers import GdbSession
+from pykvmm.debug.gdb.hostcaps import HostDebugCaps
 from pykvmm.vmm import loader
 from pykvmm.vmm.machine import Machine, MachineConfig
 
@@ -249,46 +251,46 @@ def test_vtl_personality_threads_and_a_vtl1_breakpoint(kvm_available, vmm, tmp_p
 # ---- the protocol, without gdb ------------------------------------------------------------------
 
 def test_packet_helpers():
-    assert gs.checksum(b"OK") == 0x9A
+    assert framing.checksum(b"OK") == 0x9A
     raw = bytes(range(256))
-    esc = gs.escape_binary(raw)
+    esc = framing.escape_binary(raw)
     assert b"#" not in esc and b"$" not in esc and b"*" not in esc
-    assert gs.unescape_binary(esc) == raw
-    assert gs.tid_of(1, 1) == 18 and gs.split_tid(18) == (1, 1) and gs.tid_of(0, 0) == 1
+    assert framing.unescape_binary(esc) == raw
+    assert gctl.tid_of(1, 1) == 18 and gctl.split_tid(18) == (1, 1) and gctl.tid_of(0, 0) == 1
 
 
 def test_target_description_matches_the_g_packet():
-    root = ET.fromstring(gs.target_xml().split("\n", 2)[2])
+    root = ET.fromstring(gregs.target_xml().split("\n", 2)[2])
     assert root.find("architecture").text == "i386:x86-64"
     regs = [r for f in root.iter("feature") for r in f.iter("reg")]
-    assert [r.get("name") for r in regs] == [r[0] for r in gs.REGISTERS]
+    assert [r.get("name") for r in regs] == [r[0] for r in gregs.REGISTERS]
     assert [int(r.get("regnum")) for r in regs] == list(range(len(regs)))
     core = [r.get("name") for r in root.find("feature[@name='org.gnu.gdb.i386.core']").iter("reg")]
-    assert core[:18] == list(gs.GPRS) + ["rip", "eflags"] and len(core) == 40   # gdb's amd64 core set
+    assert core[:18] == list(gregs.GPRS) + ["rip", "eflags"] and len(core) == 40   # gdb's amd64 core set
 
 
 @pytest.fixture
 def stub(kvm_available):
     image = loader.load_image(built("dbg_planes"))
     with Machine(image, MachineConfig(planes=2, personality="none", quiet=True)) as m:
-        s = gs.GdbStub(m, "unused", caps=gs.HostDebugCaps(sw_bp=True, watch=True, blockirq=True))
-        yield m, s
+        ctl = gctl.AllStopControl(m, HostDebugCaps(sw_bp=True, watch=True, blockirq=True))
+        yield m, GdbSession(ctl)
 
 
 def test_registers_are_per_plane(stub):
     m, s = stub
-    assert s._handle(b"qfThreadInfo") == "m1,2"
-    g = s._handle(b"g")
-    assert len(g) == 2 * sum(r[1] // 8 for r in gs.REGISTERS)
-    rip = gs.REG_INDEX["rip"]
-    assert s._handle(b"Hg2") == "OK"
-    assert s._handle(b"P%x=%s" % (rip, (0x123456).to_bytes(8, "little").hex().encode())) == "OK"
-    assert int.from_bytes(bytes.fromhex(s._handle(b"p%x" % rip)), "little") == 0x123456
+    assert s.handle(b"qfThreadInfo") == "m1,2"
+    g = s.handle(b"g")
+    assert len(g) == 2 * sum(r[1] // 8 for r in gregs.REGISTERS)
+    rip = gregs.REG_INDEX["rip"]
+    assert s.handle(b"Hg2") == "OK"
+    assert s.handle(b"P%x=%s" % (rip, (0x123456).to_bytes(8, "little").hex().encode())) == "OK"
+    assert int.from_bytes(bytes.fromhex(s.handle(b"p%x" % rip)), "little") == 0x123456
     assert m.threads[0].cpu.plane_vcpu(1).get_regs().rip == 0x123456
     assert m.threads[0].cpu.plane_vcpu(0).get_regs().rip == 0x100000
-    assert s._handle(b"Hg1") == "OK" and s._handle(b"g") == g        # plane 0 untouched
-    assert s._handle(b"Hg99") == "E01"
-    info = bytes.fromhex(s._handle(b"qThreadExtraInfo,2")).decode()
+    assert s.handle(b"Hg1") == "OK" and s.handle(b"g") == g        # plane 0 untouched
+    assert s.handle(b"Hg99") == "E01"
+    info = bytes.fromhex(s.handle(b"qThreadExtraInfo,2")).decode()
     assert info == "vcpu0/plane1: never entered"
 
 
@@ -296,24 +298,24 @@ def test_software_breakpoints_hide_and_restore_the_byte(stub):
     m, s = stub
     addr = symbols("dbg_planes")["plane1_work"]
     orig = m.memory.read(addr, 2)          # identity-mapped
-    assert s._handle(b"Z0,%x,1" % addr) == "OK"
+    assert s.handle(b"Z0,%x,1" % addr) == "OK"
     assert m.memory.read(addr, 1) == b"\xCC"
-    assert s._handle(b"m%x,2" % addr) == orig.hex()          # gdb sees the original
-    assert s._handle(b"M%x,1:90" % addr) == "OK"             # a write under the breakpoint
+    assert s.handle(b"m%x,2" % addr) == orig.hex()          # gdb sees the original
+    assert s.handle(b"M%x,1:90" % addr) == "OK"             # a write under the breakpoint
     assert m.memory.read(addr, 1) == b"\xCC"
-    assert s._handle(b"z0,%x,1" % addr) == "OK"
+    assert s.handle(b"z0,%x,1" % addr) == "OK"
     assert m.memory.read(addr, 2) == b"\x90" + orig[1:]
 
 
 def test_hardware_slots_and_watchpoint_split(stub):
     m, s = stub
-    assert s._handle(b"Z1,100000,1") == "OK"
-    assert s._handle(b"Z2,102003,6") == "OK"        # 0x102003 1 + 0x102004 4 + 0x102008 1: 3 slots
-    assert s._handle(b"Z4,102100,8") == "E28"        # only 4 debug registers
-    dr7, dr = s._debugregs()
+    assert s.handle(b"Z1,100000,1") == "OK"
+    assert s.handle(b"Z2,102003,6") == "OK"        # 0x102003 1 + 0x102004 4 + 0x102008 1: 3 slots
+    assert s.handle(b"Z4,102100,8") == "E28"        # only 4 debug registers
+    dr7, dr = s.ctl.bps.debugregs()
     assert dr[:4] == [0x100000, 0x102003, 0x102004, 0x102008]
     assert dr7 & 0xFF == 0b01010101
     # per slot RW (bits 0-1: 00 exec, 01 write) and LEN (bits 2-3: 00 one byte, 11 four bytes)
     assert [(dr7 >> (16 + 4 * i)) & 0xF for i in range(4)] == [0b0000, 0b0001, 0b1101, 0b0001]
-    assert s._handle(b"z2,102003,6") == "OK" and s._handle(b"Z3,102100,8") == ""
-    assert s._hw[1:] == [None, None, None]
+    assert s.handle(b"z2,102003,6") == "OK" and s.handle(b"Z3,102100,8") == ""
+    assert s.ctl.bps.hw[1:] == [None, None, None]

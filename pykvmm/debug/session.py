@@ -61,7 +61,7 @@ class DebugSession:
         if sinks:
             machine.trace = sinks[0] if len(sinks) == 1 else tr.Fanout(*sinks)
         if address:
-            from .gdbstub import GdbStub
+            from .gdb import GdbStub
             self.stub = GdbStub(machine, address, stop_on_switch=self.gdb_stop_on_switch,
                                 label="VTL" if label == "VTL" else "plane", log=self._say)
             where = self.stub.start()

@@ -48,7 +48,8 @@ class AllStopControl:
         self.go = [False] * n
         self.parked = [False] * n
         self.last_plane = [0] * n
-        self.actions: dict[int, str] = {}
+        self.actions: dict[int, str] = {}      # vCPU index -> "c" or "s"
+        self.step_planes: dict[int, int] = {}  # vCPU index -> the plane a "s" steps
         self.running = False           # gdb is waiting for a stop reply
         self.stop = None               # (signal, reason, tid, message) of the recorded stop
         self.pending_steps: dict[int, tuple] = {}
@@ -61,7 +62,7 @@ class AllStopControl:
     # -- hooks called by vCPU threads ---------------------------------------------------------
     def before_run(self, t) -> bool:
         i = t.index
-        if self.go[i] and (not self.stop_on_switch or t.plane == self.last_plane[i]):
+        if self.go[i] and t.plane == self.last_plane[i]:
             return True
         return self._before_run_slow(t)
 
@@ -69,13 +70,28 @@ class AllStopControl:
         i = t.index
         with self.cv:
             if t.plane != self.last_plane[i]:
-                if self.stop_on_switch and self.go[i] and self.may_stop():
-                    src = self.last_plane[i]
-                    self.last_plane[i] = t.plane
-                    self.record_stop(t, 0, "", f"plane switch on vCPU {i}: {self.pl(src)} -> {self.pl(t.plane)}")
-                elif not self.stop_on_switch or self.detached:
-                    self.last_plane[i] = t.plane
+                self._on_switch(t)
             return self._park(i)
+
+    def _on_switch(self, t) -> None:
+        """vCPU ``t`` switched planes since it last ran (under cv): stop there if gdb wants to."""
+        i, src, dst = t.index, self.last_plane[t.index], t.plane
+        stepped = not self.detached and self.actions.get(i) == "s" and self.step_planes.get(i) == src
+        message = (f"the step switched vCPU {i} from {self.pl(src)} to {self.pl(dst)}; "
+                   f"{self.pl(dst)} (thread {tid_of(i, dst)}) has not run yet")
+        if self.detached or not (self.go[i] and self.may_stop()):
+            if stepped:            # reported when gdb resumes this step (another stop came first)
+                self.pending_steps[i] = (SIGTRAP, "", tid_of(i, src), message)
+            if self.detached or stepped or not self.stop_on_switch:
+                self.last_plane[i] = dst
+            return                 # with stop_on_switch, reported when gdb next resumes the vCPU
+        self.last_plane[i] = dst
+        if stepped:
+            # the stepped instruction switched planes: the step ends on the stepped thread (gdb
+            # asserts that a step-over stops there) before the other plane's next instruction runs
+            self.record_stop(t, SIGTRAP, "", message, plane=src)
+        elif self.stop_on_switch:
+            self.record_stop(t, 0, "", f"plane switch on vCPU {i}: {self.pl(src)} -> {self.pl(dst)}")
 
     def _park(self, i: int) -> bool:
         """Wait (under cv) until vCPU ``i`` may run; False if the run is ending."""
@@ -111,7 +127,7 @@ class AllStopControl:
                 is_step = True
         i = t.index
         with self.cv:
-            if is_step and self.actions.get(i) != "s":
+            if is_step and (self.actions.get(i) != "s" or self.step_planes.get(i) != t.plane):
                 return     # a stale single-step trap (the step was given up): ignore
             if self.go[i] and self.may_stop():
                 self.record_stop(t, sig, reason, None)
@@ -141,8 +157,9 @@ class AllStopControl:
     def may_stop(self) -> bool:
         return self.running and self.stop is None and not self.detached
 
-    def record_stop(self, t, sig, reason, message) -> None:
-        self.stop = (sig, reason, tid_of(t.index, t.plane), message)
+    def record_stop(self, t, sig, reason, message, plane: int | None = None) -> None:
+        """Stop every vCPU; gdb hears of it on thread (t's vCPU, ``plane`` or the running plane)."""
+        self.stop = (sig, reason, tid_of(t.index, t.plane if plane is None else plane), message)
         self.halt_all(exclude=t.index)
 
     def halt_all(self, exclude: int | None = None) -> None:
@@ -217,14 +234,15 @@ class AllStopControl:
                 base |= C.KVM_GUESTDBG_USE_SW_BP
             if dr7:
                 base |= C.KVM_GUESTDBG_USE_HW_BP
+        step = C.KVM_GUESTDBG_SINGLESTEP | (C.KVM_GUESTDBG_BLOCKIRQ if self.caps.blockirq else 0)
         for t in self.m.threads:
-            control = base
-            if not self.detached and self.actions.get(t.index) == "s":
-                control |= C.KVM_GUESTDBG_SINGLESTEP | (C.KVM_GUESTDBG_BLOCKIRQ if self.caps.blockirq else 0)
-            if control:
-                control |= C.KVM_GUESTDBG_ENABLE
-            state = (control, tuple(dregs) if control & C.KVM_GUESTDBG_USE_HW_BP else ())
+            stepping = not self.detached and self.actions.get(t.index) == "s"
             for p in t.cpu.planes:
+                # only the stepped plane single-steps: the others run until it gets the vCPU back
+                control = base | (step if stepping and self.step_planes.get(t.index) == p else 0)
+                if control:
+                    control |= C.KVM_GUESTDBG_ENABLE
+                state = (control, tuple(dregs) if control & C.KVM_GUESTDBG_USE_HW_BP else ())
                 v = t.cpu.plane_vcpu(p)
                 if self._applied.get(id(v), (0, ())) == state:
                     continue
@@ -232,8 +250,13 @@ class AllStopControl:
                 self._applied[id(v)] = state
 
     # -- resuming and ending -----------------------------------------------------------------------------
-    def resume(self, actions: dict[int, str]) -> None:
-        """Let the vCPUs in ``actions`` run: "c" continue, "s" one instruction."""
+    def resume(self, actions: dict[int, str], step_planes: dict[int, int] | None = None) -> None:
+        """Let the vCPUs in ``actions`` run: "c" continue, "s" one instruction of the plane
+        ``step_planes[vcpu]`` (default: the running plane; a suspended plane steps once it runs again)."""
+        step_planes = dict(step_planes or {})
+        for i, a in actions.items():
+            if a == "s":
+                step_planes.setdefault(i, self.m.threads[i].plane)
         with self.cv:
             pending = [self.pending_steps[i] for i, a in actions.items() if a == "s" and i in self.pending_steps]
             self.pending_steps.clear()
@@ -242,12 +265,26 @@ class AllStopControl:
                 self.running = True
                 return
             self.actions = dict(actions)
+            self.step_planes = step_planes
             self.apply_debug()
             self.stop = None
             self.running = True
             for t in self.m.threads:
                 self.go[t.index] = t.index in actions
             self.cv.notify_all()
+
+    def attach(self) -> None:
+        """A new gdb session after a detach: stop every vCPU where it is, as a stop gdb asks for with '?'."""
+        with self.cv:
+            self.detached = False
+            self.actions = {}
+            self.pending_steps.clear()
+            for t in self.m.threads:
+                self.last_plane[t.index] = t.plane
+            t = next((t for t in self.m.threads if not t.done), self.m.threads[0])
+            self.stop = (SIGTRAP, "", tid_of(t.index, t.plane), None)
+            self.running = False
+            self.halt_all()
 
     def detach(self) -> None:
         with self.cv:

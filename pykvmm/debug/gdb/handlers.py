@@ -142,12 +142,17 @@ class GdbSession:
             if c == "X":
                 return ""            # gdb falls back to M
             if c in ("Z", "z"):
-                return self.ctl.bps.change(c == "Z", text[1:], self._sel_vcpu())
+                reply = self.ctl.bps.change(c == "Z", text[1:], self._sel_vcpu())
+                if reply.startswith("E."):
+                    # gdb 13 prints this reason only for hbreak (Z1); say it where the user sees it
+                    self.ctl.log(f"gdb stub: {text.split(';')[0]} refused: {reply.split('.', 2)[2]}")
+                return reply
             if c == "c" or c == "C":
                 self._resume({t.index: "c" for t in self.m.threads})
                 return None
             if c == "s" or c == "S":
-                self._resume({split_tid(self._current_tid())[0]: "s"})
+                v, p = split_tid(self._current_tid())
+                self._resume({v: "s"}, {v: p})
                 return None
             if c == "D":
                 self.ctl.detach()
@@ -166,11 +171,11 @@ class GdbSession:
         except (ValueError, IndexError, KeyError):
             return "E16"
 
-    def _resume(self, actions: dict[int, str]) -> None:
+    def _resume(self, actions: dict[int, str], step_planes: dict[int, int] | None = None) -> None:
         if self.ctl.ended is not None:
             self._send_exit()
             return
-        self.ctl.resume(actions)
+        self.ctl.resume(actions, step_planes)
 
     def _write_all_regs(self, data: bytes) -> str:
         values, off = {}, 0
@@ -219,23 +224,25 @@ class GdbSession:
         if text == "vCont?":
             return "vCont;c;C;s;S"
         if text.startswith("vCont;"):
-            actions = {}
+            actions, step_planes = {}, {}
             for part in text[6:].split(";"):
                 act, _, th = part.partition(":")
                 kind = act[:1].lower()
                 if kind not in ("c", "s"):
                     return "E16"
-                if th and th not in ("-1", "p-1.-1"):
-                    tid = self._parse_tid(th)
-                    if tid <= 0:
-                        targets = [t.index for t in self.m.threads]
-                    else:
-                        targets = [split_tid(tid)[0]]
+                tid = self._parse_tid(th) if th and th not in ("-1", "p-1.-1") else -1
+                if tid > 0:
+                    if not self._valid_tid(tid):
+                        return "E01"
+                    v, p = split_tid(tid)
+                    targets = [v]
+                    if kind == "s":
+                        step_planes.setdefault(v, p)     # step that thread's plane, not the vCPU's
                 else:
                     targets = [t.index for t in self.m.threads]
                 for i in targets:
                     actions.setdefault(i, kind)       # the leftmost action for a vCPU wins
-            self._resume(actions)
+            self._resume(actions, {i: p for i, p in step_planes.items() if actions[i] == "s"})
             return None
         if text.startswith("vKill"):
             self.over = True

@@ -7,6 +7,8 @@ from __future__ import annotations
 DR7_LEN = {1: 0, 2: 1, 8: 2, 4: 3}
 DR7_RW = {"exec": 0, "swexec": 0, "write": 1, "access": 3}
 HW_SLOTS = 4
+# "E.<errno>.<text>": gdb prints the text ("Remote failure reply: ...") where it reads it (hbreak)
+NO_FREE_SLOT = "E.28.all 4 debug registers (DR0-DR3) are in use by other breakpoints or watchpoints"
 
 
 class MemoryAndBreakpoints:
@@ -74,7 +76,8 @@ class MemoryAndBreakpoints:
             return self._hw_slot(insert, "exec", addr, 1)
         if kind in (2, 4):
             if not self.caps.watch:
-                return ""
+                return ("E.01.this host's KVM ignores data breakpoints (probed at start: a watched store "
+                        "ran on); for software watchpoints: set can-use-hw-watchpoints 0")
             wkind = "write" if kind == 2 else "access"
             pieces = []
             a, n = addr, length
@@ -84,7 +87,7 @@ class MemoryAndBreakpoints:
                 a, n = a + size, n - size
             if insert:
                 if sum(1 for h in self.hw if h is None) < len(pieces):
-                    return "E28"
+                    return NO_FREE_SLOT
                 for a, size in pieces:
                     self._hw_slot(True, wkind, a, size)
                 return "OK"
@@ -101,7 +104,7 @@ class MemoryAndBreakpoints:
             try:
                 slot = self.hw.index(None)
             except ValueError:
-                return "E28"        # ENOSPC: 4 debug registers
+                return NO_FREE_SLOT
             self.hw[slot] = entry
             return "OK"
         if entry in self.hw:

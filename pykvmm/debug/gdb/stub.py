@@ -122,26 +122,31 @@ class GdbStub:
         return None
 
     def _serve(self) -> None:
-        sock = self._accept()
-        if sock is None:
-            return
-        try:
-            self._listener.close()
-        except OSError:
-            pass
-        conn = PacketConnection(sock)
-        self.session = session = GdbSession(self.control, conn)
-        self.connected = True
-        self.log("gdb stub: gdb connected")
-        try:
-            session.run()
-        except Disconnected:
-            if not session.over and not self.control.killed:
-                self.log("gdb stub: gdb went away without detaching; the guest runs on")
+        """Serve gdb sessions one after another until the run ends or gdb kills it: after a
+        detach (or a gdb that went away) the next ``target remote`` attaches again, as with QEMU."""
+        while True:
+            sock = self._accept()
+            if sock is None:
+                return
+            conn = PacketConnection(sock)
+            self.session = session = GdbSession(self.control, conn)
+            if self.connected:
+                self.control.attach()
+                self.log("gdb stub: gdb connected again; every vCPU stops")
+            else:
+                self.log("gdb stub: gdb connected")
+            self.connected = True
+            try:
+                session.run()
+            except Disconnected:
+                if not session.over and not self.control.killed:
+                    self.log("gdb stub: gdb went away without detaching; the guest runs on")
+                    self.control.detach()
+            except Exception:       # never leave the vCPUs parked behind a dead stub
+                self.log("gdb stub: internal error, detaching:\n" + traceback.format_exc())
                 self.control.detach()
-        except Exception:       # never leave the vCPUs parked behind a dead stub
-            self.log("gdb stub: internal error, detaching:\n" + traceback.format_exc())
-            self.control.detach()
-        finally:
-            session.over = True
-            conn.close()
+            finally:
+                session.over = True
+                conn.close()
+            if self.control.killed or self.control.ended is not None:
+                return

@@ -32,6 +32,17 @@ GDB = shutil.which("gdb")
 needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed (Debian package gdb; .ci/run installs it)")
 
 
+def needs_exec_breakpoints() -> None:
+    """Skip where the host's KVM never reports an execution breakpoint (QEMU's emulated SVM:
+    neither int3 nor the debug registers fire); the stub refuses breakpoints there."""
+    from pykvmm.kvm import Kvm
+    from pykvmm.vmm.host import convention
+    with Kvm() as k:
+        int3, hw = convention(k, "int3"), convention(k, "hw_breakpoint")
+    if "yes" not in (int3.value, hw.value):
+        pytest.skip(f"this host's KVM reports no execution breakpoints ({int3.detail}; {hw.detail})")
+
+
 def built(name: str, ext: str = "bin") -> str:
     p = os.path.join(ROOT, "guest", "build", f"{name}.{ext}")
     if not os.path.exists(p):
@@ -133,6 +144,7 @@ def values(out: str) -> list[int]:
 
 @needs_gdb
 def test_planes_are_threads_break_in_plane1_step_memory_registers_detach(kvm_available, vmm, tmp_path):
+    needs_exec_breakpoints()
     sym = symbols("dbg_planes")
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("dbg_planes"), "--planes", "2", "--personality", "none", "--arg", "3", "--quiet",
@@ -233,6 +245,7 @@ def test_crash_stops_with_sigsegv_then_ends(kvm_available, vmm, tmp_path):
 
 @needs_gdb
 def test_vtl_personality_threads_and_a_vtl1_breakpoint(kvm_available, vmm, tmp_path):
+    needs_exec_breakpoints()
     from pykvmm.vmm.policy import POLICIES
     if "vtl" not in POLICIES:
         pytest.skip("the VTL personality is not available")
@@ -258,6 +271,7 @@ def hypercall_outs() -> tuple[int, int]:
 def test_stepping_over_a_switching_instruction_stops_the_stepped_thread(kvm_available, vmm, tmp_path):
     """Regression: gdb 13.1 died (infrun.c finish_step_over: trap_expected) when the step over a
     breakpoint on the VtlCall stub's `out` was reported in the other plane's thread."""
+    needs_exec_breakpoints()
     call_out, return_out = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", "60")
@@ -307,6 +321,7 @@ def test_gdb_attaches_again_after_detach(kvm_available, vmm, tmp_path):
 
 @needs_gdb
 def test_breakpoint_and_watchpoint_limits_say_why(kvm_available, vmm, tmp_path):
+    needs_exec_breakpoints()
     sym = symbols("dbg_planes")
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("dbg_planes"), "--planes", "2", "--personality", "none", "--arg", "2", "--quiet",
@@ -388,6 +403,15 @@ def test_software_breakpoints_hide_and_restore_the_byte(stub):
     assert m.memory.read(addr, 1) == b"\xCC"
     assert s.handle(b"z0,%x,1" % addr) == "OK"
     assert m.memory.read(addr, 2) == b"\x90" + orig[1:]
+
+
+def test_breakpoints_refused_with_the_reason_where_none_can_fire(stub):
+    m, s = stub
+    s.ctl.bps.caps = HostDebugCaps(sw_bp=False, watch=False, exec_bp=False)
+    for packet in (b"Z0,100000,1", b"Z1,100000,1"):
+        assert s.handle(packet).startswith("E.01.this host's KVM never reports execution breakpoints")
+    assert s.ctl.bps.hw == [None] * 4 and not s.ctl.bps.sw_bps
+    assert s.handle(b"z1,100000,1") == "OK"
 
 
 def test_hardware_slots_and_watchpoint_split(stub):

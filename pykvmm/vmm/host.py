@@ -21,7 +21,7 @@ from .memory import GuestMemory
 
 _MEM_SIZE = 4 << 20
 _MARK = 0x5EED_F00D
-_VECTOR_BP = 3
+_VECTOR_DB, _VECTOR_BP = 1, 3
 
 # The probe guests (64-bit code at GUEST_LOAD_ADDR, no IDT).
 _OUT = b"\xE6\xEB"                                   # out 0xeb, al
@@ -30,6 +30,7 @@ _SHUTDOWN = b"\xBB" + _MARK.to_bytes(4, "little") + b"\x0F\x0B"    # mov ebx, MA
 _SSE = b"\x0F\x57\xC0\x0F\x58\xC0" + _PIO            # xorps xmm0, xmm0; addps xmm0, xmm0; out
 _X87 = b"\xD9\xE8\xDD\xD8" + _PIO                    # fld1; fstp st(0); out
 _INT3 = b"\xCC" + _PIO                               # int3; out
+_HW_BP = b"\x90\x90" + _PIO                          # nop; nop (DR0 here); out
 
 
 @dataclass
@@ -152,12 +153,28 @@ def probe_int3(kvm: Kvm) -> Probe:
     return Probe("no", f"int3 with KVM_GUESTDBG_USE_SW_BP ends in {_name(ex)}, not KVM_EXIT_DEBUG")
 
 
+def probe_hw_breakpoint(kvm: Kvm) -> Probe:
+    """Whether an execution breakpoint in DR0 (KVM_GUESTDBG_USE_HW_BP) stops the guest."""
+    with ScratchVm(kvm, _HW_BP) as s:
+        dr7 = 0x400 | 1                     # L0, execute, length 1
+        try:
+            s.vcpu.set_guest_debug(C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_HW_BP,
+                                   [abi.GUEST_LOAD_ADDR + 1, 0, 0, 0, 0, 0, 0, dr7])
+        except KvmError as e:
+            return Probe("no", f"KVM_SET_GUEST_DEBUG refused hardware breakpoints: {e}")
+        ex = s.vcpu.run()
+    if isinstance(ex, K.Debug) and ex.exception == _VECTOR_DB:
+        return Probe("yes", "an execution breakpoint in DR0 is reported as KVM_EXIT_DEBUG (exception 1)")
+    return Probe("no", f"an execution breakpoint in DR0 never fired: the guest ran on to {_name(ex)}")
+
+
 PROBES = {
     "pio_out_rip": probe_pio_out_rip,
     "shutdown": probe_shutdown,
     "sse": probe_sse,
     "x87": probe_x87,
     "int3": probe_int3,
+    "hw_breakpoint": probe_hw_breakpoint,
 }
 
 _cache: dict[tuple[str, str], Probe] = {}

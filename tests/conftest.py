@@ -117,17 +117,16 @@ def wait_for(condition, what: str, timeout: float = 120.0, poll: float = 0.01):
         time.sleep(poll)
 
 
-def thread_cpu_ticks(pid: int) -> dict[str, int]:
-    """Each named thread of process ``pid`` -> its CPU time (utime + stime, in clock ticks).
-    pykvmm names its vCPU threads vcpu0, vcpu1, ... (time in the guest counts as utime)."""
+def thread_states(pid: int) -> dict[str, str]:
+    """Each named thread of process ``pid`` -> its scheduler state (R running, S sleeping, ...).
+    pykvmm names its vCPU threads vcpu0, vcpu1, ...: one running guest code stays in R."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 name = f.read().strip()
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                out[name] = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue                  # the thread ended meanwhile
-        out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
     return out

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import thread_cpu_ticks, wait_for
+from conftest import thread_states, wait_for
 from pykvmm.debug.gdb import control as gctl, framing, registers as gregs
 from pykvmm.debug.gdb.handlers import GdbSession
 from pykvmm.debug.gdb.hostcaps import HostDebugCaps
@@ -117,7 +117,8 @@ def vmm():
 
 
 def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, interrupt_when=None) -> str:
-    """Run gdb in batch mode; with ``interrupt_when``, send it Ctrl-C once that condition holds."""
+    """Run gdb in batch mode. With ``interrupt_when``: send gdb Ctrl-C once
+    ``interrupt_when(output so far)`` holds (gdb's output is read as it comes)."""
     argv = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off", "-ex", "set width 0"]
     if elf:
         argv += ["-ex", f"file {elf}"]
@@ -125,16 +126,21 @@ def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, i
     for c in commands:
         argv += ["-ex", c]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         if interrupt_when is not None:
-            wait_for(interrupt_when, "the condition for gdb's Ctrl-C", timeout)
+            wait_for(lambda: interrupt_when("".join(lines)), "the condition for gdb's Ctrl-C", timeout)
             p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=timeout)
+        p.wait(timeout)
     except subprocess.TimeoutExpired:
         p.kill()
-        out, _ = p.communicate()
-        pytest.fail(f"gdb timed out; its output:\n{out}")
-    return out
+        p.wait()
+        reader.join(5)
+        pytest.fail(f"gdb timed out; its output:\n{''.join(lines)}")
+    reader.join(5)
+    return "".join(lines)
 
 
 def values(out: str) -> list[int]:
@@ -212,13 +218,17 @@ def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", "60")
     v.wait_listening()
-    start = {}
+    seen = []
 
-    def vcpus_spinning():
-        # gdb's `continue` has released both vCPUs once each thread burns CPU in the guest loop
-        ticks = thread_cpu_ticks(v.proc.pid)
-        start.setdefault("ticks", ticks)
-        return all(ticks.get(f"vcpu{i}", 0) - start["ticks"].get(f"vcpu{i}", 0) >= 20 for i in (0, 1))
+    def vcpus_spinning(out: str) -> bool:
+        # gdb prints where the guest stopped once it is connected, then sends `continue`; the
+        # vCPUs run once both threads keep running (a vCPU parked by the stub sleeps): five
+        # polls in a row, so a wake-up on a busy machine is not taken for it
+        if "_start ()" not in out:
+            return False
+        states = thread_states(v.proc.pid)
+        seen.append(states.get("vcpu0") == states.get("vcpu1") == "R")
+        return seen[-5:] == [True] * 5
 
     out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"),
               interrupt_when=vcpus_spinning)

@@ -63,6 +63,6 @@ class FlatBinary:
         regs.rdi, regs.rsi, regs.rdx = index, plane, abi.BOOT_INFO_ADDR
         v.set_regs(regs)
         base = arch.APIC_DEFAULT_BASE | arch.APICBASE_ENABLE | (arch.APICBASE_BSP if index == 0 else 0)
-        v.set_msrs({arch.MSR_IA32_APICBASE: base})
-        v.set_msrs({arch.MSR_IA32_APICBASE: base | arch.APICBASE_X2APIC})
+        # x2APIC is entered from xAPIC mode only: both writes, in order, in one ioctl
+        v.set_msrs([(arch.MSR_IA32_APICBASE, base), (arch.MSR_IA32_APICBASE, base | arch.APICBASE_X2APIC)])
         v.set_mp_state(C.KVM_MP_STATE_RUNNABLE)

@@ -196,6 +196,17 @@ def test_cli_dump_on_exit_every_vcpu_every_plane(kvm_available):
                    "pending events: none", "=> "):
         assert phrase in err, phrase
     assert err.count("  plane 1") == 2
+    for phrase in ("bases: CS=0", "DR7=", "LSTAR=", "KERNEL_GS_BASE=", "LAPIC id=1 TPR=0x0"):
+        assert phrase in err, phrase
+
+
+def test_cli_dump_on_exit_shows_each_planes_own_system_state(kvm_available):
+    res = pykvmm("run", str(guest("vtl_call")), "--planes", "2", "--personality", "vtl", "--dump-on-exit")
+    assert res.returncode == 0, res.stderr
+    vtl0, vtl1 = res.stderr.split("  VTL 1\n")
+    assert "LSTAR=ffffffff8a000000" in vtl0 and "DR0=da0000" in vtl0      # set by VTL0 (guest/vtl_call.S)
+    assert "LSTAR=ffffffff8b000000" in vtl1                                # VTL1's own
+    assert "DR1=db1000" in vtl0 and "DR1=db1000" in vtl1                   # DR0-DR3 are shared state
 
 
 def test_tracing_off_installs_nothing(kvm_available):

@@ -104,7 +104,8 @@ def vmm():
         v.kill()
 
 
-def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, interrupt_after: float | None = None) -> str:
+def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, interrupt_when=None) -> str:
+    """Run gdb in batch mode; with ``interrupt_when``, send it SIGINT (Ctrl-C) once ``interrupt_when()``."""
     argv = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off", "-ex", "set width 0"]
     if elf:
         argv += ["-ex", f"file {elf}"]
@@ -112,16 +113,31 @@ def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, i
     for c in commands:
         argv += ["-ex", c]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: p.stdout.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    if interrupt_when is not None:
+        while not interrupt_when():
+            if time.monotonic() > deadline or p.poll() is not None:
+                break
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
     try:
-        if interrupt_after is not None:
-            time.sleep(interrupt_after)
-            p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=timeout)
+        p.wait(max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         p.kill()
-        out, _ = p.communicate()
-        pytest.fail(f"gdb timed out; its output:\n{out}")
-    return out
+        reader.join(5)
+        pytest.fail(f"gdb timed out; its output:\n{''.join(chunks)}")
+    reader.join(5)
+    return "".join(chunks)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its vCPU threads spinning in a guest loop add to it)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def values(out: str) -> list[int]:
@@ -198,7 +214,14 @@ def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", "60")
     v.wait_listening()
-    out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"), interrupt_after=1.5)
+    samples = []
+
+    def spinning() -> bool:
+        """The guest runs: the VMM burns CPU at over half a core (a parked VMM uses next to none)."""
+        samples.append((time.monotonic(), cpu_seconds(v.proc.pid)))
+        old = [s for s in samples if s[0] < samples[-1][0] - 0.5]
+        return bool(old) and (samples[-1][1] - old[-1][1]) / (samples[-1][0] - old[-1][0]) > 0.5
+    out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"), interrupt_when=spinning)
     assert "received signal SIGINT" in out, out
     frames = re.findall(r'Thread \d+ "vcpu(\d)/plane0" \(running plane\)\s+(\w+)', out)
     assert sorted(frames) == [("0", "hang_loop"), ("1", "hang_loop")], out
@@ -318,6 +341,37 @@ def test_breakpoint_and_watchpoint_limits_say_why(kvm_available, vmm, tmp_path):
         v.kill()
         assert re.search(r"gdb stub: Z2,[0-9a-f]+,8 refused: this host's KVM ignores data breakpoints.*"
                          r"set can-use-hw-watchpoints 0", v.err), v.err
+
+
+@needs_gdb
+def test_system_state_per_plane_and_physical_memory(kvm_available, vmm, tmp_path):
+    """At VtlCall 1 (guest/vtl_call.S) VTL0 has DR0/DR3/LSTAR = its A values, VTL1 its own LSTAR."""
+    from pykvmm.vmm import hypercalls
+    call_out, _ = hypercall_outs()
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", "60")
+    v.wait_listening()
+    out = gdb(sock, f"hbreak *{call_out:#x}", "continue", "continue",
+              "p/x $dr0", "p/x $dr3", "p/x $lstar", "p/x $efer", "thread 2", "p/x $lstar", "thread 1",
+              "set var $kernel_gs_base = 0x1234000", "p/x $kernel_gs_base",
+              "monitor state", "monitor lapic", "monitor phys 0x4000 16",
+              "monitor phys-write 0x200000 c0ffee", "monitor phys 0x200000 3", "monitor phys 0xffffffffff 4",
+              "delete", "kill", elf=built("vtl_call", "elf"))
+    dr0, dr3, lstar0, efer, lstar1, kgs = values(out)[:6]
+    assert (dr0, dr3) == (0xDA0000, 0xDA3000), out
+    assert lstar0 == 0xFFFFFFFF8A000000 and lstar1 == 0xFFFFFFFF8B000000, out   # per plane
+    assert efer & 0x500 == 0x500                         # LME | LMA
+    assert kgs == 0x1234000, out                          # written through KVM_SET_MSRS and read back
+    for phrase in ("vCPU 0: running VTL 0", "  VTL 1", "DR0=da0000", "DR3=da3000", "LSTAR=ffffffff8a000000",
+                   "LSTAR=ffffffff8b000000", "KERNEL_GS_BASE=1234000", "bases: CS=0", "GS="):
+        assert phrase in out, phrase
+    assert re.search(r"vCPU 0 VTL0: LAPIC id=0 TPR=0x0 PPR=0x0 IRR=\[\] ISR=\[\] timer: ", out), out
+    assert "vCPU 0 VTL1: LAPIC id=0" in out, out
+    page = hypercalls.hypercall_page()[:16]
+    assert f"0x0000000000004000: {page.hex(' ')}" in out, out
+    assert "wrote 3 bytes at guest-physical 0x200000" in out and "0x0000000000200000: c0 ff ee" in out, out
+    assert "phys: 0xffffffffff+0x4 is outside guest RAM" in out, out
+    assert v.finish()[0] == 130
 
 
 # ---- the protocol, without gdb ------------------------------------------------------------------

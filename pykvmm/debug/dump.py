@@ -8,7 +8,9 @@ from .disasm import around
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
 
-_RFLAGS = [(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (8, "TF"), (9, "IF"), (10, "DF"), (11, "OF")]
+_RFLAGS = [(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (8, "TF"), (9, "IF"), (10, "DF"), (11, "OF"),
+           (14, "NT"), (16, "RF"), (17, "VM"), (18, "AC"), (19, "VIF"), (20, "VIP"), (21, "ID")]
+_SEG_NAMES = ("cs", "ds", "es", "ss", "fs", "gs", "tr", "ldt")
 
 
 def _flags(v: int) -> str:
@@ -29,6 +31,7 @@ def format_plane(ps, plane_label: str = "plane") -> list[str]:
                  f"EFER={s['efer']:x}")
     lines.append("    " + " ".join(f"{n.upper()}={s[n]['selector']:04x}" for n in ("cs", "ds", "ss", "es", "fs", "gs", "tr"))
                  + f"  GDT={s['gdt']['base']:x}/{s['gdt']['limit']:x} IDT={s['idt']['base']:x}/{s['idt']['limit']:x}")
+    lines += format_system(ps.sregs, ps.system)
     e = ps.events
     pend = []
     if e["exception"]["injected"] or e["exception"]["pending"]:
@@ -50,6 +53,35 @@ def format_plane(ps, plane_label: str = "plane") -> list[str]:
     else:
         lines.append(f"    code: RIP {r['rip']:#x} is not mapped in guest memory")
     return lines
+
+
+def format_system(sregs: dict, system: dict) -> list[str]:
+    """Segment bases, debug registers, syscall/base MSRs and the LAPIC, indented for a dump."""
+    lines = ["    bases: " + " ".join(f"{n.upper()}={sregs[n]['base']:x}" for n in _SEG_NAMES if n in sregs)]
+    dr = system.get("dr")
+    if dr:
+        lines.append("    " + ("debug registers unavailable: " + dr["error"] if "error" in dr else
+                               "  ".join(f"{n.upper()}={dr[n]:x}" for n in ("dr0", "dr1", "dr2", "dr3", "dr6", "dr7"))))
+    msrs = system.get("msrs")
+    if msrs:
+        lines.append("    " + ("MSRs unavailable: " + msrs["error"] if "error" in msrs else
+                               "  ".join(f"{n.upper()}={v:x}" for n, v in msrs.items())))
+    lapic = system.get("lapic")
+    if lapic:
+        lines.append("    " + ("LAPIC unavailable: " + lapic["error"] if "error" in lapic else format_lapic(lapic)))
+    return lines
+
+
+def _vectors(vs) -> str:
+    return "[" + ",".join(f"{v:#x}" for v in vs) + "]"
+
+
+def format_lapic(lapic: dict) -> str:
+    t = lapic["timer"]
+    return (f"LAPIC id={lapic['id']} TPR={lapic['tpr']:#x} PPR={lapic['ppr']:#x} IRR={_vectors(lapic['irr'])} "
+            f"ISR={_vectors(lapic['isr'])} timer: vector={t['vector']:#x} {t['mode']}"
+            f"{' masked' if t['masked'] else ''} initial={t['initial']} current={t['current']} "
+            f"divide={t['divide']:#x}")
 
 
 def format_cpu_report(report, plane_label: str = "plane") -> str:

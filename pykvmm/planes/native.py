@@ -40,7 +40,6 @@ class NativeVcpu(PlanesVcpu):
     def __init__(self, vm: "NativePlanesVm", vcpu_id: int, v0: Vcpu):
         super().__init__(vm, vcpu_id)
         self._v0 = v0
-        self.thread_id = None
 
     @property
     def plane0(self) -> Vcpu:
@@ -56,15 +55,10 @@ class NativeVcpu(PlanesVcpu):
         run.plane = plane
         run.req_exit_planes = req_exit_planes
         self.last_plane = plane
-        ex = v0.run()
+        ex = self.run_kvm(v0, req_exit_planes)
         if plane != 0:
             v0._valid = 0
         return ex
-
-    def kick(self) -> None:
-        self._v0.request_immediate_exit()
-        if self.vm.kicker is not None and self.thread_id is not None:
-            self.vm.kicker(self.thread_id)
 
 
 class NativePlanesVm(SingleKvmVm, PlanesVm):
@@ -76,7 +70,6 @@ class NativePlanesVm(SingleKvmVm, PlanesVm):
         super().__init__(kvm, limit)
         self.abi = abi
         self.vm0 = vm0
-        self.kicker = None
         self.planes[0] = NativePlane(self, 0, vm0)
 
     def raw_create_plane(self, plane_id: int) -> int:

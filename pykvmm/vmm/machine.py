@@ -8,7 +8,6 @@ by port. Kicks are a signal plus ``immediate_exit``.
 from __future__ import annotations
 
 import enum
-import signal
 import sys
 import threading
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from .. import kvm as K
 from ..kvm import Kvm, KvmError
 from ..planes import open_planes_vm
+from ..planes.api import install_kick_handler
 from ..uapi import constants as C
 from ..x86 import arch, longmode
 from ..x86.sysstate import read_system_state
@@ -26,9 +26,6 @@ from .devices import BadUcall, Console, Ucall, decode_ucall
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, Dispatcher, InjectFault, call_name, hypercall_page
 from .memory import GuestMemory, GuestMemoryError
 from .policy import make_policy
-
-KICK_SIGNAL = signal.SIGUSR1
-
 
 class ExitStatus(enum.IntEnum):
     """pykvmm run's exit status (documented in the README)."""
@@ -52,7 +49,7 @@ class MachineConfig:
     arg: int = 0
     console_out: object = None     # a text stream; None = sys.stdout
     quiet: bool = False            # no console echo (tests read result.console)
-    kick_interval: float = 1e-3    # periodic kick for in-kernel IPIs to inactive planes
+    kick_interval: float = 1e-3    # multivm/apic-groups ticker: in-kernel IPIs to inactive planes
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
 
@@ -213,7 +210,6 @@ class VcpuThread:
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
         m = self.machine
-        self.cpu.thread_id = threading.get_ident()
         handlers = self._exit_handlers
         policy = m.policy
         cpu = self.cpu
@@ -394,6 +390,8 @@ class Machine:
         if max_vcpus and cfg.vcpus > max_vcpus:
             raise ValueError(f"--vcpus {cfg.vcpus} is more than this host's KVM allows ({max_vcpus})")
         self.pvm = pvm = open_planes_vm(self.kvm, cfg.backend)
+        if hasattr(pvm, "kick_interval"):
+            pvm.kick_interval = cfg.kick_interval
         if not 1 <= cfg.planes <= pvm.max_planes:
             raise ValueError(f"--planes must be 1..{pvm.max_planes} on the {pvm.backend} backend, not {cfg.planes}")
         self.plane_count = cfg.planes
@@ -429,7 +427,6 @@ class Machine:
             for p in range(cfg.planes):
                 self._init_plane_vcpu(cpu.plane_vcpu(p), i, p)
             self.threads.append(VcpuThread(self, i, cpu))
-        pvm.kicker = self._kick_thread
 
     def _write_memory(self, image: bytes) -> None:
         mem, cfg = self.memory, self.config
@@ -468,18 +465,12 @@ class Machine:
             v.enable_sync_regs(C.KVM_SYNC_X86_REGS | self.policy.sync_classes)
 
     # -- running ---------------------------------------------------------------------------
-    def _kick_thread(self, thread_id: int) -> None:
-        try:
-            signal.pthread_kill(thread_id, KICK_SIGNAL)
-        except (ProcessLookupError, OSError):
-            pass
-
     def kick_all(self) -> None:
         for t in self.threads:
             t.cpu.kick()
 
     def run(self, timeout: float | None = None) -> RunResult:
-        self._install_kick_handler()
+        install_kick_handler()
         start = time.monotonic()
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "start", "vcpus": self.config.vcpus,
@@ -489,10 +480,6 @@ class Machine:
         for t in self.threads:
             t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
             t.thread.start()
-        ticker = None
-        if self.plane_count > 1 and hasattr(self.threads[0].cpu, "needs_scan_kick"):
-            ticker = threading.Thread(target=self._tick, name="plane-ticker", daemon=True)
-            ticker.start()
         status = None
         try:
             if not self._finished.wait(timeout):
@@ -500,21 +487,11 @@ class Machine:
         except KeyboardInterrupt:
             status = ExitStatus.INTERRUPTED
         self.stop()
-        if ticker:
-            ticker.join()
         elapsed = time.monotonic() - start
         result = self._result(status, elapsed)
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "end", "status": result.status.name}))
         return result
-
-    def _tick(self) -> None:
-        interval = self.config.kick_interval
-        while not self.stopping:
-            time.sleep(interval)
-            for t in self.threads:
-                if t.cpu.needs_scan_kick():
-                    t.cpu.kick()
 
     def stop(self) -> None:
         """Stop every vCPU thread and wait for them."""
@@ -525,12 +502,6 @@ class Machine:
                 t.cpu.kick()
                 t.thread.join(0.01)
         self.console.flush()
-
-    def _install_kick_handler(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-                signal.signal(KICK_SIGNAL, lambda *_: None)
-            signal.siginterrupt(KICK_SIGNAL, True)
 
     def _thread_finished(self, t: VcpuThread) -> None:
         with self._lock:

@@ -99,8 +99,9 @@ class AllStopControl:
             if self.m.stopping or self.killed:
                 self.parked[i] = False
                 return False
-            self.parked[i] = True
-            self.cv.notify_all()
+            if not self.parked[i]:
+                self.parked[i] = True
+                self.cv.notify_all()     # once: parked vCPUs notifying each other would spin
             self.cv.wait(0.1)
         self.parked[i] = False
         return True
@@ -144,11 +145,7 @@ class AllStopControl:
                 return
             self.record_stop(t, SIGSEGV, "", f"guest crashed on vCPU {t.index} {self.pl(t.plane)}: "
                                              f"{reason}; continuing ends the run")
-            while not self.go[t.index] and not self.m.stopping and not self.killed:
-                self.parked[t.index] = True
-                self.cv.notify_all()
-                self.cv.wait(0.1)
-            self.parked[t.index] = False
+            self._park(t.index)
 
     # -- stop bookkeeping (under cv) --------------------------------------------------------
     def pl(self, plane: int) -> str:

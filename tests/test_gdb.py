@@ -123,6 +123,7 @@ def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, i
                 break
             time.sleep(0.02)
         p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout          # then as long again for gdb to finish
     try:
         p.wait(max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -217,10 +218,10 @@ def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
     samples = []
 
     def spinning() -> bool:
-        """The guest runs: the VMM burns CPU at over half a core (a parked VMM uses next to none)."""
+        """The guest runs: the VMM burns CPU at a fifth of a core or more (parked, it uses next to none)."""
         samples.append((time.monotonic(), cpu_seconds(v.proc.pid)))
         old = [s for s in samples if s[0] < samples[-1][0] - 0.5]
-        return bool(old) and (samples[-1][1] - old[-1][1]) / (samples[-1][0] - old[-1][0]) > 0.5
+        return bool(old) and (samples[-1][1] - old[-1][1]) / (samples[-1][0] - old[-1][0]) > 0.2
     out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"), interrupt_when=spinning)
     assert "received signal SIGINT" in out, out
     frames = re.findall(r'Thread \d+ "vcpu(\d)/plane0" \(running plane\)\s+(\w+)', out)

@@ -325,12 +325,13 @@ def trace_export(file, output, fmt, **filters):
     from .debug.trace import write_trace
 
     events, flt = _load_trace(file, **filters)
+    selected = flt.apply(events)
     try:
-        written = write_trace(flt.apply(events), output, fmt)
+        written = write_trace(selected, output, fmt)
     except OSError as e:
         _err(f"cannot write {output}: {e.strerror or e}")
         sys.exit(ExitStatus.USAGE)
-    _err(f"trace: {written} written to {output}")
+    _err(f"trace: {len(selected)} of {len(events)} events written to {output} ({written})")
 
 
 @trace.command("plot")

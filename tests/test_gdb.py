@@ -301,6 +301,26 @@ def test_stepping_over_a_switching_instruction_stops_the_stepped_thread(kvm_avai
 
 
 @needs_gdb
+def test_step_over_a_switch_with_stop_on_switch_then_stops_at_the_switch(kvm_available, vmm, tmp_path):
+    call_out, _ = hypercall_outs()
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock,
+            "--gdb-stop-on-switch", "--timeout", "60")
+    v.wait_listening()
+    out = gdb(sock, f"hbreak *{call_out:#x}", "continue", "continue", "p/x $pc", "info threads", "kill",
+              elf=built("vtl_call", "elf"))
+    assert "internal-error" not in out, out
+    assert 'Thread 1 "vcpu0/vtl0" hit Breakpoint 1' in out, out
+    step_msg = out.index("the step switched vCPU 0 from VTL0 to VTL1")
+    switch_msg = out.index("plane switch on vCPU 0: VTL0 -> VTL1")
+    assert step_msg < switch_msg, out                 # gdb's step-over ends, then the switch stops
+    assert re.search(r'Thread 2 "vcpu0/vtl1" stopped', out), out
+    assert values(out)[-1] == symbols("vtl_call")["_start"]     # VTL1's first instruction has not run
+    assert re.search(r'\* 2 +Thread 2 "vcpu0/vtl1" \(running plane\)', out), out
+    assert v.finish()[0] == 130
+
+
+@needs_gdb
 def test_gdb_attaches_again_after_detach(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", "60")
@@ -364,7 +384,8 @@ def test_system_state_per_plane_and_physical_memory(kvm_available, vmm, tmp_path
     assert efer & 0x500 == 0x500                         # LME | LMA
     assert kgs == 0x1234000, out                          # written through KVM_SET_MSRS and read back
     for phrase in ("vCPU 0: running VTL 0", "  VTL 1", "DR0=da0000", "DR3=da3000", "LSTAR=ffffffff8a000000",
-                   "LSTAR=ffffffff8b000000", "KERNEL_GS_BASE=1234000", "bases: CS=0", "GS="):
+                   "LSTAR=ffffffff8b000000", "KERNEL_GS_BASE=1234000", "bases: CS=0", "GS=",
+                   "RIP=0000000000004017 <VtlCall_stub+0x8>"):   # stopped on the breakpoint
         assert phrase in out, phrase
     assert re.search(r"vCPU 0 VTL0: LAPIC id=0 TPR=0x0 PPR=0x0 IRR=\[\] ISR=\[\] timer: ", out), out
     assert "vCPU 0 VTL1: LAPIC id=0" in out, out

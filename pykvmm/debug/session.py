@@ -68,7 +68,7 @@ class DebugSession:
         if address:
             from .gdb import GdbStub
             self.stub = GdbStub(machine, address, stop_on_switch=self.gdb_stop_on_switch,
-                                label="VTL" if label == "VTL" else "plane", log=self._say)
+                                label="VTL" if label == "VTL" else "plane", log=self._say, symbols=self.symbols)
             where = self.stub.start()
             target = where if "/" in where else f":{where.rpartition(':')[2]}"
             self._say(f"gdb stub listening on {where}; waiting for gdb (target remote {target})")

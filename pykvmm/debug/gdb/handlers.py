@@ -14,14 +14,16 @@ import time
 from ...kvm import KvmError
 from ...x86.sysstate import read_system_state
 from ..dump import format_cpu_report, format_lapic
+from ..symbols import Symbols
 from .control import SIGTRAP, split_tid, tid_of
 from .framing import PACKET_SIZE, Disconnected, escape_binary
 from .registers import REGISTERS, read_registers, target_xml, write_registers
 
 
 class GdbSession:
-    def __init__(self, control, conn=None):
+    def __init__(self, control, conn=None, symbols=None):
         self.ctl = control
+        self.symbols = symbols or Symbols()
         self.m = control.m
         self.conn = conn
         self.over = False              # the session ended (detach, kill, exit)
@@ -358,7 +360,7 @@ class GdbSession:
                    + (f"{caps.detail}\n" if caps.detail else ""))
         elif words[0] == "state" and len(words) == 1:
             t = self.m.threads[split_tid(self._sel_tid())[0]]
-            out = format_cpu_report(self.m.capture(t), "VTL" if ctl.label == "VTL" else "plane") + "\n"
+            out = format_cpu_report(self.m.capture(t), "VTL" if ctl.label == "VTL" else "plane", self.symbols) + "\n"
         elif words[0] == "lapic" and len(words) == 1:
             out = "".join(f"vCPU {t.index} {ctl.pl(p)}: {self._lapic_line(t.cpu.plane_vcpu(p))}\n"
                           for t in self.m.threads for p in t.cpu.planes)

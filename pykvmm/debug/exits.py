@@ -4,8 +4,10 @@ every EXIT event the RIP KVM reported, its ``symbol+offset`` and the exit's deco
 meaning, the data in hex and the instruction, then what the exit caused (the hypercall, the
 plane switch, the ucall or the fault) on the lines after it.
 
-RIP at a port I/O exit is where KVM left it: past the ``out`` on some hosts (kvm_pvm), on it
-on others (mainline); the printed instruction is the port instruction either way.
+RIP at a port I/O exit is where KVM left it. At an ``in`` exit it is on the ``in`` on every KVM;
+at an ``out`` exit it is past the ``out`` on kvm_pvm and on it on mainline KVM (``pykvmm caps``:
+pio_out_rip), so for ``out`` the printed instruction is the one just before RIP when that is the
+port instruction (a ``rep outs`` still in progress leaves RIP on itself).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class ExitPrinter:
         except Exception as e:       # a dead or torn-down vCPU: say so, never break the run
             return f"{head}  (state unavailable: {e})"
         insn = None
-        if describe.startswith(("IoOut", "IoIn")):
+        if describe.startswith("IoOut"):
             prev = self._around(code, addr, rip, before=1, after=0)
             if prev and prev[0].address + prev[0].size == rip and _is_port_insn(prev[0].text):
                 insn = prev[0]

@@ -21,6 +21,24 @@ from .debug.session import DebugSession
 DEMO_VCPUS, DEMO_PLANES = 2, 2
 
 
+MAX_TIMEOUT = 30 * 86400.0
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in (0, MAX_TIMEOUT]: inf, nan and 1e10 are typing errors."""
+
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):
+        try:
+            s = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not 0 < s <= MAX_TIMEOUT:          # false for nan too
+            self.fail(f"{value} is not a number of seconds in (0, {MAX_TIMEOUT:.0f}] (30 days)", param, ctx)
+        return s
+
+
 def _err(msg: str) -> None:
     click.echo(f"pykvmm: {msg}", err=True)
 
@@ -76,8 +94,8 @@ def main():
               show_default=True, help="How planes are made (auto: native > apic-groups > multivm).")
 @click.option("--personality", type=click.Choice(["auto", "vtl", "vmpl", "none"]), default="auto", show_default=True,
               help="Plane policy (auto: vtl when --planes > 1).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop the guest after SECONDS (exit status 4).")
+@click.option("--timeout", type=Seconds(), default=None,
+              help=f"Stop the guest after SECONDS (exit status 4); at most {MAX_TIMEOUT:.0f}.")
 @click.option("--arg", type=click.IntRange(0, 2**64 - 1), default=0, help="Value passed to the guest in boot info.")
 @click.option("--mem", "mem_mib", type=click.IntRange(32, 65536), default=abi.DEFAULT_MEM_SIZE >> 20,
               show_default=True, help="Guest memory in MiB (a multiple of 2).")
@@ -271,8 +289,9 @@ def trace_summary(file, as_json):
     from .debug.trace import TraceFormatError, load
 
     try:
+        os.close(loader.open_regular_file(file, "trace file"))
         summary = summarize(load(file))
-    except (TraceFormatError, UnicodeDecodeError) as e:
+    except (TraceFormatError, UnicodeDecodeError, loader.UserFileError) as e:
         _err(str(e))
         sys.exit(ExitStatus.USAGE)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

@@ -232,7 +232,8 @@ def _report(result, planes: int, label: str) -> None:
         _err("the registers and code above are the crashed vCPU's, every plane; fix the guest "
              "(a triple fault usually means an exception with no usable IDT)")
     elif result.status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
-        why = "timed out" if result.status == ExitStatus.TIMEOUT else "was interrupted"
+        why = ("was interrupted" if result.status == ExitStatus.INTERRUPTED
+               else f"hung: {result.message}" if result.message else "timed out")
         _err(f"guest {why}; where each unfinished vCPU was:")
         for rep in result.timeout_reports:
             click.echo("  " + where(rep), err=True)

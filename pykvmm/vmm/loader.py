@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -14,27 +15,45 @@ BUILD_DIR = GUEST_DIR / "build"
 DEMO_GUEST = "demo"
 
 
-class GuestImageError(ValueError):
+class UserFileError(ValueError):
+    """A file the user named cannot be used; the message says why."""
+
+
+class GuestImageError(UserFileError):
     """The guest image cannot be used; the message says why and what to do."""
 
 
-def read_file(path: str | os.PathLike, what: str, max_size: int = abi.GUEST_MAX_SIZE) -> bytes:
-    """The bytes of a file the user named, or a GuestImageError that says what is wrong."""
-    p = Path(path)
-    if not p.exists():
-        raise GuestImageError(f"{what} file {p} does not exist")
-    if p.is_dir():
-        raise GuestImageError(f"{p} is a directory, not a {what} file")
+def open_regular_file(path: str | os.PathLike, what: str, error=UserFileError) -> int:
+    """An fd of ``path`` opened for reading, if it is a regular file (never blocks: a FIFO,
+    a device or a socket is refused, not read)."""
     try:
-        size = p.stat().st_size
-        if size > max_size:
-            raise GuestImageError(f"{what} file {p} is {size} bytes; the most pykvmm loads is "
-                                  f"{max_size} bytes ({max_size >> 20} MiB)")
-        return p.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
     except PermissionError:
-        raise GuestImageError(f"cannot read {what} file {p}: permission denied") from None
+        raise error(f"cannot read {what} {path}: permission denied") from None
     except OSError as e:
-        raise GuestImageError(f"cannot read {what} file {p}: {e.strerror}") from None
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise error(f"{path} is {kind}, not a {what}")
+    return fd
+
+
+def read_file(path: str | os.PathLike, what: str, max_size: int = abi.GUEST_MAX_SIZE) -> bytes:
+    """The bytes of a regular file the user named (e.g. --initrd), or a GuestImageError."""
+    fd = open_regular_file(path, f"{what} file", GuestImageError)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(max_size + 1)                 # at most: a file may grow while read
+    except OSError as e:
+        raise GuestImageError(f"cannot read {what} file {path}: {e.strerror}") from None
+    if len(data) > max_size:
+        raise GuestImageError(f"{what} file {path} is more than {max_size} bytes; the most pykvmm loads is "
+                              f"{max_size} bytes ({max_size >> 20} MiB)")
+    return data
 
 
 def load_image(path: str | os.PathLike) -> bytes:

@@ -29,7 +29,7 @@ test-all: setup guests
 	$(PY) -m pytest -q -m ''
 
 bench: setup guests
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench
 
 clean:
 	$(MAKE) -s -C guest clean

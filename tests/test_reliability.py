@@ -13,6 +13,7 @@ import time
 import pytest
 
 from pykvmm.planes import open_planes_vm
+from pykvmm.vmm import abi
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 
 from conftest import guest_image
@@ -53,7 +54,7 @@ def test_handler_exception_stops_every_vcpu_with_a_dump(kvm_available, monkeypat
         def broken(ex):
             raise RuntimeError("injected handler bug")
         t = m.threads[1]
-        t._port_handlers[0xE8] = broken       # vCPU 1's ucall port
+        t.set_port_handler(abi.PORT_UCALL, broken)       # vCPU 1's ucall port
         r = m.run(10)
     assert r.status == ExitStatus.CRASHED
     assert r.crash.vcpu == 1 and "injected handler bug" in r.crash.reason
@@ -67,7 +68,10 @@ def test_signal_stops_a_running_guest(kvm_available, sig):
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, "-m", "pykvmm", "run", "hang", "--vcpus", "2"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    # the guest runs once both vCPU threads exist (import and start-up take seconds on a loaded host)
+    deadline = time.monotonic() + 60
+    while len(os.listdir(f"/proc/{p.pid}/task")) < 3 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     p.send_signal(sig)
     out, err = p.communicate(timeout=20)
     assert p.returncode == ExitStatus.INTERRUPTED, err

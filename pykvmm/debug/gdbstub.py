@@ -33,10 +33,9 @@ import time
 
 from ..kvm import KvmError
 from ..uapi import constants as C
-from ..vmm import events as ev
+from ..x86 import arch
 
 SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
-MAX_PLANES_PER_VCPU = 16
 PACKET_SIZE = 0x4000
 
 DR7_LEN = {1: 0, 2: 1, 8: 2, 4: 3}
@@ -44,11 +43,11 @@ DR7_RW = {"exec": 0, "swexec": 0, "write": 1, "access": 3}
 
 
 def tid_of(vcpu: int, plane: int) -> int:
-    return vcpu * MAX_PLANES_PER_VCPU + plane + 1
+    return vcpu * arch.MAX_PLANES + plane + 1
 
 
 def split_tid(tid: int) -> tuple[int, int]:
-    return divmod(tid - 1, MAX_PLANES_PER_VCPU)
+    return divmod(tid - 1, arch.MAX_PLANES)
 
 
 def checksum(data: bytes) -> int:
@@ -178,21 +177,21 @@ _PROBE_WATCH = b"\xC6\x04\x25\x00\x00\x20\x00\x01\xE6\xEB\xEB\xFE"      # mov by
 
 
 def probe_host(backend: str, kvm_device: str) -> HostDebugCaps:
-    from .. import kvm as K
+    from .. import exits as X
     from ..vmm.machine import Machine, MachineConfig
 
     def run_probe(image, control, dregs):
         with Machine(image, MachineConfig(quiet=True, backend=backend, personality="none",
                                           kvm_device=kvm_device, mem_size=32 << 20)) as m:
-            v = m.threads[0].vcpu()
+            v = m.threads[0].plane_vcpu()
             v.set_guest_debug(control, dregs)
-            return m.threads[0].cpu.run(plane=0)
+            return m.threads[0].planes_vcpu.run(plane=0)
 
     caps = HostDebugCaps()
     notes = []
     try:
         ex = run_probe(_PROBE_SW, C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_SW_BP, None)
-        caps.sw_bp = isinstance(ex, K.Debug) and ex.exception == 3
+        caps.sw_bp = isinstance(ex, X.Debug) and ex.exception == 3
         if not caps.sw_bp:
             notes.append(f"int3 with KVM_GUESTDBG_USE_SW_BP ends in {type(ex).__name__}, not KVM_EXIT_DEBUG, "
                          "on this host: breakpoints use the 4 debug registers")
@@ -203,7 +202,7 @@ def probe_host(backend: str, kvm_device: str) -> HostDebugCaps:
         dr7 = 0x400 | 0x300 | 1 | (1 << 16)
         ex = run_probe(_PROBE_WATCH, C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_HW_BP,
                        [0x200000, 0, 0, 0, 0, 0, 0, dr7])
-        caps.watch = isinstance(ex, K.Debug) and ex.exception == 1 and bool(ex.dr6 & 1)
+        caps.watch = isinstance(ex, X.Debug) and ex.exception == 1 and bool(ex.dr6 & 1)
         if not caps.watch:
             notes.append("the host ignores data breakpoints (a watched store ran on): hardware "
                          "watchpoints are refused; use 'set can-use-hw-watchpoints 0' in gdb")
@@ -287,15 +286,7 @@ class GdbStub:
         s.settimeout(0.1)
         self._listener = s
         self.m.debugger = self
-        prev = self.m.trace
-        self._prev_sink = prev
-
-        def sink(event, _prev=prev):
-            if _prev:
-                _prev(event)
-            if event.kind == ev.FAULT and "crash" in event.details:
-                self._on_crash(event)
-        self.m.trace = sink
+        self.m.crash_hooks.append(self._on_crash)
         self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
         self._thread.start()
         return self.listen_address
@@ -370,7 +361,7 @@ class GdbStub:
         sig, reason, is_step = SIGTRAP, "", False
         if ex.exception == 3:
             reason = "swbreak:;"
-            v = t.vcpu()
+            v = t.plane_vcpu()
             rip = v.regs.rip
             if rip not in self._sw_bps and rip - 1 in self._sw_bps:   # report the int3's own address
                 v.regs.rip = rip - 1
@@ -393,11 +384,11 @@ class GdbStub:
                 self._pending_steps[i] = (sig, reason, tid_of(i, t.plane), None)
             # a breakpoint hit that loses the race to another stop is hit again on resume
 
-    def _on_crash(self, event) -> None:
+    def _on_crash(self, crash) -> None:
         """The machine is about to end the run for a crash: stop there so gdb can look."""
         if self.detached or self.session_over or not self.connected:
             return
-        i = event.vcpu
+        i = crash.vcpu
         t = self.m.threads[i] if 0 <= i < len(self.m.threads) else None
         if t is None or t.thread is not threading.current_thread():
             return
@@ -405,7 +396,7 @@ class GdbStub:
             if not self._may_stop():
                 return
             self._record_stop(t, SIGSEGV, "", f"guest crashed on vCPU {i} {self._pl(t.plane)}: "
-                                               f"{event.details.get('crash')}; continuing ends the run")
+                                               f"{crash.reason}; continuing ends the run")
             while not self._go[i] and not self.m.stopping and not self.killed:
                 self._parked[i] = True
                 self.cv.notify_all()
@@ -429,7 +420,7 @@ class GdbStub:
             self._go[k] = False
         for t in self.m.threads:
             if t.index != exclude:
-                t.cpu.kick()
+                t.planes_vcpu.kick()
         self.cv.notify_all()
 
     def _all_parked(self) -> bool:
@@ -478,8 +469,8 @@ class GdbStub:
             if control:
                 control |= C.KVM_GUESTDBG_ENABLE
             state = (control, tuple(dregs) if control & C.KVM_GUESTDBG_USE_HW_BP else ())
-            for p in t.cpu.planes:
-                v = t.cpu.plane_vcpu(p)
+            for p in t.planes_vcpu.planes:
+                v = t.planes_vcpu.plane_vcpu(p)
                 if self._applied.get(id(v), (0, ())) == state:
                     continue
                 v.set_guest_debug(control, dregs if control & C.KVM_GUESTDBG_USE_HW_BP else None)
@@ -823,7 +814,7 @@ class GdbStub:
 
     # -- threads --------------------------------------------------------------------------------------
     def _tids(self) -> list[int]:
-        return [tid_of(t.index, p) for t in self.m.threads for p in t.cpu.planes]
+        return [tid_of(t.index, p) for t in self.m.threads for p in t.planes_vcpu.planes]
 
     def _valid_tid(self, tid: int) -> bool:
         return tid in self._tids()
@@ -888,7 +879,7 @@ class GdbStub:
     def _vcpu_of(self, tid: int):
         v, p = split_tid(tid)
         t = self.m.threads[v]
-        return t, t.cpu.plane_vcpu(p)
+        return t, t.planes_vcpu.plane_vcpu(p)
 
     # -- registers -----------------------------------------------------------------------------------
     def _reg_values(self, tid: int) -> list[bytes]:
@@ -1150,7 +1141,7 @@ class GdbStub:
             self._remove_all_breakpoints()
             self.cv.notify_all()
         self.log("gdb stub: killed from gdb; stopping the run")
-        self.m._finish_now()
+        self.m.finish_now()
 
     # -- monitor commands --------------------------------------------------------------------------------
     def _monitor(self, cmd: str) -> str:

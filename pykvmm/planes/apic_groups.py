@@ -14,7 +14,8 @@ import errno
 from ..kvm import KvmError, Vcpu
 from ..uapi import ffi
 from ..x86 import apic
-from .api import MAX_PLANES, Plane, PlanesVm, SingleKvmVm, pkru_xsave_offset
+from ..x86.xsave import pkru_xsave_offset
+from .api import MAX_PLANES, Plane, PlanesVm, SingleKvmVm
 from .softswitch import SoftSwitchVcpu
 
 N_BITS = 4  # 16 planes
@@ -47,7 +48,6 @@ class ApicGroupsPlanesVm(SingleKvmVm, PlanesVm):
         self.vm0 = kvm.create_vm()
         self.shift = 32 - n_bits if shift is None else shift
         self.vm0.ioctl("KVM_SET_APIC_ID_GROUPS", ffi.new("struct kvm_apic_id_groups *", {"n_bits": n_bits}))
-        self.kicker = None
         self.scan_gap = 50e-6
         self.pkru_offset = pkru_xsave_offset(kvm.supported_cpuid())
         self.planes[0] = ApicGroupsPlane(self, 0)

@@ -11,7 +11,7 @@ events itself:
   plane (at most once per ``scan_gap`` seconds), and whenever the vCPU thread is kicked;
   the machine kicks threads whose run has requested planes every ``kick_interval``. The
   worst-case delay is therefore one kick interval plus one scan (benchmarked by
-  scripts/bench.py: "in-kernel IPI to an inactive plane").
+  scripts/bench: "in-kernel IPI to an inactive plane").
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import errno
 
 from ..kvm import KvmError, Vcpu, Vm
-from .api import MAX_PLANES, Plane, PlanesVm, pkru_xsave_offset
+from ..x86.xsave import pkru_xsave_offset
+from .api import MAX_PLANES, Plane, PlanesVm
 from .softswitch import SoftSwitchVcpu
 
 
@@ -52,7 +53,6 @@ class MultiVmPlanesVm(PlanesVm):
     def __init__(self, kvm, max_planes: int = MAX_PLANES, scan_gap: float = 50e-6):
         super().__init__(kvm, max_planes)
         self.scan_gap = scan_gap
-        self.kicker = None          # set by the machine: sends the kick signal to a thread
         self._regions: list[tuple] = []
         self._vm_setup = []         # callables applied to every plane VM (MSR filter, caps)
         self.pkru_offset = pkru_xsave_offset(kvm.supported_cpuid())

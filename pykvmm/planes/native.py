@@ -40,7 +40,6 @@ class NativeVcpu(PlanesVcpu):
     def __init__(self, vm: "NativePlanesVm", vcpu_id: int, v0: Vcpu):
         super().__init__(vm, vcpu_id)
         self._v0 = v0
-        self.thread_id = None
 
     @property
     def plane0(self) -> Vcpu:
@@ -50,15 +49,14 @@ class NativeVcpu(PlanesVcpu):
         v0 = self._v0
         run = v0.run_struct
         if plane != 0:
-            for name in ("regs", "sregs", "vcpu_events"):
-                v0._flush(name)   # the shared sync area must not carry plane 0's writes
+            v0.flush_sync_regs()   # the shared sync area must not carry plane 0's writes
             run.kvm_valid_regs = 0
         run.plane = plane
         run.req_exit_planes = req_exit_planes
         self.last_plane = plane
         ex = v0.run()
         if plane != 0:
-            v0._valid = 0
+            v0.forget_sync_regs()
         return ex
 
     def kick(self) -> None:
@@ -76,7 +74,6 @@ class NativePlanesVm(SingleKvmVm, PlanesVm):
         super().__init__(kvm, limit)
         self.abi = abi
         self.vm0 = vm0
-        self.kicker = None
         self.planes[0] = NativePlane(self, 0, vm0)
 
     def raw_create_plane(self, plane_id: int) -> int:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import threading
 import time
 
-from .. import kvm as K
+from .. import exits as X
 from ..kvm import Vcpu
+from ..uapi import ffi
 from ..x86 import apic
-from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, PlanesVcpu, copy_fpu_state
+from ..x86.xsave import copy_fpu_state
+from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, PlanesVcpu
 
 
 class SoftSwitchVcpu(PlanesVcpu):
@@ -31,7 +33,6 @@ class SoftSwitchVcpu(PlanesVcpu):
         self._in_run = None         # the KVM vCPU inside KVM_RUN, if any
         self._last_scan = 0.0
         self.scan_gap = vm.scan_gap
-        self.thread_id: int | None = None
         self.irr_scans = 0
         self.plane_events = 0
         self._kicked = False
@@ -64,7 +65,7 @@ class SoftSwitchVcpu(PlanesVcpu):
         for p, plane in self.vm.planes.items():
             if planes_mask >> p & 1 and self.id in plane.vcpus:
                 self.irr_scans += 1
-                regs = bytes(K.ffi.buffer(plane.vcpus[self.id].get_lapic().regs))
+                regs = bytes(ffi.buffer(plane.vcpus[self.id].get_lapic().regs))
                 if apic.irr_pending(regs):
                     found |= 1 << p
         return found
@@ -93,7 +94,7 @@ class SoftSwitchVcpu(PlanesVcpu):
             self._pending &= ~(1 << plane)      # entering a plane clears its pending bit
             if self._kicked:
                 self._kicked = False
-                return K.Interrupted()
+                return X.Interrupted()
             self._running_req = req
             self._in_run = v
         try:
@@ -105,7 +106,7 @@ class SoftSwitchVcpu(PlanesVcpu):
                 self._kicked = False
                 v.request_immediate_exit(False)
         if req:
-            kicked = type(ex) is K.Interrupted
+            kicked = type(ex) is X.Interrupted
             found = self.pending_planes(req, force_scan=kicked) & req
             if found:
                 with self._lock:
@@ -116,7 +117,7 @@ class SoftSwitchVcpu(PlanesVcpu):
 
     def _event(self, pending: int, req: int):
         self.plane_events += 1
-        return K.PlaneEvent(KVM_PLANE_EVENT_INTERRUPT, pending, pending & req, 0, [0] * 8)
+        return X.PlaneEvent(KVM_PLANE_EVENT_INTERRUPT, pending, pending & req, 0, [0] * 8)
 
     def kick(self) -> None:
         """Signal + immediate_exit, under the lock that run() takes before entering KVM_RUN,

@@ -6,20 +6,55 @@
     v1 = p1.create_vcpu_plane(vcpu)                # plane-1 state of that vCPU (get/set only)
     ex = vcpu.run(plane=1, req_exit_planes=0b01)   # -> kvm.Exit, or PlaneEvent
     p1.signal_msi(address, data)                   # an interrupt for plane 1 only
+    vcpu.kick()                                    # from another thread: that run() returns soon
 
 Every backend implements these classes; they differ only in how planes are made and how
 a switch happens (see DESIGN.md). Errors are KvmError with the RFC's errno.
+
+Kicks (what an embedding program needs to know)
+    A vCPU halted in the guest (``hlt`` with the in-kernel LAPIC) stays inside KVM_RUN until
+    an interrupt of the running plane or a signal. ``kick()`` sets ``immediate_exit`` and sends
+    KICK_SIGNAL (SIGUSR1) to the thread in ``run()`` (each run() records its thread). A signal
+    only ends KVM_RUN if the thread has a handler for it, so the planes layer installs a no-op
+    one when a planes VM is created on the main thread (Python lets only the main thread set
+    handlers); an existing handler of the program is kept, any handler does. A program that
+    creates its planes VM on another thread calls ``install_kick_handler()`` on the main thread
+    first, or kick() raises KvmError saying so. The program must not block KICK_SIGNAL in a
+    thread that calls run().
 """
 
 from __future__ import annotations
 
 import errno
+import signal
+import threading
 from abc import ABC, abstractmethod
 
+from ..exits import Interrupted
 from ..kvm import KvmError, Vcpu
 from ..x86.arch import MAX_PLANES
 
 KVM_PLANE_EVENT_INTERRUPT = 1
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def _kick_noop(signum, frame) -> None:
+    """The kick signal only has to end KVM_RUN with EINTR; there is nothing to do."""
+
+
+def kick_handler_installed() -> bool:
+    return callable(signal.getsignal(KICK_SIGNAL))
+
+
+def install_kick_handler() -> bool:
+    """Give KICK_SIGNAL a no-op handler (unless it has a handler already) and make it interrupt
+    system calls. Python allows this only on the main thread: elsewhere it changes nothing.
+    Returns whether a handler is in place."""
+    if threading.current_thread() is threading.main_thread():
+        if not kick_handler_installed():
+            signal.signal(KICK_SIGNAL, _kick_noop)
+        signal.siginterrupt(KICK_SIGNAL, True)
+    return kick_handler_installed()
 
 
 class Plane(ABC):
@@ -47,16 +82,17 @@ class Plane(ABC):
 
 
 class PlanesVcpu(ABC):
-    """A vCPU with one register/LAPIC context per plane; run() runs one plane of it.
-
-    What the user of the API (the machine) sets: ``thread_id``, the thread that calls run(),
-    which ``kick()`` signals through the VM's ``kicker``."""
+    """A vCPU with one register/LAPIC context per plane; run() runs one plane of it."""
 
     def __init__(self, vm: "PlanesVm", vcpu_id: int):
         self.vm, self.id = vm, vcpu_id
         self.last_plane = 0
         self.cpuid = None
-        self.thread_id: int | None = None
+        self.thread_id: int | None = None   # the thread of the latest run(): where kicks go
+        self._lock = threading.Lock()       # guards the four fields below (see kick())
+        self._in_run: Vcpu | None = None    # the KVM vCPU inside KVM_RUN, if any
+        self._running_req = 0               # req_exit_planes of that run
+        self._kicked = False                # a kick not yet seen by a run
 
     @property
     @abstractmethod
@@ -82,38 +118,78 @@ class PlanesVcpu(ABC):
 
     @abstractmethod
     def run(self, plane: int = 0, req_exit_planes: int = 0):
-        """Run ``plane`` of this vCPU until an exit; a pending interrupt for a plane in
-        ``req_exit_planes`` (other than ``plane``) ends it with a PlaneEvent."""
+        """Run ``plane`` of this vCPU until an exit. An interrupt pending in a plane of
+        ``req_exit_planes`` (other than ``plane``) that its LAPIC would deliver (IRR above
+        PPR) ends it with a PlaneEvent, also while ``plane`` is halted; the backend's module
+        docstring gives the bound. Backends enter KVM_RUN through run_kvm()."""
 
-    @abstractmethod
     def kick(self) -> None:
-        """Make a run() in progress on another thread return soon (Interrupted or PlaneEvent)."""
+        """Make a run() in progress on another thread return soon (Interrupted or PlaneEvent),
+        also from a halt; a kick while no run() is in progress makes the next one return at
+        once. Taken under the lock run_kvm() holds until it is committed to KVM_RUN, so a kick
+        never falls between its check and the ioctl (immediate_exit covers that window)."""
+        with self._lock:
+            self._kicked = True
+            v = self._in_run
+            if v is not None:
+                v.request_immediate_exit()
+                self._signal_thread()
 
     def note_pending(self, plane_id: int) -> None:
-        """Something outside KVM made an interrupt pending for ``plane_id`` of this vCPU."""
+        """Something outside KVM made an interrupt pending for ``plane_id`` of this vCPU, or
+        changed what its LAPIC would deliver (e.g. its TPR, with set_lapic)."""
 
     def needs_scan_kick(self) -> bool:
-        """True while a run() is in KVM_RUN and only a kick lets it notice interrupts for the
-        requested planes (backends that find them by looking, not told by the kernel). The
-        machine kicks such vCPUs every ``kick_interval``."""
+        """Whether only a kick lets the backend look for interrupts of this vCPU's run."""
         return False
+
+    # -- for the backends' run() -----------------------------------------------------------
+    def _hold_entry(self, req: int) -> bool:
+        """Called under the lock just before KVM_RUN: True to return Interrupted instead."""
+        return False
+
+    def run_kvm(self, v: Vcpu, req: int):
+        """KVM_RUN of ``v`` (a plane of this vCPU) as the run of this vCPU, kickable."""
+        with self._lock:
+            if self._kicked or self._hold_entry(req):
+                self._kicked = False
+                return Interrupted()
+            self.thread_id = threading.get_ident()
+            self._running_req = req
+            self._in_run = v
+        try:
+            return v.run()
+        finally:
+            with self._lock:
+                self._in_run = None
+                self._running_req = 0
+                self._kicked = False
+                v.request_immediate_exit(False)
+
+    def _signal_thread(self) -> None:
+        """KICK_SIGNAL to the thread in run_kvm() (alive: called under the lock while it runs)."""
+        tid = self.thread_id
+        if tid is None or tid == threading.get_ident():
+            return      # our own run: immediate_exit is enough
+        if not kick_handler_installed():
+            raise KvmError("kick", f"vcpu{self.id}", errno.EINVAL,
+                           f"signal {KICK_SIGNAL.name} has no handler, so it cannot interrupt KVM_RUN: "
+                           f"create the planes VM on the main thread or call "
+                           f"pykvmm.planes.install_kick_handler() there first")
+        signal.pthread_kill(tid, KICK_SIGNAL)
 
 
 class PlanesVm(ABC):
-    """What the user of the API (the machine) sets: ``kicker``, a callable(thread_id) that
-    makes a thread blocked in KVM_RUN return (the machine sends it a signal); None: kicks only
-    set immediate_exit."""
-
     backend: str = "?"
 
     def __init__(self, kvm, max_planes: int):
         self.kvm = kvm
-        self.kicker = None
         self.max_planes = max_planes
         self.planes: dict[int, Plane] = {}
         self.vcpus: dict[int, PlanesVcpu] = {}
         self.shared_fpu = False
         self.irqchip = False
+        install_kick_handler()
 
     # -- planes -------------------------------------------------------------------------
     def raw_create_plane(self, plane_id: int) -> int:

@@ -16,7 +16,7 @@ from ..uapi import ffi
 from ..x86 import apic
 from ..x86.xsave import pkru_xsave_offset
 from .api import MAX_PLANES, Plane, PlanesVm, SingleKvmVm
-from .softswitch import SoftSwitchVcpu
+from .softswitch import SoftSwitchVcpu, SoftSwitchVm
 
 N_BITS = 4  # 16 planes
 
@@ -40,7 +40,7 @@ class ApicGroupsPlane(Plane):
         return ret
 
 
-class ApicGroupsPlanesVm(SingleKvmVm, PlanesVm):
+class ApicGroupsPlanesVm(SoftSwitchVm, SingleKvmVm, PlanesVm):
     backend = "apic-groups"
 
     def __init__(self, kvm, n_bits: int = N_BITS, shift: int | None = None):
@@ -48,7 +48,6 @@ class ApicGroupsPlanesVm(SingleKvmVm, PlanesVm):
         self.vm0 = kvm.create_vm()
         self.shift = 32 - n_bits if shift is None else shift
         self.vm0.ioctl("KVM_SET_APIC_ID_GROUPS", ffi.new("struct kvm_apic_id_groups *", {"n_bits": n_bits}))
-        self.scan_gap = 50e-6
         self.pkru_offset = pkru_xsave_offset(kvm.supported_cpuid())
         self.planes[0] = ApicGroupsPlane(self, 0)
 
@@ -68,4 +67,5 @@ class ApicGroupsPlanesVm(SingleKvmVm, PlanesVm):
         return pv
 
     def close(self) -> None:
+        self.stop_ticker()
         self.vm0.close()

@@ -2,16 +2,15 @@
 
 Each plane VM's in-kernel LAPICs are that plane's APIC namespace, so IPIs stay inside a
 plane as with KVM planes. KVM knows nothing of planes here, so pykvmm produces the plane
-events itself:
+events itself (softswitch.py says when, the bound, and every pending bit it keeps):
 
-* at once for interrupts pykvmm delivers (``Plane.signal_msi``, ``note_pending``): the
-  target vCPU's pending bit is set and its thread kicked;
+* at once for interrupts pykvmm delivers (``Plane.signal_msi``): the target vCPU is told
+  (``note_pending``) and its thread kicked if its run requested that plane;
 * for in-kernel IPIs between vCPUs of a plane that is not running, by reading that plane's
-  LAPIC IRR (KVM_GET_LAPIC). This happens on entry to run(), after every exit of the running
-  plane (at most once per ``scan_gap`` seconds), and whenever the vCPU thread is kicked;
-  the machine kicks threads whose run has requested planes every ``kick_interval``. The
-  worst-case delay is therefore one kick interval plus one scan (benchmarked by
-  scripts/bench: "in-kernel IPI to an inactive plane").
+  LAPIC (KVM_GET_LAPIC) on entry to run(), after exits of the running plane and on every
+  kick; the VM's ticker kicks every vCPU whose run has requested planes (halted or not)
+  every ``kick_interval``. The worst-case delay is one kick interval plus one scan
+  (scripts/bench.py: "in-kernel IPI to an inactive plane" and the halted wake-up rows).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import errno
 from ..kvm import KvmError, Vcpu, Vm
 from ..x86.xsave import pkru_xsave_offset
 from .api import MAX_PLANES, Plane, PlanesVm
-from .softswitch import SoftSwitchVcpu
+from .softswitch import SoftSwitchVcpu, SoftSwitchVm
 
 
 class MultiVmPlane(Plane):
@@ -47,12 +46,11 @@ class MultiVmPlane(Plane):
         return ret
 
 
-class MultiVmPlanesVm(PlanesVm):
+class MultiVmPlanesVm(SoftSwitchVm, PlanesVm):
     backend = "multivm"
 
-    def __init__(self, kvm, max_planes: int = MAX_PLANES, scan_gap: float = 50e-6):
+    def __init__(self, kvm, max_planes: int = MAX_PLANES):
         super().__init__(kvm, max_planes)
-        self.scan_gap = scan_gap
         self._regions: list[tuple] = []
         self._vm_setup = []         # callables applied to every plane VM (MSR filter, caps)
         self.pkru_offset = pkru_xsave_offset(kvm.supported_cpuid())
@@ -103,5 +101,6 @@ class MultiVmPlanesVm(PlanesVm):
         self.irqchip = True
 
     def close(self) -> None:
+        self.stop_ticker()
         for vm in self.kvm_vms():
             vm.close()

@@ -54,15 +54,10 @@ class NativeVcpu(PlanesVcpu):
         run.plane = plane
         run.req_exit_planes = req_exit_planes
         self.last_plane = plane
-        ex = v0.run()
+        ex = self.run_kvm(v0, req_exit_planes)
         if plane != 0:
             v0.forget_sync_regs()
         return ex
-
-    def kick(self) -> None:
-        self._v0.request_immediate_exit()
-        if self.vm.kicker is not None and self.thread_id is not None:
-            self.vm.kicker(self.thread_id)
 
 
 class NativePlanesVm(SingleKvmVm, PlanesVm):

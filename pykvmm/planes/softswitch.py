@@ -1,10 +1,36 @@
 """Plane switching done by pykvmm for backends where each plane is its own KVM vCPU
 (multivm, apic-groups): the VMM decides which one to run and produces the plane events.
 
-Pending interrupts come from two places: the ones pykvmm itself delivers (``note_pending``,
-immediate) and in-kernel IPIs into a plane that is not running, found by reading that
-plane's LAPIC IRR (KVM_GET_LAPIC): on entry to run(), after exits of the running plane (at
-most once per ``scan_gap`` seconds), and when the thread is kicked.
+When a run ends with a plane event
+    Only when a plane of req_exit_planes has an interrupt its LAPIC would deliver now: the
+    highest IRR vector's class is above the PPR class (TPR and in-service vectors, read with
+    KVM_GET_LAPIC; ``x86.apic.deliverable_irr``). A masked interrupt produces no event; it
+    produces one as soon as a scan sees it deliverable (a higher vector arrived, or the TPR
+    was lowered from outside). So an event is never spurious, and nothing remembered about an
+    earlier event can hold a later one back: every run() decides from the LAPICs as they are.
+
+When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
+    * on entry to run(): the planes of ``_hint``, always; every requested plane when entering
+      a different plane than last time or when ``scan_gap`` has passed since the last scan;
+    * after every exit of the running plane: the same rule (rate-limited by ``scan_gap``);
+    * after a kick (KVM_RUN ended by the signal): every requested plane.
+    A vCPU whose run has planes requested is kicked by the VM's ticker every
+    ``kick_interval`` seconds, whatever the running plane does (spins, makes exits or is
+    halted in KVM_RUN), and at once by note_pending() for an interrupt pykvmm itself delivers
+    (``Plane.signal_msi``). The bound for an in-kernel IPI into a plane that is not running is
+    therefore one kick interval plus one scan (``make bench``: wake-up delay); for signal_msi
+    it is one kick.
+
+The pending state kept, its one owner and the one place each is cleared
+    ``_hint`` (planes to scan on the next look, whatever the rate limit): set by
+    note_pending(), by run() when a rate-limited scan after an exit found a deliverable
+    interrupt (so the next entry returns the event without waiting for scan_gap), cleared by
+    ``_scan`` for each plane it reads (before reading, under the lock, so a note_pending()
+    racing with the read is seen by the read or sets the bit again) and on entry to that
+    plane (its interrupts are then the kernel's to deliver).
+    ``_kicked``/``_in_run``/``_running_req`` (PlanesVcpu): set and cleared by kick() and
+    run_kvm() under ``_lock``; see planes/api.py.
+    Nothing else: a plane event is computed from the scan of that moment and not stored.
 """
 
 from __future__ import annotations
@@ -19,6 +45,44 @@ from ..x86 import apic
 from ..x86.xsave import copy_fpu_state
 from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, PlanesVcpu
 
+SCAN_GAP = 50e-6        # seconds between rate-limited scans of one vCPU
+KICK_INTERVAL = 1e-3    # seconds between the ticker's kicks of a vCPU with planes requested
+
+
+class SoftSwitchVm:
+    """Mixin for the VMs of soft-switching backends: the ticker that kicks vCPUs whose run has
+    planes requested, so that interrupts arriving in the kernel are found even while the
+    running plane is halted. Started by the first such run, stopped by ``close()``."""
+
+    scan_gap = SCAN_GAP
+    kick_interval = KICK_INTERVAL
+    _ticker: threading.Thread | None = None
+    _ticker_stop: threading.Event | None = None
+    _ticker_lock = threading.Lock()
+
+    def start_ticker(self) -> None:
+        with self._ticker_lock:
+            if self._ticker is not None:
+                return
+            self._ticker_stop = threading.Event()
+            self._ticker = threading.Thread(target=self._tick, args=(self._ticker_stop,),
+                                            name="plane-ticker", daemon=True)
+            self._ticker.start()
+
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(self.kick_interval):
+            for cpu in list(self.vcpus.values()):
+                if cpu.needs_scan_kick():
+                    cpu.kick()
+
+    def stop_ticker(self) -> None:
+        with self._ticker_lock:
+            ticker, self._ticker = self._ticker, None
+            if ticker is not None:
+                self._ticker_stop.set()
+        if ticker is not None and ticker is not threading.current_thread():
+            ticker.join()
+
 
 class SoftSwitchVcpu(PlanesVcpu):
     """A vCPU whose planes are separate KVM vCPUs; pykvmm produces the plane events."""
@@ -26,16 +90,13 @@ class SoftSwitchVcpu(PlanesVcpu):
     def __init__(self, vm, vcpu_id: int, v0: Vcpu):
         super().__init__(vm, vcpu_id)
         self._v0 = v0
-        self.cpuid = None
-        self._pending = 0           # planes with an interrupt pykvmm knows is pending
-        self._lock = threading.Lock()
-        self._running_req = 0       # requested planes of the run in progress (for kicks)
-        self._in_run = None         # the KVM vCPU inside KVM_RUN, if any
+        self._hint = 0              # see the module docstring
         self._last_scan = 0.0
         self.scan_gap = vm.scan_gap
-        self.irr_scans = 0
+        self.irr_scans = 0          # KVM_GET_LAPIC reads of planes that were not running
         self.plane_events = 0
-        self._kicked = False
+        self.masked_interrupts = 0  # scans that found a new highest vector masked by PPR
+        self._masked_seen: dict[int, int] = {}
 
     @property
     def plane0(self) -> Vcpu:
@@ -49,83 +110,73 @@ class SoftSwitchVcpu(PlanesVcpu):
     # -- pending interrupts --------------------------------------------------------------
     def note_pending(self, plane_id: int) -> None:
         with self._lock:
-            self._pending |= 1 << plane_id
+            self._hint |= 1 << plane_id
             kick = self._in_run is not None and self._running_req & (1 << plane_id)
         if kick:
             self.kick()
 
     def needs_scan_kick(self) -> bool:
-        """In KVM_RUN with planes requested: only a kick lets it look at their IRRs."""
+        """In KVM_RUN with planes requested: only a kick lets it look at their LAPICs."""
         return bool(self._running_req) and self._in_run is not None
 
-    def scan(self, planes_mask: int) -> int:
-        """Planes of ``planes_mask`` whose LAPIC has an interrupt in IRR (one ioctl each)."""
+    def _hold_entry(self, req: int) -> bool:
+        return bool(self._hint & req)   # note_pending() came after the entry scan: look first
+
+    def _scan(self, planes_mask: int) -> int:
+        """Planes of ``planes_mask`` whose LAPIC would deliver an interrupt now."""
+        with self._lock:
+            self._hint &= ~planes_mask
         found = 0
         self._last_scan = time.monotonic()
         for p, plane in self.vm.planes.items():
             if planes_mask >> p & 1 and self.id in plane.vcpus:
                 self.irr_scans += 1
                 regs = bytes(ffi.buffer(plane.vcpus[self.id].get_lapic().regs))
-                if apic.irr_pending(regs):
+                if apic.deliverable_irr(regs) is not None:
                     found |= 1 << p
+                    self._masked_seen.pop(p, None)
+                else:
+                    self._note_masked(p, apic.highest_irr(regs))
         return found
 
-    def pending_planes(self, req: int, force_scan: bool = False) -> int:
-        pending = self._pending
-        if req & ~pending and (force_scan or time.monotonic() - self._last_scan >= self.scan_gap):
-            pending |= self.scan(req & ~pending)
-        return pending
+    def _note_masked(self, plane: int, vector: int | None) -> None:
+        if vector is None:
+            self._masked_seen.pop(plane, None)
+        elif self._masked_seen.get(plane) != vector:
+            self._masked_seen[plane] = vector
+            self.masked_interrupts += 1
+
+    def _look(self, req: int, force: bool) -> int:
+        """Scan what is due (see the module docstring); the planes of ``req`` found deliverable."""
+        due = req if force or time.monotonic() - self._last_scan >= self.scan_gap else self._hint & req
+        return self._scan(due) if due else 0
 
     # -- running -------------------------------------------------------------------------
     def run(self, plane: int = 0, req_exit_planes: int = 0):
         v = self.plane_vcpu(plane)
         req = req_exit_planes & ~(1 << plane) & ((1 << MAX_PLANES) - 1)
         switching = plane != self.last_plane
-        # Interrupts that arrived while outside KVM_RUN are re-checked on entry (an IRR scan
-        # is forced when entering a different plane, rate-limited otherwise).
         if req:
-            pending = self.pending_planes(req, force_scan=switching) & ~(1 << plane)
-            if pending & req:
-                return self._event(pending, req)
+            self.vm.start_ticker()
+            found = self._look(req, force=switching)
+            if found:
+                return self._event(found, req)
         if switching and self.vm.shared_fpu:
             copy_fpu_state(self.plane_vcpu(self.last_plane), v, self.vm.pkru_offset)
         self.last_plane = plane
         with self._lock:
-            self._pending &= ~(1 << plane)      # entering a plane clears its pending bit
-            if self._kicked:
-                self._kicked = False
-                return X.Interrupted()
-            self._running_req = req
-            self._in_run = v
-        try:
-            ex = v.run()
-        finally:
-            with self._lock:
-                self._in_run = None
-                self._running_req = 0
-                self._kicked = False
-                v.request_immediate_exit(False)
+            self._hint &= ~(1 << plane)     # the kernel delivers the running plane's interrupts
+        ex = self.run_kvm(v, req)
         if req:
             kicked = type(ex) is X.Interrupted
-            found = self.pending_planes(req, force_scan=kicked) & req
+            found = self._look(req, force=kicked)
             if found:
-                with self._lock:
-                    self._pending |= found      # remembered: the next entry exits at once
                 if kicked:
-                    return self._event(self._pending, req)
+                    return self._event(found, req)
+                with self._lock:
+                    self._hint |= found     # the next entry looks again and returns the event
         return ex
 
-    def _event(self, pending: int, req: int):
+    def _event(self, found: int, req: int):
         self.plane_events += 1
-        return X.PlaneEvent(KVM_PLANE_EVENT_INTERRUPT, pending, pending & req, 0, [0] * 8)
-
-    def kick(self) -> None:
-        """Signal + immediate_exit, under the lock that run() takes before entering KVM_RUN,
-        so a kick can never fall between the check and the ioctl."""
-        with self._lock:
-            self._kicked = True
-            v = self._in_run
-            if v is not None:
-                v.request_immediate_exit()
-                if self.vm.kicker is not None and self.thread_id is not None:
-                    self.vm.kicker(self.thread_id)
+        return X.PlaneEvent(KVM_PLANE_EVENT_INTERRUPT, found, found & req, 0, [0] * 8)

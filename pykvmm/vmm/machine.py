@@ -8,18 +8,20 @@ Where the rest lives: the run loop of one vCPU and the applying of handler outco
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from ..kvm import Kvm, Vcpu
 from ..planes import open_planes_vm
+from ..planes.api import install_kick_handler
 from ..uapi import constants as C
 from ..x86 import longmode
 from . import abi, bringup, capture as _capture, events as ev
-from .devices import Console, Ucall
+from .console import Console
+from .devices import Ucall
 from .hypercalls import Dispatcher, call_name
 from .memory import GuestMemory
 from .outcomes import Fault
@@ -29,7 +31,12 @@ from .vcpu_thread import VcpuThread
 
 __all__ = ["Machine", "MachineConfig", "ExitStatus", "RunResult", "Crash", "CpuReport", "run_image"]
 
-KICK_SIGNAL = signal.SIGUSR1
+# What a run keeps of what a guest can repeat without end (README "Bounded host memory"):
+# the newest entries are kept, the older ones only counted.
+UCALL_HISTORY = 10_000         # ucalls in RunResult.ucalls (every verb counted in ucall_counts)
+FAULT_HISTORY = 100            # injected faults in Machine.faults (all counted in faults_injected)
+WARNING_EXAMPLES = 5           # warnings of one kind shown word for word; the rest "and N more like it"
+WARNING_KINDS = 100            # kinds of warning kept; further kinds are only counted
 
 
 @dataclass
@@ -43,7 +50,8 @@ class MachineConfig:
     arg: int = 0
     console_out: object = None     # a text stream; None = sys.stdout
     quiet: bool = False            # no console echo (tests read result.console)
-    kick_interval: float = 1e-3    # periodic kick for in-kernel IPIs to inactive planes
+    raw_console: bool = False      # pass guest console bytes unescaped (control characters too)
+    kick_interval: float = 1e-3    # multivm/apic-groups ticker: in-kernel IPIs to inactive planes
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
 
@@ -52,6 +60,8 @@ class Machine:
     """A guest image on a planes VM. Public hooks for the debug layer: ``trace`` (a sink
     called with every TraceEvent, or None), ``debugger`` (the gdb stub's all-stop control),
     ``crash_hooks`` (callables(Crash) run when a vCPU crashes, before the machine stops)."""
+
+    POLL_INTERVAL = 0.05     # how often run() looks at signals, the deadline and halted vCPUs
 
     def __init__(self, image: bytes, config: MachineConfig | None = None):
         self.config = cfg = config or MachineConfig()
@@ -63,14 +73,21 @@ class Machine:
         self.debugger = None
         self.crash_hooks: list = []
         self.console = Console(out=None if cfg.quiet else (cfg.console_out or sys.stdout),
-                               prefix_vcpus=cfg.vcpus > 1, prefix_planes=cfg.planes > 1)
-        self.warnings: list[str] = []
+                               prefix_vcpus=cfg.vcpus > 1, prefix_planes=cfg.planes > 1,
+                               raw=cfg.raw_console, on_closed=self._output_closed)
+        self._warnings: dict[str, list] = {}     # kind -> [examples, count beyond them]
+        self._warning_kinds_dropped = 0
         self.dispatcher = Dispatcher()
-        self.faults: list[tuple[int, int, int, str]] = []
+        self.faults: deque[tuple[int, int, int, str]] = deque(maxlen=FAULT_HISTORY)
+        self.faults_injected = 0
         self._lock = threading.Lock()
         self._finished = threading.Event()
         self.stopping = False
-        self._ucalls: list[Ucall] = []
+        self._stdout_closed = False
+        self._console_blocked = False
+        self._interrupted = False
+        self._ucalls: deque[Ucall] = deque(maxlen=UCALL_HISTORY)
+        self._ucall_counts: dict[str, int] = {}
         self._failure: Ucall | None = None
         self._crash_info: Crash | None = None
         self.memory = None
@@ -89,6 +106,8 @@ class Machine:
         if max_vcpus and cfg.vcpus > max_vcpus:
             raise ValueError(f"--vcpus {cfg.vcpus} is more than this host's KVM allows ({max_vcpus})")
         self.pvm = pvm = open_planes_vm(self.kvm, cfg.backend)
+        if hasattr(pvm, "kick_interval"):
+            pvm.kick_interval = cfg.kick_interval
         if not 1 <= cfg.planes <= pvm.max_planes:
             raise ValueError(f"--planes must be 1..{pvm.max_planes} on the {pvm.backend} backend, not {cfg.planes}")
         self.plane_count = cfg.planes
@@ -120,55 +139,46 @@ class Machine:
             for p in range(cfg.planes):
                 bringup.init_plane_vcpu(planes_vcpu.plane_vcpu(p), i, p, self.osxsave, self.policy.sync_classes)
             self.threads.append(VcpuThread(self, i, planes_vcpu))
-        pvm.kicker = self._kick_thread
 
     # -- running ---------------------------------------------------------------------------
-    def _kick_thread(self, thread_id: int) -> None:
-        try:
-            signal.pthread_kill(thread_id, KICK_SIGNAL)
-        except (ProcessLookupError, OSError):
-            pass
-
     def kick_all(self) -> None:
         for t in self.threads:
             t.planes_vcpu.kick()
 
     def run(self, timeout: float | None = None) -> RunResult:
-        self._install_kick_handler()
+        install_kick_handler()
         start = time.monotonic()
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "start", "vcpus": self.config.vcpus,
                                                          "planes": self.plane_count,
                                                          "backend": self.pvm.backend,
                                                          "personality": self.policy.name}))
-        ticker = status = None
+        status = None
+        deadline = None if timeout is None else start + timeout
         try:    # from the first thread's start on: an interrupt must stop the threads started
             for t in self.threads:
                 t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
                 t.thread.start()
-            if self.plane_count > 1:
-                ticker = threading.Thread(target=self._tick, name="plane-ticker", daemon=True)
-                ticker.start()
-            if not self._finished.wait(timeout):
-                status = ExitStatus.TIMEOUT
+            while not self._finished.wait(self.POLL_INTERVAL):
+                if self._interrupted:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    status = ExitStatus.TIMEOUT
+                    break
         except KeyboardInterrupt:
+            self._interrupted = True
+        if self._interrupted:
             status = ExitStatus.INTERRUPTED
         self.stop()
-        if ticker:
-            ticker.join()
         elapsed = time.monotonic() - start
         result = self._result(status, elapsed)
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "end", "status": result.status.name}))
         return result
 
-    def _tick(self) -> None:
-        interval = self.config.kick_interval
-        while not self.stopping:
-            time.sleep(interval)
-            for t in self.threads:
-                if t.planes_vcpu.needs_scan_kick():
-                    t.planes_vcpu.kick()
+    def interrupt(self) -> None:
+        """Stop the run with status INTERRUPTED (safe in a signal handler: only sets a flag)."""
+        self._interrupted = True
 
     def stop(self) -> None:
         """Stop every vCPU thread and wait for them."""
@@ -178,13 +188,7 @@ class Machine:
             while t.thread is not None and t.thread.is_alive() and time.monotonic() < deadline:
                 t.planes_vcpu.kick()
                 t.thread.join(0.01)
-        self.console.flush()
-
-    def _install_kick_handler(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-                signal.signal(KICK_SIGNAL, lambda *_: None)
-            signal.siginterrupt(KICK_SIGNAL, True)
+        self._console_blocked = not self.console.flush()
 
     def thread_finished(self, t: VcpuThread) -> None:
         """A vCPU thread left its loop (done, stopped or crashed)."""
@@ -201,6 +205,7 @@ class Machine:
     def record_ucall(self, uc: Ucall) -> None:
         with self._lock:
             self._ucalls.append(uc)
+            self._ucall_counts[uc.name] = self._ucall_counts.get(uc.name, 0) + 1
         if uc.verb == abi.UCALL_PRINT and self.console.out is not None:
             self.console.write(uc.vcpu, uc.plane, (uc.message + "\n").encode())
         if self.trace:
@@ -235,14 +240,44 @@ class Machine:
             if t.thread is not threading.current_thread():
                 t.planes_vcpu.kick()
 
-    def warn(self, text: str) -> None:
+    def _output_closed(self) -> None:
+        """The console's reader went away (EPIPE): end the run quietly."""
+        self._stdout_closed = True
+        self.finish_now()
+
+    def warn(self, text: str, kind: str | None = None) -> None:
+        """Note something for the summary, in O(1): the first WARNING_EXAMPLES warnings of a
+        ``kind`` (default: the text itself) word for word, the rest counted."""
+        kind = kind or text
         with self._lock:
-            if text not in self.warnings:
-                self.warnings.append(text)
+            entry = self._warnings.get(kind)
+            if entry is None:
+                if len(self._warnings) >= WARNING_KINDS:
+                    self._warning_kinds_dropped += 1
+                    return
+                entry = self._warnings[kind] = [[], 0]
+            if len(entry[0]) < WARNING_EXAMPLES:
+                if text not in entry[0]:
+                    entry[0].append(text)
+            else:
+                entry[1] += 1
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        with self._lock:
+            for examples, more in self._warnings.values():
+                out += examples
+                if more:
+                    out.append(f"... and {more:,} more like it")
+            if self._warning_kinds_dropped:
+                out.append(f"... and {self._warning_kinds_dropped:,} warnings of other kinds")
+        return out
 
     def record_fault(self, vcpu: int, plane: int, fault: Fault) -> None:
         with self._lock:
             self.faults.append((vcpu, plane, fault.vector, fault.why))
+            self.faults_injected += 1
 
     # -- state capture ------------------------------------------------------------------------
     def capture(self, thread: VcpuThread) -> CpuReport:
@@ -259,10 +294,12 @@ class Machine:
             status = ExitStatus.CRASHED
         elif failure is not None:
             status = ExitStatus.ASSERT_FAILED
+        elif self._stdout_closed:
+            status = ExitStatus.STDOUT_CLOSED
         elif status is None:
             status = ExitStatus.DONE
         res = RunResult(status=status, ucalls=list(self._ucalls), console=list(self.console.lines),
-                        failure=failure, crash=crash, elapsed=elapsed)
+                        ucall_counts=dict(self._ucall_counts), failure=failure, crash=crash, elapsed=elapsed)
         if status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
             res.timeout_reports = [self.capture(t) for t in self.threads if not t.done]
         res.exits = sum(t.exits for t in self.threads)
@@ -273,7 +310,17 @@ class Machine:
             for k, n in t.entry_reasons.items():
                 res.entry_reasons[k] = res.entry_reasons.get(k, 0) + n
         res.stats = {"backend": self.pvm.backend, "personality": self.policy.name,
-                     "faults_injected": len(self.faults), "warnings": list(self.warnings)}
+                     "faults_injected": self.faults_injected, "warnings": self.warnings}
+        if self.console.line_count > len(self.console.lines):
+            res.stats["console_lines"] = self.console.line_count
+        if self.console.dropped or self._console_blocked:
+            res.stats["console_not_shown"] = (f"{self.console.dropped} bytes dropped while the output was blocked"
+                                              + (", still blocked at the end" if self._console_blocked else ""))
+        outside = [t.outside_ram for t in self.threads if t.outside_ram[2] is not None]
+        if outside:
+            reads, writes = sum(o[0] for o in outside), sum(o[1] for o in outside)
+            res.stats["outside_ram"] = (f"{reads} reads (all ones), {writes} writes (dropped), "
+                                        f"first at {outside[0][2]:#x}")
         res.stats.update(self.policy.summary())
         return res
 

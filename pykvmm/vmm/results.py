@@ -18,7 +18,9 @@ class ExitStatus(enum.IntEnum):
     CRASHED = 3
     TIMEOUT = 4
     HOST = 5
+    OUTPUT_FAILED = 6              # the trace could not be written fully
     INTERRUPTED = 130
+    STDOUT_CLOSED = 141            # 128 + SIGPIPE, as a shell reports a writer whose reader left
 
 
 @dataclass
@@ -53,8 +55,9 @@ class Crash:
 @dataclass
 class RunResult:
     status: ExitStatus
-    ucalls: list = field(default_factory=list)
-    console: list = field(default_factory=list)
+    ucalls: list = field(default_factory=list)        # the newest UCALL_HISTORY
+    console: list = field(default_factory=list)       # the newest CONSOLE_HISTORY_LINES lines
+    ucall_counts: dict = field(default_factory=dict)  # verb name -> count, all of them
     failure: Ucall | None = None
     crash: Crash | None = None
     timeout_reports: list = field(default_factory=list)

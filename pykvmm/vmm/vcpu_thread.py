@@ -14,6 +14,7 @@ table keyed by port); a handler returns an outcome (:mod:`pykvmm.vmm.outcomes`) 
 
 from __future__ import annotations
 
+import signal
 import threading
 import traceback
 
@@ -53,6 +54,7 @@ class VcpuThread:
         self._exit_handlers = {
             X.IoOut: self._on_io_out,
             X.IoIn: self._on_io_in,
+            X.Mmio: self._on_mmio,
             X.Interrupted: None,                    # a kick: the loop re-checks stop/done and runs again
             X.PlaneEvent: self._on_plane_event,
             X.Shutdown: lambda ex: self._crashed("triple fault (KVM_EXIT_SHUTDOWN)"),
@@ -68,6 +70,7 @@ class VcpuThread:
         }
         self._apply = {Answer: self._answer, Fault: self._fault, Switch: self.switch, Stop: self._stop}
         self._unknown_ports: set[int] = set()
+        self.outside_ram = [0, 0, None]      # reads, writes, first GPA (summed by the machine)
 
     def plane_vcpu(self, plane: int | None = None) -> Vcpu:
         """The KVM vCPU of ``plane`` (default: the running plane)."""
@@ -80,7 +83,8 @@ class VcpuThread:
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
         m = self.machine
-        self.planes_vcpu.thread_id = threading.get_ident()
+        # SIGINT/SIGTERM go to the main thread, which waits for them (Machine.run)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         handlers = self._exit_handlers
         apply = self._apply
         policy = m.policy
@@ -185,10 +189,23 @@ class VcpuThread:
     def _on_io_in(self, ex) -> None:
         self.plane_vcpu().complete_io_in(ex, b"\xFF" * (ex.size * ex.count))
 
+    def _on_mmio(self, ex) -> None:
+        # Nothing answers there (no RAM, no device): as on a PC's open bus, reads return all
+        # ones and writes are dropped. Counted here, reported once in the summary.
+        seen = self.outside_ram
+        if seen[2] is None:
+            seen[2] = ex.phys_addr
+        if ex.is_write:
+            seen[1] += 1
+        else:
+            seen[0] += 1
+            self.plane_vcpu().complete_mmio_read(b"\xFF" * ex.length)
+
     def _on_unknown_port(self, ex) -> None:
         if ex.port not in self._unknown_ports:
             self._unknown_ports.add(ex.port)
-            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: write to unhandled port {ex.port:#x} ignored")
+            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: write to unhandled port {ex.port:#x} ignored",
+                              kind="unhandled port")
 
     def _on_plane_event(self, ex) -> Outcome:
         sink = self.machine.trace

@@ -35,14 +35,15 @@ Entry reason and return registers (the per-plane control page, VP-assist layout)
     leaves them as shared.
 
 Interrupts
-    req_exit_planes = every higher plane. A plane event switches to the highest plane of
-    ``event.target`` (above the running one) whose LAPIC TPR does not mask its highest pending
-    vector (class = vector >> 4 must be above TPR >> 4); that plane is entered with reason
-    Interrupt and the running plane is suspended. A plane whose interrupt is masked (or whose
-    IRR turned out empty) is left out of req_exit_planes until it runs again, until a
-    SendSyntheticClusterIpi brings it a vector above the mask, or for at most RECHECK seconds
-    (re-checked at the running plane's next exit). An interrupt for a lower plane stays pending
-    in that plane's own LAPIC until the plane runs again (after a VtlReturn).
+    req_exit_planes = every higher plane, always (running, spinning or halted): the policy keeps
+    no pending or masked state of its own. A plane event names only planes whose LAPIC would
+    deliver now (the planes API's contract: IRR above PPR, so TPR-masked vectors make no event
+    until the mask drops or a higher vector comes), and the policy switches to the highest plane
+    of ``event.target`` above the running one; that plane is entered with reason Interrupt and
+    the running plane is suspended. An event naming no higher plane is counted as spurious and
+    ignored. An interrupt for a lower plane stays pending in that plane's own LAPIC until the
+    plane runs again (after a VtlReturn). A lower plane preempted while halted is still halted
+    when it resumes: it wakes for its own interrupts only, as after any interrupt it did not take.
 
 HvCallSendSyntheticClusterIpi (0x0B), fast or memory form
     Vector u32 @0 (0x10..0xFF), TargetVtl HV_INPUT_VTL @4 (bits 3:0 VTL, bit 4 UseTargetVtl,
@@ -50,8 +51,8 @@ HvCallSendSyntheticClusterIpi (0x0B), fast or memory form
     control bits other than the code and Fast -> INVALID_HYPERCALL_INPUT; memory-form GPA not
     8-byte aligned -> INVALID_ALIGNMENT; not in guest memory, bad vector, reserved VTL bits,
     target VTL >= plane count, mask bits for vCPUs that do not exist -> INVALID_PARAMETER.
-    Delivered as an MSI to the target plane (Plane.signal_msi), which notes the pending plane
-    and kicks the target's thread.
+    Delivered as an MSI to the target plane (Plane.signal_msi), which tells the target vCPU
+    and kicks its thread when its run requested that plane.
 
 ``vmpl``: the same calls, nothing shared (transfer copies nothing and a non-fast VtlReturn
 loads nothing), no preemption (req_exit_planes = 0: a plane runs only when explicitly called
@@ -60,7 +61,6 @@ or returned to; interrupts for other planes wait until they run). EntryReason is
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from ..uapi import constants as C, ffi
@@ -71,8 +71,6 @@ from .hypercalls import HvInputVtl
 from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Switch, SwitchReason
 from .policy import PlanePolicy, higher_planes
-
-RECHECK = 1e-3          # seconds a masked plane stays out of req_exit_planes at most
 
 ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRUPT: abi.VTL_ENTRY_INTERRUPT}
 
@@ -120,7 +118,6 @@ class VtlPolicy(PlanePolicy):
         self._higher = [higher_planes(p, n) if self.preempts else 0 for p in range(n)]
         self._stats = [Counter() for _ in range(self.vcpu_count)]
         self._ud = [Counter() for _ in range(self.vcpu_count)]
-        self._blocked: list[dict[int, tuple[int, float]]] = [{} for _ in range(self.vcpu_count)]
         self._known: dict[tuple[int, int], _Known] = {}
         self.copy_xcr0 = bool(getattr(machine, "osxsave", False))
         self.pkru_offset = pkru_xsave_offset(machine.kvm.supported_cpuid()) if self.copy_xcr0 else None
@@ -136,45 +133,18 @@ class VtlPolicy(PlanePolicy):
 
     # -- the run loop's questions ----------------------------------------------------------------
     def req_exit_planes(self, thread) -> int:
-        mask = self._higher[thread.plane]
-        blocked = self._blocked[thread.index]
-        if blocked and mask:
-            now = time.monotonic()
-            for p, (_, since) in list(blocked.items()):
-                if now - since >= RECHECK:
-                    blocked.pop(p, None)
-                else:
-                    mask &= ~(1 << p)
-        return mask
+        return self._higher[thread.plane]
 
     def on_plane_event(self, thread, event) -> Switch | None:
         candidates = event.target & self._higher[thread.plane]
-        stats = self._stats[thread.index]
-        while candidates:
-            p = candidates.bit_length() - 1
-            candidates &= ~(1 << p)
-            mask_class = self._masked(thread, p)
-            if mask_class is None:
-                stats["preemptions"] += 1
-                return Switch(p, SwitchReason.INTERRUPT, suspend=True)
-            stats["interrupts_masked" if mask_class >= 0 else "events_spurious"] += 1
-            self._blocked[thread.index][p] = (mask_class, time.monotonic())
-        return None
-
-    def _masked(self, thread, plane: int) -> int | None:
-        """None if ``plane``'s highest pending vector is deliverable; else the TPR class that
-        masks it (-1: nothing pending at all)."""
-        self._stats[thread.index]["state_ioctls"] += 1
-        regs = bytes(ffi.buffer(thread.plane_vcpu(plane).get_lapic().regs))
-        vector = apic.highest_irr(regs)
-        if vector is None:
-            return -1
-        tpr_class = (apic.reg32(regs, apic.APIC_TPR) >> 4) & 0xF
-        return None if vector >> 4 > tpr_class else tpr_class
+        if not candidates:
+            self._stats[thread.index]["events_spurious"] += 1
+            return None
+        self._stats[thread.index]["preemptions"] += 1
+        return Switch(candidates.bit_length() - 1, SwitchReason.INTERRUPT, suspend=True)
 
     # -- switches -------------------------------------------------------------------------------
     def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
-        self._blocked[thread.index].pop(dst, None)
         if first:
             self._known.pop((thread.index, dst), None)     # it starts at the entry, with its own state
         elif self.shares_state:
@@ -324,19 +294,13 @@ class VtlPolicy(PlanePolicy):
         stats = self._stats[thread.index]
         kind = "ipi_synthetic_same_vtl" if target == plane else "ipi_synthetic_cross_vtl"
         to_plane = self.machine.pvm.planes[target]
-        threads = self.machine.threads
         while mask:
             low = mask & -mask
             mask ^= low
             v = low.bit_length() - 1
-            blocked = self._blocked[v]
-            held = blocked.get(target)
-            unblocked = held is not None and vector >> 4 > held[0] and blocked.pop(target, None) is not None
             if to_plane.signal_msi(*apic.msi_message(v, vector)) <= 0:
                 stats["ipi_dropped"] += 1
             stats[kind] += 1
-            if unblocked and v != thread.index:
-                threads[v].planes_vcpu.kick()   # its run was started without this plane in req_exit_planes
         return Answer(abi.HV_STATUS_SUCCESS)
 
     # -- the summary ---------------------------------------------------------------------------------
@@ -353,7 +317,7 @@ class VtlPolicy(PlanePolicy):
             "ud_injected": sum(ud.values()),
             "ud_reasons": dict(ud),
             "preemptions": total["preemptions"],
-            "interrupts_masked": total["interrupts_masked"],
+            "interrupts_masked": sum(getattr(t.planes_vcpu, "masked_interrupts", 0) for t in self.machine.threads),
             "events_spurious": total["events_spurious"],
             "shared_state_copies": total["shared_state_copies"],
             "state_ioctls": total["state_ioctls"],

@@ -89,3 +89,16 @@ def reg32(regs: bytes, offset: int) -> int:
 def highest_irr(regs: bytes) -> int | None:
     v = irr_vectors(regs)
     return max(v) if v else None
+
+
+def priority_class(regs: bytes) -> int:
+    """The processor-priority class (PPR[7:4]): the higher of TPR's class and the class of the
+    highest vector in service. A fixed interrupt is delivered only when its class is above it."""
+    isr = isr_vectors(regs)
+    return max((reg32(regs, APIC_TPR) >> 4) & 0xF, max(isr) >> 4 if isr else 0)
+
+
+def deliverable_irr(regs: bytes) -> int | None:
+    """The highest pending vector if the LAPIC would deliver it now (class above PPR), else None."""
+    vector = highest_irr(regs)
+    return vector if vector is not None and vector >> 4 > priority_class(regs) else None

@@ -1,0 +1,225 @@
+"""Issue 10: a halted lower plane always wakes for a higher plane's interrupt.
+
+Planes API (no machine): run() of a halted plane 0 with plane 1 requested ends with a
+PlaneEvent for an MSI into plane 1, for a masked one once the mask drops or a higher vector
+comes, and kick() ends it; on every backend the host has. Guests (guest/vtl_wake.S): every
+source (in-kernel x2APIC IPI, host MSI, SendSyntheticClusterIpi) x receiver state (halted,
+spinning, making exits) x what came before (nothing, an interrupt taken while the higher VTL
+ran, a masked one), with 2 and 3 VTLs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pykvmm import exits as X
+from pykvmm.planes import KVM_PLANE_EVENT_INTERRUPT
+from pykvmm.uapi import ffi
+from pykvmm.vmm import abi
+from pykvmm.vmm.machine import Machine, MachineConfig
+from pykvmm.vmm.outcomes import Answer
+from pykvmm.x86 import apic
+
+from conftest import assert_done, guest_image
+from test_planes import CODE_GPA, PlanesRig, rig  # noqa: F401  (rig: the fixture)
+
+WAIT = 30.0                 # seconds a condition may take on a slow, shared machine
+HALT_GPA = CODE_GPA + 0x100
+STI_HLT_LOOP = b"\xFB\xF4\xEB\xFD"   # sti; hlt; jmp back to the hlt (real mode)
+SYSCALL_IOCTL = 16                   # x86-64
+
+
+def blocked_in_ioctl(native_tid: int) -> bool:
+    """The thread sleeps inside ioctl() (a halted vCPU in KVM_RUN), from /proc."""
+    try:
+        with open(f"/proc/self/task/{native_tid}/syscall") as f:
+            nr = f.read().split()[0]
+        with open(f"/proc/self/task/{native_tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return nr == str(SYSCALL_IOCTL) and state == "S"
+
+
+def wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+class HaltedRunner:
+    """Thread A: run(plane=0, req_exit_planes=req) again after every Interrupted, until any
+    other exit, which it keeps. Plane 0 runs `sti; hlt` in a loop."""
+
+    def __init__(self, rig: PlanesRig, req: int, stop_on_interrupted: bool = False):
+        self.rig, self.req, self.stop_on_interrupted = rig, req, stop_on_interrupted
+        self.exits: list = []
+        self.result = None
+        self.tid = None
+        rig.mem[HALT_GPA:HALT_GPA + len(STI_HLT_LOOP)] = STI_HLT_LOOP
+        v0 = rig.planes_vcpu.plane_vcpu(0)
+        r = v0.get_regs()
+        r.rip = HALT_GPA
+        v0.set_regs(r)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        while True:
+            ex = self.rig.planes_vcpu.run(plane=0, req_exit_planes=self.req)
+            self.exits.append(ex)
+            if type(ex) is not X.Interrupted or self.stop_on_interrupted:
+                self.result = ex
+                return
+
+    def start_and_wait_halted(self) -> None:
+        self.thread.start()
+        wait_for(lambda: self.tid is not None and blocked_in_ioctl(self.tid), "plane 0 halted in KVM_RUN")
+
+    def wait_halted_again(self, after: int) -> None:
+        wait_for(lambda: len(self.exits) > after and blocked_in_ioctl(self.tid), "plane 0 halted again")
+
+    def join(self):
+        self.thread.join(WAIT)
+        if self.thread.is_alive():
+            pytest.fail(f"run() did not return; exits so far: {[type(e).__name__ for e in self.exits[-5:]]}")
+        return self.result
+
+
+def set_tpr(rig: PlanesRig, plane: int, tpr: int) -> None:
+    v = rig.planes_vcpu.plane_vcpu(plane)
+    lapic = v.get_lapic()
+    ffi.cast("uint32_t *", ffi.addressof(lapic, "regs"))[apic.APIC_TPR // 4] = tpr
+    v.set_lapic(lapic)
+
+
+@pytest.fixture
+def halted_rig(rig):
+    r = rig()
+    r.enable_apic(0)
+    r.enable_apic(1)
+    return r
+
+
+def assert_event_for_plane1(ex) -> None:
+    assert isinstance(ex, X.PlaneEvent), f"expected a plane event, got {ex.describe()}"
+    assert ex.cause == KVM_PLANE_EVENT_INTERRUPT and ex.target == 1 << 1
+
+
+def test_msi_ends_a_halted_run(halted_rig):
+    """Repro 3: an MSI into plane 1 while plane 0 is halted in run(req_exit_planes=0b10)."""
+    a = HaltedRunner(halted_rig, 0b10)
+    a.start_and_wait_halted()
+    assert halted_rig.vm.planes[1].signal_msi(*apic.msi_message(0, 0x42)) == 1
+    assert_event_for_plane1(a.join())
+    assert halted_rig.irr(1) == [0x42]          # still pending: entering plane 1 delivers it
+
+
+def test_kick_ends_a_halted_run(halted_rig):
+    """Repro 3: kick() from another thread ends a halted run (no planes requested)."""
+    a = HaltedRunner(halted_rig, 0, stop_on_interrupted=True)
+    a.start_and_wait_halted()
+    halted_rig.planes_vcpu.kick()
+    assert type(a.join()) is X.Interrupted
+
+
+def test_masked_msi_waits_for_a_deliverable_one(halted_rig):
+    """A vector under plane 1's TPR makes no event; a higher one then does (no earlier masked
+    one holds it back)."""
+    set_tpr(halted_rig, 1, 0x70)
+    a = HaltedRunner(halted_rig, 0b10)
+    a.start_and_wait_halted()
+    seen = len(a.exits)
+    halted_rig.vm.planes[1].signal_msi(*apic.msi_message(0, 0x50))
+    a.wait_halted_again(seen)                   # the kick came, the scan found it masked
+    assert a.result is None and not any(isinstance(e, X.PlaneEvent) for e in a.exits)
+    halted_rig.vm.planes[1].signal_msi(*apic.msi_message(0, 0x90))
+    assert_event_for_plane1(a.join())
+    assert halted_rig.irr(1) == [0x50, 0x90]
+
+
+def test_masked_msi_events_when_the_mask_drops(halted_rig):
+    """A masked vector pending in plane 1 produces the event once plane 1's TPR is lowered
+    (set_lapic from another thread while plane 0 stays halted)."""
+    set_tpr(halted_rig, 1, 0x70)
+    halted_rig.vm.planes[1].signal_msi(*apic.msi_message(0, 0x50))
+    a = HaltedRunner(halted_rig, 0b10)
+    a.start_and_wait_halted()
+    assert a.result is None
+    set_tpr(halted_rig, 1, 0)
+    halted_rig.planes_vcpu.note_pending(1)               # as the API asks of whoever changes a TPR
+    assert_event_for_plane1(a.join())
+
+
+def test_kick_handler_is_the_planes_layers(kvm):
+    """The planes VM installs the kick handler itself (this test runs on the main thread)."""
+    import signal
+
+    from pykvmm.planes import api, open_planes_vm
+    previous = signal.signal(api.KICK_SIGNAL, signal.SIG_DFL)
+    try:
+        with open_planes_vm(kvm, "auto"):
+            assert api.kick_handler_installed()
+    finally:
+        signal.signal(api.KICK_SIGNAL, previous)
+
+
+# ---- guests ------------------------------------------------------------------------------------
+
+WAKE_HOST_MSI = 0x80B1          # guest/vtl_wake.S's host-MSI hypercall
+SOURCES = {"x2apic": 0, "msi": 1, "synthetic": 2}
+RECEIVERS = {"halted": 0, "spinning": 1, "exits": 2}
+BEFORE = {"nothing": 0, "delivered-while-running": 1, "masked": 2}
+
+
+def register_host_msi(m: Machine) -> None:
+    def host_msi(thread, plane, control, regs):
+        m.pvm.planes[regs.r8 >> 8 & 0xF].signal_msi(*apic.msi_message(regs.rdx, regs.r8 & 0xFF))
+        return Answer(abi.HV_STATUS_SUCCESS)
+    m.dispatcher.register(WAKE_HOST_MSI, host_msi)
+
+
+def run_wake(backend, source, receiver, before, planes=2, target=0, timeout=60):
+    arg = SOURCES[source] | RECEIVERS[receiver] << 2 | BEFORE[before] << 4 | target << 6
+    with Machine(guest_image("vtl_wake"), MachineConfig(vcpus=2, planes=planes, backend=backend,
+                                                        personality="vtl", arg=arg, quiet=True)) as m:
+        register_host_msi(m)
+        r = m.run(timeout)
+    assert_done(r)
+    return r
+
+
+def wake_syncs(r) -> dict:
+    return {(u.vcpu, u.args[0]): u.args[1] for u in r.ucalls if u.verb == abi.UCALL_SYNC and u.plane == 0}
+
+
+def check_woken(r, before: str, vtl: int) -> None:
+    s = wake_syncs(r)
+    assert s == {(0, 1): 0, (1, 1): 1, (1, 2): abi.VTL_ENTRY_INTERRUPT,
+                 (1, 3): int(before == "delivered-while-running"), (1, 4): int(before == "masked"),
+                 (1, 5): 0, (1, 6): vtl}
+    assert r.stats["events_spurious"] == 0
+    assert r.stats["preemptions"] >= 1
+
+
+@pytest.mark.parametrize("before", list(BEFORE))
+@pytest.mark.parametrize("receiver", list(RECEIVERS))
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_halted_lower_vtl_wakes(backend, source, receiver, before):
+    r = run_wake(backend, source, receiver, before)
+    check_woken(r, before, 1)
+    if before == "masked":
+        assert r.stats["interrupts_masked"] >= 1
+
+
+@pytest.mark.parametrize("target", [0, 1])
+@pytest.mark.parametrize("before", ["delivered-while-running", "masked"])
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_halted_lower_vtl_wakes_three_vtls(backend, source, before, target):
+    r = run_wake(backend, source, "halted", before, planes=3, target=target)
+    check_woken(r, before, target or 2)

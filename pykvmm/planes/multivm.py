@@ -10,7 +10,7 @@ events itself (softswitch.py says when, the bound, and every pending bit it keep
   LAPIC (KVM_GET_LAPIC) on entry to run(), after exits of the running plane and on every
   kick; the VM's ticker kicks every vCPU whose run has requested planes (halted or not)
   every ``kick_interval``. The worst-case delay is one kick interval plus one scan
-  (scripts/bench.py: "in-kernel IPI to an inactive plane" and the halted wake-up rows).
+  (scripts/bench: "in-kernel IPI to an inactive plane" and the halted wake-up rows).
 """
 
 from __future__ import annotations

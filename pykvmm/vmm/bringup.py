@@ -8,13 +8,13 @@ from ..kvm import Vcpu
 from ..uapi import constants as C
 from ..x86 import arch, longmode
 from . import abi
-from .hypercalls import hypercall_page
 
 
-def write_memory(mem, image: bytes, vcpus: int, planes: int, mem_size: int, arg: int) -> None:
+def write_memory(mem, image: bytes, vcpus: int, planes: int, mem_size: int, arg: int,
+                 hypercall_stubs: bytes) -> None:
     mem.write(abi.GDT_ADDR, longmode.gdt_bytes(abi.TSS_ADDR))
     mem.write(abi.PAGE_TABLE_ADDR, longmode.identity_page_tables(abi.PAGE_TABLE_ADDR, mem_size))
-    mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_page("port"))
+    mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_stubs)
     mem.write(abi.GUEST_LOAD_ADDR, image)
     bi = abi.BOOT_INFO_ADDR
     mem.write_u64(bi + abi.BI_MAGIC, abi.BOOT_MAGIC)

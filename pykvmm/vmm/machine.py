@@ -22,7 +22,7 @@ from ..x86 import longmode
 from . import abi, bringup, capture as _capture, events as ev
 from .console import Console
 from .devices import Ucall
-from .hypercalls import Dispatcher, call_name
+from .hypercalls import Dispatcher, call_name, hypercall_page
 from .memory import GuestMemory
 from .outcomes import Fault
 from .personalities import make_policy
@@ -54,6 +54,7 @@ class MachineConfig:
     kick_interval: float = 1e-3    # multivm/apic-groups ticker: in-kernel IPIs to inactive planes
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
+    hyperv: object = None          # hyperv.HvConfig: the Hyper-V enlightenments, or None
 
 
 class Machine:
@@ -92,6 +93,7 @@ class Machine:
         self._crash_info: Crash | None = None
         self.memory = None
         self.pvm = None
+        self.hyperv = None
         self.kvm = Kvm(cfg.kvm_device)
         try:
             self._build(image)
@@ -125,10 +127,20 @@ class Machine:
         for p in range(1, cfg.planes):
             pvm.create_plane(p)
 
-        bringup.write_memory(mem, image, cfg.vcpus, cfg.planes, cfg.mem_size, cfg.arg)
+        if cfg.hyperv is not None:
+            from .hyperv.hypercall import page_bytes
+            stubs = page_bytes()       # the same stubs, plus rep continuation
+        else:
+            stubs = hypercall_page("port")
+        bringup.write_memory(mem, image, cfg.vcpus, cfg.planes, cfg.mem_size, cfg.arg, stubs)
         cpuid = self.kvm.supported_cpuid()
         self.osxsave = longmode.supports_xsave(cpuid)
         self.policy.attach(self)
+        if cfg.hyperv is not None:
+            from .hyperv import HyperV
+            self.hyperv = HyperV(self, cfg.hyperv)
+            self.hyperv.attach()
+            cpuid = self.hyperv.cpuid(cpuid)
         self.threads: list[VcpuThread] = []
         for i in range(cfg.vcpus):
             planes_vcpu = pvm.create_vcpu(i)
@@ -139,6 +151,8 @@ class Machine:
             for p in range(cfg.planes):
                 bringup.init_plane_vcpu(planes_vcpu.plane_vcpu(p), i, p, self.osxsave, self.policy.sync_classes)
             self.threads.append(VcpuThread(self, i, planes_vcpu))
+            if self.hyperv:
+                self.hyperv.attach_thread(self.threads[-1])
 
     # -- running ---------------------------------------------------------------------------
     def kick_all(self) -> None:
@@ -153,6 +167,8 @@ class Machine:
                                                          "planes": self.plane_count,
                                                          "backend": self.pvm.backend,
                                                          "personality": self.policy.name}))
+        if self.hyperv:
+            self.hyperv.start()
         status = None
         deadline = None if timeout is None else start + timeout
         try:    # from the first thread's start on: an interrupt must stop the threads started
@@ -188,6 +204,8 @@ class Machine:
             while t.thread is not None and t.thread.is_alive() and time.monotonic() < deadline:
                 t.planes_vcpu.kick()
                 t.thread.join(0.01)
+        if self.hyperv:
+            self.hyperv.stop()
         self._console_blocked = not self.console.flush()
 
     def thread_finished(self, t: VcpuThread) -> None:
@@ -322,6 +340,8 @@ class Machine:
             res.stats["outside_ram"] = (f"{reads} reads (all ones), {writes} writes (dropped), "
                                         f"first at {outside[0][2]:#x}")
         res.stats.update(self.policy.summary())
+        if self.hyperv:
+            res.stats.update(self.hyperv.summary())
         return res
 
     def close(self) -> None:

@@ -80,6 +80,11 @@ class VcpuThread:
         """Writes to ``port`` go to ``handler(exit)``, which returns an outcome (or None)."""
         self.port_handlers[port] = handler
 
+    def set_exit_handler(self, exit_type: type, handler) -> None:
+        """Exits of ``exit_type`` (an exits.Exit class) go to ``handler(exit)``, which returns
+        an outcome (or None); e.g. a personality's MSR exits."""
+        self._exit_handlers[exit_type] = handler
+
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
         m = self.machine

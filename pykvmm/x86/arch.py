@@ -34,6 +34,7 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
 # Shared between VTLs (TLFS "Virtual Processor State Isolation"): all of them but RSP.
 SHARED_GPRS = tuple(r for r in GPRS if r != "rsp")
 
+MSR_IA32_TSC = 0x10
 MSR_IA32_APICBASE = 0x1B
 APICBASE_BSP = 1 << 8
 APICBASE_X2APIC = 1 << 10

@@ -204,6 +204,8 @@ def _report(result, planes: int, label: str) -> None:
     elif result.status == ExitStatus.CRASHED:
         c = result.crash
         _err(f"guest crashed on vCPU {c.vcpu} {label} {c.plane}: {c.reason}")
+        if c.state:
+            _err(c.state)
         if c.report is not None:
             click.echo(format_cpu_report(c.report, label), err=True)
         _err("the registers and code above are the crashed vCPU's, every plane; fix the guest "
@@ -246,6 +248,9 @@ def caps(as_json, kvm_device):
     click.echo("hypercall transports:")
     for t in info["transports"]:
         click.echo(f"  {t['name']:<8} {'yes' if t['works'] else 'no '}  {t['detail']}")
+    click.echo("host conventions (probed with tiny guests; they differ between KVMs):")
+    for name, c in info["host"].items():
+        click.echo(f"  {name:<12} {c['value']:<13} {c['detail']}")
 
 
 @main.group()

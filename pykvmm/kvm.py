@@ -290,6 +290,7 @@ _STATE = {
 _SYNC_BITS = {"regs": C.KVM_SYNC_X86_REGS, "sregs": C.KVM_SYNC_X86_SREGS, "vcpu_events": C.KVM_SYNC_X86_EVENTS}
 _KVM_RUN = IOCTLS["KVM_RUN"].code
 _ZERO = ffi.NULL
+_SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
 
 
 class Vcpu(FdObject):
@@ -316,6 +317,8 @@ class Vcpu(FdObject):
             self.run_mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_mmap))
             self._sync_supported = vm.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
+        self._entry_state = None    # see keep_entry_state
+        self.entry_state_exit = -1
         self._decoders = dict(DECODERS)
         if planes_abi is not None:
             self._decoders[planes_abi.exit_plane_event] = PLANE_EVENT_DECODERS[planes_abi.event_struct]
@@ -328,6 +331,28 @@ class Vcpu(FdObject):
         self.run_struct.kvm_valid_regs = on
         return on
 
+    def keep_entry_state(self, on: bool = True) -> None:
+        """Copy the registers and special registers the guest is entered with at every KVM_RUN.
+
+        For hosts that reset the vCPU on a triple fault (kvm_amd): the copy is the last state
+        known before the crash. Needs sync regs for regs and sregs; costs one memmove per run."""
+        self._entry_state = ffi.new("struct kvm_sync_regs *") if on else None
+        self.entry_state_exit = -1
+
+    def entry_state(self):
+        """(a copy of the struct kvm_sync_regs kept at the last KVM_RUN, the exit count then) or None."""
+        if self._entry_state is None or self.entry_state_exit < 0:
+            return None
+        copy = ffi.new("struct kvm_sync_regs *")
+        ffi.memmove(copy, self._entry_state, _SYNC_SIZE)
+        return copy, self.entry_state_exit
+
+    def _keep_entry_state(self) -> None:
+        self._live("regs")
+        self._live("sregs")
+        ffi.memmove(self._entry_state, ffi.addressof(self.run_struct.s.regs), _SYNC_SIZE)
+        self.entry_state_exit = self.exit_count
+
     def raw_run(self) -> int:
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
         if ret < 0:
@@ -337,6 +362,8 @@ class Vcpu(FdObject):
     def run(self) -> Exit:
         """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``."""
         run = self.run_struct
+        if self._entry_state is not None:
+            self._keep_entry_state()
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
         self._valid = run.kvm_valid_regs
         self.exit_count += 1
@@ -375,6 +402,16 @@ class Vcpu(FdObject):
 
     def request_immediate_exit(self, on: bool = True) -> None:
         self.run_struct.immediate_exit = 1 if on else 0
+
+    def complete_pending_io(self) -> None:
+        """Finish the I/O of the last exit without running the guest (KVM_RUN with
+        immediate_exit, as the KVM API documents). Afterwards RIP is past the instruction on
+        every host, whether KVM reported it on the instruction (mainline) or past it."""
+        self.request_immediate_exit()
+        ex = self.run()
+        if not isinstance(ex, Interrupted):
+            raise KvmError("KVM_RUN", self.label, _errno.EINVAL,
+                           f"completing the pending I/O produced another exit: {ex.describe()}")
 
     # -- state: plain ioctls ------------------------------------------------------------
     def _get(self, name):

@@ -28,9 +28,12 @@ def write_memory(mem, image: bytes, vcpus: int, planes: int, mem_size: int, arg:
     mem.write_u64(bi + abi.BI_ARG, arg)
 
 
-def init_plane_vcpu(vcpu: Vcpu, index: int, plane: int, osxsave: bool, sync_classes: int) -> None:
+def init_plane_vcpu(vcpu: Vcpu, index: int, plane: int, osxsave: bool, sync_classes: int,
+                    shutdown_resets: bool) -> None:
     """Long mode at the guest entry with rdi = vCPU index, rsi = plane, rdx = boot info; the
-    x2APIC on; runnable; ``sync_classes`` of registers kept in the sync area."""
+    x2APIC on; runnable; ``sync_classes`` of registers kept in the sync area. On a host that
+    resets the vCPU on a triple fault (``shutdown_resets``), the state each KVM_RUN enters
+    with is kept too, for the crash report."""
     sregs = vcpu.get_sregs()
     longmode.setup_sregs(sregs, gdt_addr=abi.GDT_ADDR, tss_addr=abi.TSS_ADDR, cr3=abi.PAGE_TABLE_ADDR,
                          sel_code=abi.SEL_CODE64, sel_data=abi.SEL_DATA, sel_tss=abi.SEL_TSS,
@@ -47,4 +50,8 @@ def init_plane_vcpu(vcpu: Vcpu, index: int, plane: int, osxsave: bool, sync_clas
     vcpu.set_msrs({arch.MSR_IA32_APICBASE: base | arch.APICBASE_X2APIC})
     vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE)
     if vcpu.run_struct is not None:
-        vcpu.enable_sync_regs(C.KVM_SYNC_X86_REGS | sync_classes)
+        classes = C.KVM_SYNC_X86_REGS | sync_classes
+        if shutdown_resets:
+            classes |= C.KVM_SYNC_X86_SREGS
+        if vcpu.enable_sync_regs(classes) & C.KVM_SYNC_X86_SREGS and shutdown_resets:
+            vcpu.keep_entry_state()

@@ -22,6 +22,7 @@ from ..x86 import longmode
 from . import abi, bringup, capture as _capture, events as ev
 from .console import Console
 from .devices import Ucall
+from .host import convention
 from .hypercalls import Dispatcher, call_name, hypercall_page
 from .memory import GuestMemory
 from .outcomes import Fault
@@ -135,6 +136,8 @@ class Machine:
         bringup.write_memory(mem, image, cfg.vcpus, cfg.planes, cfg.mem_size, cfg.arg, stubs)
         cpuid = self.kvm.supported_cpuid()
         self.osxsave = longmode.supports_xsave(cpuid)
+        # A host that resets the vCPU on a triple fault: keep what each KVM_RUN enters with.
+        self.shutdown_resets = convention(self.kvm, "shutdown").value == "reset"
         self.policy.attach(self)
         if cfg.hyperv is not None:
             from .hyperv import HyperV
@@ -149,7 +152,8 @@ class Machine:
             for p in range(1, cfg.planes):
                 pvm.planes[p].create_vcpu_plane(planes_vcpu)
             for p in range(cfg.planes):
-                bringup.init_plane_vcpu(planes_vcpu.plane_vcpu(p), i, p, self.osxsave, self.policy.sync_classes)
+                bringup.init_plane_vcpu(planes_vcpu.plane_vcpu(p), i, p, self.osxsave, self.policy.sync_classes,
+                                        self.shutdown_resets)
             self.threads.append(VcpuThread(self, i, planes_vcpu))
             if self.hyperv:
                 self.hyperv.attach_thread(self.threads[-1])
@@ -237,10 +241,11 @@ class Machine:
                 self._failure = uc
         self.finish_now()
 
-    def crash(self, thread: VcpuThread, reason: str) -> None:
+    def crash(self, thread: VcpuThread, reason: str, state: str = "") -> None:
         """``thread``'s vCPU crashed (call on that thread): its state is captured, the crash
-        hooks run, and the run ends with CRASHED."""
-        crash = Crash(thread.index, thread.plane, reason, self.capture(thread))
+        hooks run, and the run ends with CRASHED. ``state``: what the registers captured are,
+        when not the state at the crash."""
+        crash = Crash(thread.index, thread.plane, reason, self.capture(thread), state=state)
         with self._lock:
             if self._crash_info is None:
                 self._crash_info = crash

@@ -66,10 +66,12 @@ class Switch:
 
 @dataclass(frozen=True, slots=True)
 class Stop:
-    """This vCPU stops running. ``ucall``: the guest's DONE or failed-assertion report."""
+    """This vCPU stops running. ``ucall``: the guest's DONE or failed-assertion report;
+    ``state``: for a crash, what the captured registers are when not the state at the crash."""
     kind: StopKind
     detail: str = ""
     ucall: object = None
+    state: str = ""
 
 
 Outcome = Answer | Fault | Switch | Stop | None

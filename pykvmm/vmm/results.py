@@ -50,6 +50,7 @@ class Crash:
     reason: str
     report: CpuReport | None = None
     detail: str = ""
+    state: str = ""                # what the registers shown are, when not the state at the crash
 
 
 @dataclass

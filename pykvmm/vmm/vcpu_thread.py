@@ -20,12 +20,23 @@ import traceback
 
 from .. import exits as X
 from ..kvm import KvmError, Vcpu
+from ..planes.api import KICK_SIGNAL
 from ..x86 import arch
 from . import abi, events as ev
+from .crash_state import recover_after_shutdown
 from .devices import BadUcall, decode_ucall
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, call_name
 from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Stop, StopKind, Switch
+
+
+def _name_os_thread(name: str) -> None:
+    """Name this thread for the OS (top -H, /proc/PID/task/*/comm): which thread is which vCPU."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
 
 
 class VcpuThread:
@@ -57,7 +68,7 @@ class VcpuThread:
             X.Mmio: self._on_mmio,
             X.Interrupted: None,                    # a kick: the loop re-checks stop/done and runs again
             X.PlaneEvent: self._on_plane_event,
-            X.Shutdown: lambda ex: self._crashed("triple fault (KVM_EXIT_SHUTDOWN)"),
+            X.Shutdown: self._on_shutdown,
             X.FailEntry: lambda ex: self._crashed(
                 f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason "
                 f"{ex.hardware_entry_failure_reason:#x}): the vCPU state is invalid"),
@@ -88,6 +99,7 @@ class VcpuThread:
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
         m = self.machine
+        _name_os_thread(f"vcpu{self.index}")
         # SIGINT/SIGTERM go to the main thread, which waits for them (Machine.run)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         handlers = self._exit_handlers
@@ -177,7 +189,7 @@ class VcpuThread:
         elif stop.kind is StopKind.ASSERT:
             m.fail(stop.ucall)                              # stops every vCPU
         else:
-            m.crash(self, stop.detail)
+            m.crash(self, stop.detail, stop.state)
             self.done = True
 
     def _crashed(self, reason: str) -> Stop:
@@ -218,6 +230,15 @@ class VcpuThread:
             sink(ev.TraceEvent(ev.PLANE_EVENT, self.index, self.plane,
                                {"pending": ex.pending_event_planes, "target": ex.target}))
         return self.machine.policy.on_plane_event(self, ex)
+
+    def _on_shutdown(self, ex) -> Stop:
+        vcpu = self.plane_vcpu()
+        tid = threading.get_ident()
+
+        def kick():                        # ends a re-execution that does not fault again
+            vcpu.request_immediate_exit()
+            signal.pthread_kill(tid, KICK_SIGNAL)
+        return Stop(StopKind.CRASH, "triple fault (KVM_EXIT_SHUTDOWN)", state=recover_after_shutdown(vcpu, kick))
 
     def _on_debug(self, ex) -> Outcome:
         dbg = self.machine.debugger
@@ -262,6 +283,10 @@ class VcpuThread:
         report RIP already past it at the exit, mainline KVM reports the `out` itself."""
         vcpu = self.planes_vcpu.plane_vcpu(plane)
         if at_hypercall:
+            # Mainline KVM reports RIP on the `out` and skips it at the next KVM_RUN even if the
+            # same RIP is written back; kvm_pvm reports it past. Completing the I/O first leaves
+            # RIP past it on both.
+            vcpu.complete_pending_io()
             regs = vcpu.regs
             if regs.rip - abi.HYPERCALL_PAGE_ADDR - OUT_SIZE in STUB_OUT_OFFSETS:
                 regs.rip -= OUT_SIZE

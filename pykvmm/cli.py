@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
+from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError, open_files_hint as _open_files_hint
 from .vmm import abi, loader
 from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
@@ -139,6 +140,10 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
         machine = Machine(image, config)
     except KvmError as e:
         _err(str(e))
+        sys.exit(ExitStatus.HOST)
+    except OSError as e:          # e.g. EMFILE from Python's own opens; KVM's come as KvmError
+        _err(f"cannot build the machine: {e.strerror or e}" + ("; " + _open_files_hint() if e.errno == errno.EMFILE
+                                                              else ""))
         sys.exit(ExitStatus.HOST)
     except ValueError as e:
         _err(str(e))

@@ -46,8 +46,8 @@ def init_plane_vcpu(vcpu: Vcpu, index: int, plane: int, osxsave: bool, sync_clas
     regs.rdi, regs.rsi, regs.rdx = index, plane, abi.BOOT_INFO_ADDR
     vcpu.set_regs(regs)
     base = arch.APIC_DEFAULT_BASE | arch.APICBASE_ENABLE | (arch.APICBASE_BSP if index == 0 else 0)
-    vcpu.set_msrs({arch.MSR_IA32_APICBASE: base})
-    vcpu.set_msrs({arch.MSR_IA32_APICBASE: base | arch.APICBASE_X2APIC})
+    # x2APIC is entered from xAPIC mode only: both writes, in order, in one ioctl
+    vcpu.set_msrs([(arch.MSR_IA32_APICBASE, base), (arch.MSR_IA32_APICBASE, base | arch.APICBASE_X2APIC)])
     vcpu.set_mp_state(C.KVM_MP_STATE_RUNNABLE)
     if vcpu.run_struct is not None:
         classes = C.KVM_SYNC_X86_REGS | sync_classes

@@ -35,7 +35,7 @@ test-nested: setup guests
 	scripts/nested-kvm.sh $(TESTS)
 
 bench: setup guests
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench
 	$(PY) scripts/bench_kut.py
 
 # kvm-unit-tests (../shared/kvm-unit-tests or KUT_DIR), every test, beside QEMU/KVM's results

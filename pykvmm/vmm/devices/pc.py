@@ -102,7 +102,7 @@ class PcPlatform:
 
     def _resume_bsp(self, thread) -> None:
         vector = self.machine.memory.u32(acpi.FACS_ADDR + acpi.FACS_WAKING_VECTOR)
-        v = thread.vcpu(0)
+        v = thread.plane_vcpu(0)
         sregs = v.sregs
         protmode.real_mode_segments(sregs, vector >> 4)
         v.mark_dirty("sregs")

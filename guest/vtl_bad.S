@@ -91,8 +91,7 @@ main:
 vtl1_main:
     call idt_install
     SET_HANDLER VECTOR_UD, ud_handler
-    lea rdi, [rip + vtl1_call]
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE vtl1_call, apic=0
 
 vtl1_call:
     mov rax, CMD_ECHO

@@ -52,7 +52,7 @@
 main:
     VTL_MAIN_DISPATCH 1
     call idt_install
-    SET_HANDLER VECTOR_UD, ud_handler
+    SET_HANDLER VEC_UD, ud_handler
     call vtl_call                       /* initialise VTL1 */
 
     BAD_BEGIN
@@ -90,7 +90,7 @@ main:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    SET_HANDLER VECTOR_UD, ud_handler
+    SET_HANDLER VEC_UD, ud_handler
     VTL1_SERVE vtl1_call, apic=0
 
 vtl1_call:

@@ -288,14 +288,14 @@ def test_console_prefixes_and_bad_utf8():
     out = io.StringIO()
     Console(out, prefix_vcpus=True, prefix_planes=True).write(1, 2, b"a\xffb\n")
     Console(out, prefix_planes=True).write(1, 2, b"x\n")
-    assert out.getvalue() == "[vcpu1/plane2] a\\xffb\n[plane2] x\n"   # not-UTF-8 bytes shown escaped
+    assert out.getvalue() == "[vcpu1/plane2] a\\xffb\n[plane2] x\n"     # not UTF-8: shown escaped
 
 
 def test_console_long_line_is_emitted_without_newline():
     out = io.StringIO()
     con = Console(out)
-    con.write(0, 0, b"x" * 4097)
-    assert out.getvalue() == "x" * 4096 + "\n"      # cut at CONSOLE_LINE_MAX
+    con.write(0, 0, b"x" * 4097)                   # cut at CONSOLE_LINE_MAX: host memory stays bounded
+    assert out.getvalue() == "x" * 4096 + "\n"
     con.flush()
     assert out.getvalue() == "x" * 4096 + "\nx\n"
 

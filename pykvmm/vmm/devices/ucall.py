@@ -1,10 +1,11 @@
-"""The test-result (ucall) port: the kernel selftests' guest-to-host channel."""
+"""The test-result (ucall) port: the kernel selftests' guest-to-host channel (the console is vmm/console.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .. import abi
+from ..console import escape_controls
 from ..memory import GuestMemory, GuestMemoryError
 
 VERB_NAMES = {abi.UCALL_SYNC: "SYNC", abi.UCALL_ASSERT: "ASSERT", abi.UCALL_PRINT: "PRINT",
@@ -56,8 +57,9 @@ def decode_ucall(mem: GuestMemory, gpa: int, vcpu: int, plane: int) -> Ucall:
     file_ptr = int.from_bytes(raw[abi.UC_FILE:abi.UC_FILE + 8], "little")
     msg_ptr = int.from_bytes(raw[abi.UC_MSG:abi.UC_MSG + 8], "little")
     try:
-        file = mem.cstring(file_ptr, abi.UCALL_STRING_MAX)
-        msg = mem.cstring(msg_ptr, abi.UCALL_STRING_MAX)
+        # guest text, shown on the terminal in failures and PRINTs: control characters escaped
+        file = escape_controls(mem.cstring(file_ptr, abi.UCALL_STRING_MAX))
+        msg = escape_controls(mem.cstring(msg_ptr, abi.UCALL_STRING_MAX))
     except GuestMemoryError as e:
         raise BadUcall(f"ucall string pointer is outside guest memory: {e}") from e
     return Ucall(vcpu, plane, verb, args, line, file, msg)

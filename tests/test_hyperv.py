@@ -82,6 +82,7 @@ def test_msrs_reserved_bits_gp_and_values(kvm_available):
     assert seen == [x for leaf in range(0x40000000, 0x4000000B) for x in want[leaf]]
     # The TSC page and TIME_REF_COUNT agree: the MSR read comes after the page read, within 50 ms.
     assert 0 <= syncs[0x20] < 500_000
+    assert syncs[0x40] == 0x42 and syncs[0x41] == 1     # hv_vapic ICR and EOI onto the x2APIC
 
 
 def test_without_hyperv_the_synthetic_msrs_do_not_exist(kvm_available):

@@ -514,7 +514,9 @@ class Machine:
         v.set_msrs({arch.MSR_IA32_APICBASE: base | arch.APICBASE_X2APIC})
         v.set_mp_state(C.KVM_MP_STATE_RUNNABLE)
         if v.run_struct is not None:
-            v.enable_sync_regs(C.KVM_SYNC_X86_REGS | self.policy.sync_classes)
+            # The Hyper-V personality checks CS.DPL on every hypercall: sregs in the sync area.
+            hv_sync = C.KVM_SYNC_X86_SREGS if self.hyperv else 0
+            v.enable_sync_regs(C.KVM_SYNC_X86_REGS | self.policy.sync_classes | hv_sync)
 
     # -- running ---------------------------------------------------------------------------
     def kick_all(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
+from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError, open_files_hint as _open_files_hint
 from .vmm import abi, loader
 from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
@@ -138,6 +139,10 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     except KvmError as e:
         _err(str(e))
         sys.exit(ExitStatus.HOST)
+    except OSError as e:          # e.g. EMFILE from Python's own opens; KVM's come as KvmError
+        _err(f"cannot build the machine: {e.strerror or e}" + ("; " + _open_files_hint() if e.errno == errno.EMFILE
+                                                              else ""))
+        sys.exit(ExitStatus.HOST)
     except ValueError as e:
         _err(str(e))
         sys.exit(ExitStatus.USAGE)
@@ -202,6 +207,8 @@ def _report(result, planes: int, label: str) -> None:
     elif result.status == ExitStatus.CRASHED:
         c = result.crash
         _err(f"guest crashed on vCPU {c.vcpu} {label} {c.plane}: {c.reason}")
+        if c.state:
+            _err(c.state)
         if c.report is not None:
             click.echo(format_cpu_report(c.report, label), err=True)
         _err("the registers and code above are the crashed vCPU's, every plane; fix the guest "
@@ -244,6 +251,9 @@ def caps(as_json, kvm_device):
     click.echo("hypercall transports:")
     for t in info["transports"]:
         click.echo(f"  {t['name']:<8} {'yes' if t['works'] else 'no '}  {t['detail']}")
+    click.echo("host conventions (probed with tiny guests; they differ between KVMs):")
+    for name, c in info["host"].items():
+        click.echo(f"  {name:<12} {c['value']:<13} {c['detail']}")
 
 
 @main.group()

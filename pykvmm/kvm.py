@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno as _errno
 import mmap
 import os
+import resource
 
 
 from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
@@ -28,12 +29,18 @@ _HINTS = {
 }
 
 
+def open_files_hint() -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"this process may open {soft} files (ulimit -n) and every vCPU of every plane is one: "
+            "raise the limit or run fewer vCPUs or planes")
+
+
 class KvmError(OSError):
     """A KVM ioctl (or opening the KVM device) failed."""
 
     def __init__(self, what: str, obj: str, err: int, hint: str | None = None):
         self.what, self.obj = what, obj
-        hint = hint or _HINTS.get(err)
+        hint = hint or _HINTS.get(err) or (open_files_hint() if err == _errno.EMFILE else None)
         msg = f"{what} on {obj} failed: {_errno.errorcode.get(err, err)} ({os.strerror(err)})"
         if hint:
             msg += f"; {hint}"
@@ -192,6 +199,13 @@ class Vm(FdObject):
         super().__init__(fd, label or f"vm{fd}")
         self.kvm = kvm
         self.vcpus: list[Vcpu] = []
+        self._sync_regs: int | None = None
+
+    def sync_regs_classes(self) -> int:
+        """KVM_CAP_SYNC_REGS of this VM (asked once, not per vCPU: every ioctl costs here)."""
+        if self._sync_regs is None:
+            self._sync_regs = self.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
+        return self._sync_regs
 
     def check_extension(self, cap: int) -> int:
         ret = self.raw_ioctl("KVM_CHECK_EXTENSION", cap)
@@ -370,7 +384,9 @@ _STATE = {
 
 _SYNC_BITS = {"regs": C.KVM_SYNC_X86_REGS, "sregs": C.KVM_SYNC_X86_SREGS, "vcpu_events": C.KVM_SYNC_X86_EVENTS}
 _KVM_RUN = IOCTLS["KVM_RUN"].code
+_MAP_FAILED = ffi.cast("void *", -1)
 _ZERO = ffi.NULL
+_SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
 
 
 class Vcpu(FdObject):
@@ -392,10 +408,22 @@ class Vcpu(FdObject):
         self.run_struct = None
         self._sync_supported = 0
         self._valid = 0       # sync-area classes currently holding this vCPU's state
+        self._mapped = None
         if mmap_size:
-            self.run_mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_mmap))
-            self._sync_supported = vm.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
+            # libc's mmap, not Python's: mmap.mmap keeps a dup of the fd, one more open file
+            # per vCPU (EMFILE at half the vCPUs the limit allows)
+            addr = libc.mmap(ffi.NULL, mmap_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+            if addr == _MAP_FAILED:
+                err = ffi.errno
+                os.close(fd)
+                self.fd = -1
+                raise KvmError("mmap of kvm_run", self.label, err)
+            self._mapped = (addr, mmap_size)
+            self.run_mmap = ffi.buffer(addr, mmap_size)
+            self.run_struct = ffi.cast("struct kvm_run *", addr)
+            self._sync_supported = vm.sync_regs_classes()
+        self._entry_state = None    # see keep_entry_state
+        self.entry_state_exit = -1
         self._decoders = dict(_DECODERS)
         if planes_abi is not None:
             self._decoders[planes_abi.exit_plane_event] = _decode_plane_event
@@ -408,6 +436,28 @@ class Vcpu(FdObject):
         self.run_struct.kvm_valid_regs = on
         return on
 
+    def keep_entry_state(self, on: bool = True) -> None:
+        """Copy the registers and special registers the guest is entered with at every KVM_RUN.
+
+        For hosts that reset the vCPU on a triple fault (kvm_amd): the copy is the last state
+        known before the crash. Needs sync regs for regs and sregs; costs one memmove per run."""
+        self._entry_state = ffi.new("struct kvm_sync_regs *") if on else None
+        self.entry_state_exit = -1
+
+    def entry_state(self):
+        """(a copy of the struct kvm_sync_regs kept at the last KVM_RUN, the exit count then) or None."""
+        if self._entry_state is None or self.entry_state_exit < 0:
+            return None
+        copy = ffi.new("struct kvm_sync_regs *")
+        ffi.memmove(copy, self._entry_state, _SYNC_SIZE)
+        return copy, self.entry_state_exit
+
+    def _keep_entry_state(self) -> None:
+        self._live("regs")
+        self._live("sregs")
+        ffi.memmove(self._entry_state, ffi.addressof(self.run_struct.s.regs), _SYNC_SIZE)
+        self.entry_state_exit = self.exit_count
+
     def raw_run(self) -> int:
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
         if ret < 0:
@@ -417,6 +467,8 @@ class Vcpu(FdObject):
     def run(self) -> Exit:
         """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``."""
         run = self.run_struct
+        if self._entry_state is not None:
+            self._keep_entry_state()
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
         self._valid = run.kvm_valid_regs
         self.exit_count += 1
@@ -455,6 +507,16 @@ class Vcpu(FdObject):
 
     def request_immediate_exit(self, on: bool = True) -> None:
         self.run_struct.immediate_exit = 1 if on else 0
+
+    def complete_pending_io(self) -> None:
+        """Finish the I/O of the last exit without running the guest (KVM_RUN with
+        immediate_exit, as the KVM API documents). Afterwards RIP is past the instruction on
+        every host, whether KVM reported it on the instruction (mainline) or past it."""
+        self.request_immediate_exit()
+        ex = self.run()
+        if not isinstance(ex, Interrupted):
+            raise KvmError("KVM_RUN", self.label, _errno.EINVAL,
+                           f"completing the pending I/O produced another exit: {ex.describe()}")
 
     # -- state: plain ioctls ------------------------------------------------------------
     def _get(self, name):
@@ -500,11 +562,13 @@ class Vcpu(FdObject):
         n = self.ioctl("KVM_GET_MSRS", msrs.ptr)
         return {msrs.ptr.entries[k].index: msrs.ptr.entries[k].data for k in range(n)}
 
-    def set_msrs(self, values: dict[int, int]) -> None:
-        msrs = _msrs_struct(list(values.items()))
+    def set_msrs(self, values: dict[int, int] | list[tuple[int, int]]) -> None:
+        """Write MSRs with one ioctl; a list may name an MSR twice (KVM writes in order)."""
+        pairs = list(values.items()) if isinstance(values, dict) else list(values)
+        msrs = _msrs_struct(pairs)
         n = self.ioctl("KVM_SET_MSRS", msrs.ptr)
-        if n != len(values):
-            bad = list(values)[n]
+        if n != len(pairs):
+            bad = pairs[n][0]
             raise KvmError("KVM_SET_MSRS", self.label, _errno.EINVAL, f"KVM refused MSR {bad:#x}")
 
     def set_cpuid2(self, cpuid) -> None:
@@ -572,13 +636,10 @@ class Vcpu(FdObject):
             run.kvm_dirty_regs &= ~bit
 
     def close(self) -> None:
-        if self.run_mmap is not None:
-            self.run_struct = None
-            try:
-                self.run_mmap.close()
-            except BufferError:
-                pass
-            self.run_mmap = None
+        if self._mapped is not None:
+            self.run_struct = self.run_mmap = None
+            libc.munmap(*self._mapped)
+            self._mapped = None
         super().close()
 
 

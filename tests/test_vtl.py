@@ -343,18 +343,26 @@ def test_transfer_copies_fpu_debug_and_cr2_keeps_private(kvm_available, backend)
         x1[XSAVE_XMM0 + 16:XSAVE_XMM0 + 32] = b"\xEE" * 16
         x1[XSAVE_BV] |= 0b11
         _set_xsave_bytes(v1, x1)
-        before = pol.summary()["state_ioctls"]
         t.resume_suspended("return")
-        assert _xsave_bytes(v0)[XSAVE_XMM0 + 16:XSAVE_XMM0 + 32] == b"\xEE" * 16
+        x0 = _xsave_bytes(v0)
+        assert x0[XSAVE_XMM0:XSAVE_XMM0 + 16] == bytes(range(1, 17))
+        assert x0[XSAVE_XMM0 + 16:XSAVE_XMM0 + 32] == b"\xEE" * 16
         assert v0.regs.rsp == 0x5000
-        # GET_DEBUGREGS + GET_XSAVE of the source, SET_XSAVE (changed), no DR SET (unchanged)
-        assert pol.summary()["state_ioctls"] - before == 3
+        assert v0.get_debugregs().db[2] == 0xD2D2000
 
-        # a round trip that changes nothing: two GETs per switch and no SET
-        before = pol.summary()["state_ioctls"]
+        # A round trip that changes nothing leaves both planes' state as it was (the policy may
+        # skip SETs it knows are redundant; how many ioctls that takes depends on the host's
+        # features, e.g. XCR0 is copied only where the guest has XSAVE).
+        def sse(v):                                    # MXCSR and XMM0-15 of the XSAVE image
+            x = _xsave_bytes(v)
+            return bytes(x[XSAVE_MXCSR:XSAVE_MXCSR + 4] + x[XSAVE_XMM0:XSAVE_XMM0 + 256])
+        images = sse(v0), sse(v1)
+        drs = tuple(v0.get_debugregs().db), tuple(v1.get_debugregs().db)
         t.switch_to(1, "call", suspend=True)
         t.resume_suspended("return")
-        assert pol.summary()["state_ioctls"] - before == 4
+        assert (sse(v0), sse(v1)) == images
+        assert (tuple(v0.get_debugregs().db), tuple(v1.get_debugregs().db)) == drs
+        assert pol.summary()["state_ioctls"] > 0
 
 
 def test_pkru_is_kept_by_the_destination():

@@ -449,9 +449,10 @@ def chrome_trace(events: list[dict]) -> dict:
 class ExitPrinter:
     """A trace sink printing one line per exit: vCPU/plane, exit, RIP and the instruction.
 
-    For port I/O exits KVM has already moved RIP past an ``in``/``out``, so the line shows the
-    instruction just before RIP when that is the port instruction (a ``rep outs`` still in
-    progress leaves RIP on itself)."""
+    At an ``in`` exit RIP is on the ``in`` on every KVM. At an ``out`` exit it is past the ``out``
+    on kvm_pvm and on it on mainline KVM (``pykvmm caps``: pio_out_rip), so for ``out`` the line
+    shows the instruction just before RIP when that is the port instruction (a ``rep outs``
+    still in progress leaves RIP on itself)."""
 
     def __init__(self, machine, out, label: str = "plane"):
         from .disasm import around
@@ -478,7 +479,7 @@ class ExitPrinter:
         except Exception as e:       # a dead or torn-down vCPU: say so, never break the run
             return f"{head}  (state unavailable: {e})"
         insn = None
-        if describe.startswith(("IoOut", "IoIn")):
+        if describe.startswith("IoOut"):
             prev = self._around(code, addr, rip, before=1, after=0)
             if prev and prev[0].address + prev[0].size == rip and _is_port_insn(prev[0].text):
                 insn = prev[0]

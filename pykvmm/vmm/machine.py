@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from .. import kvm as K
 from ..kvm import Kvm, KvmError
 from ..planes import open_planes_vm
-from ..planes.api import install_kick_handler
+from ..planes.api import KICK_SIGNAL, install_kick_handler
 from ..uapi import constants as C
 from ..x86 import arch, longmode
 from . import abi, events as ev
 from .console import Console
+from .crash_state import recover_after_shutdown
 from .devices import BadUcall, Ucall, decode_ucall
+from .host import convention
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, Dispatcher, InjectFault, call_name, hypercall_page
 from .memory import GuestMemory, GuestMemoryError
 from .policy import make_policy
@@ -95,6 +97,7 @@ class Crash:
     reason: str
     report: CpuReport | None = None
     detail: str = ""
+    state: str = ""                # what the registers shown are, when not the state at the crash
 
 
 @dataclass
@@ -157,6 +160,15 @@ def _events_dict(e) -> dict:
             "interrupt": {"injected": e.interrupt.injected, "nr": e.interrupt.nr, "shadow": e.interrupt.shadow},
             "nmi": {"injected": e.nmi.injected, "pending": e.nmi.pending, "masked": e.nmi.masked},
             "triple_fault_pending": e.triple_fault.pending}
+
+
+def _name_os_thread(name: str) -> None:
+    """Name this thread for the OS (top -H, /proc/PID/task/*/comm): which thread is which vCPU."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
 
 
 class VcpuThread:
@@ -226,6 +238,7 @@ class VcpuThread:
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
         m = self.machine
+        _name_os_thread(f"vcpu{self.index}")
         # SIGINT/SIGTERM go to the main thread, which waits for them (Machine.run)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         handlers = self._exit_handlers
@@ -296,7 +309,13 @@ class VcpuThread:
         self.machine.policy.on_plane_event(self, ex)
 
     def _on_shutdown(self, ex) -> None:
-        self._crash("triple fault (KVM_EXIT_SHUTDOWN)")
+        v = self.vcpu()
+        tid = threading.get_ident()
+
+        def kick():                        # ends a re-execution that does not fault again
+            v.request_immediate_exit()
+            signal.pthread_kill(tid, KICK_SIGNAL)
+        self._crash("triple fault (KVM_EXIT_SHUTDOWN)", state=recover_after_shutdown(v, kick))
 
     def _on_fail_entry(self, ex) -> None:
         self._crash(f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason "
@@ -364,8 +383,10 @@ class VcpuThread:
         """Make ``plane`` of this vCPU take exception ``vector`` (e.g. #UD for a bad VtlCall)."""
         v = self.cpu.plane_vcpu(plane)
         if hypercall_rewind:
-            # The fault must point at the stub's `out`. Some hosts (this PVM one) report RIP
-            # already past it at the exit; mainline KVM reports the `out` itself.
+            # The fault must point at the stub's `out`. Mainline KVM reports RIP on the `out`
+            # and skips it at the next KVM_RUN even if the same RIP is written back; kvm_pvm
+            # reports it past. Completing the I/O first leaves RIP past it on both.
+            v.complete_pending_io()
             regs = v.regs
             if regs.rip - abi.HYPERCALL_PAGE_ADDR - OUT_SIZE in STUB_OUT_OFFSETS:
                 regs.rip -= OUT_SIZE
@@ -378,10 +399,10 @@ class VcpuThread:
         events.flags = 0
         v.set_vcpu_events(events)
 
-    def _crash(self, reason: str) -> None:
+    def _crash(self, reason: str, state: str = "") -> None:
         m = self.machine
         report = m.capture(self)
-        m._crash(Crash(self.index, self.plane, reason, report))
+        m._crash(Crash(self.index, self.plane, reason, report, state=state))
         self.done = True
 
 
@@ -457,6 +478,8 @@ class Machine:
         self._write_memory(image)
         cpuid = self.kvm.supported_cpuid()
         self.osxsave = longmode.supports_xsave(cpuid)
+        # A host that resets the vCPU on a triple fault: keep what each KVM_RUN enters with.
+        self.shutdown_resets = convention(self.kvm, "shutdown").value == "reset"
         self.policy.attach(self)
         if cfg.hyperv is not None:
             from .hyperv import HyperV
@@ -510,13 +533,16 @@ class Machine:
         regs.rdi, regs.rsi, regs.rdx = index, plane, abi.BOOT_INFO_ADDR
         v.set_regs(regs)
         base = arch.APIC_DEFAULT_BASE | arch.APICBASE_ENABLE | (arch.APICBASE_BSP if index == 0 else 0)
-        v.set_msrs({arch.MSR_IA32_APICBASE: base})
-        v.set_msrs({arch.MSR_IA32_APICBASE: base | arch.APICBASE_X2APIC})
+        # x2APIC is entered from xAPIC mode only: both writes, in order, in one ioctl
+        v.set_msrs([(arch.MSR_IA32_APICBASE, base), (arch.MSR_IA32_APICBASE, base | arch.APICBASE_X2APIC)])
         v.set_mp_state(C.KVM_MP_STATE_RUNNABLE)
         if v.run_struct is not None:
-            # The Hyper-V personality checks CS.DPL on every hypercall: sregs in the sync area.
-            hv_sync = C.KVM_SYNC_X86_SREGS if self.hyperv else 0
-            v.enable_sync_regs(C.KVM_SYNC_X86_REGS | self.policy.sync_classes | hv_sync)
+            classes = C.KVM_SYNC_X86_REGS | self.policy.sync_classes
+            if self.shutdown_resets or self.hyperv:
+                # (Hyper-V: the CPL check of every hypercall reads CS.DPL from the sync area.)
+                classes |= C.KVM_SYNC_X86_SREGS
+            if v.enable_sync_regs(classes) & C.KVM_SYNC_X86_SREGS and self.shutdown_resets:
+                v.keep_entry_state()
 
     # -- running ---------------------------------------------------------------------------
     def kick_all(self) -> None:

@@ -3,15 +3,18 @@ exit (software breakpoints), data breakpoints (hardware watchpoints), KVM_GUESTD
 
 from __future__ import annotations
 
-from ...kvm import KvmError
+from ...kvm import Kvm, KvmError
 from ...uapi import constants as C
+from ...vmm.host import convention
 
 
 class HostDebugCaps:
     """What this host's KVM does with guest debugging (probed on a scratch VM)."""
 
-    def __init__(self, sw_bp: bool = True, watch: bool = True, blockirq: bool = True, detail: str = ""):
+    def __init__(self, sw_bp: bool = True, watch: bool = True, blockirq: bool = True, detail: str = "",
+                 exec_bp: bool = True):
         self.sw_bp, self.watch, self.blockirq, self.detail = sw_bp, watch, blockirq, detail
+        self.exec_bp = exec_bp        # an execution breakpoint in a debug register stops the guest
 
     def __repr__(self):
         return f"HostDebugCaps(sw_bp={self.sw_bp}, watch={self.watch}, blockirq={self.blockirq})"
@@ -59,5 +62,11 @@ def probe_host(backend: str, kvm_device: str) -> HostDebugCaps:
     except KvmError:
         caps.blockirq = False
         notes.append("no KVM_GUESTDBG_BLOCKIRQ: a step may enter an interrupt handler")
+    # QEMU's emulated SVM (pykvmm under nested KVM in TCG) reports neither int3 nor DR0.
+    with Kvm(kvm_device) as kvm:
+        hw = convention(kvm, "hw_breakpoint")
+    caps.exec_bp = hw.value == "yes"
+    if not caps.exec_bp:
+        notes.append(f"{hw.detail}: hardware breakpoints are refused")
     caps.detail = "; ".join(notes)
     return caps

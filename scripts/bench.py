@@ -30,6 +30,8 @@ shared machine hits them alike; the figure given is the median over the repeats)
     ioctls per round trip by plane count; memory per added plane (fresh processes: VmRSS, and
     the kernel's share from /proc/meminfo).
  6. Tracing: the PIO loop with trace=None vs a list-append sink.
+ 7. Trace export (scripts/bench_trace.py): Chrome export of a 100k-event trace vs JSON lines of
+    the same events, and the time growth from 25k to 100k events (linear: 4x). Target: < 5 s.
 
 Ratios are medians of per-repeat ratios (both sides measured back to back). "raw exit" is
 the raw cffi KVM_RUN round trip of row 1 (or of row 2's own repeats there).
@@ -70,17 +72,18 @@ PIO_REF_SRC = REPO / "scripts" / "pio_ref.c"
 FULL = dict(repeats=11, pio_n=20000, switch_n=2500, vtl_n=1500, c_switch_n=12000,
             ipi_rounds=500, pingpong_n=500, startup_runs=7, build_runs=10,
             scale_n=1500, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2, 4, 8), rss_copies=4,
-            small_kick=1e-4)
+            small_kick=1e-4, trace_events=100_000)
 QUICK = dict(repeats=2, pio_n=300, switch_n=30, vtl_n=30, c_switch_n=300,
              ipi_rounds=8, pingpong_n=8, startup_runs=1, build_runs=2,
              scale_n=5, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2), rss_copies=1,
-             small_kick=1e-4)
+             small_kick=1e-4, trace_events=4000)
 
 TARGETS = {
     "pio_ratio": 1.15,              # pykvmm / C per PIO exit
     "round_trip_raw_exits": 3.0,    # plane round trip in raw exits
     "ipi_p99_raw_exits": 10.0,      # cross-VTL IPI p99 in raw exits
     "first_instruction_s": 0.5,     # process start to the guest's first exit
+    "trace_export_100k_s": 5.0,     # Chrome export of 100k trace events (CPU s)
 }
 
 
@@ -771,6 +774,9 @@ def verdicts(rows: dict) -> list[dict]:
         out.append({"row": row, "what": what, "value": value, "target": target, "unit": unit, "met": met,
                     "miss_pct": miss})
 
+    r7 = rows.get("7_trace_export")
+    if r7:
+        add(7, f"Chrome export of {r7['events']} events", r7["chrome_s"], TARGETS["trace_export_100k_s"], "s")
     r1 = rows.get("1_pio_exit")
     if r1:
         add(1, "pykvmm / C per PIO exit", r1["pykvmm_over_c"], TARGETS["pio_ratio"], "x")
@@ -896,6 +902,12 @@ def print_table(res: dict) -> None:
                                                            for k, v in pp.items()),
           "Slab+Vmalloc+KernelStack+PageTables; MemAvailable drop " + ", ".join(
               f"{fmt(v['mem_available_drop_kb_per_plane'])}" for v in pp.values()) + " KiB")
+    r7 = rows.get("7_trace_export")
+    if r7:
+        L("7", f"trace export, {r7['events']} events: Chrome / JSON lines",
+          f"{fmt(r7['chrome_s'], 2)} / {fmt(r7['jsonl_s'], 2)} s",
+          f"{fmt(r7['chrome_vs_jsonl'], 1)}x JSON lines; {r7['events'] // 4} -> {r7['events']} events "
+          f"{fmt(r7['growth_n_over_n4'], 1)}x time (linear 4x); CPU time")
     r6 = rows.get("6_tracing")
     if r6:
         L("6", "PIO exit, trace off / list-append sink", f"{fmt(r6['trace_off_us'], 2)} / {fmt(r6['trace_on_us'], 2)} us",
@@ -926,7 +938,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (smoke test); numbers mean nothing")
     ap.add_argument("--out", default="bench-results.json", help="JSON results file (default %(default)s)")
-    ap.add_argument("--rows", default="1,2,3,4,5,6", help="rows to run (comma-separated; 6 needs 1)")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7", help="rows to run (comma-separated; 6 needs 1)")
     ap.add_argument("--repeats", type=int, help="override the number of interleaved repeats")
     ap.add_argument("--_rss-probe", nargs=3, type=int, metavar=("PLANES", "VCPUS", "COPIES"), help=argparse.SUPPRESS)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval() for the run (experiments)")
@@ -983,6 +995,9 @@ def main(argv=None) -> int:
             rows["4_startup"] = row_startup(P)
         if 5 in want:
             rows["5_scaling"] = row_scaling(P)
+        if 7 in want:
+            from bench_trace import bench_trace_export
+            rows["7_trace_export"] = bench_trace_export(P["trace_events"], repeats=3 if not a.quick else 1)
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     meta["duration_s"] = round(time.monotonic() - started, 1)
     res = {"meta": meta, "rows": rnd(rows, 3), "targets": []}

@@ -22,6 +22,7 @@ from ..planes import open_planes_vm
 from ..planes.api import KICK_SIGNAL, install_kick_handler
 from ..uapi import constants as C
 from ..x86 import arch, longmode
+from ..x86.sysstate import read_system_state
 from . import abi, events as ev
 from .console import Console
 from .crash_state import recover_after_shutdown
@@ -80,6 +81,7 @@ class PlaneState:
     code: bytes = b""
     code_addr: int = 0
     started: bool = True
+    system: dict = field(default_factory=dict)   # x86.sysstate.read_system_state: DRs, MSRs, LAPIC
 
 
 @dataclass
@@ -686,7 +688,7 @@ class Machine:
                 continue
             code, addr = self.read_code(v, regs.rip)
             planes[p] = PlaneState(p, _regs_dict(regs), _sregs_dict(sregs), _events_dict(events), code, addr,
-                                   started=p in t.started_planes)
+                                   started=p in t.started_planes, system=read_system_state(v))
         return CpuReport(t.index, t.plane, list(t.suspended), planes)
 
     def read_code(self, v: K.Vcpu, rip: int, before: int = 32, after: int = 48) -> tuple[bytes, int]:

@@ -70,15 +70,16 @@ BENCH_IPI_VECTOR = 0x50
 PIO_REF_SRC = REPO / "scripts" / "pio_ref.c"
 
 FULL = dict(repeats=11, pio_n=20000, switch_n=2500, vtl_n=1500, c_switch_n=12000,
-            ipi_rounds=500, pingpong_n=500, startup_runs=7, build_runs=10,
+            ipi_rounds=500, pingpong_n=500, startup_runs=7, build_runs=10, wide_runs=3, wide_vcpus=64,
             scale_n=1500, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2, 4, 8), rss_copies=4,
             small_kick=1e-4, trace_events=100_000)
 QUICK = dict(repeats=2, pio_n=300, switch_n=30, vtl_n=30, c_switch_n=300,
-             ipi_rounds=8, pingpong_n=8, startup_runs=1, build_runs=2,
+             ipi_rounds=8, pingpong_n=8, startup_runs=1, build_runs=2, wide_runs=1, wide_vcpus=8,
              scale_n=5, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2), rss_copies=1,
              small_kick=1e-4, trace_events=4000)
 
 TARGETS = {
+    "wide_hello_s": 5.0,            # `pykvmm run hello --vcpus 64 --planes 16`, process start to exit
     "pio_ratio": 1.15,              # pykvmm / C per PIO exit
     "round_trip_raw_exits": 3.0,    # plane round trip in raw exits
     "ipi_p99_raw_exits": 10.0,      # cross-VTL IPI p99 in raw exits
@@ -662,6 +663,18 @@ def row_startup(P) -> dict:
             ts.append(time.perf_counter() - t0)
             m.close()
         builds[f"{vcpus}x{planes}"] = median(ts) * 1e3
+    wide = {}
+    for planes in (2, 16):          # 64 vCPUs x 16 planes against x 2 planes, interleaved
+        wide[planes] = []
+    for _ in range(P["wide_runs"]):
+        for planes in wide:
+            t_spawn = time.monotonic()
+            res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hello", "--vcpus", str(P["wide_vcpus"]),
+                                  "--planes", str(planes), "--quiet"], capture_output=True, text=True,
+                                 env=_env(), timeout=600)
+            if res.returncode != 0:
+                raise RuntimeError(f"wide hello failed ({res.returncode}): {res.stderr[-800:]}")
+            wide[planes].append(time.monotonic() - t_spawn)
     keys = probe[0].keys()
     med = {k: median([p[k] for p in probe]) for k in keys}
     return {"command": "python -m pykvmm " + " ".join(args), "guest": label,
@@ -669,6 +682,8 @@ def row_startup(P) -> dict:
             "cli_process_exit_median_s": median([c["process_exit_s"] for c in cli_runs]),
             "cli_statuses": [c["status"] for c in cli_runs], "bare_python_start_s": bare_python,
             "machine_build_ms": builds,
+            "wide_hello": {"vcpus": P["wide_vcpus"], "process_exit_s": {str(p): median(ts) for p, ts in wide.items()},
+                           "ratio_16_over_2": median(wide[16]) / median(wide[2])},
             "method": "parent time.monotonic() before spawning vs the child's TraceEvent times (same clock): "
                       "the child is `python -c <probe>` that imports pykvmm.cli, installs a trace sink and calls "
                       "the CLI's main with the same arguments; 'first_exit' is the guest's first exit (its "
@@ -800,6 +815,9 @@ def verdicts(rows: dict) -> list[dict]:
     if r4:
         add(4, "process start to first guest exit", r4["probe_median_s"]["first_exit_s"],
             TARGETS["first_instruction_s"], "s")
+        w = r4["wide_hello"]
+        add(4, f"hello {w['vcpus']} vCPUs x 16 planes, process start to exit", w["process_exit_s"]["16"],
+            TARGETS["wide_hello_s"], "s")
     return out
 
 
@@ -887,6 +905,9 @@ def print_table(res: dict) -> None:
           f"exit {fmt(m['process_exit_s'], 3)} s; plain `python -m pykvmm` exit "
           f"{fmt(r4['cli_process_exit_median_s'], 3)} s; bare python {fmt(r4['bare_python_start_s'], 3)} s")
         L("4", "Machine(...) construction", ", ".join(f"{k} {fmt(v)} ms" for k, v in r4["machine_build_ms"].items()), "")
+        w = r4["wide_hello"]
+        L("4", f"hello {w['vcpus']} vCPUs x 16 planes, process exit", f"{fmt(w['process_exit_s']['16'], 2)} s",
+          f"x 2 planes {fmt(w['process_exit_s']['2'], 2)} s: ratio {fmt(w['ratio_16_over_2'], 2)}x")
     r5 = rows.get("5_scaling")
     if r5:
         g = r5["switch_rate"]

@@ -21,7 +21,7 @@ from ..kvm import Kvm, KvmError
 from ..planes import open_planes_vm
 from ..planes.api import KICK_SIGNAL, install_kick_handler
 from ..uapi import constants as C
-from ..x86 import arch, longmode
+from ..x86 import apic, arch, longmode
 from ..x86.sysstate import read_system_state
 from . import abi, events as ev
 from .console import Console
@@ -189,6 +189,9 @@ class VcpuThread:
         self.switches: dict[tuple[int, int], int] = {}
         self.entry_reasons: dict[str, int] = {}
         self.halted_in_kernel = False
+        self.kicks = 0                  # exits that were kicks (not the guest's doing)
+        self.halt_probe_seen = 0        # Machine.halt_probe this thread last answered
+        self.halted_for_good = False    # its answer
         self._port_handlers = {
             abi.PORT_UCALL: self._on_ucall,
             abi.PORT_CONSOLE: self._on_console,
@@ -301,7 +304,24 @@ class VcpuThread:
                               kind="unhandled port")
 
     def _on_interrupted(self, ex) -> None:
-        pass  # a kick: the loop re-checks stop/done and runs again
+        # a kick: the loop re-checks stop/done and runs again; first answer a halt probe
+        self.kicks += 1
+        probe = self.machine.halt_probe
+        if probe != self.halt_probe_seen:
+            self.halted_for_good = self._halted_for_good()
+            self.halt_probe_seen = probe
+
+    def _halted_for_good(self) -> bool:
+        """Halted with interrupts off, and nothing that could wake it: no NMI pending or
+        possible from its LAPIC, no interrupt pending or armed in a plane that would preempt."""
+        v = self.vcpu()
+        if v.get_mp_state() != C.KVM_MP_STATE_HALTED or v.regs.rflags & arch.RFLAGS_IF:
+            return False
+        if v.get_vcpu_events().nmi.pending or apic.could_interrupt(lapic_bytes(v), nmi_only=True):
+            return False
+        req = self.machine.policy.req_exit_planes(self)
+        return not any(apic.could_interrupt(lapic_bytes(self.cpu.plane_vcpu(p)))
+                       for p in self.cpu.planes if req >> p & 1)
 
     def _on_plane_event(self, ex) -> None:
         sink = self.machine.trace
@@ -408,8 +428,13 @@ class VcpuThread:
         self.done = True
 
 
+def lapic_bytes(v: K.Vcpu) -> bytes:
+    return bytes(K.ffi.buffer(v.get_lapic().regs))
+
+
 class Machine:
-    POLL_INTERVAL = 0.05     # how often run() looks at signals, the deadline and halted vCPUs
+    POLL_INTERVAL = 0.05     # how often run() looks at signals and the deadline
+    HANG_CHECK_INTERVAL = 0.5  # how often it looks for vCPUs that made no exit (see _hung)
 
     def __init__(self, image: bytes, config: MachineConfig | None = None):
         self.config = cfg = config or MachineConfig()
@@ -433,6 +458,8 @@ class Machine:
         self._stdout_closed = False
         self._console_blocked = False
         self._interrupted = False
+        self.halt_probe = 0             # bumped to ask every vCPU thread whether it is halted for good
+        self._progress = -1
         self._ucalls: deque[Ucall] = deque(maxlen=UCALL_HISTORY)
         self._ucall_counts: dict[str, int] = {}
         self._failure: Ucall | None = None
@@ -566,13 +593,22 @@ class Machine:
             t.thread.start()
         status = None
         deadline = None if timeout is None else start + timeout
+        hang_check = start + self.HANG_CHECK_INTERVAL
+        hang = None
         try:
             while not self._finished.wait(self.POLL_INTERVAL):
                 if self._interrupted:
                     break
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     status = ExitStatus.TIMEOUT
                     break
+                if now >= hang_check:
+                    hang_check = now + self.HANG_CHECK_INTERVAL
+                    hang = self._hung()
+                    if hang:
+                        status = ExitStatus.TIMEOUT
+                        break
         except KeyboardInterrupt:
             self._interrupted = True
         if self._interrupted:
@@ -580,9 +616,28 @@ class Machine:
         self.stop()
         elapsed = time.monotonic() - start
         result = self._result(status, elapsed)
+        if hang and result.status == ExitStatus.TIMEOUT:
+            result.message = hang
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "end", "status": result.status.name}))
         return result
+
+    def _hung(self) -> str | None:
+        """A hang nobody would see: every unfinished vCPU halted with interrupts off and nothing
+        that could wake it. Asked only after a HANG_CHECK_INTERVAL without a guest exit: the
+        vCPU threads are kicked and answer from their own thread (halt_probe); the next check
+        without an exit reads the answers. Not while a debugger holds the vCPUs."""
+        live = [t for t in self.threads if not t.done]
+        progress = sum(t.exits - t.kicks for t in self.threads)
+        if self.debugger is not None or not live or progress != self._progress:
+            self._progress = progress
+            return None
+        if all(t.halt_probe_seen == self.halt_probe and t.halted_for_good for t in live) and self.halt_probe:
+            return "all vCPUs halted with interrupts disabled"
+        self.halt_probe += 1
+        for t in live:
+            t.cpu.kick()
+        return None
 
     def interrupt(self) -> None:
         """Stop the run with status INTERRUPTED (safe in a signal handler: only sets a flag)."""

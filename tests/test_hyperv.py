@@ -105,7 +105,7 @@ def test_hypercall_statuses_rep_continuation_and_xmm(kvm_available):
     assert sent == [16]
     syncs = dict(r.syncs())
     assert syncs[3] == 16          # the interrupt ran after rep 16 was written, before rep 17
-    assert syncs[1] == 25
+    assert syncs[1] == 27
     hv = r.stats["hyperv"]
     assert hv["continuations"] == 2 and hv["ud_injected"] == 1 and hv["tlb_flushes"] >= 2
 

@@ -102,13 +102,6 @@ VTL_ENTRY_VTL_CALL = 1
 VTL_ENTRY_INTERRUPT = 2
 
 
-def _asm_include() -> str:
-    lines = ["/* generated from pykvmm/vmm/abi.py: do not edit */"]
-    for name, value in globals().items():
-        if name.isupper() and isinstance(value, int):
-            lines.append(f".set {name}, {value:#x}")
-    return "\n".join(lines) + "\n"
-
-
 if __name__ == "__main__":
-    print(_asm_include(), end="")
+    from ..asminc import asm_include
+    print(asm_include("pykvmm/vmm/abi.py", globals()), end="")

@@ -176,6 +176,7 @@ class VcpuThread:
             K.SystemEvent: self._on_system_event,
             K.Hlt: self._on_hlt,
             K.Debug: self._on_debug,
+            K.MemoryFault: self._on_memory_fault,
         }
         self._unknown_ports: set[int] = set()
 
@@ -279,6 +280,14 @@ class VcpuThread:
 
     def _on_hlt(self, ex) -> None:
         self._crash("guest halted with no in-kernel irqchip to wake it (KVM_EXIT_HLT)")
+
+    def _on_memory_fault(self, ex) -> None:
+        """The running plane's memory view forbade an access (planes/memview.py): the policy
+        decides (the VTL policy makes it a secure intercept of the protecting VTL)."""
+        sink = self.machine.trace
+        if sink:
+            sink(ev.TraceEvent(ev.FAULT, self.index, self.plane, {"memory_fault": ex.describe()}))
+        self.machine.policy.on_memory_fault(self, ex)
 
     def _on_debug(self, ex) -> None:
         dbg = self.machine.debugger

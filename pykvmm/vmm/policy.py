@@ -37,6 +37,14 @@ class PlanePolicy:
             return
         cpu.switch_to(target, reason="interrupt", suspend=True)
 
+    def on_memory_fault(self, cpu, fault) -> None:
+        """The running plane broke its memory view (planes/memview.py). Bare policy: nobody
+        set a view on purpose here, so the run stops and says where."""
+        from ..planes.memview import FAULT_ACCESS
+        kind = FAULT_ACCESS.get(fault.flags)
+        cpu._crash(f"{kind.name.lower() if kind else hex(fault.flags)} access to GPA {fault.gpa:#x} "
+                   f"forbidden by plane {cpu.plane}'s memory view")
+
     def transfer(self, cpu, src: int, dst: int, reason: str) -> None:
         """Move shared state from plane ``src`` to ``dst`` of ``cpu`` (bare: nothing)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -80,6 +81,9 @@ def main():
               show_default=True, help="Guest memory in MiB (a multiple of 2).")
 @click.option("--kvm-device", default=DEFAULT_KVM_DEVICE, show_default=True, help="The KVM device to open.")
 @click.option("--quiet", is_flag=True, help="Do not echo the guest console.")
+@click.option("--raw-console", is_flag=True,
+              help="Pass the guest console through unchanged, terminal control sequences included "
+                   "(default: control characters are shown escaped, e.g. \\x1b).")
 @click.option("--trace", metavar="FILE", default=None,
               help="Record every exit, hypercall, plane switch, plane event, fault and ucall to FILE "
                    "(.json: Chrome trace for Perfetto/chrome://tracing; .jsonl: JSON lines).")
@@ -93,12 +97,26 @@ def main():
               help="Serve gdb on 127.0.0.1:PORT (or the unix socket PATH) and wait for it before the first "
                    "instruction; every (vCPU, plane) is a gdb thread.")
 @click.option("--gdb-stop-on-switch", is_flag=True, help="With --gdb: every plane switch stops the guest.")
-def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, **debug):
+def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, raw_console,
+        **debug):
     """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
 
     Exit status: 0 guest reported DONE, 1 guest assertion failed, 2 bad usage or input,
-    3 guest crashed, 4 timeout, 5 host lacks what is needed, 130 interrupted.
+    3 guest crashed, 4 timeout or hang, 5 host lacks what is needed, 6 the trace could not be
+    written, 130 interrupted, 141 stdout was closed.
     """
+    interrupts = _Interrupts()
+    try:
+        interrupts.install()
+        _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
+             raw_console, debug)
+    except KeyboardInterrupt:                       # the first signal, before the guest ran
+        _err("interrupted before the guest ran")
+        sys.exit(ExitStatus.INTERRUPTED)
+
+
+def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
+         raw_console, debug):
     if mem_mib % 2:
         raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
     try:
@@ -110,7 +128,8 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     vcpus = vcpus or (DEMO_VCPUS if is_demo else 1)
     planes = planes or (DEMO_PLANES if is_demo else 1)
     config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
-                           kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet)
+                           kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet,
+                           raw_console=raw_console)
     try:
         machine = Machine(image, config)
     except KvmError as e:
@@ -127,24 +146,49 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
         machine.close()
         _err(f"cannot start the debugging options: {e}")
         sys.exit(ExitStatus.USAGE)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
-    try:
-        with machine:
-            result = machine.run(timeout)
-            session.after_run(result)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+    interrupts.machine = machine                  # from now on a signal stops the run
+    with machine:
+        result = machine.run(timeout)
+        session.after_run(result)
+    if result.status == ExitStatus.STDOUT_CLOSED:
+        _detach_stdout()              # quietly: the reader left; nothing more to say on it
+        sys.exit(result.status)
     _report(result, planes, label)
     sys.exit(result.status)
 
 
-def _raise_interrupt(*_):
-    # Only the first SIGINT/SIGTERM interrupts; the stop that follows must not be cut short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+def _detach_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's last flush cannot fail on a closed pipe."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM during `pykvmm run` (README): the first one stops the run (status 130,
+    with the dump, the summary and the trace; before the guest runs, it abandons the start-up);
+    a second one exits at once. The handler stays installed until the process exits: switching
+    to SIG_IGN races with a signal already caught ("Signal 15 ignored due to race condition")."""
+
+    def __init__(self):
+        self.machine = None
+        self.count = 0
+
+    def install(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            os.write(2, b"pykvmm: second signal: exiting now\n")
+            os._exit(ExitStatus.INTERRUPTED)
+        if self.machine is None:
+            raise KeyboardInterrupt
+        self.machine.interrupt()      # the run loop sees it within Machine.POLL_INTERVAL
 
 
 def _report(result, planes: int, label: str) -> None:

@@ -438,6 +438,11 @@ class Vcpu(FdObject):
         data = bytes(data[:need]).ljust(need, b"\0")
         self.run_mmap[exit_.data_offset:exit_.data_offset + need] = data
 
+    def complete_mmio_read(self, data: bytes) -> None:
+        """Provide the bytes an MMIO read gets (applied on the next KVM_RUN)."""
+        m = self.run_struct.mmio
+        ffi.memmove(m.data, bytes(data[:m.len]).ljust(m.len, b"\0"), m.len)
+
     def request_immediate_exit(self, on: bool = True) -> None:
         self.run_struct.immediate_exit = 1 if on else 0
 

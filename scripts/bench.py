@@ -20,6 +20,8 @@ shared machine hits them alike; the figure given is the median over the repeats)
     into an inactive plane (guest/bench_ipi mode 1); an in-kernel x2APIC IPI into an inactive
     plane on multivm (guest/bench_ipi mode 0: only found by the IRR scan on a kick), for
     kick_interval 1 ms and a smaller one; and the C floor of the same kick pattern (pio_ref -k).
+    The wake-up delay of a halted VTL0 for an interrupt into its VTL1 (guest/vtl_wake_bench), per
+    source: in-kernel x2APIC IPI, host MSI, SendSyntheticClusterIpi (issue 10).
     Target: cross-VTL p99 < 10 raw exits.
  4. Start-up: ``python -m pykvmm run`` (the demo) from process start to the guest's first exit,
     to DONE and to exit, and Machine(...) construction alone. Target: < 0.5 s to the first
@@ -520,6 +522,40 @@ def bench_pingpong(P) -> dict:
             "elapsed_s": dt}
 
 
+WAKE_HOST_MSI = 0x80B1           # guest/vtl_wake_bench's host-MSI hypercall (registered here)
+WAKE_SOURCES = {"x2apic": 0, "host_msi": 1, "synthetic": 2}
+
+
+def bench_halted_wake(P, source: str, delay_max: int) -> dict:
+    """Wake-up delay of a halted VTL0 for an interrupt into its VTL1 (guest/vtl_wake_bench):
+    the sender's mark to the VTL1 handler's first exit, kick_interval 1 ms."""
+    rounds = P["ipi_rounds"]
+    events: list = []
+    arg = rounds | WAKE_SOURCES[source] << 32 | delay_max << 40
+
+    def setup(m):
+        def host_msi(cpu, plane, control, regs):
+            m.pvm.planes[regs.r8 >> 8 & 0xF].signal_msi(*apic.msi_message(regs.rdx, regs.r8 & 0xFF))
+            return abi.HV_STATUS_SUCCESS
+        m.dispatcher.register(WAKE_HOST_MSI, host_msi)
+
+    dt, r, m = run_machine(image("vtl_wake_bench"), vcpus=2, planes=2, personality="vtl", arg=arg,
+                           trace=events.append, setup=setup)
+    s = _streams(events)
+    if source == "x2apic":
+        sends = _marker_exits(s[0], 1, {abi.HVCALL_PYKVMM_NOP})
+    elif source == "host_msi":
+        sends = _marker_exits(s[0], 0, {WAKE_HOST_MSI})
+    else:
+        sends = _marker_exits(s[0], 0, {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI})
+    switches, handlers = _interrupt_entries(s[1], 1)
+    nxt = sends[1:] + [float("inf")]
+    return {"rounds": rounds, "delay_max_exits": delay_max, "sends_seen": len(sends),
+            "preemptions": r.stats.get("preemptions"), "to_switch": pcts(_pair(sends, switches, nxt)),
+            "to_handler": pcts(_pair(sends, handlers, nxt)), "irr_scans": m.threads[1].cpu.irr_scans,
+            "elapsed_s": dt}
+
+
 def row_ipi(P, cref: CRef, raw_exit_us: float, pio_us: float) -> dict:
     log("row 3: cross-plane IPI latency")
     out = {"raw_exit_us": raw_exit_us, "method": "host timestamps (time.monotonic) of TraceEvents from a "
@@ -548,6 +584,9 @@ def row_ipi(P, cref: CRef, raw_exit_us: float, pio_us: float) -> dict:
     # The receiver's plane 0 making exits (so its IRR is also scanned after them, at most once
     # per scan_gap) instead of spinning without any.
     out["in_kernel_ipi_busy_receiver"] = bench_ipi(P, 4, 1e-3, max(2, int(1.5e3 / pio_us)))
+    if have_vtl() and (loader.GUEST_DIR / "vtl_wake_bench.S").exists():
+        out["halted_vtl0_wake"] = {src: bench_halted_wake(P, src, max(2, int(1.5e3 / pio_us)))
+                                   for src in WAKE_SOURCES}
     return out
 
 
@@ -829,6 +868,9 @@ def print_table(res: dict) -> None:
         if d:
             L("3", "  same, kick_1000us, receiver's plane 0 making exits", p(d["to_switch"]),
               f"IRR scans/IPI {fmt(d['irr_scans'] / d['rounds'])}")
+        for src, d in r3.get("halted_vtl0_wake", {}).items():
+            L("3", f"wake-up of a halted VTL0 for its VTL1 ({src}), to handler", p(d["to_handler"]),
+              f"to switch p99 {fmt(d['to_switch']['p99_us'])} us; preemptions {d['preemptions']}/{d['rounds']}")
     r4 = rows.get("4_startup")
     if r4:
         m = r4["probe_median_s"]

@@ -222,3 +222,35 @@ def test_halted_lower_vtl_wakes(backend, source, receiver, before):
 def test_halted_lower_vtl_wakes_three_vtls(backend, source, before, target):
     r = run_wake(backend, source, "halted", before, planes=3, target=target)
     check_woken(r, before, target or 2)
+
+
+# ---- randomized stress (guest/vtl_wake_stress.S) ---------------------------------------------
+
+def run_stress(backend, vcpus, rounds, seed, timeout):
+    with Machine(guest_image("vtl_wake_stress"),
+                 MachineConfig(vcpus=vcpus, planes=2, backend=backend, personality="vtl",
+                               arg=rounds | seed << 16, quiet=True)) as m:
+        register_host_msi(m)
+        r = m.run(timeout)
+    assert_done(r)          # a halted VTL0 that never woke ends in TIMEOUT here
+    s = wake_syncs(r)
+    for v in range(vcpus):
+        assert s[(v, 1)] == s[(v, 2)], f"vCPU {v}: deliverable sent {s[(v, 1)]}, taken {s[(v, 2)]} (seed {seed})"
+        assert s[(v, 3)] == s[(v, 4)], f"vCPU {v}: masked sent {s[(v, 3)]}, taken {s[(v, 4)]} (seed {seed})"
+        assert s[(v, 5)] == 0, f"vCPU {v}: {s[(v, 5)]} sender/receiver pairs differ (seed {seed})"
+    assert sum(s[(v, 1)] for v in range(vcpus)) > 0 and sum(s[(v, 3)] for v in range(vcpus)) > 0
+    assert sum(s[(v, 6)] for v in range(vcpus)) > 0, "no VTL0 ever halted: the stress did not stress"
+    assert r.stats["events_spurious"] == 0
+    return r
+
+
+@pytest.mark.parametrize("vcpus,seed", [(2, 1), (3, 2), (4, 3)])
+def test_wake_stress_short(backend, vcpus, seed):
+    run_stress(backend, vcpus, rounds=40, seed=seed, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(100, 108))
+@pytest.mark.parametrize("vcpus", [2, 3, 4])
+def test_wake_stress_long(backend, vcpus, seed):
+    run_stress(backend, vcpus, rounds=1500, seed=seed, timeout=600)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from . import trace as tr
+from .stream import TraceStream, TraceWriteError
 
 
 def gdb_address(value: str) -> str:
@@ -34,7 +35,7 @@ class DebugSession:
         self.gdb = gdb
         self.gdb_stop_on_switch = gdb_stop_on_switch
         self.err = err or sys.stderr
-        self.recorder = None
+        self.trace_stream = None
         self.stub = None
         self.machine = None
         self.label = "plane"
@@ -53,9 +54,8 @@ class DebugSession:
         address = gdb_address(self.gdb) if self.gdb else None
         sinks = [machine.trace] if machine.trace else []
         if self.trace_path:
-            open(self.trace_path, "w").close()       # fail now (exit 2), not after the run
-            self.recorder = tr.TraceRecorder()
-            sinks += [tr.IpiAnnotator(machine), self.recorder]
+            self.trace_stream = TraceStream(self.trace_path, self.trace_format)   # fails now (exit 2)
+            sinks += [tr.IpiAnnotator(machine), self.trace_stream]
         if self.trace_exits:
             sinks.append(tr.ExitPrinter(machine, self.err, "vtl" if label == "VTL" else "plane"))
         if sinks:
@@ -79,12 +79,15 @@ class DebugSession:
                 result.message = "killed from gdb"
                 if m is not None and not result.timeout_reports:
                     result.timeout_reports = [m.capture(t) for t in m.threads if not t.done]
-        if self.recorder is not None:
+        if self.trace_stream is not None:
             try:
-                fmt = self.recorder.export(self.trace_path, self.trace_format)
-                self._say(f"trace: {len(self.recorder)} events written to {self.trace_path} ({fmt})")
-            except OSError as e:
-                self._say(f"could not write the trace to {self.trace_path}: {e}")
+                fmt = self.trace_stream.close()
+                self._say(f"trace: {len(self.trace_stream)} events written to {self.trace_path} ({fmt})")
+            except TraceWriteError as e:
+                from ..vmm.machine import ExitStatus
+                self._say(str(e))
+                if result.status == ExitStatus.DONE:     # the guest's own failure stays the status
+                    result.status = ExitStatus.OUTPUT_FAILED
         if self.dump_on_exit and m is not None:
             from .dump import format_cpu_report
             for t in m.threads:

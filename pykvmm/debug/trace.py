@@ -79,12 +79,11 @@ class TraceRecorder:
     def export(self, path: str, fmt: str | None = None) -> str:
         fmt = format_for(path, fmt)
         events = self.normalised()
-        with open(path, "w") as f:
-            if fmt == JSONL:
+        if fmt == JSONL:
+            with open(path, "w") as f:
                 write_jsonl(events, f)
-            else:
-                json.dump(chrome_trace(events), f, separators=(",", ":"))
-                f.write("\n")
+        else:
+            write_chrome(events, path)
         return fmt
 
 
@@ -191,9 +190,18 @@ def normalise(events, t0: float | None = None) -> list[dict]:
     return out
 
 
+def jsonl_line(event: dict) -> str:
+    return json.dumps(event, separators=(",", ":")) + "\n"
+
+
 def write_jsonl(events: list[dict], f) -> None:
     for e in events:
-        f.write(json.dumps(e, separators=(",", ":")))
+        f.write(jsonl_line(e))
+
+
+def write_chrome(events: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(chrome_trace(events), f, separators=(",", ":"))
         f.write("\n")
 
 
@@ -203,8 +211,36 @@ class TraceFormatError(ValueError):
     pass
 
 
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"{where}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise TraceFormatError(f"{where}: JSON nested too deeply to be a trace") from None
+
+
+def _checked(d, where: str) -> dict:
+    """A pykvmm trace event, or TraceFormatError saying what is wrong with it."""
+    if not isinstance(d, dict) or "kind" not in d or "ts" not in d:
+        raise TraceFormatError(f"{where}: not a pykvmm trace event (needs 'ts' and 'kind')")
+    ts = d["ts"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts or ts in (float("inf"), float("-inf")):
+        raise TraceFormatError(f"{where}: 'ts' must be a finite number of microseconds, not {ts!r:.40}")
+    if not isinstance(d["kind"], str):
+        raise TraceFormatError(f"{where}: 'kind' must be a string, not {d['kind']!r:.40}")
+    for key in ("vcpu", "plane", "from", "to"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TraceFormatError(f"{where}: {key!r} must be an integer, not {v!r:.40}")
+    return d
+
+
 def load(path: str) -> list[dict]:
-    """Normalised events from a JSON-lines or a Chrome trace file written by pykvmm."""
+    """Normalised events from a JSON-lines or a Chrome trace file written by pykvmm.
+
+    A JSON-lines trace whose last line is cut short (the run was killed between flushes)
+    loads without that line."""
     text = Path(path).read_text()
     stripped = text.lstrip()
     if not stripped:
@@ -212,36 +248,38 @@ def load(path: str) -> list[dict]:
     if stripped[0] == "{":
         try:
             doc = json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             doc = None
         if isinstance(doc, dict) and "traceEvents" in doc:
-            return from_chrome(doc)
+            return from_chrome(doc, path)
     if stripped[0] == "[":
-        try:
-            return from_chrome({"traceEvents": json.loads(stripped)})
-        except json.JSONDecodeError as e:
-            raise TraceFormatError(f"{path}: not valid JSON: {e}") from None
+        return from_chrome({"traceEvents": _json(stripped, path)}, path)
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
             d = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
+            if n == len(lines) and not text.endswith("\n"):
+                break                   # the line being written when the run was killed
             raise TraceFormatError(f"{path}:{n}: not a JSON line: {e}") from None
-        if not isinstance(d, dict) or "kind" not in d or "ts" not in d:
-            raise TraceFormatError(f"{path}:{n}: not a pykvmm trace event (needs 'ts' and 'kind')")
-        out.append(d)
+        out.append(_checked(d, f"{path}:{n}"))
+    out.sort(key=lambda d: d["ts"])   # vCPU threads write concurrently; stable per thread
     return out
 
 
-def from_chrome(doc: dict) -> list[dict]:
-    out = [e["args"] for e in doc.get("traceEvents", [])
-           if e.get("ph") in ("i", "I") and e.get("cat", "").startswith("pykvmm")
+def from_chrome(doc: dict, where: str = "trace") -> list[dict]:
+    events = doc.get("traceEvents")
+    if not isinstance(events, list):
+        raise TraceFormatError(f"{where}: 'traceEvents' must be a list of events")
+    out = [_checked(e["args"], f"{where}: event {n}") for n, e in enumerate(events)
+           if isinstance(e, dict) and e.get("ph") in ("i", "I") and str(e.get("cat", "")).startswith("pykvmm")
            and isinstance(e.get("args"), dict) and "kind" in e["args"]]
-    if not out and doc.get("traceEvents"):
-        raise TraceFormatError("a Chrome trace, but not one written by pykvmm (no pykvmm events)")
+    if not out and events:
+        raise TraceFormatError(f"{where}: a Chrome trace, but not one written by pykvmm (no pykvmm events)")
     out.sort(key=lambda d: d["ts"])
     return out
 

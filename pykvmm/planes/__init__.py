@@ -1,7 +1,7 @@
 """Layer 4: the planes API and its three backends (native, apic-groups, multivm)."""
 
 from ..kvm import KvmError
-from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, Plane, PlanesVcpu, PlanesVm
+from .api import KICK_SIGNAL, KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, Plane, PlanesVcpu, PlanesVm, install_kick_handler
 from .probe import BACKENDS, Probe, choose_backend, probe_all
 
 
@@ -28,4 +28,5 @@ def open_planes_vm(kvm, backend: str = "auto") -> PlanesVm:
 
 
 __all__ = ["open_planes_vm", "choose_backend", "probe_all", "BACKENDS", "Probe", "PlanesVm", "PlanesVcpu",
-           "Plane", "KVM_PLANE_EVENT_INTERRUPT", "MAX_PLANES", "BackendUnavailable"]
+           "Plane", "KVM_PLANE_EVENT_INTERRUPT", "MAX_PLANES", "BackendUnavailable", "KICK_SIGNAL",
+           "install_kick_handler"]

@@ -8,10 +8,12 @@ by port. Kicks are a signal plus ``immediate_exit``.
 from __future__ import annotations
 
 import enum
+import signal
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 
 from .. import kvm as K
@@ -21,10 +23,19 @@ from ..planes.api import install_kick_handler
 from ..uapi import constants as C
 from ..x86 import arch, longmode
 from . import abi, events as ev
-from .devices import BadUcall, Console, Ucall, decode_ucall
+from .console import Console
+from .devices import BadUcall, Ucall, decode_ucall
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, Dispatcher, InjectFault, call_name, hypercall_page
 from .memory import GuestMemory, GuestMemoryError
 from .policy import make_policy
+
+# What a run keeps of what a guest can repeat without end (README "Bounded host memory"):
+# the newest entries are kept, the older ones only counted.
+UCALL_HISTORY = 10_000         # ucalls in RunResult.ucalls (every verb counted in ucall_counts)
+FAULT_HISTORY = 100            # injected faults in Machine.faults (all counted in faults_injected)
+WARNING_EXAMPLES = 5           # warnings of one kind shown word for word; the rest "and N more like it"
+WARNING_KINDS = 100            # kinds of warning kept; further kinds are only counted
+
 
 class ExitStatus(enum.IntEnum):
     """pykvmm run's exit status (documented in the README)."""
@@ -34,7 +45,9 @@ class ExitStatus(enum.IntEnum):
     CRASHED = 3
     TIMEOUT = 4
     HOST = 5
+    OUTPUT_FAILED = 6              # the trace could not be written fully
     INTERRUPTED = 130
+    STDOUT_CLOSED = 141            # 128 + SIGPIPE, as a shell reports a writer whose reader left
 
 
 @dataclass
@@ -48,6 +61,7 @@ class MachineConfig:
     arg: int = 0
     console_out: object = None     # a text stream; None = sys.stdout
     quiet: bool = False            # no console echo (tests read result.console)
+    raw_console: bool = False      # pass guest console bytes unescaped (control characters too)
     kick_interval: float = 1e-3    # multivm/apic-groups ticker: in-kernel IPIs to inactive planes
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
@@ -85,8 +99,9 @@ class Crash:
 @dataclass
 class RunResult:
     status: ExitStatus
-    ucalls: list = field(default_factory=list)
-    console: list = field(default_factory=list)
+    ucalls: list = field(default_factory=list)        # the newest UCALL_HISTORY
+    console: list = field(default_factory=list)       # the newest CONSOLE_HISTORY_LINES lines
+    ucall_counts: dict = field(default_factory=dict)  # verb name -> count, all of them
     failure: Ucall | None = None
     crash: Crash | None = None
     timeout_reports: list = field(default_factory=list)
@@ -168,6 +183,7 @@ class VcpuThread:
         self._exit_handlers = {
             K.IoOut: self._on_io_out,
             K.IoIn: self._on_io_in,
+            K.Mmio: self._on_mmio,
             K.Interrupted: self._on_interrupted,
             K.PlaneEvent: self._on_plane_event,
             K.Shutdown: self._on_shutdown,
@@ -179,6 +195,7 @@ class VcpuThread:
             K.MemoryFault: self._on_memory_fault,
         }
         self._unknown_ports: set[int] = set()
+        self.outside_ram = [0, 0, None]      # reads, writes, first GPA (summed by the machine)
 
     # -- plane switching -----------------------------------------------------------------
     def vcpu(self, plane: int | None = None) -> K.Vcpu:
@@ -209,6 +226,8 @@ class VcpuThread:
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
         m = self.machine
+        # SIGINT/SIGTERM go to the main thread, which waits for them (Machine.run)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         handlers = self._exit_handlers
         policy = m.policy
         cpu = self.cpu
@@ -248,10 +267,23 @@ class VcpuThread:
     def _on_io_in(self, ex) -> None:
         self.vcpu().complete_io_in(ex, b"\xFF" * (ex.size * ex.count))
 
+    def _on_mmio(self, ex) -> None:
+        # Nothing answers there (no RAM, no device): as on a PC's open bus, reads return all
+        # ones and writes are dropped. Counted here, reported once in the summary.
+        seen = self.outside_ram
+        if seen[2] is None:
+            seen[2] = ex.phys_addr
+        if ex.is_write:
+            seen[1] += 1
+        else:
+            seen[0] += 1
+            self.vcpu().complete_mmio_read(b"\xFF" * ex.length)
+
     def _on_unknown_port(self, ex) -> None:
         if ex.port not in self._unknown_ports:
             self._unknown_ports.add(ex.port)
-            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: write to unhandled port {ex.port:#x} ignored")
+            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: write to unhandled port {ex.port:#x} ignored",
+                              kind="unhandled port")
 
     def _on_interrupted(self, ex) -> None:
         pass  # a kick: the loop re-checks stop/done and runs again
@@ -362,6 +394,8 @@ class VcpuThread:
 
 
 class Machine:
+    POLL_INTERVAL = 0.05     # how often run() looks at signals, the deadline and halted vCPUs
+
     def __init__(self, image: bytes, config: MachineConfig | None = None):
         self.config = cfg = config or MachineConfig()
         if not 1 <= cfg.vcpus <= abi.MAX_VCPUS:
@@ -371,14 +405,21 @@ class Machine:
         self.trace = cfg.trace
         self.debugger = None
         self.console = Console(out=None if cfg.quiet else (cfg.console_out or sys.stdout),
-                               prefix_vcpus=cfg.vcpus > 1, prefix_planes=cfg.planes > 1)
-        self.warnings: list[str] = []
+                               prefix_vcpus=cfg.vcpus > 1, prefix_planes=cfg.planes > 1,
+                               raw=cfg.raw_console, on_closed=self._output_closed)
+        self._warnings: dict[str, list] = {}     # kind -> [examples, count beyond them]
+        self._warning_kinds_dropped = 0
         self.dispatcher = Dispatcher()
-        self.faults: list[tuple[int, int, int, str]] = []
+        self.faults: deque[tuple[int, int, int, str]] = deque(maxlen=FAULT_HISTORY)
+        self.faults_injected = 0
         self._lock = threading.Lock()
         self._finished = threading.Event()
         self.stopping = False
-        self._ucalls: list[Ucall] = []
+        self._stdout_closed = False
+        self._console_blocked = False
+        self._interrupted = False
+        self._ucalls: deque[Ucall] = deque(maxlen=UCALL_HISTORY)
+        self._ucall_counts: dict[str, int] = {}
         self._failure: Ucall | None = None
         self._crash_info: Crash | None = None
         self.memory = None
@@ -488,10 +529,17 @@ class Machine:
             t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
             t.thread.start()
         status = None
+        deadline = None if timeout is None else start + timeout
         try:
-            if not self._finished.wait(timeout):
-                status = ExitStatus.TIMEOUT
+            while not self._finished.wait(self.POLL_INTERVAL):
+                if self._interrupted:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    status = ExitStatus.TIMEOUT
+                    break
         except KeyboardInterrupt:
+            self._interrupted = True
+        if self._interrupted:
             status = ExitStatus.INTERRUPTED
         self.stop()
         elapsed = time.monotonic() - start
@@ -499,6 +547,10 @@ class Machine:
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "end", "status": result.status.name}))
         return result
+
+    def interrupt(self) -> None:
+        """Stop the run with status INTERRUPTED (safe in a signal handler: only sets a flag)."""
+        self._interrupted = True
 
     def stop(self) -> None:
         """Stop every vCPU thread and wait for them."""
@@ -508,7 +560,7 @@ class Machine:
             while t.thread is not None and t.thread.is_alive() and time.monotonic() < deadline:
                 t.cpu.kick()
                 t.thread.join(0.01)
-        self.console.flush()
+        self._console_blocked = not self.console.flush()
 
     def _thread_finished(self, t: VcpuThread) -> None:
         with self._lock:
@@ -518,6 +570,7 @@ class Machine:
     def _record_ucall(self, uc: Ucall) -> None:
         with self._lock:
             self._ucalls.append(uc)
+            self._ucall_counts[uc.name] = self._ucall_counts.get(uc.name, 0) + 1
         if uc.verb == abi.UCALL_PRINT and self.console.out is not None:
             self.console.write(uc.vcpu, uc.plane, (uc.message + "\n").encode())
         if self.trace:
@@ -545,14 +598,44 @@ class Machine:
             if t.thread is not threading.current_thread():
                 t.cpu.kick()
 
-    def warn(self, text: str) -> None:
+    def _output_closed(self) -> None:
+        """The console's reader went away (EPIPE): end the run quietly."""
+        self._stdout_closed = True
+        self._finish_now()
+
+    def warn(self, text: str, kind: str | None = None) -> None:
+        """Note something for the summary, in O(1): the first WARNING_EXAMPLES warnings of a
+        ``kind`` (default: the text itself) word for word, the rest counted."""
+        kind = kind or text
         with self._lock:
-            if text not in self.warnings:
-                self.warnings.append(text)
+            entry = self._warnings.get(kind)
+            if entry is None:
+                if len(self._warnings) >= WARNING_KINDS:
+                    self._warning_kinds_dropped += 1
+                    return
+                entry = self._warnings[kind] = [[], 0]
+            if len(entry[0]) < WARNING_EXAMPLES:
+                if text not in entry[0]:
+                    entry[0].append(text)
+            else:
+                entry[1] += 1
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        with self._lock:
+            for examples, more in self._warnings.values():
+                out += examples
+                if more:
+                    out.append(f"... and {more:,} more like it")
+            if self._warning_kinds_dropped:
+                out.append(f"... and {self._warning_kinds_dropped:,} warnings of other kinds")
+        return out
 
     def record_fault(self, vcpu: int, plane: int, fault: InjectFault) -> None:
         with self._lock:
             self.faults.append((vcpu, plane, fault.vector, str(fault)))
+            self.faults_injected += 1
 
     # -- state capture ------------------------------------------------------------------------
     def capture(self, t: VcpuThread) -> CpuReport:
@@ -597,10 +680,12 @@ class Machine:
             status = ExitStatus.CRASHED
         elif failure is not None:
             status = ExitStatus.ASSERT_FAILED
+        elif self._stdout_closed:
+            status = ExitStatus.STDOUT_CLOSED
         elif status is None:
             status = ExitStatus.DONE
         res = RunResult(status=status, ucalls=list(self._ucalls), console=list(self.console.lines),
-                        failure=failure, crash=crash, elapsed=elapsed)
+                        ucall_counts=dict(self._ucall_counts), failure=failure, crash=crash, elapsed=elapsed)
         if status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
             res.timeout_reports = [self.capture(t) for t in self.threads if not t.done]
         res.exits = sum(t.exits for t in self.threads)
@@ -611,7 +696,17 @@ class Machine:
             for k, n in t.entry_reasons.items():
                 res.entry_reasons[k] = res.entry_reasons.get(k, 0) + n
         res.stats = {"backend": self.pvm.backend, "personality": self.policy.name,
-                     "faults_injected": len(self.faults), "warnings": list(self.warnings)}
+                     "faults_injected": self.faults_injected, "warnings": self.warnings}
+        if self.console.line_count > len(self.console.lines):
+            res.stats["console_lines"] = self.console.line_count
+        if self.console.dropped or self._console_blocked:
+            res.stats["console_not_shown"] = (f"{self.console.dropped} bytes dropped while the output was blocked"
+                                              + (", still blocked at the end" if self._console_blocked else ""))
+        outside = [t.outside_ram for t in self.threads if t.outside_ram[2] is not None]
+        if outside:
+            reads, writes = sum(o[0] for o in outside), sum(o[1] for o in outside)
+            res.stats["outside_ram"] = (f"{reads} reads (all ones), {writes} writes (dropped), "
+                                        f"first at {outside[0][2]:#x}")
         res.stats.update(getattr(self.policy, "summary", dict)())  # the personality's counters
         return res
 

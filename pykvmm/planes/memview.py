@@ -76,8 +76,10 @@ class ProtectionUnsupported(KvmError):
 
 
 def refuse(backend: str, access: Access, why: str) -> ProtectionUnsupported:
-    return ProtectionUnsupported("protect", f"{backend} planes VM", errno.EOPNOTSUPP,
-                                 f"access {Access(access).describe()} cannot be enforced: {why}")
+    why = f"access {Access(access).describe()} cannot be enforced on {backend}: {why}"
+    e = ProtectionUnsupported("protect", f"{backend} planes VM", errno.EOPNOTSUPP, why)
+    e.why = why
+    return e
 
 
 def check_range(gpa: int, size: int) -> None:

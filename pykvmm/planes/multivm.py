@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 
 from .. import kvm as K
 from ..kvm import KvmError, Vcpu, Vm
@@ -35,6 +36,7 @@ class MultiVmPlane(Plane):
         super().__init__(vm, plane_id)
         self.kvm_vm = kvm_vm
         self.layout = SlotLayout(kvm_vm)    # this plane's memslots (memview.py)
+        self.relayout = False               # entries into this plane wait while True
 
     def create_vcpu_plane(self, vcpu: "SoftSwitchVcpu") -> Vcpu:
         self._check_new_vcpu(vcpu)
@@ -59,6 +61,16 @@ class MultiVmVcpu(SoftSwitchVcpu):
     plane's memory view become MemoryFault (memview.py says how)."""
 
     protection_faults = 0
+
+    def _hold_entry(self, req: int) -> bool:
+        return self.vm.planes[self.last_plane].relayout or super()._hold_entry(req)
+
+    def wait_out_of(self, plane_id: int) -> None:
+        """Return once this vCPU is not in KVM_RUN of ``plane_id`` (kicking it out)."""
+        v = self.vm.planes[plane_id].vcpus.get(self.id)
+        while v is not None and self._in_run is v:
+            self.kick()
+            time.sleep(20e-6)
 
     def run_kvm(self, v: Vcpu, req: int):
         ex = super().run_kvm(v, req)
@@ -213,8 +225,17 @@ class MultiVmPlanesVm(SoftSwitchVm, PlanesVm):
         multivm_check(access)
 
     def _apply_view(self, plane: MultiVmPlane, start: int, end: int) -> None:
+        """Re-lay the plane's memslots with none of its vCPUs inside KVM_RUN: a slot being
+        replaced is absent for a moment, and a page-table walk or fetch that falls into that
+        moment would fault in the guest (seen as a triple fault on this host)."""
         with self.layout_lock:
-            plane.layout.apply(plane.view, start, end)
+            plane.relayout = True
+            try:
+                for cpu in list(self.vcpus.values()):
+                    cpu.wait_out_of(plane.id)
+                plane.layout.apply(plane.view, start, end)
+            finally:
+                plane.relayout = False
 
     def create_irqchip(self) -> None:
         if len(self.planes) > 1:

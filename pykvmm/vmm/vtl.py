@@ -75,7 +75,8 @@ UD_VECTOR = 6
 
 SHARED_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
                "r12", "r13", "r14", "r15")
-ENTRY_REASONS = {"call": abi.VTL_ENTRY_VTL_CALL, "interrupt": abi.VTL_ENTRY_INTERRUPT}
+ENTRY_REASONS = {"call": abi.VTL_ENTRY_VTL_CALL, "interrupt": abi.VTL_ENTRY_INTERRUPT,
+                 "intercept": abi.VTL_ENTRY_INTERCEPT}
 
 HV_INPUT_VTL_TARGET = 0x0F
 HV_INPUT_VTL_USE_TARGET = 0x10
@@ -125,6 +126,7 @@ class VtlPolicy(PlanePolicy):
     loads_return_regs = True
     preempts = True
     elide_sets = True     # leave out SETs the destination provably does not need (see above)
+    vsm = None            # vsm.Vsm: protections, intercepts, VP registers (vtl only, not vmpl)
 
     # -- setup -------------------------------------------------------------------------------
     def attach(self, machine) -> None:
@@ -141,6 +143,9 @@ class VtlPolicy(PlanePolicy):
         d.register(abi.HVCALL_VTL_CALL, self._vtl_call)
         d.register(abi.HVCALL_VTL_RETURN, self._vtl_return)
         d.register(abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, self._send_ipi)
+        if self.name == "vtl":
+            from .vsm import Vsm
+            self.vsm = Vsm(machine, self)
 
     def forget(self, vcpu: int, plane: int) -> None:
         """Someone other than this policy changed the shared registers of a plane that is not
@@ -158,6 +163,11 @@ class VtlPolicy(PlanePolicy):
             return
         self._stats[cpu.index]["preemptions"] += 1
         cpu.switch_to(candidates.bit_length() - 1, reason="interrupt", suspend=True)
+
+    def on_memory_fault(self, cpu, fault) -> None:
+        """A secure intercept when a higher VTL's protection explains it (vsm/intercept.py)."""
+        if self.vsm is None or not self.vsm.on_memory_fault(cpu, fault):
+            super().on_memory_fault(cpu, fault)
 
     # -- switches -------------------------------------------------------------------------------
     def on_first_entry(self, cpu, plane: int, reason: str) -> None:
@@ -354,6 +364,7 @@ class VtlPolicy(PlanePolicy):
             "events_spurious": total["events_spurious"],
             "shared_state_copies": total["shared_state_copies"],
             "state_ioctls": total["state_ioctls"],
+            **(self.vsm.summary() if self.vsm else {}),
         }
 
 

@@ -1,0 +1,91 @@
+"""VSM (vmm/vsm/): VTL memory protections, secure intercepts, VP registers, on real guests."""
+
+from __future__ import annotations
+
+import pytest
+
+from pykvmm.vmm import abi
+
+from conftest import assert_done
+
+INTERCEPT_READ, INTERCEPT_WRITE, INTERCEPT_EXECUTE = 0, 1, 2
+
+
+def test_vtl0_cannot_run_its_code_in_vtl1(run_guest):
+    """The attack that patched the shared VtlReturn stub (and VTL1's code) so that VTL1 ran
+    VTL0's code now ends in intercepts; VTL0 never sees VTL1's secret."""
+    r = run_guest("vsm_attack", planes=2, backend="multivm")
+    assert_done(r)
+    s = dict(r.syncs())
+    # ModifyVtlProtectionMask: success (status 0) and every rep completed (bits 43:32)
+    assert [s[0x10], s[0x11], s[0x12], s[0x13]] == [1 << 32, 1 << 32, 1 << 32, 4 << 32]
+    assert [s[1], s[2], s[3], s[4]] == [INTERCEPT_WRITE, INTERCEPT_WRITE, INTERCEPT_READ, INTERCEPT_EXECUTE]
+    assert s[5] == abi.HYPERCALL_PAGE_ADDR + abi.HCPAGE_VTL_RETURN
+    assert s[6] == 0x5A5A                   # the read was not performed
+    assert s[7] == 1                        # the VtlReturn stub is intact
+    assert s[8] == 0x1235                   # VtlCall/VtlReturn still work
+    assert s[9] == 0                        # VTL0's code never ran (in any VTL)
+    assert s[10] == 4
+    assert 0x99 not in s
+    assert r.stats["vsm"]["intercepts"] == 4
+    assert r.entry_reasons.get("intercept") == 4
+
+
+def test_attack_succeeds_without_protections(run_guest, monkeypatch):
+    """The control: with ModifyVtlProtectionMask answering without protecting anything, the
+    same guest does run VTL0's code in VTL1 (so the test above can fail)."""
+    from pykvmm.vmm.vsm import protections
+    monkeypatch.setattr(protections.VtlProtections, "set_masks", lambda *a: None)
+    r = run_guest("vsm_attack", planes=2, backend="multivm")
+    assert r.ok and (0x99, 1) in r.syncs(plane=1)     # VTL0's code ran in VTL1
+
+
+@pytest.mark.parametrize("vcpus,accesses", [(1, 300), (2, 200)])
+def test_protection_violation_stress(run_guest, vcpus, accesses):
+    """Random VTL0 reads, writes and fetches of pages VTL1 protected: each violation is
+    intercepted exactly once (the guest checks every access), VTL0 never sees or changes the
+    data, and the VMM's count of intercepts is the guest's."""
+    r = run_guest("vsm_stress", planes=2, vcpus=vcpus, backend="multivm", arg=accesses, timeout=120)
+    assert_done(r)
+    expected = 0
+    for v in range(vcpus):
+        s = dict(r.syncs(vcpu=v))
+        assert s[1] == accesses
+        expected += s[2]
+    assert dict(r.syncs(vcpu=0))[3] == 0          # every protected qword still holds the pattern
+    assert expected > accesses // 3
+    assert r.stats["vsm"]["intercepts"] == expected
+    assert r.entry_reasons["intercept"] == expected
+
+
+@pytest.mark.slow
+def test_protection_violation_stress_long(run_guest):
+    r = run_guest("vsm_stress", planes=2, vcpus=4, backend="multivm", arg=2000, timeout=600)
+    assert_done(r)
+    expected = sum(dict(r.syncs(vcpu=v))[2] for v in range(4))
+    assert r.stats["vsm"]["intercepts"] == expected and dict(r.syncs(vcpu=0))[3] == 0
+
+
+ACCESS_DENIED, INVALID_PARAMETER, INVALID_HYPERCALL_INPUT = 6, 5, 3
+INVALID_PARTITION_ID, INVALID_VP_INDEX = 0xD, 0xE
+REPS = 32
+
+
+def test_vsm_call_statuses(run_guest):
+    """HvCallModifyVtlProtectionMask and HvCallGet/SetVpRegisters: TLFS statuses and rep
+    counts for good and bad input, the input-VTL rule (never a higher VTL), shared registers."""
+    r = run_guest("vsm_calls", planes=2, backend="multivm")
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[0x01] == ACCESS_DENIED and s[0x02] == ACCESS_DENIED    # VTL0 protecting itself / VTL1
+    assert s[0x03] == ACCESS_DENIED                                  # VTL0 reading VTL1's registers
+    assert s[0x04] == 1 << REPS and s[0x05] == abi.HCPAGE_VTL_CALL | abi.HCPAGE_VTL_RETURN << 12
+    assert s[0x11] == INVALID_PARAMETER and s[0x12] == INVALID_PARAMETER
+    assert s[0x13] == INVALID_PARAMETER                              # r-- : multivm refuses, cleanly
+    assert any("no-execute" in w for w in r.stats["warnings"])
+    assert s[0x14] == INVALID_PARAMETER | 2 << REPS                  # two pages done, then outside RAM
+    assert s[0x15] == INVALID_PARTITION_ID and s[0x16] == INVALID_PARAMETER
+    assert s[0x17] == INVALID_HYPERCALL_INPUT and s[0x18] == INVALID_HYPERCALL_INPUT
+    assert s[0x19] == INVALID_PARAMETER and s[0x1A] == INVALID_VP_INDEX and s[0x1B] == INVALID_PARAMETER
+    assert s[0x1C] == 1 << REPS and s[0x1D] == 0                     # VTL0's own RSP
+    assert s[0x1E] == 1 << REPS and s[0x06] == 0x77                  # a shared register, set from VTL1

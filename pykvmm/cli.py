@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
 from .vmm import abi, loader
+from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
 from .debug.session import DebugSession
 
@@ -84,6 +85,8 @@ def main():
 @click.option("--raw-console", is_flag=True,
               help="Pass the guest console through unchanged, terminal control sequences included "
                    "(default: control characters are shown escaped, e.g. \\x1b).")
+@click.option("--hyperv", is_flag=True,
+              help="Give the guest the Hyper-V enlightenments (every hv_* flag; see README).")
 @click.option("--trace", metavar="FILE", default=None,
               help="Record every exit, hypercall, plane switch, plane event, fault and ucall to FILE "
                    "(.json: Chrome trace for Perfetto/chrome://tracing; .jsonl: JSON lines).")
@@ -98,7 +101,7 @@ def main():
                    "instruction; every (vCPU, plane) is a gdb thread.")
 @click.option("--gdb-stop-on-switch", is_flag=True, help="With --gdb: every plane switch stops the guest.")
 def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, raw_console,
-        **debug):
+        hyperv, **debug):
     """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
 
     Exit status: 0 guest reported DONE, 1 guest assertion failed, 2 bad usage or input,
@@ -109,14 +112,14 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     try:
         interrupts.install()
         _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-             raw_console, debug)
+             raw_console, hyperv, debug)
     except KeyboardInterrupt:                       # the first signal, before the guest ran
         _err("interrupted before the guest ran")
         sys.exit(ExitStatus.INTERRUPTED)
 
 
 def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-         raw_console, debug):
+         raw_console, hyperv, debug):
     if mem_mib % 2:
         raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
     try:
@@ -129,7 +132,7 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     planes = planes or (DEMO_PLANES if is_demo else 1)
     config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
                            kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet,
-                           raw_console=raw_console)
+                           raw_console=raw_console, hyperv=HvConfig.everything() if hyperv else None)
     try:
         machine = Machine(image, config)
     except KvmError as e:

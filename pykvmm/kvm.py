@@ -432,6 +432,16 @@ class Vcpu(FdObject):
             return Unknown(reason, run.hw.hardware_exit_reason)
         return decode(self, run)
 
+    def complete_msr(self, error: bool, data: int = 0) -> None:
+        """Answer a KVM_EXIT_X86_RDMSR/WRMSR (applied on the next KVM_RUN): ``error`` makes the
+        guest's instruction take #GP; ``data`` is what an RDMSR reads."""
+        m = self.run_struct.msr
+        m.error = 1 if error else 0
+        m.data = data & 0xFFFFFFFFFFFFFFFF
+
+    def get_tsc_khz(self) -> int:
+        return self.ioctl("KVM_GET_TSC_KHZ")
+
     def complete_io_in(self, exit_: IoIn, data: bytes) -> None:
         """Provide the bytes an IN instruction reads (applied on the next KVM_RUN)."""
         need = exit_.size * exit_.count

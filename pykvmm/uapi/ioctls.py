@@ -103,6 +103,7 @@ IOCTLS = _table(
     Ioctl("KVM_SET_DEBUGREGS", _IOW(KVMIO, 0xa2, "struct kvm_debugregs"), _C, "struct kvm_debugregs"),
     Ioctl("KVM_GET_XSAVE", _IOR(KVMIO, 0xa4, "struct kvm_xsave"), _C, "struct kvm_xsave"),
     Ioctl("KVM_SET_XSAVE", _IOW(KVMIO, 0xa5, "struct kvm_xsave"), _C, "struct kvm_xsave"),
+    Ioctl("KVM_GET_TSC_KHZ", _IO(KVMIO, 0xa3), _C, None),
     Ioctl("KVM_GET_XCRS", _IOR(KVMIO, 0xa6, "struct kvm_xcrs"), _C, "struct kvm_xcrs"),
     Ioctl("KVM_SET_XCRS", _IOW(KVMIO, 0xa7, "struct kvm_xcrs"), _C, "struct kvm_xcrs"),
     Ioctl("KVM_GET_SREGS2", _IOR(KVMIO, 0xcc, "struct kvm_sregs2"), _C, "struct kvm_sregs2"),

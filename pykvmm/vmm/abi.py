@@ -80,6 +80,7 @@ HVCALL_VTL_CALL = 0x0011
 HVCALL_VTL_RETURN = 0x0012
 HVCALL_PYKVMM_NOP = 0x8001       # pykvmm-only: returns RDX + R8 in RDX, status success
 HVCALL_PYKVMM_SWITCH_PLANE = 0x8002  # pykvmm-only (bare policy): RDX = target plane
+HVCALL_PYKVMM_ECHO = 0x8003          # pykvmm-only (--hyperv): rep call, out[i] = in[i] + header; exercises rep/fast/XMM I/O
 
 HV_STATUS_SUCCESS = 0x0000
 HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002

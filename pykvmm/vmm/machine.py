@@ -65,6 +65,7 @@ class MachineConfig:
     kick_interval: float = 1e-3    # multivm/apic-groups ticker: in-kernel IPIs to inactive planes
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
+    hyperv: object = None          # hyperv.HvConfig: the Hyper-V enlightenments, or None
 
 
 @dataclass
@@ -424,6 +425,7 @@ class Machine:
         self._crash_info: Crash | None = None
         self.memory = None
         self.pvm = None
+        self.hyperv = None
         self.kvm = Kvm(cfg.kvm_device)
         try:
             self._build(image)
@@ -465,6 +467,11 @@ class Machine:
         cpuid = self.kvm.supported_cpuid()
         self.osxsave = longmode.supports_xsave(cpuid)
         self.policy.attach(self)
+        if cfg.hyperv is not None:
+            from .hyperv import HyperV
+            self.hyperv = HyperV(self, cfg.hyperv)
+            self.hyperv.attach()
+            cpuid = self.hyperv.cpuid(cpuid)
         self.threads: list[VcpuThread] = []
         for i in range(cfg.vcpus):
             cpu = pvm.create_vcpu(i)
@@ -475,12 +482,18 @@ class Machine:
             for p in range(cfg.planes):
                 self._init_plane_vcpu(cpu.plane_vcpu(p), i, p)
             self.threads.append(VcpuThread(self, i, cpu))
+            if self.hyperv:
+                self.hyperv.attach_thread(self.threads[-1])
 
     def _write_memory(self, image: bytes) -> None:
         mem, cfg = self.memory, self.config
         mem.write(abi.GDT_ADDR, longmode.gdt_bytes(abi.TSS_ADDR))
         mem.write(abi.PAGE_TABLE_ADDR, longmode.identity_page_tables(abi.PAGE_TABLE_ADDR, cfg.mem_size))
-        mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_page("port"))
+        if cfg.hyperv is not None:
+            from .hyperv.hypercall import page_bytes
+            mem.write(abi.HYPERCALL_PAGE_ADDR, page_bytes())   # the same stubs, plus rep continuation
+        else:
+            mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_page("port"))
         mem.write(abi.GUEST_LOAD_ADDR, image)
         bi = abi.BOOT_INFO_ADDR
         mem.write_u64(bi + abi.BI_MAGIC, abi.BOOT_MAGIC)
@@ -525,6 +538,8 @@ class Machine:
                                                          "planes": self.plane_count,
                                                          "backend": self.pvm.backend,
                                                          "personality": self.policy.name}))
+        if self.hyperv:
+            self.hyperv.start()
         for t in self.threads:
             t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
             t.thread.start()
@@ -560,6 +575,8 @@ class Machine:
             while t.thread is not None and t.thread.is_alive() and time.monotonic() < deadline:
                 t.cpu.kick()
                 t.thread.join(0.01)
+        if self.hyperv:
+            self.hyperv.stop()
         self._console_blocked = not self.console.flush()
 
     def _thread_finished(self, t: VcpuThread) -> None:
@@ -708,6 +725,8 @@ class Machine:
             res.stats["outside_ram"] = (f"{reads} reads (all ones), {writes} writes (dropped), "
                                         f"first at {outside[0][2]:#x}")
         res.stats.update(getattr(self.policy, "summary", dict)())  # the personality's counters
+        if self.hyperv:
+            res.stats.update(self.hyperv.summary())
         return res
 
     def close(self) -> None:

@@ -1,0 +1,220 @@
+"""Hyper-V TLFS numbers (the "Data Types" appendix): MSR indices, CPUID bits, call codes,
+status codes, message types. Values as in the TLFS and Linux's asm/hyperv-tlfs.h /
+include/hyperv/hvgdk*.h (this host's /usr/include has none of them). No behaviour here."""
+
+# ---- synthetic MSRs -------------------------------------------------------------------------
+MSR_GUEST_OS_ID = 0x40000000
+MSR_HYPERCALL = 0x40000001
+MSR_VP_INDEX = 0x40000002
+MSR_RESET = 0x40000003
+MSR_VP_RUNTIME = 0x40000010
+MSR_TIME_REF_COUNT = 0x40000020
+MSR_REFERENCE_TSC = 0x40000021
+MSR_TSC_FREQUENCY = 0x40000022
+MSR_APIC_FREQUENCY = 0x40000023
+MSR_EOI = 0x40000070
+MSR_ICR = 0x40000071
+MSR_TPR = 0x40000072
+MSR_VP_ASSIST_PAGE = 0x40000073
+MSR_SCONTROL = 0x40000080
+MSR_SVERSION = 0x40000081
+MSR_SIEFP = 0x40000082
+MSR_SIMP = 0x40000083
+MSR_EOM = 0x40000084
+MSR_SINT0 = 0x40000090
+MSR_STIMER0_CONFIG = 0x400000B0   # STIMERn_CONFIG = 0x400000B0 + 2n, STIMERn_COUNT = +1
+MSR_STIMER0_COUNT = 0x400000B1
+MSR_CRASH_P0 = 0x40000100         # P0..P4 = 0x40000100..0x40000104
+MSR_CRASH_CTL = 0x40000105
+MSR_RANGE_BASE = 0x40000000       # the MSR filter sends this whole range to userspace
+MSR_RANGE_SIZE = 0x200
+
+SINT_COUNT = 16
+STIMER_COUNT = 4
+CRASH_PARAMS = 5
+
+HYPERCALL_ENABLE = 1 << 0
+HYPERCALL_LOCKED = 1 << 1
+PAGE_ENABLE = 1 << 0              # SIMP, SIEFP, REFERENCE_TSC, VP_ASSIST_PAGE
+SCONTROL_ENABLE = 1 << 0
+SVERSION = 1
+SINT_MASKED = 1 << 16
+SINT_AUTO_EOI = 1 << 17
+SINT_POLLING = 1 << 18
+STIMER_ENABLE = 1 << 0
+STIMER_PERIODIC = 1 << 1
+STIMER_LAZY = 1 << 2
+STIMER_AUTO_ENABLE = 1 << 3
+STIMER_DIRECT_MODE = 1 << 12
+STIMER_RSVDZ = (0x7 << 13) | (~0 << 20) & 0xFFFFFFFFFFFFFFFF
+CRASH_CTL_NOTIFY = 1 << 63
+CRASH_CTL_MESSAGE = 1 << 62
+
+# ---- CPUID ------------------------------------------------------------------------------------
+CPUID_VENDOR = 0x40000000
+CPUID_INTERFACE = 0x40000001
+CPUID_VERSION = 0x40000002
+CPUID_FEATURES = 0x40000003
+CPUID_ENLIGHTENMENT_INFO = 0x40000004
+CPUID_IMPLEMENT_LIMITS = 0x40000005
+CPUID_HARDWARE_FEATURES = 0x40000006
+CPUID_LAST = 0x4000000A
+CPUID_KVM_RELOCATED = 0x40000100   # where KVM's own leaves move (as QEMU does)
+INTERFACE_HV1 = 0x31237648         # "Hv#1"
+
+# 0x40000003 EAX: partition privileges (access to MSRs)
+ACCESS_VP_RUNTIME = 1 << 0
+ACCESS_PARTITION_REFERENCE_COUNTER = 1 << 1
+ACCESS_SYNIC_REGS = 1 << 2
+ACCESS_SYNTHETIC_TIMER_REGS = 1 << 3
+ACCESS_INTR_CTRL_REGS = 1 << 4
+ACCESS_HYPERCALL_MSRS = 1 << 5
+ACCESS_VP_INDEX = 1 << 6
+ACCESS_RESET_REG = 1 << 7
+ACCESS_PARTITION_REFERENCE_TSC = 1 << 9
+ACCESS_FREQUENCY_REGS = 1 << 11
+# 0x40000003 EBX: partition privileges (hypercalls)
+ACCESS_PARTITION_ID = 1 << 1
+POST_MESSAGES = 1 << 4
+SIGNAL_EVENTS = 1 << 5
+# 0x40000003 EDX: features
+XMM_INPUT_AVAILABLE = 1 << 4
+FREQUENCY_MSRS_AVAILABLE = 1 << 8
+GUEST_CRASH_MSRS_AVAILABLE = 1 << 10
+EXT_GVA_RANGES_FLUSH = 1 << 14
+XMM_OUTPUT_AVAILABLE = 1 << 15
+STIMER_DIRECT_MODE_AVAILABLE = 1 << 19
+# 0x40000004 EAX: recommendations
+LOCAL_TLB_FLUSH_RECOMMENDED = 1 << 1
+REMOTE_TLB_FLUSH_RECOMMENDED = 1 << 2
+APIC_ACCESS_RECOMMENDED = 1 << 3
+SYSTEM_RESET_RECOMMENDED = 1 << 4
+RELAXED_TIMING_RECOMMENDED = 1 << 5
+DEPRECATING_AEOI_RECOMMENDED = 1 << 9
+CLUSTER_IPI_RECOMMENDED = 1 << 10
+EX_PROCESSOR_MASKS_RECOMMENDED = 1 << 11
+SPINLOCK_NEVER_NOTIFY = 0xFFFFFFFF
+
+# ---- hypercalls ---------------------------------------------------------------------------------
+HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE = 0x0002
+HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST = 0x0003
+HVCALL_NOTIFY_LONG_SPIN_WAIT = 0x0008
+HVCALL_SEND_IPI = 0x000B           # = HvCallSendSyntheticClusterIpi
+HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE_EX = 0x0013
+HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX = 0x0014
+HVCALL_SEND_IPI_EX = 0x0015        # = HvCallSendSyntheticClusterIpiEx
+HVCALL_GET_PARTITION_ID = 0x0046
+HVCALL_POST_MESSAGE = 0x005C
+HVCALL_SIGNAL_EVENT = 0x005D
+
+# control word (input value)
+CONTROL_FAST = 1 << 16
+CONTROL_VARHEAD_SHIFT = 17
+CONTROL_VARHEAD_MASK = 0x3FF << 17
+CONTROL_RSVD0 = 0xF << 27
+CONTROL_NESTED = 1 << 31
+CONTROL_REP_COUNT_SHIFT = 32
+CONTROL_RSVD1 = 0xF << 44
+CONTROL_REP_START_SHIFT = 48
+CONTROL_RSVD2 = 0xF << 60
+REP_MAX = 0xFFF
+RESULT_REP_SHIFT = 32              # result value: bits 15:0 status, 43:32 reps completed
+
+# HV_INPUT_VTL
+INPUT_VTL_TARGET = 0x0F
+INPUT_VTL_USE_TARGET = 0x10
+INPUT_VTL_RESERVED = 0xE0
+
+# HV_VP_SET formats
+GENERIC_SET_SPARSE_4K = 0
+GENERIC_SET_ALL = 1
+
+# flush flags
+FLUSH_ALL_PROCESSORS = 1 << 0
+FLUSH_ALL_VIRTUAL_ADDRESS_SPACES = 1 << 1
+FLUSH_NON_GLOBAL_MAPPINGS_ONLY = 1 << 2
+FLUSH_USE_EXTENDED_RANGE_FORMAT = 1 << 3
+FLUSH_FLAGS_VALID = 0xF
+
+# ---- status codes ---------------------------------------------------------------------------------
+STATUS = {
+    0x0000: "SUCCESS",
+    0x0002: "INVALID_HYPERCALL_CODE",
+    0x0003: "INVALID_HYPERCALL_INPUT",
+    0x0004: "INVALID_ALIGNMENT",
+    0x0005: "INVALID_PARAMETER",
+    0x0006: "ACCESS_DENIED",
+    0x0007: "INVALID_PARTITION_STATE",
+    0x0008: "OPERATION_DENIED",
+    0x0009: "UNKNOWN_PROPERTY",
+    0x000A: "PROPERTY_VALUE_OUT_OF_RANGE",
+    0x000B: "INSUFFICIENT_MEMORY",
+    0x000C: "PARTITION_TOO_DEEP",
+    0x000D: "INVALID_PARTITION_ID",
+    0x000E: "INVALID_VP_INDEX",
+    0x0010: "NOT_FOUND",
+    0x0011: "INVALID_PORT_ID",
+    0x0012: "INVALID_CONNECTION_ID",
+    0x0013: "INSUFFICIENT_BUFFERS",
+    0x0014: "NOT_ACKNOWLEDGED",
+    0x0015: "INVALID_VP_STATE",
+    0x0016: "ACKNOWLEDGED",
+    0x0017: "INVALID_SAVE_RESTORE_STATE",
+    0x0018: "INVALID_SYNIC_STATE",
+    0x0019: "OBJECT_IN_USE",
+    0x001A: "INVALID_PROXIMITY_DOMAIN_INFO",
+    0x001B: "NO_DATA",
+    0x001C: "INACTIVE",
+    0x001D: "NO_RESOURCES",
+    0x001E: "FEATURE_UNAVAILABLE",
+    0x001F: "PARTIAL_PACKET",
+    0x0033: "INSUFFICIENT_BUFFER",
+    0x0050: "INVALID_REGISTER_VALUE",
+    0x0051: "INVALID_VTL_STATE",
+    0x0078: "TIME_OUT",
+    0x0079: "CALL_PENDING",
+}
+_BY_NAME = {name: code for code, name in STATUS.items()}
+SUCCESS = _BY_NAME["SUCCESS"]
+INVALID_HYPERCALL_CODE = _BY_NAME["INVALID_HYPERCALL_CODE"]
+INVALID_HYPERCALL_INPUT = _BY_NAME["INVALID_HYPERCALL_INPUT"]
+INVALID_ALIGNMENT = _BY_NAME["INVALID_ALIGNMENT"]
+INVALID_PARAMETER = _BY_NAME["INVALID_PARAMETER"]
+ACCESS_DENIED = _BY_NAME["ACCESS_DENIED"]
+INVALID_VP_INDEX = _BY_NAME["INVALID_VP_INDEX"]
+INVALID_CONNECTION_ID = _BY_NAME["INVALID_CONNECTION_ID"]
+INSUFFICIENT_BUFFERS = _BY_NAME["INSUFFICIENT_BUFFERS"]
+
+# ---- SynIC messages ----------------------------------------------------------------------------------
+MESSAGE_SIZE = 256
+MESSAGE_PAYLOAD_MAX = 240
+MSG_HEADER_TYPE = 0x00             # u32
+MSG_HEADER_PAYLOAD_SIZE = 0x04     # u8
+MSG_HEADER_FLAGS = 0x05            # u8: bit 0 MessagePending
+MSG_HEADER_SENDER = 0x08           # u64 (port id for PostMessage)
+MSG_PAYLOAD = 0x10
+MSG_FLAG_PENDING = 1
+HVMSG_NONE = 0
+HVMSG_TIMER_EXPIRED = 0x80000010
+HVMSG_RESERVED_TYPES = 0x80000000  # types with the top bit are the hypervisor's
+EVENT_FLAGS_PER_SINT = 2048        # bits per SINT slot of the SIEF page (256 bytes)
+CONNECTION_ID_MASK = 0xFFFFFF
+
+# ---- reference TSC page ---------------------------------------------------------------------------------
+TSC_PAGE_SEQUENCE = 0x00           # u32; 0 = "use the MSR"
+TSC_PAGE_SCALE = 0x08              # u64 (64.64 fixed point)
+TSC_PAGE_OFFSET = 0x10             # i64
+REF_TICKS_PER_SECOND = 10_000_000  # the reference counter counts 100 ns
+
+
+def _asm_include() -> str:
+    """The constants for guest/ (``HV_`` + name), as pykvmm.vmm.abi does for the guest ABI."""
+    lines = ["/* generated from pykvmm/vmm/hyperv/tlfs.py: do not edit */"]
+    for name, value in globals().items():
+        if name.isupper() and isinstance(value, int) and not name.startswith("_"):
+            lines.append(f".set HV_{name}, {value:#x}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(_asm_include(), end="")

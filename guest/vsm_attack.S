@@ -21,6 +21,7 @@
  */
 .include "guest.inc"
 .include "vtl.inc"
+.include "hv.inc"
 .include "vsm.inc"
 
 .set CMD_ECHO, 0xec0
@@ -30,6 +31,7 @@
 .globl main
 main:
     VTL_MAIN_DISPATCH 1
+    VSM_VTL_INIT
     mov rax, [STUB]
     mov [rip + stub_before], rax
     call vtl_call                       /* VTL1 sets up its protections */
@@ -80,6 +82,7 @@ evil:
 .balign 4096
 vtl1_text:
 vtl1_main:
+    VSM_VTL_INIT
     mov rdi, HYPERCALL_PAGE_ADDR
     mov esi, 1
     mov edx, HV_MAP_GPA_RX

@@ -14,7 +14,9 @@
  *   0x14 Modify, 3 pages, the third outside RAM         -> INVALID_PARAMETER | 2 reps done
  *   0x15 Modify, another partition's id                 -> INVALID_PARTITION_ID
  *   0x16 Modify, HV_INPUT_VTL reserved bits             -> INVALID_PARAMETER
- *   0x17 Modify, fast form                              -> INVALID_HYPERCALL_INPUT
+ *   0x17 Modify, fast form (the page in XMM0)           -> SUCCESS | 1 rep
+ *   0x20 Get VTL0's RSP, fast form, XMM output          -> SUCCESS | 1 rep; SYNC 0x21 = [XMM1]
+ *        - vtl0_after_call (0)
  *   0x18 Modify, rep count 0                            -> INVALID_HYPERCALL_INPUT
  *   0x19 Get, unknown register name                     -> INVALID_PARAMETER
  *   0x1a Get, VP index 5 (no such VP)                   -> INVALID_VP_INDEX
@@ -26,6 +28,7 @@
  */
 .include "guest.inc"
 .include "vtl.inc"
+.include "hv.inc"
 .include "vsm.inc"
 
 .set STATUS_SUCCESS, 0
@@ -35,6 +38,7 @@
 .globl main
 main:
     VTL_MAIN_DISPATCH 1
+    VSM_VTL_INIT
     call vtl_call                       /* initialise VTL1 */
     lea rdi, [rip + page]
     mov esi, 1
@@ -62,6 +66,7 @@ vtl0_after_call:
     GUEST_DONE
 
 vtl1_main:
+    VSM_VTL_INIT
     lea rdi, [rip + vtl1_tests]
     jmp vtl_serve
 
@@ -105,9 +110,32 @@ vtl1_tests:
     call modify_raw
     GUEST_SYNC 0x16, rax
     mov dword ptr [rbx + 12], HV_INPUT_VTL_USE_TARGET
+    /* fast form: header in RDX/R8, the page number in XMM0 (XMM input) */
+    lea r12, [rip + fxbuf]
+    fxsave [r12]
+    lea rax, [rip + page]
+    shr rax, 12
+    mov [r12 + 160], rax
+    fxrstor [r12]
     mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | HV_HYPERCALL_FAST | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
-    call modify_raw
+    mov rdx, -1
+    mov r8, HV_MAP_GPA_ALL | (HV_INPUT_VTL_USE_TARGET << 32)
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
     GUEST_SYNC 0x17, rax
+    /* fast GetVpRegisters with XMM output: VTL0's RSP lands in XMM1 */
+    mov dword ptr [r12 + 160], HV_REG_RSP
+    fxrstor [r12]
+    mov rcx, HVCALL_GET_VP_REGISTERS | HV_HYPERCALL_FAST | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rdx, -1
+    mov r8, HV_VP_INDEX_SELF | (HV_INPUT_VTL_USE_TARGET << 32)
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    GUEST_SYNC 0x20, rax
+    fxsave [r12]
+    mov rax, [r12 + 176]
+    mov rax, [rax]                      /* VTL0's stack: its vtl_call's return address */
+    lea rdx, [rip + vtl0_after_call]
+    sub rax, rdx
+    GUEST_SYNC 0x21, rax
     mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK
     call modify_raw
     GUEST_SYNC 0x18, rax
@@ -154,6 +182,11 @@ modify_raw:
     xor r8d, r8d
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
     ret
+
+.bss
+.balign 16
+fxbuf:
+    .skip 512
 
 .data
 .balign 4096

@@ -17,6 +17,7 @@
  */
 .include "guest.inc"
 .include "vtl.inc"
+.include "hv.inc"
 .include "vsm.inc"
 
 .set STRESS_PAGES, 8
@@ -29,6 +30,7 @@
 .globl main
 main:
     VTL_MAIN_DISPATCH 4
+    VSM_VTL_INIT
     call vtl_call                       /* initialise this vCPU's VTL1 (vCPU0: the protections) */
     lea rdi, [rip + setup_done]
     mov esi, 1
@@ -154,6 +156,7 @@ main:
 .section .text.vtl1, "ax"
 .balign 4096
 vtl1_main:
+    VSM_VTL_INIT
     mov rax, gs:[PCPU_VCPU]
     test rax, rax
     jnz .Lvtl1_serve

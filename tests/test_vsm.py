@@ -5,16 +5,27 @@ from __future__ import annotations
 import pytest
 
 from pykvmm.vmm import abi
+from pykvmm.vmm.hyperv.features import HvConfig
 
 from conftest import assert_done
+
+
+@pytest.fixture
+def run_vsm(run_guest):
+    """A VSM guest: --hyperv with every enlightenment (hv_vsm included), VTLs = planes."""
+    def run(name, **config):
+        config.setdefault("hyperv", HvConfig.everything())
+        config.setdefault("backend", "multivm")
+        return run_guest(name, **config)
+    return run
 
 INTERCEPT_READ, INTERCEPT_WRITE, INTERCEPT_EXECUTE = 0, 1, 2
 
 
-def test_vtl0_cannot_run_its_code_in_vtl1(run_guest):
+def test_vtl0_cannot_run_its_code_in_vtl1(run_vsm):
     """The attack that patched the shared VtlReturn stub (and VTL1's code) so that VTL1 ran
     VTL0's code now ends in intercepts; VTL0 never sees VTL1's secret."""
-    r = run_guest("vsm_attack", planes=2, backend="multivm")
+    r = run_vsm("vsm_attack", planes=2)
     assert_done(r)
     s = dict(r.syncs())
     # ModifyVtlProtectionMask: success (status 0) and every rep completed (bits 43:32)
@@ -31,21 +42,21 @@ def test_vtl0_cannot_run_its_code_in_vtl1(run_guest):
     assert r.entry_reasons.get("intercept") == 4
 
 
-def test_attack_succeeds_without_protections(run_guest, monkeypatch):
+def test_attack_succeeds_without_protections(run_vsm, monkeypatch):
     """The control: with ModifyVtlProtectionMask answering without protecting anything, the
     same guest does run VTL0's code in VTL1 (so the test above can fail)."""
     from pykvmm.vmm.vsm import protections
     monkeypatch.setattr(protections.VtlProtections, "set_masks", lambda *a: None)
-    r = run_guest("vsm_attack", planes=2, backend="multivm")
+    r = run_vsm("vsm_attack", planes=2)
     assert r.ok and (0x99, 1) in r.syncs(plane=1)     # VTL0's code ran in VTL1
 
 
 @pytest.mark.parametrize("vcpus,accesses", [(1, 300), (2, 200)])
-def test_protection_violation_stress(run_guest, vcpus, accesses):
+def test_protection_violation_stress(run_vsm, vcpus, accesses):
     """Random VTL0 reads, writes and fetches of pages VTL1 protected: each violation is
     intercepted exactly once (the guest checks every access), VTL0 never sees or changes the
     data, and the VMM's count of intercepts is the guest's."""
-    r = run_guest("vsm_stress", planes=2, vcpus=vcpus, backend="multivm", arg=accesses, timeout=120)
+    r = run_vsm("vsm_stress", planes=2, vcpus=vcpus, arg=accesses, timeout=120)
     assert_done(r)
     expected = 0
     for v in range(vcpus):
@@ -59,8 +70,8 @@ def test_protection_violation_stress(run_guest, vcpus, accesses):
 
 
 @pytest.mark.slow
-def test_protection_violation_stress_long(run_guest):
-    r = run_guest("vsm_stress", planes=2, vcpus=4, backend="multivm", arg=2000, timeout=600)
+def test_protection_violation_stress_long(run_vsm):
+    r = run_vsm("vsm_stress", planes=2, vcpus=4, arg=2000, timeout=600)
     assert_done(r)
     expected = sum(dict(r.syncs(vcpu=v))[2] for v in range(4))
     assert r.stats["vsm"]["intercepts"] == expected and dict(r.syncs(vcpu=0))[3] == 0
@@ -71,10 +82,10 @@ INVALID_PARTITION_ID, INVALID_VP_INDEX = 0xD, 0xE
 REPS = 32
 
 
-def test_vsm_call_statuses(run_guest):
+def test_vsm_call_statuses(run_vsm):
     """HvCallModifyVtlProtectionMask and HvCallGet/SetVpRegisters: TLFS statuses and rep
     counts for good and bad input, the input-VTL rule (never a higher VTL), shared registers."""
-    r = run_guest("vsm_calls", planes=2, backend="multivm")
+    r = run_vsm("vsm_calls", planes=2)
     assert_done(r)
     s = dict(r.syncs())
     assert s[0x01] == ACCESS_DENIED and s[0x02] == ACCESS_DENIED    # VTL0 protecting itself / VTL1
@@ -85,7 +96,8 @@ def test_vsm_call_statuses(run_guest):
     assert any("no-execute" in w for w in r.stats["warnings"])
     assert s[0x14] == INVALID_PARAMETER | 2 << REPS                  # two pages done, then outside RAM
     assert s[0x15] == INVALID_PARTITION_ID and s[0x16] == INVALID_PARAMETER
-    assert s[0x17] == INVALID_HYPERCALL_INPUT and s[0x18] == INVALID_HYPERCALL_INPUT
+    assert s[0x17] == 1 << REPS and s[0x18] == INVALID_HYPERCALL_INPUT   # fast (XMM) form; no reps
+    assert s[0x20] == 1 << REPS and s[0x21] == 0                     # fast Get, XMM output
     assert s[0x19] == INVALID_PARAMETER and s[0x1A] == INVALID_VP_INDEX and s[0x1B] == INVALID_PARAMETER
     assert s[0x1C] == 1 << REPS and s[0x1D] == 0                     # VTL0's own RSP
     assert s[0x1E] == 1 << REPS and s[0x06] == 0x77                  # a shared register, set from VTL1

@@ -95,6 +95,9 @@ class HyperV:
             module.install(self)
         from .hypercall import install_echo
         install_echo(self)
+        if self.config.has("vsm"):
+            from ..vsm import install as install_vsm
+            install_vsm(self)
 
     def cpuid(self, cpuid):
         from .discovery import with_hyperv_leaves

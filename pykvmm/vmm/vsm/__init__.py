@@ -14,8 +14,9 @@ personality (vmm/vtl.py); this package adds what a VSM guest reaches through hyp
 what a higher VTL enforces on a lower one. Per-VTL state lives with the plane (its memory view,
 its vCPU state), per-partition state (the protection masks) with the machine.
 
-Hypercall input (until the Hyper-V layer's decoder is on main): memory form only, through
-``rep_call``; the fast forms need XMM input and answer INVALID_HYPERCALL_INPUT.
+The calls are the Hyper-V layer's (``--hyperv`` with hv_vsm: hyperv/hypercall.py decodes the
+input value, memory / fast / XMM input and output, rep counts and their continuation);
+``install(hv)`` adds them to its table.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from collections import Counter
 
 from ...planes.memview import FAULT_ACCESS
 from .. import abi, events as ev
+from ..hyperv.hypercall import CallSpec
 from . import hvdef as H
 from .intercept import deliver, memory_intercept_message
-from .protections import VsmError, VtlProtections
+from .protections import VtlProtections
 from .registers import (REG_VSM_CAPABILITIES, REG_VSM_CODE_PAGE_OFFSETS, REG_VSM_PARTITION_STATUS,
                         REG_VSM_VP_STATUS, check_header)
 
@@ -40,24 +42,32 @@ class Vsm:
         self.protections = VtlProtections(machine)
         self.stats = Counter()
         self.intercepts: Counter = Counter()     # (vcpu, from VTL, to VTL, access) -> count
-        d = machine.dispatcher
-        d.register(abi.HVCALL_MODIFY_VTL_PROTECTION_MASK,
-                   lambda cpu, plane, control, regs: rep_call(self, cpu, plane, regs, 16, 8, 0, self._modify))
-        d.register(abi.HVCALL_GET_VP_REGISTERS,
-                   lambda cpu, plane, control, regs: rep_call(self, cpu, plane, regs, 16, 4, 16, self._get))
-        d.register(abi.HVCALL_SET_VP_REGISTERS,
-                   lambda cpu, plane, control, regs: rep_call(self, cpu, plane, regs, 16, 32, 0, self._set))
 
-    # -- calls ----------------------------------------------------------------------------------
-    def _modify(self, cpu, plane, header, index, element):
-        self.protections.modify_element(plane, header, element)
+    # -- calls (CallSpec functions: one rep each) --------------------------------------------------
+    def install(self, hv) -> None:
+        t = hv.table
+        t.add(CallSpec(abi.HVCALL_MODIFY_VTL_PROTECTION_MASK, "HvCallModifyVtlProtectionMask", "vsm",
+                       self._modify, header_size=16, rep_size=8))
+        t.add(CallSpec(abi.HVCALL_GET_VP_REGISTERS, "HvCallGetVpRegisters", "vsm", self._get,
+                       header_size=16, rep_size=4, out_rep_size=16))
+        t.add(CallSpec(abi.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
+                       header_size=16, rep_size=32))
 
-    def _get(self, cpu, plane, header, index, element):
-        return check_header(self, cpu, plane, header).get(int.from_bytes(element, "little"))
+    def _modify(self, call, header, index, element):
+        self.protections.modify_element(call.plane, header, element)
 
-    def _set(self, cpu, plane, header, index, element):
+    def _get(self, call, header, index, element):
+        return check_header(self, call.cpu, call.plane, header).get(int.from_bytes(element, "little"))
+
+    def _set(self, call, header, index, element):
         name = int.from_bytes(element[0:4], "little")
-        check_header(self, cpu, plane, header).set(name, element[16:32])
+        check_header(self, call.cpu, call.plane, header).set(name, element[16:32])
+
+    def forget(self, vcpu: int, plane: int) -> None:
+        """Registers of a plane changed behind the personality's back (its copy elision)."""
+        forget = getattr(self.policy, "forget", None)
+        if forget:
+            forget(vcpu, plane)
 
     def check_vtl_enabled(self, cpu, vtl: int) -> None:
         """pykvmm boot mode: every VTL is enabled on every VP from the start."""
@@ -111,34 +121,10 @@ class Vsm:
         return {"vsm": out}
 
 
-def rep_call(vsm, cpu, plane, regs, header_size: int, rep_size: int, out_size: int, fn) -> int:
-    """A memory-form rep call: RDX = input GPA (header, then rep elements), R8 = output GPA
-    (out_size bytes per rep). Status | reps completed << 32 (TLFS result value)."""
-    c = regs.rcx
-    count, start = (c >> 32) & 0xFFF, (c >> 48) & 0xFFF
-    if c & (1 << 16):
-        return H.INVALID_HYPERCALL_INPUT   # fast: needs XMM input (the Hyper-V layer)
-    if c & ((0x3FF << 17) | (0x1F << 27) | (0xF << 44) | (0xF << 60)) or not count or start >= count:
-        return H.INVALID_HYPERCALL_INPUT
-    mem = vsm.machine.memory
-    gpa, out = regs.rdx, regs.r8
-    total = header_size + count * rep_size
-    if gpa & 7 or (out_size and out & 7):
-        return H.INVALID_ALIGNMENT
-    if (gpa & 0xFFF) + total > 0x1000 or (out_size and (out & 0xFFF) + count * out_size > 0x1000):
-        return H.INVALID_ALIGNMENT
-    if gpa + total > mem.size or (out_size and out + count * out_size > mem.size):
-        return H.INVALID_PARAMETER
-    block = mem.read(gpa, total)
-    header = block[:header_size]
-    i = start
-    try:
-        while i < count:
-            off = header_size + i * rep_size
-            result = fn(cpu, plane, header, i, block[off:off + rep_size])
-            if out_size and result is not None:
-                mem.write(out + i * out_size, result)
-            i += 1
-    except VsmError as e:
-        return e.status | i << 32
-    return H.SUCCESS | i << 32
+def install(hv) -> None:
+    """hv_vsm: the VTL personality's Vsm (a plain one with a single VTL) gets the calls."""
+    machine = hv.machine
+    vsm = getattr(machine.policy, "vsm", None)
+    if vsm is None:
+        vsm = Vsm(machine, machine.policy)
+    vsm.install(hv)

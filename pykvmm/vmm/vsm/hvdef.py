@@ -13,17 +13,10 @@ HVCALL_TRANSLATE_VIRTUAL_ADDRESS = 0x0052
 HV_PARTITION_ID_SELF = 0xFFFFFFFFFFFFFFFF
 HV_VP_INDEX_SELF = 0xFFFFFFFE
 
-# ---- statuses the VSM calls answer (TLFS "Hypercall status codes") ----------------------------
-SUCCESS = 0x0000
-INVALID_HYPERCALL_INPUT = 0x0003
-INVALID_ALIGNMENT = 0x0004
-INVALID_PARAMETER = 0x0005
-ACCESS_DENIED = 0x0006
-INVALID_PARTITION_STATE = 0x0007
-INVALID_PARTITION_ID = 0x000D
-INVALID_VP_INDEX = 0x000E
-INVALID_VP_STATE = 0x0015
-INVALID_VTL_STATE = 0x0051
+# ---- statuses: the Hyper-V layer's (hyperv/tlfs.py) ------------------------------------------
+from ..hyperv.tlfs import (ACCESS_DENIED, INVALID_HYPERCALL_INPUT, INVALID_PARAMETER,  # noqa: E402,F401
+                           INVALID_PARTITION_ID, INVALID_PARTITION_STATE, INVALID_VP_INDEX, INVALID_VP_STATE,
+                           INVALID_VTL_STATE, SUCCESS)
 
 # ---- HV_MAP_GPA_FLAGS (the protection mask) ---------------------------------------------------
 MAP_GPA_READABLE = 1 << 0

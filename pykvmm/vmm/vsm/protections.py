@@ -22,15 +22,9 @@ before an error stay done (the TLFS rep rule).
 from __future__ import annotations
 
 from ...planes.memview import PAGE, Access, ProtectionUnsupported
+from ..hyperv.hypercall import HvError as VsmError, target_vtl
+from ..hyperv.vp import PARTITION_ID
 from . import hvdef as H
-
-
-class VsmError(Exception):
-    """Answer the VSM call with this HV status."""
-
-    def __init__(self, status: int, why: str = ""):
-        super().__init__(why or hex(status))
-        self.status = status
 
 
 def access_of_mask(mask: int) -> Access:
@@ -132,38 +126,22 @@ class VtlProtections:
         self.set_masks(caller, target, [page], mask)
 
     def check_header(self, caller: int, header: bytes) -> int:
-        pid = int.from_bytes(header[0:8], "little")
-        if pid not in (H.HV_PARTITION_ID_SELF, self.machine_partition_id()):
-            raise VsmError(H.INVALID_PARTITION_ID, f"partition id {pid:#x} is not this partition")
+        check_partition(header)
         check_mask(int.from_bytes(header[8:12], "little"))
-        target = input_vtl(header[12], caller, self.plane_count)
+        target = target_vtl(header[12], caller, self.plane_count)
         if target >= caller:
             raise VsmError(H.ACCESS_DENIED, f"VTL{caller} cannot set protections of VTL{target} "
                                             f"(only of lower VTLs)")
         return target
 
-    def machine_partition_id(self) -> int:
-        return PARTITION_ID
-
     def summary(self) -> dict:
         return {"pages_changed": self.changes, "masks_refused": self.refused}
 
 
-PARTITION_ID = 1     # what HvCallGetPartitionId answers (the hyperv layer's number)
-
-INPUT_VTL_TARGET = 0x0F
-INPUT_VTL_USE_TARGET = 0x10
-INPUT_VTL_RESERVED = 0xE0
-
-
-def input_vtl(byte: int, caller: int, plane_count: int) -> int:
-    """HV_INPUT_VTL (TargetVtl 3:0, UseTargetVtl 4, 7:5 RsvdZ) -> the VTL it names."""
-    if byte & INPUT_VTL_RESERVED:
-        raise VsmError(H.INVALID_PARAMETER, f"HV_INPUT_VTL {byte:#x} has reserved bits")
-    target = byte & INPUT_VTL_TARGET if byte & INPUT_VTL_USE_TARGET else caller
-    if target >= plane_count:
-        raise VsmError(H.INVALID_PARAMETER, f"target VTL {target} does not exist ({plane_count} VTLs)")
-    return target
+def check_partition(header: bytes) -> None:
+    pid = int.from_bytes(header[0:8], "little")
+    if pid not in (H.HV_PARTITION_ID_SELF, PARTITION_ID):
+        raise VsmError(H.INVALID_PARTITION_ID, f"partition id {pid:#x} is not this partition")
 
 
 def _runs(pages: list[int], key):

@@ -24,7 +24,8 @@ import struct
 from ...kvm import KvmError
 from ...x86 import arch
 from . import hvdef as H
-from .protections import VsmError
+from ..hyperv.hypercall import target_vtl
+from .protections import VsmError, check_partition
 
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -155,7 +156,7 @@ class RegisterAccess:
                 d.dr7 = value
             d.flags = 0
             v.set_debugregs(d)
-            self.vsm.policy.forget(self.cpu.index, self.caller if name in SHARED else self.target)
+            self.vsm.forget(self.cpu.index, self.caller if name in SHARED else self.target)
             return
         if name in MSRS:
             try:
@@ -168,17 +169,14 @@ class RegisterAccess:
 
 
 def check_header(vsm, cpu, caller: int, header: bytes) -> RegisterAccess:
-    from .protections import PARTITION_ID, input_vtl
-    pid = int.from_bytes(header[0:8], "little")
-    if pid not in (H.HV_PARTITION_ID_SELF, PARTITION_ID):
-        raise VsmError(H.INVALID_PARTITION_ID, f"partition id {pid:#x} is not this partition")
+    check_partition(header)
     vp = int.from_bytes(header[8:12], "little")
     if vp != H.HV_VP_INDEX_SELF and vp != cpu.index:
         if vp >= vsm.machine.config.vcpus:
             raise VsmError(H.INVALID_VP_INDEX, f"VP {vp} does not exist")
         raise VsmError(H.INVALID_VP_STATE, f"VP {vp} is not the caller's VP ({cpu.index}): pykvmm reaches "
                                            f"only the calling VP's registers")
-    target = input_vtl(header[12], caller, vsm.machine.plane_count)
+    target = target_vtl(header[12], caller, vsm.machine.plane_count)
     if target > caller:
         raise VsmError(H.ACCESS_DENIED, f"VTL{caller} cannot reach the registers of the higher VTL{target}")
     vsm.check_vtl_enabled(cpu, target)

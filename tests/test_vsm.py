@@ -101,3 +101,36 @@ def test_vsm_call_statuses(run_vsm):
     assert s[0x19] == INVALID_PARAMETER and s[0x1A] == INVALID_VP_INDEX and s[0x1B] == INVALID_PARAMETER
     assert s[0x1C] == 1 << REPS and s[0x1D] == 0                     # VTL0's own RSP
     assert s[0x1E] == 1 << REPS and s[0x06] == 0x77                  # a shared register, set from VTL1
+
+
+INVALID_VTL_STATE = 0x51
+
+
+def test_tlfs_boot_enable_vtls_and_vp_assist_control(run_vsm):
+    """--vtl-boot tlfs: only VTL0 runs at reset; discovery, EnablePartitionVtl/EnableVpVtl
+    with their statuses, VTL1 starting from the initial context, VsmPartitionConfig's
+    write-once rule, VtlCall/VtlReturn through VTL1's VP assist page."""
+    r = run_vsm("vsm_boot", planes=2, vtl_boot="tlfs")
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[0x01] == 3                                       # AccessVsm, AccessVpRegisters
+    assert s[0x02] == 1 and r.stats["ud_reasons"] == {"call-from-top": 1}   # VtlCall, no VTL1 yet
+    assert s[0x03] == 1 | 1 << 16                             # EnabledVtlSet {0}, MaximumVtl 1
+    assert s[0x04] == INVALID_VTL_STATE                       # EnableVpVtl before the partition
+    assert (s[0x05], s[0x06], s[0x07], s[0x08], s[0x09]) == (ACCESS_DENIED, INVALID_PARAMETER,
+                                                             INVALID_PARAMETER, 0, INVALID_VTL_STATE)
+    assert (s[0x0A], s[0x0B], s[0x0C], s[0x0D]) == (INVALID_VP_INDEX, INVALID_PARAMETER, 0, INVALID_VTL_STATE)
+    assert s[0x0E] == INVALID_PARAMETER                       # VTL0 has no VsmPartitionConfig
+    assert s[0x33] == 0x1111                                  # shared RBX on VTL1's first entry
+    assert s[0x31] == abi.VTL_ENTRY_VTL_CALL and s[0x32] == 0x301
+    assert s[0x34] == 1 << REPS and s[0x35] == INVALID_PARAMETER   # write-once
+    assert s[0x36] == 0                                       # VP assist page enabled
+    assert (s[0x10], s[0x11]) == (0xAAAA, 0xCCCC)             # VtlReturnX64Rax/Rcx from the assist page
+    assert s[0x37] == abi.VTL_ENTRY_VTL_CALL and s[0x12] == 1
+
+
+def test_tlfs_boot_needs_hv_vsm(kvm_available):
+    from pykvmm.vmm.machine import Machine, MachineConfig
+    from conftest import guest_image
+    with pytest.raises(ValueError, match="--vtl-boot tlfs needs --hyperv"):
+        Machine(guest_image("vsm_boot"), MachineConfig(planes=2, vtl_boot="tlfs"))

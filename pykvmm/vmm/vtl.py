@@ -137,6 +137,9 @@ class VtlPolicy(PlanePolicy):
         self._stats = [Counter() for _ in range(self.vcpu_count)]
         self._ud = [Counter() for _ in range(self.vcpu_count)]
         self._known: dict[tuple[int, int], _Known] = {}
+        # VTLs enabled on each VP (bit n = VTL n): all of them in pykvmm's boot mode; with
+        # --vtl-boot tlfs only VTL0 until HvCallEnableVpVtl (vsm/enable.py)
+        self.enabled = [(1 << n) - 1] * self.vcpu_count
         self.copy_xcr0 = bool(getattr(machine, "osxsave", False))
         self.pkru_offset = pkru_xsave_offset(machine.kvm.supported_cpuid()) if self.copy_xcr0 else None
         d = machine.dispatcher
@@ -154,10 +157,10 @@ class VtlPolicy(PlanePolicy):
 
     # -- the run loop's questions ----------------------------------------------------------------
     def req_exit_planes(self, cpu) -> int:
-        return self._higher[cpu.plane]
+        return self._higher[cpu.plane] & self.enabled[cpu.index]
 
     def on_plane_event(self, cpu, event) -> None:
-        candidates = event.target & self._higher[cpu.plane]
+        candidates = event.target & self._higher[cpu.plane] & self.enabled[cpu.index]
         if not candidates:
             self._stats[cpu.index]["events_spurious"] += 1
             return
@@ -182,7 +185,18 @@ class VtlPolicy(PlanePolicy):
     def _write_entry_reason(self, vcpu: int, plane: int, reason: str) -> None:
         code = ENTRY_REASONS.get(reason)
         if code is not None:
-            self.machine.memory.write_u32(abi.control_page(vcpu, plane) + abi.VTL_ENTRY_REASON, code)
+            self.machine.memory.write_u32(self.vtl_control(vcpu, plane) + abi.VTL_ENTRY_REASON, code)
+
+    def vtl_control(self, vcpu: int, plane: int) -> int:
+        """The page holding this VTL's HV_VP_VTL_CONTROL (EntryReason, VtlReturnX64Rax/Rcx):
+        the VP assist page once the VTL enabled one (HV_X64_MSR_VP_ASSIST_PAGE, Hyper-V
+        layer), else pykvmm's control page (the same layout)."""
+        hv = self.machine.hyperv
+        if hv is not None:
+            assist = hv.vp(vcpu, plane).vp_assist
+            if assist & 1:
+                return assist & ~0xFFF
+        return abi.control_page(vcpu, plane)
 
     def _known_of(self, vcpu: int, plane: int) -> _Known:
         k = self._known.get((vcpu, plane))
@@ -270,10 +284,11 @@ class VtlPolicy(PlanePolicy):
                                                    f"has bits other than the call code 0x11")
         if regs.rax != 0:
             raise self._fault(cpu, "call-input", f"HvCallVtlCall with VTL input (RAX) {regs.rax:#x}; it must be 0")
-        if plane + 1 >= self.plane_count:
+        above = higher_planes(plane, self.plane_count) & self.enabled[cpu.index]
+        if not above:
             raise self._fault(cpu, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
-                                                    f"of {self.plane_count}")
-        cpu.switch_to(plane + 1, reason="call", suspend=True)
+                                                    f"enabled on VP {cpu.index} of {self.plane_count}")
+        cpu.switch_to((above & -above).bit_length() - 1, reason="call", suspend=True)
         return None
 
     def _vtl_return(self, cpu, plane, control, regs):
@@ -291,7 +306,7 @@ class VtlPolicy(PlanePolicy):
                               f"HvCallVtlReturn from VTL{plane} with no lower VTL to return to")
         load = self.loads_return_regs and not regs.rax & 1
         if load:
-            page = abi.control_page(cpu.index, plane)
+            page = self.vtl_control(cpu.index, plane)
             rax = self.machine.memory.u64(page + abi.VTL_RETURN_RAX)
             rcx = self.machine.memory.u64(page + abi.VTL_RETURN_RCX)
         target = cpu.resume_suspended(reason="return")

@@ -7,7 +7,8 @@ Modules, by TLFS section:
 | ``hvdef`` | the numbers: calls, statuses, register names, map flags, message layouts |
 | ``protections`` | VTL Memory Protections, HvCallModifyVtlProtectionMask |
 | ``intercept`` | Secure Intercepts (GPA intercept messages, entry reason Intercept) |
-| ``registers`` | VP register interface: HvCallGetVpRegisters / HvCallSetVpRegisters, VSM registers |
+| ``registers`` | VP register interface: HvCallGetVpRegisters / HvCallSetVpRegisters |
+| ``enable`` | Enabling VTLs (the two boot modes, HvCallEnablePartitionVtl / EnableVpVtl), the VSM registers |
 
 The VTL switch itself (VtlCall/VtlReturn, shared and private state, interrupts) is the VTL
 personality (vmm/vtl.py); this package adds what a VSM guest reaches through hypercalls and
@@ -25,12 +26,12 @@ from collections import Counter
 
 from ...planes.memview import FAULT_ACCESS
 from .. import abi, events as ev
-from ..hyperv.hypercall import CallSpec
+from ..hyperv.hypercall import CallSpec, HvError
 from . import hvdef as H
+from .enable import VtlEnables
 from .intercept import deliver, memory_intercept_message
 from .protections import VtlProtections
-from .registers import (REG_VSM_CAPABILITIES, REG_VSM_CODE_PAGE_OFFSETS, REG_VSM_PARTITION_STATUS,
-                        REG_VSM_VP_STATUS, check_header)
+from .registers import check_header
 
 
 class Vsm:
@@ -40,6 +41,7 @@ class Vsm:
         self.machine = machine
         self.policy = policy
         self.protections = VtlProtections(machine)
+        self.enables = VtlEnables(self)
         self.stats = Counter()
         self.intercepts: Counter = Counter()     # (vcpu, from VTL, to VTL, access) -> count
 
@@ -52,6 +54,7 @@ class Vsm:
                        header_size=16, rep_size=4, out_rep_size=16))
         t.add(CallSpec(abi.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
                        header_size=16, rep_size=32))
+        self.enables.install(t)
 
     def _modify(self, call, header, index, element):
         self.protections.modify_element(call.plane, header, element)
@@ -70,24 +73,14 @@ class Vsm:
             forget(vcpu, plane)
 
     def check_vtl_enabled(self, cpu, vtl: int) -> None:
-        """pykvmm boot mode: every VTL is enabled on every VP from the start."""
+        if not self.enables.vp_enabled(cpu.index) >> vtl & 1:
+            raise HvError(H.INVALID_VTL_STATE, f"VTL{vtl} is not enabled on VP {cpu.index}")
 
-    # -- VSM registers --------------------------------------------------------------------------
     def get_register(self, cpu, caller: int, target: int, name: int) -> int | None:
-        n = self.machine.plane_count
-        enabled = (1 << n) - 1
-        if name == REG_VSM_CODE_PAGE_OFFSETS:
-            return abi.HCPAGE_VTL_CALL | abi.HCPAGE_VTL_RETURN << 12
-        if name == REG_VSM_VP_STATUS:
-            return (target & 0xF) | enabled << 8
-        if name == REG_VSM_PARTITION_STATUS:
-            return enabled | (n - 1) << 16
-        if name == REG_VSM_CAPABILITIES:
-            return 0            # DR6 not shared, no MBEC, no deny-lower-VTL-startup
-        return None
+        return self.enables.get(cpu, caller, target, name)
 
     def set_register(self, cpu, caller: int, target: int, name: int, value: int) -> bool:
-        return False
+        return self.enables.set(cpu, caller, target, name, value)
 
     # -- secure intercepts -----------------------------------------------------------------------
     def on_memory_fault(self, cpu, fault) -> bool:

@@ -2,13 +2,10 @@
 register names, map flags, message layouts. Values as in the TLFS and Linux's
 include/hyperv/hvgdk*.h / hvhdk*.h. No behaviour here."""
 
-from ..abi import (HVCALL_GET_VP_REGISTERS, HVCALL_MODIFY_VTL_PROTECTION_MASK,  # noqa: F401 (the guest ABI owns these)
-                   HVCALL_SET_VP_REGISTERS, VTL_ENTRY_INTERCEPT, VTL_ENTRY_INTERRUPT, VTL_ENTRY_VTL_CALL)
-
-# ---- calls ----------------------------------------------------------------------------------
-HVCALL_ENABLE_PARTITION_VTL = 0x000D
-HVCALL_ENABLE_VP_VTL = 0x000F
-HVCALL_TRANSLATE_VIRTUAL_ADDRESS = 0x0052
+from ..abi import (HVCALL_ENABLE_PARTITION_VTL, HVCALL_ENABLE_VP_VTL,  # noqa: F401 (the guest ABI owns these)
+                   HVCALL_GET_VP_REGISTERS, HVCALL_MODIFY_VTL_PROTECTION_MASK, HVCALL_SET_VP_REGISTERS,
+                   HVCALL_TRANSLATE_VIRTUAL_ADDRESS, VTL_ENTRY_INTERCEPT, VTL_ENTRY_INTERRUPT,
+                   VTL_ENTRY_VTL_CALL)
 
 HV_PARTITION_ID_SELF = 0xFFFFFFFFFFFFFFFF
 HV_VP_INDEX_SELF = 0xFFFFFFFE

@@ -24,6 +24,14 @@
  *   0x1c Get VTL0's RSP (private) -> SUCCESS; SYNC 0x1d = [RSP] - vtl0_after_call (0: it is
  *        VTL0's stack, holding the return address of its vtl_call)
  *   0x1e Set VTL0's R12 (shared) = 0x77 -> SUCCESS; VTL0 sees r12 = 0x77 (SYNC 0x06)
+ *   HvCallTranslateVirtualAddress of VTL0's addresses (SYNC case, TranslationResult code;
+ *   the status is asserted):
+ *   0x40 `page`, validate read+write -> 0 (success); 0x41 its GPA page - page >> 12 (0)
+ *   0x42 GVA 512 GiB (no PML4 entry) -> 1 (PageNotPresent)
+ *   0x43 after VTL1 made `page` r-x for VTL0: validate write -> 6 (GpaNoWriteAccess);
+ *   0x44 validate read -> 0; 0x45 after `page` ---: validate read -> 5 (GpaNoReadAccess)
+ *   0x46 a reserved control flag -> status INVALID_PARAMETER (SYNC = the status)
+ *   0x07 (VTL0) translating for VTL1 -> status ACCESS_DENIED (SYNC = the status)
  * DONE.
  */
 .include "guest.inc"
@@ -33,6 +41,16 @@
 
 .set STATUS_SUCCESS, 0
 .set BUF, 0
+
+/* TRANSLATE case, flags: vsm_translate(rdi) that must succeed as a call; SYNC case = the
+ * TranslationResult code. Leaves rcx = the GPA page. */
+.macro TRANSLATE case:req, flags:req
+    mov rsi, \flags
+    call vsm_translate
+    GUEST_ASSERT_EQ rax, 0, "TranslateVirtualAddress status"
+    mov eax, edx
+    GUEST_SYNC \case, rax
+.endm
 
 .text
 .globl main
@@ -58,6 +76,10 @@ main:
     call vsm_get_register
     GUEST_SYNC 0x04, rax
     GUEST_SYNC 0x05, rdx
+    lea rdi, [rip + page]
+    mov rsi, 1 | (HV_INPUT_VTL_USE_TARGET | 1) << 56
+    call vsm_translate
+    GUEST_SYNC 0x07, rax
     mov rbx, 1
     call vtl_call
 vtl0_after_call:
@@ -173,6 +195,41 @@ vtl1_tests:
     mov edx, HV_INPUT_VTL_USE_TARGET | 0
     call vsm_set_register
     GUEST_SYNC 0x1e, rax
+    /* TranslateVirtualAddress of VTL0's addresses */
+    .set TR_VTL0, (HV_INPUT_VTL_USE_TARGET | 0) << 56
+    lea rdi, [rip + page]
+    TRANSLATE 0x40, TR_VTL0 | 3
+    lea rax, [rip + page]
+    shr rax, 12
+    sub rcx, rax
+    GUEST_SYNC 0x41, rcx
+    mov rdi, 1 << 39
+    TRANSLATE 0x42, TR_VTL0 | 1
+    lea rdi, [rip + page]
+    mov esi, 1
+    mov edx, HV_MAP_GPA_RX
+    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
+    call vsm_protect
+    lea rdi, [rip + page]
+    TRANSLATE 0x43, TR_VTL0 | 2
+    lea rdi, [rip + page]
+    TRANSLATE 0x44, TR_VTL0 | 1
+    lea rdi, [rip + page]
+    mov esi, 1
+    xor edx, edx
+    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
+    call vsm_protect
+    lea rdi, [rip + page]
+    TRANSLATE 0x45, TR_VTL0 | 1
+    lea rdi, [rip + page]
+    mov esi, 1
+    mov edx, HV_MAP_GPA_ALL
+    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
+    call vsm_protect
+    lea rdi, [rip + page]
+    mov rsi, TR_VTL0 | 1 << 6
+    call vsm_translate
+    GUEST_SYNC 0x46, rax
     clc
     ret
 

@@ -101,6 +101,12 @@ def test_vsm_call_statuses(run_vsm):
     assert s[0x19] == INVALID_PARAMETER and s[0x1A] == INVALID_VP_INDEX and s[0x1B] == INVALID_PARAMETER
     assert s[0x1C] == 1 << REPS and s[0x1D] == 0                     # VTL0's own RSP
     assert s[0x1E] == 1 << REPS and s[0x06] == 0x77                  # a shared register, set from VTL1
+    # HvCallTranslateVirtualAddress: result codes, the VTL protections of the translated VTL
+    assert s[0x40] == 0 and s[0x41] == 0                              # identity-mapped, success
+    assert s[0x42] == 1                                               # PageNotPresent
+    assert s[0x43] == 6 and s[0x44] == 0                              # r-x: no write, read fine
+    assert s[0x45] == 5                                               # ---: no read
+    assert s[0x46] == INVALID_PARAMETER and s[0x07] == ACCESS_DENIED  # reserved flag; a higher VTL
 
 
 INVALID_VTL_STATE = 0x51

@@ -126,6 +126,36 @@ vsm_set_register:
     ret
 .size vsm_set_register, . - vsm_set_register
 
+/*
+ * vsm_translate(rdi = GVA, rsi = control flags, InputVtl in bits 63:56) -> rax = result of
+ * HvCallTranslateVirtualAddress, rdx = TranslationResult, rcx = GpaPage (rdx, rcx clobbered).
+ */
+.globl vsm_translate
+.type vsm_translate, @function
+vsm_translate:
+    push rbx
+    push r8
+    VSM_BUF rbx
+    mov qword ptr [rbx], -1
+    mov dword ptr [rbx + 8], HV_VP_INDEX_SELF
+    mov dword ptr [rbx + 12], 0
+    mov [rbx + 16], rsi
+    mov rax, rdi
+    shr rax, 12
+    mov [rbx + 24], rax
+    mov qword ptr [rbx + VSM_OUT], -1
+    mov qword ptr [rbx + VSM_OUT + 8], -1
+    mov ecx, HVCALL_TRANSLATE_VIRTUAL_ADDRESS
+    mov rdx, rbx
+    lea r8, [rbx + VSM_OUT]
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    mov rdx, [rbx + VSM_OUT]
+    mov rcx, [rbx + VSM_OUT + 8]
+    pop r8
+    pop rbx
+    ret
+.size vsm_translate, . - vsm_translate
+
 /* vsm_intercept_message -> rax = address of this (vCPU, VTL)'s latest intercept message
  * (pykvmm ABI: the control page, for a VTL without a SynIC message page). */
 .globl vsm_intercept_message

@@ -8,6 +8,7 @@ Modules, by TLFS section:
 | ``protections`` | VTL Memory Protections, HvCallModifyVtlProtectionMask |
 | ``intercept`` | Secure Intercepts (GPA intercept messages, entry reason Intercept) |
 | ``registers`` | VP register interface: HvCallGetVpRegisters / HvCallSetVpRegisters |
+| ``translate`` | Virtual MMU: HvCallTranslateVirtualAddress |
 | ``enable`` | Enabling VTLs (the two boot modes, HvCallEnablePartitionVtl / EnableVpVtl), the VSM registers |
 
 The VTL switch itself (VtlCall/VtlReturn, shared and private state, interrupts) is the VTL
@@ -55,6 +56,8 @@ class Vsm:
         t.add(CallSpec(abi.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
                        header_size=16, rep_size=32))
         self.enables.install(t)
+        from .translate import install as install_translate
+        install_translate(self, t)
 
     def _modify(self, call, header, index, element):
         self.protections.modify_element(call.plane, header, element)

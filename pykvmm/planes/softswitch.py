@@ -22,15 +22,17 @@ When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
     it is one kick.
 
 The pending state kept, its one owner and the one place each is cleared
-    ``_hint`` (planes to scan on the next look, whatever the rate limit): set by
-    note_pending(), by run() when a rate-limited scan after an exit found a deliverable
-    interrupt (so the next entry returns the event without waiting for scan_gap), cleared by
-    ``_scan`` for each plane it reads (before reading, under the lock, so a note_pending()
-    racing with the read is seen by the read or sets the bit again) and on entry to that
-    plane (its interrupts are then the kernel's to deliver).
-    ``_kicked``/``_in_run``/``_running_req`` (PlanesVcpu): set and cleared by kick() and
-    run_kvm() under ``_lock``; see planes/api.py.
-    Nothing else: a plane event is computed from the scan of that moment and not stored.
+    ``_hint`` (planes to scan at the next look, whatever the rate limit; owner: this vCPU,
+    under ``_lock``): set by note_pending(), and by run() when a scan after an exit found a
+    deliverable interrupt (so the next entry returns the event without waiting for scan_gap);
+    cleared only by ``_scan``, for each plane it reads, before reading, so a note_pending()
+    racing with the read is seen by the read or sets the bit again. A stale bit costs one scan,
+    never an event: the bit of the running plane is left alone (it is not in req_exit_planes)
+    and goes at the next scan that includes that plane.
+    ``_kicked``/``_in_run``/``_running_req`` (PlanesVcpu; owner: kick() and run_kvm(), under
+    ``_lock``): see planes/api.py. ``_kicked`` is cleared only where run_kvm() consumes it.
+    Nothing else: a plane event is computed from the scan of that moment and not stored
+    (``_masked_seen`` only keeps the masked_interrupts statistic from counting a vector twice).
 """
 
 from __future__ import annotations
@@ -155,15 +157,14 @@ class SoftSwitchVcpu(PlanesVcpu):
         req = req_exit_planes & ~(1 << plane) & ((1 << MAX_PLANES) - 1)
         switching = plane != self.last_plane
         if req:
-            self.vm.start_ticker()
+            if self.vm._ticker is None:
+                self.vm.start_ticker()
             found = self._look(req, force=switching)
             if found:
                 return self._event(found, req)
         if switching and self.vm.shared_fpu:
             copy_fpu_state(self.plane_vcpu(self.last_plane), v, self.vm.pkru_offset)
         self.last_plane = plane
-        with self._lock:
-            self._hint &= ~(1 << plane)     # the kernel delivers the running plane's interrupts
         ex = self.run_kvm(v, req)
         if req:
             kicked = type(ex) is K.Interrupted

@@ -132,3 +132,20 @@ def test_synic_and_timers_are_per_vtl(kvm_available):
     assert s[6] == 0x11         # VTL1's flag 0x23 set, its auto-EOI SINT3 handler ran once
     assert s[7] >= 20 and s[8] >= 20 and s[9] == 0   # both VTLs' timers, each with its own index
     assert r.stats["preemptions"] >= 20
+
+
+def test_stimer_direct_one_shot_auto_enable_and_disable_rules(kvm_available):
+    r, _ = run("hv_stimer", hyperv=everything())
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[1] == 0 and s[2] >= 6          # direct one-shot disabled itself; direct periodic ran
+    assert s[3] == 1 and s[4] == 1          # armed in the past: fired at once, with its COUNT
+    assert s[5] == 0 and s[6] == 0          # COUNT = 0, SINTx = 0: not enabled
+    assert s[7] == 1                        # AutoEnable by the COUNT write
+
+
+def test_stimer_direct_mode_needs_its_flag(kvm_available):
+    cfg = parse_flags(["hv_vpindex", "hv_synic", "hv_time", "hv_stimer"])
+    r, m = run("hv_stimer", hyperv=cfg)
+    assert r.failure is not None and "wrmsr faulted" in r.failure.message
+    assert any("needs hv_stimer_direct" in g for g in m.hyperv.gp_reasons)

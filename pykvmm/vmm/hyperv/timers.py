@@ -18,7 +18,7 @@ On expiry a HVMSG_TIMER_EXPIRED message (TimerIndex, ExpirationTime, DeliveryTim
 the SINTx slot; if the slot is busy the message-pending flag is set and the expiry waits for
 the guest's EOM. Direct mode asserts ApicVector instead. A one-shot timer disables itself
 after delivery; a periodic one re-arms at expiration + period, and a lazy one skips the
-periods it missed. One thread runs every timer of the machine from ``time.monotonic_ns``.
+periods it missed (periods below 50 us are stretched to 50 us). One thread runs every timer of the machine from ``time.monotonic_ns``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from .partition import MsrFault
 
 APIC_FREQUENCY_HZ = 1_000_000_000   # KVM's LAPIC timer runs at 1 GHz (1 ns per bus cycle)
 AUTO_EOI_KICK = 200e-6              # how often vCPUs with outstanding auto-EOI are kicked
+MIN_PERIOD = 500                    # 50 us: a floor on periodic timers, so a guest cannot make the
+                                    # timer thread spin (a 100 ns period would be 10 M interrupts/s)
 
 
 class ReferenceClock:
@@ -136,7 +138,7 @@ class Timers:
         if st.config & T.STIMER_PERIODIC:
             if st.count == 0:
                 return
-            st.expiration = now + st.count
+            st.expiration = now + max(st.count, MIN_PERIOD)
         else:
             st.expiration = st.count
             if st.expiration <= now:
@@ -162,9 +164,10 @@ class Timers:
         self.counts["stimer_expirations"] += 1
         st.pending = False
         if st.config & T.STIMER_PERIODIC:
-            nxt = (st.expiration or now) + st.count
-            if nxt <= now and (st.config & T.STIMER_LAZY or now - nxt > 100 * st.count):
-                nxt = now + st.count
+            period = max(st.count, MIN_PERIOD)
+            nxt = (st.expiration or now) + period
+            if nxt <= now and (st.config & T.STIMER_LAZY or now - nxt > 100 * period):
+                nxt = now + period
             st.expiration = nxt
             heapq.heappush(self.heap, (nxt, st.armed_seq, st))
             self.cond.notify()

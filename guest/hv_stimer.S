@@ -1,0 +1,137 @@
+/*
+ * hv_stimer (--hyperv, 1 vCPU): synthetic timer modes the kvm-unit-tests leave out.
+ *   SYNC 1, STIMER0_CONFIG Enable bit after a direct-mode one-shot fired (0: one-shot
+ *           timers disable themselves); SYNC 2, direct-mode periodic expirations seen (>= 6);
+ *   SYNC 3, ExpirationTime of a message-mode one-shot armed in the past (1: it fired at once
+ *           with the COUNT it had); SYNC 4, its DeliveryTime >= ExpirationTime (1);
+ *   SYNC 5, Enable after COUNT = 0 (0); SYNC 6, Enable after CONFIG with SINTx = 0 (0);
+ *   SYNC 7, messages from an AutoEnable one-shot (COUNT written after CONFIG) (1).
+ */
+.include "guest.inc"
+.include "hv.inc"
+
+.set VDIRECT, 0x60
+.set VSINT, 0x61
+.set SINT, 1
+.set SLOT, SINT * HV_MESSAGE_SIZE
+
+.macro WAIT_FOR var:req, n:req
+1:  cmp qword ptr [rip + \var], \n
+    jae 2f
+    sti
+    hlt
+    cli
+    jmp 1b
+2:
+.endm
+
+/* rax = HV_MSR_TIME_REF_COUNT + \delta */
+.macro NOW_PLUS delta:req
+    mov edi, HV_MSR_TIME_REF_COUNT
+    call rdmsr_safe
+    lea rax, [rdx + \delta]
+.endm
+
+.macro READ_ENABLE msr:req
+    mov edi, \msr
+    call rdmsr_safe
+    mov rax, rdx
+    and eax, HV_STIMER_ENABLE
+.endm
+
+.text
+.globl main
+main:
+    call idt_install
+    call hv_safe_install
+    SET_HANDLER VDIRECT, direct_handler
+    SET_HANDLER VSINT, sint_handler
+    call apic_enable
+    lea rax, [rip + simp]
+    or rax, 1
+    WRMSR_OK HV_MSR_SIMP, rax
+    WRMSR_OK HV_MSR_SCONTROL, 1
+    WRMSR_OK HV_MSR_SINT0 + SINT, VSINT
+
+    /* direct one-shot, 100 us from now */
+    NOW_PLUS 1000
+    WRMSR_OK HV_MSR_STIMER0_COUNT, rax
+    WRMSR_OK HV_MSR_STIMER0_CONFIG, HV_STIMER_ENABLE | HV_STIMER_DIRECT_MODE | (VDIRECT << 4)
+    WAIT_FOR direct_count, 1
+    READ_ENABLE HV_MSR_STIMER0_CONFIG
+    GUEST_SYNC 1, rax
+
+    /* direct periodic, 1 ms */
+    WRMSR_OK HV_MSR_STIMER0_COUNT, 10000
+    WRMSR_OK HV_MSR_STIMER0_CONFIG, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | HV_STIMER_DIRECT_MODE | (VDIRECT << 4)
+    WAIT_FOR direct_count, 7
+    WRMSR_OK HV_MSR_STIMER0_CONFIG, 0
+    mov rax, [rip + direct_count]
+    dec rax
+    GUEST_SYNC 2, rax
+
+    /* message one-shot armed in the past: fires at once */
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 2, 1
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 2, HV_STIMER_ENABLE | (SINT << 16)
+    WAIT_FOR msg_count, 1
+    GUEST_SYNC 3, [rip + msg_expiration]
+    mov rax, [rip + msg_delivery]
+    cmp rax, [rip + msg_expiration]
+    setae al
+    movzx eax, al
+    GUEST_SYNC 4, rax
+
+    /* COUNT = 0 disables a running timer */
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 4, 10000
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 4, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | (SINT << 16)
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 4, 0
+    READ_ENABLE HV_MSR_STIMER0_CONFIG + 4
+    GUEST_SYNC 5, rax
+
+    /* SINTx = 0 outside direct mode: not enabled */
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 6, 10000
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 6, HV_STIMER_ENABLE | HV_STIMER_PERIODIC
+    READ_ENABLE HV_MSR_STIMER0_CONFIG + 6
+    GUEST_SYNC 6, rax
+
+    /* AutoEnable: CONFIG first (not enabled), then COUNT enables it */
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 6, HV_STIMER_AUTO_ENABLE | (SINT << 16)
+    NOW_PLUS 1000
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 6, rax
+    WAIT_FOR msg_count, 2
+    mov rax, [rip + msg_count]
+    dec rax
+    GUEST_SYNC 7, rax
+    GUEST_DONE
+
+direct_handler:
+    lock inc qword ptr [rip + direct_count]
+    call apic_eoi
+    iretq
+
+sint_handler:
+    push rax
+    push rdx
+    lea rdx, [rip + simp]
+    add rdx, SLOT
+    cmp dword ptr [rdx], HV_HVMSG_TIMER_EXPIRED
+    jne 1f
+    mov rax, [rdx + HV_MSG_PAYLOAD + 8]
+    mov [rip + msg_expiration], rax
+    mov rax, [rdx + HV_MSG_PAYLOAD + 16]
+    mov [rip + msg_delivery], rax
+    lock inc qword ptr [rip + msg_count]
+    xor eax, eax
+    xchg [rdx], eax
+1:  call apic_eoi
+    pop rdx
+    pop rax
+    iretq
+
+.bss
+.balign 4096
+simp: .space 4096
+direct_count: .space 8
+msg_count: .space 8
+msg_expiration: .space 8
+msg_delivery: .space 8

@@ -22,37 +22,21 @@
  *     0xaaaa/0xcccc in that page.
  *   0x10 RAX, 0x11 RCX after the VtlCall (0xaaaa, 0xcccc: from VTL1's VP assist page)
  *   VtlCall again: 0x37 VTL1's EntryReason in its VP assist page (1); fast VtlReturn.
- *   0x12 #UDs in VTL0 in all (1). DONE.
+ *   0x12 #UDs in VTL0 in all (1).
+ *   VtlCall again: VTL1 enables its SynIC and message page (SINT0 stays masked) and makes
+ *   `guarded` --- for VTL0; VTL0's write to it is intercepted: 0x38 VTL1's EntryReason (3,
+ *   Intercept), 0x39 the message type in SINT0's slot (HvMessageTypeGpaIntercept), 0x3a its
+ *   GPA - `guarded` (0), 0x3b access type (1, write); VTL1 skips the write, frees the slot
+ *   and writes EOM; 0x3c `guarded` as VTL1 reads it (0: the write did not land); 0x13 VTL0
+ *   went on (1). DONE.
  */
 .include "guest.inc"
 .include "vtl.inc"
 .include "hv.inc"
 .include "vsm.inc"
 
-.set REG_ES, 0x00060000
-.set REG_IDTR, 0x00070000
-.set REG_GDTR, 0x00070001
-.set REG_CR0, 0x00040000
-.set REG_CR3, 0x00040002
-.set REG_CR4, 0x00040003
-.set REG_EFER, 0x00080001
 .set REG_VSM_PARTITION_STATUS, 0x000D0004
 .set REG_VSM_PARTITION_CONFIG, 0x000D0007
-.set CTX, 16                            /* HV_INITIAL_VP_CONTEXT in the EnableVpVtl input */
-.set VSM_OUT, 2048
-
-/* SEG_TO_CTX hv_name, ctx_offset: VTL0's 16-byte register value -> the context */
-.macro SEG_TO_CTX name:req, off:req
-    mov edi, \name
-    xor esi, esi
-    call vsm_get_register
-    GUEST_ASSERT_EQ rax, 1 << 32, "GetVpRegisters"
-    call vsm_buffer
-    mov rdx, [rax + VSM_OUT]
-    mov [rip + ctx + CTX + \off], rdx
-    mov rdx, [rax + VSM_OUT + 8]
-    mov [rip + ctx + CTX + \off + 8], rdx
-.endm
 
 /* ENABLE_PARTITION vtl, flags -> rax */
 .macro ENABLE_PARTITION vtl:req, flags:req
@@ -94,51 +78,13 @@ main:
     call vsm_get_register
     GUEST_SYNC 0x03, rdx
 
-    /* the initial context: VTL0's segments, tables and control registers, VTL1's RIP/RSP */
-    mov qword ptr [rip + ctx], -1
-    lea rax, [rip + vtl1_entry]
-    mov [rip + ctx + CTX + 0], rax
-    mov rax, gs:[PCPU_BOOT_INFO]
-    mov rax, gs:[PCPU_VCPU]
-    imul rax, rax, MAX_PLANES
-    add rax, 2                          /* the top of (vCPU, plane 1)'s stack slot */
-    imul rax, rax, STACK_SIZE
-    add rax, STACK_BASE
-    mov [rip + ctx + CTX + 8], rax
-    mov qword ptr [rip + ctx + CTX + 16], 2
-    SEG_TO_CTX REG_ES + 1, 24           /* CS */
-    SEG_TO_CTX REG_ES + 3, 40           /* DS */
-    SEG_TO_CTX REG_ES + 0, 56           /* ES */
-    SEG_TO_CTX REG_ES + 4, 72           /* FS */
-    SEG_TO_CTX REG_ES + 5, 88           /* GS: its base is patched below */
-    SEG_TO_CTX REG_ES + 2, 104          /* SS */
-    SEG_TO_CTX REG_ES + 7, 120          /* TR */
-    SEG_TO_CTX REG_ES + 6, 136          /* LDTR */
-    SEG_TO_CTX REG_GDTR, 168
-    SEG_TO_CTX REG_EFER, 184
-    SEG_TO_CTX REG_CR0, 192
-    SEG_TO_CTX REG_CR3, 200
-    SEG_TO_CTX REG_CR4, 208
-    mov rax, 0x0007040600070406
-    mov [rip + ctx + CTX + 216], rax
-    /* VTL1's per-CPU block (as crt.S makes one): its GS base in the context */
-    mov rbx, gs:[PCPU_VCPU]
-    imul rcx, rbx, MAX_PLANES
-    inc rcx                             /* index = vcpu * MAX_PLANES + 1 */
-    imul rdx, rcx, PCPU_SIZE
-    lea rax, [rip + pcpu_blocks]
-    add rdx, rax
-    mov [rdx + PCPU_SELF], rdx
-    mov [rdx + PCPU_VCPU], rbx
-    mov qword ptr [rdx + PCPU_PLANE], 1
-    mov rax, gs:[PCPU_BOOT_INFO]
-    mov [rdx + PCPU_BOOT_INFO], rax
-    mov [rdx + PCPU_INDEX], rcx
-    shl rcx, 12
-    add rcx, [rax + BI_CONTROL_PAGE_BASE]
-    mov [rdx + PCPU_CONTROL_PAGE], rcx
-    mov [rip + ctx + CTX + 88], rdx     /* GS.Base */
-
+    /* the initial context: VTL0's own segments, tables and control registers (read back with
+     * HvCallGetVpRegisters), VTL1's entry, stack and per-CPU block */
+    mov edi, 1
+    lea rsi, [rip + vtl1_entry]
+    lea rdx, [rip + ctx]
+    call vsm_initial_context
+    GUEST_ASSERT_EQ rax, 0, "vsm_initial_context"
     ENABLE_VP 0
     GUEST_SYNC 0x04, rax
     ENABLE_PARTITION 0, 0
@@ -153,11 +99,11 @@ main:
     GUEST_SYNC 0x09, rax
     ENABLE_VP 7
     GUEST_SYNC 0x0a, rax
-    mov rbx, [rip + ctx + CTX + 192]
-    mov qword ptr [rip + ctx + CTX + 192], 0
+    mov rbx, [rip + ctx + CTX_CR0]
+    mov qword ptr [rip + ctx + CTX_CR0], 0
     ENABLE_VP 0
     GUEST_SYNC 0x0b, rax
-    mov [rip + ctx + CTX + 192], rbx
+    mov [rip + ctx + CTX_CR0], rbx
     ENABLE_VP 0
     GUEST_SYNC 0x0c, rax
     ENABLE_VP 0
@@ -174,6 +120,9 @@ main:
     GUEST_SYNC 0x11, rcx
     call vtl_call
     GUEST_SYNC 0x12, [rip + ud_count]
+    call vtl_call                       /* VTL1: SynIC on, `guarded` --- for VTL0 */
+    mov qword ptr [rip + guarded], 0x77 /* intercepted, skipped */
+    GUEST_SYNC 0x13, 1                  /* VTL0 went on after the skipped write */
 .Ldone:
     GUEST_DONE
 
@@ -226,7 +175,41 @@ vtl1_entry:
     GUEST_SYNC 0x37, rax
     mov edi, 1
     call vtl_return
-    GUEST_FAIL "VTL1 entered a third time"
+    /* third VtlCall: SynIC with a message page, SINT0 masked (polled), `guarded` --- */
+    WRMSR_OK HV_MSR_SCONTROL, 1
+    lea rsi, [rip + vtl1_simp]
+    or rsi, 1
+    WRMSR_OK HV_MSR_SIMP, rsi
+    lea rdi, [rip + guarded]
+    mov esi, 1
+    xor edx, edx
+    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
+    call vsm_protect
+    GUEST_ASSERT_EQ rax, 1 << 32, "ModifyVtlProtectionMask"
+    mov edi, 1
+    call vtl_return
+    /* the intercept: the message is in SINT0's slot of the SynIC message page */
+    lea rax, [rip + vtl1_assist]
+    mov eax, [rax + VTL_ENTRY_REASON]
+    GUEST_SYNC 0x38, rax
+    lea rbx, [rip + vtl1_simp]
+    mov eax, [rbx + HVMSG_TYPE]
+    GUEST_SYNC 0x39, rax
+    mov rax, [rbx + HVMSG_PAYLOAD + MI_GPA]
+    lea rcx, [rip + guarded]
+    sub rax, rcx
+    GUEST_SYNC 0x3a, rax
+    movzx eax, byte ptr [rbx + HVMSG_PAYLOAD + IH_ACCESS_TYPE]
+    GUEST_SYNC 0x3b, rax
+    GUEST_SYNC 0x3c, [rip + guarded]    /* the write did not land */
+    mov rdi, rbx
+    call vsm_skip_intercepted
+    GUEST_ASSERT_EQ rax, 1 << 32, "SetVpRegisters RIP"
+    mov dword ptr [rbx + HVMSG_TYPE], 0 /* free the slot, then EOM */
+    WRMSR_OK HV_MSR_EOM, 0
+    mov edi, 1
+    call vtl_return
+    GUEST_FAIL "VTL1 entered a fifth time"
 
 .data
 ud_count: .quad 0
@@ -234,6 +217,10 @@ ud_count: .quad 0
 .bss
 .balign 4096
 vtl1_assist:
+    .skip 4096
+vtl1_simp:
+    .skip 4096
+guarded:
     .skip 4096
 .balign 256
 ctx:

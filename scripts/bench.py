@@ -30,6 +30,11 @@ shared machine hits them alike; the figure given is the median over the repeats)
     ioctls per round trip by plane count; memory per added plane (fresh processes: VmRSS, and
     the kernel's share from /proc/meminfo).
  6. Tracing: the PIO loop with trace=None vs a list-append sink.
+ 7. VSM on the TLFS path (issue 14, guest/vsm_bench with --hyperv and --vtl-boot tlfs):
+    VtlCall+VtlReturn with entry reasons in the VP assist page, next to pykvmm's own path
+    (guest/vtl_roundtrip) and that guest's bare two-KVM_RUN driver (the floor); and the cost of
+    one intercepted write (MemoryFault -> GPA-intercept message -> VTL1 skips the instruction
+    with HvCallSetVpRegisters -> VtlReturn), in us and raw exits.
 
 Ratios are medians of per-repeat ratios (both sides measured back to back). "raw exit" is
 the raw cffi KVM_RUN round trip of row 1 (or of row 2's own repeats there).
@@ -407,6 +412,50 @@ def row_round_trip(P, cref: CRef, raw: RawExit) -> dict:
         if samples.get(k):
             out[k + "_us"] = median(samples[k])
     out["c_variants"] = {k: " ".join(base + v) for k, v in c_variants.items()}
+    return out
+
+
+# ---- row 7: VSM on the TLFS path -------------------------------------------------------------------
+
+VSM_MODE_CALLS, VSM_MODE_INTERCEPTS = 1, 2
+
+
+def row_vsm(P, raw_exit_us: float | None) -> dict:
+    """VtlCall+VtlReturn on the TLFS path (guest/vsm_bench: --hyperv, --vtl-boot tlfs, VTL1
+    enabled with EnableVpVtl, entry reasons in its VP assist page) next to the same round trip
+    on pykvmm's path (guest/vtl_roundtrip) and the bare two-KVM_RUN driver of that guest; and the
+    cost of one intercepted write (MemoryFault -> GPA-intercept message -> VTL1 skips it with
+    HvCallSetVpRegisters -> VtlReturn), next to a raw exit. Per-operation times are the slope
+    between a short and a long run of the same guest (start-up and set-up cancel out)."""
+    log("row 7: VSM, TLFS path")
+    from pykvmm.vmm.hyperv import HvConfig
+    hv = dict(vcpus=1, planes=2, personality="vtl", hyperv=HvConfig.everything(), vtl_boot="tlfs")
+    n = P["vtl_n"]
+    samples = collections.defaultdict(list)
+    driver = RawPlanes("vtl_roundtrip", "vtl")
+    try:
+        for rep in range(P["repeats"]):
+            for key, mode in (("tlfs_call_return", VSM_MODE_CALLS), ("intercept", VSM_MODE_INTERCEPTS)):
+                short = run_machine(image("vsm_bench"), arg=1 | mode << 32, **hv)[0]
+                long_ = run_machine(image("vsm_bench"), arg=(n + 1) | mode << 32, **hv)[0]
+                samples[key].append((long_ - short) / n * 1e6)
+            short = run_machine(image("vtl_roundtrip"), vcpus=1, planes=2, personality="vtl", arg=1)[0]
+            long_ = run_machine(image("vtl_roundtrip"), vcpus=1, planes=2, personality="vtl", arg=n + 1)[0]
+            samples["pykvmm_call_return"].append((long_ - short) / n * 1e6)
+            samples["raw_driver"].append(driver.batch(n))
+    finally:
+        driver.close()
+    counts = collections.Counter()
+    _, r, _ = run_machine(image("vsm_bench"), counts=counts, arg=n | VSM_MODE_INTERCEPTS << 32, **hv)
+    out = {"repeats": P["repeats"], "operations": n, "spread_us": {k: spread(v) for k, v in samples.items()},
+           "samples_us": samples, "intercepts": r.stats.get("vsm", {}).get("intercepts"),
+           "intercept_ioctls": round(sum(counts.values()) / n, 3), "intercept_ioctls_by_name": per(counts, n)}
+    for k, v in samples.items():
+        out[k + "_us"] = median(v)
+    if raw_exit_us:
+        out["raw_exit_us"] = raw_exit_us
+        out["intercept_raw_exits"] = out["intercept_us"] / raw_exit_us
+        out["tlfs_call_return_raw_exits"] = out["tlfs_call_return_us"] / raw_exit_us
     return out
 
 
@@ -840,6 +889,15 @@ def print_table(res: dict) -> None:
                            ("c_two_vms_vtl_ioctls_us", "C: same + GET_LAPIC/DEBUGREGS/XSAVE per exit")):
             if key in r2:
                 L("2", label, f"{fmt(r2[key])} us", "per round trip")
+    r7 = rows.get("7_vsm")
+    if r7:
+        L("7", "VtlCall+VtlReturn, TLFS path (hv, VP assist page)", f"{fmt(r7['tlfs_call_return_us'])} us",
+          f"{fmt(r7.get('tlfs_call_return_raw_exits'), 2)} raw exits")
+        L("7", "  pykvmm path (vtl_roundtrip) / its bare 2-KVM_RUN driver",
+          f"{fmt(r7['pykvmm_call_return_us'])} / {fmt(r7['raw_driver_us'])} us", "the floor is the driver")
+        L("7", "intercepted write (intercept, SetVpRegisters RIP, VtlReturn)", f"{fmt(r7['intercept_us'])} us",
+          f"{fmt(r7.get('intercept_raw_exits'), 2)} raw exits; {fmt(r7['intercept_ioctls'], 2)} ioctls: "
+          + ", ".join(f"{k} {v}" for k, v in r7["intercept_ioctls_by_name"].items()))
     r3 = rows.get("3_cross_plane_ipi")
     if r3:
         def p(d):
@@ -926,7 +984,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (smoke test); numbers mean nothing")
     ap.add_argument("--out", default="bench-results.json", help="JSON results file (default %(default)s)")
-    ap.add_argument("--rows", default="1,2,3,4,5,6", help="rows to run (comma-separated; 6 needs 1)")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7", help="rows to run (comma-separated; 6 needs 1)")
     ap.add_argument("--repeats", type=int, help="override the number of interleaved repeats")
     ap.add_argument("--_rss-probe", nargs=3, type=int, metavar=("PLANES", "VCPUS", "COPIES"), help=argparse.SUPPRESS)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval() for the run (experiments)")
@@ -974,6 +1032,8 @@ def main(argv=None) -> int:
                 raw_exit_us = raw_exit_us or r2["raw_exit_us"]
             if raw_exit_us is None:
                 raw_exit_us = median([raw.batch(2000) for _ in range(3)])
+            if 7 in want and have_vtl():
+                rows["7_vsm"] = row_vsm(P, raw_exit_us)
             pio_us = pio_us or raw_exit_us * 1.3
         finally:
             raw.close()

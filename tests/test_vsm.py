@@ -115,7 +115,8 @@ INVALID_VTL_STATE = 0x51
 def test_tlfs_boot_enable_vtls_and_vp_assist_control(run_vsm):
     """--vtl-boot tlfs: only VTL0 runs at reset; discovery, EnablePartitionVtl/EnableVpVtl
     with their statuses, VTL1 starting from the initial context, VsmPartitionConfig's
-    write-once rule, VtlCall/VtlReturn through VTL1's VP assist page."""
+    write-once rule, VtlCall/VtlReturn through VTL1's VP assist page, a secure intercept
+    message in VTL1's SynIC message page."""
     r = run_vsm("vsm_boot", planes=2, vtl_boot="tlfs")
     assert_done(r)
     s = dict(r.syncs())
@@ -133,6 +134,10 @@ def test_tlfs_boot_enable_vtls_and_vp_assist_control(run_vsm):
     assert s[0x36] == 0                                       # VP assist page enabled
     assert (s[0x10], s[0x11]) == (0xAAAA, 0xCCCC)             # VtlReturnX64Rax/Rcx from the assist page
     assert s[0x37] == abi.VTL_ENTRY_VTL_CALL and s[0x12] == 1
+    # a secure intercept delivered through VTL1's SynIC message page (SINT0)
+    assert s[0x38] == abi.VTL_ENTRY_INTERCEPT and s[0x39] == 0x80000001     # HvMessageTypeGpaIntercept
+    assert s[0x3A] == 0 and s[0x3B] == INTERCEPT_WRITE and s[0x3C] == 0 and s[0x13] == 1
+    assert r.stats["vsm"]["intercepts_synic"] == 1 and r.stats["hyperv"]["messages"] == 1
 
 
 def test_tlfs_boot_needs_hv_vsm(kvm_available):

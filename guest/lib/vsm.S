@@ -156,6 +156,122 @@ vsm_translate:
     ret
 .size vsm_translate, . - vsm_translate
 
+/*
+ * vsm_initial_context(rdi = VTL, rsi = entry RIP, rdx = a 240-byte, 8-aligned HvCallEnableVpVtl
+ * input block): fill it for this VP: PartitionId SELF, VpIndex, TargetVtl, and an
+ * HV_INITIAL_VP_CONTEXT made of this VTL's own CS..LDTR, GDTR, EFER, CR0, CR3, CR4 (read with
+ * HvCallGetVpRegisters), IDTR 0, RIP = rsi, RSP = the top of pykvmm's stack slot for (vCPU,
+ * VTL), RFLAGS 2, PAT the reset value, and GS.Base = a per-CPU block for (vCPU, VTL) filled as
+ * crt.S fills one (so the new VTL can use the runtime library at once). rax = 0, or the
+ * failing GetVpRegisters result.
+ */
+.globl vsm_initial_context
+.type vsm_initial_context, @function
+vsm_initial_context:
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r12
+    push r13
+    mov r12, rdx                        /* the block */
+    mov r13, rdi                        /* the VTL */
+    mov qword ptr [r12], -1
+    mov rax, gs:[PCPU_VCPU]
+    mov [r12 + 8], eax
+    mov dword ptr [r12 + 12], 0
+    mov [r12 + 12], r13b
+    mov [r12 + CTX_RIP], rsi
+    imul rax, rax, MAX_PLANES
+    add rax, r13
+    lea rax, [rax + 1]
+    imul rax, rax, STACK_SIZE
+    add rax, STACK_BASE
+    mov [r12 + CTX_RSP], rax
+    mov qword ptr [r12 + CTX_RFLAGS], 2
+    lea rbx, [rip + vsm_context_regs]
+1:  mov edi, [rbx]
+    test edi, edi
+    jz 2f
+    xor esi, esi
+    call vsm_get_register
+    mov rcx, 1 << 32
+    cmp rax, rcx
+    jne 3f
+    call vsm_buffer
+    mov ecx, [rbx + 4]                  /* offset in the block */
+    mov rdx, [rax + VSM_OUT]
+    mov [r12 + rcx], rdx
+    mov rdx, [rax + VSM_OUT + 8]
+    mov [r12 + rcx + 8], rdx
+    add rbx, 8
+    jmp 1b
+2:  mov rax, 0x0007040600070406
+    mov [r12 + CTX_PAT], rax
+    /* the new VTL's per-CPU block */
+    mov rbx, gs:[PCPU_VCPU]
+    imul rcx, rbx, MAX_PLANES
+    add rcx, r13
+    imul rdx, rcx, PCPU_SIZE
+    lea rax, [rip + pcpu_blocks]
+    add rdx, rax
+    mov [rdx + PCPU_SELF], rdx
+    mov [rdx + PCPU_VCPU], rbx
+    mov [rdx + PCPU_PLANE], r13
+    mov rax, gs:[PCPU_BOOT_INFO]
+    mov [rdx + PCPU_BOOT_INFO], rax
+    mov [rdx + PCPU_INDEX], rcx
+    shl rcx, 12
+    add rcx, [rax + BI_CONTROL_PAGE_BASE]
+    mov [rdx + PCPU_CONTROL_PAGE], rcx
+    mov [r12 + CTX_GS + 0], rdx         /* GS.Base */
+    xor eax, eax
+3:  pop r13
+    pop r12
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    ret
+.size vsm_initial_context, . - vsm_initial_context
+
+/* vsm_enable_partition_vtl(rdi = VTL) -> rax = HvCallEnablePartitionVtl result (no flags) */
+.globl vsm_enable_partition_vtl
+.type vsm_enable_partition_vtl, @function
+vsm_enable_partition_vtl:
+    push rcx
+    push rdx
+    push r8
+    call vsm_buffer
+    mov qword ptr [rax], -1
+    mov qword ptr [rax + 8], 0
+    mov [rax + 8], dil
+    mov rdx, rax
+    mov ecx, HVCALL_ENABLE_PARTITION_VTL
+    xor r8d, r8d
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    pop r8
+    pop rdx
+    pop rcx
+    ret
+.size vsm_enable_partition_vtl, . - vsm_enable_partition_vtl
+
+/* vsm_enable_vp_vtl(rdx = input block, as vsm_initial_context made it) -> rax = result */
+.globl vsm_enable_vp_vtl
+.type vsm_enable_vp_vtl, @function
+vsm_enable_vp_vtl:
+    push rcx
+    push r8
+    mov ecx, HVCALL_ENABLE_VP_VTL
+    xor r8d, r8d
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    pop r8
+    pop rcx
+    ret
+.size vsm_enable_vp_vtl, . - vsm_enable_vp_vtl
+
 /* vsm_intercept_message -> rax = address of this (vCPU, VTL)'s latest intercept message
  * (pykvmm ABI: the control page, for a VTL without a SynIC message page). */
 .globl vsm_intercept_message
@@ -297,6 +413,27 @@ vsm_serve:
     call vtl_return_preserving
     jmp .Lvsm_entry
 .size vsm_serve, . - vsm_serve
+
+.section .rodata
+/* (HV_REGISTER_NAME, offset in the EnableVpVtl input) for vsm_initial_context; 0-terminated.
+ * The 16-byte values of EFER..CR4 overlap the next slot's first 8 bytes with zeros, which the
+ * next entry then writes: keep the order. */
+.balign 8
+vsm_context_regs:
+    .long 0x00060001, CTX_CS
+    .long 0x00060003, CTX_DS
+    .long 0x00060000, CTX_ES
+    .long 0x00060004, CTX_FS
+    .long 0x00060005, CTX_GS
+    .long 0x00060002, CTX_SS
+    .long 0x00060007, CTX_TR
+    .long 0x00060006, CTX_LDTR
+    .long 0x00070001, CTX_GDTR
+    .long 0x00080001, CTX_EFER
+    .long 0x00040000, CTX_CR0
+    .long 0x00040002, CTX_CR3
+    .long 0x00040003, CTX_CR4
+    .long 0, 0
 
 .bss
 .balign 4096

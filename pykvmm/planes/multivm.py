@@ -136,7 +136,9 @@ class MultiVmVcpu(SoftSwitchVcpu):
         if after.rip != before.rip:
             v.set_regs(before)
             return
-        start = insn.start_before(lambda a, n: self._fetch(v, plane, a, n), after.rip,
+        window = after.rip - insn.MAX_INSN
+        code = self._fetch(v, plane, window, insn.MAX_INSN) or b""   # one translation, not 15
+        start = insn.start_before(lambda a, n: code[a - window:a - window + n] if code else None, after.rip,
                                   lambda i: self._writes_page(v, i, after, gpa))
         if start is not None:
             after.rip = start

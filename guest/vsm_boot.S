@@ -28,7 +28,11 @@
  *   Intercept), 0x39 the message type in SINT0's slot (HvMessageTypeGpaIntercept), 0x3a its
  *   GPA - `guarded` (0), 0x3b access type (1, write); VTL1 skips the write, frees the slot
  *   and writes EOM; 0x3c `guarded` as VTL1 reads it (0: the write did not land); 0x13 VTL0
- *   went on (1). DONE.
+ *   went on (1).
+ *   0x14 VTL0's GetVpRegisters with its output in `guarded` -> ACCESS_DENIED;
+ *   0x15 VTL0's SendSyntheticClusterIpi into VTL1 -> ACCESS_DENIED (a lower VTL cannot
+ *   interrupt a higher one); VtlCall: 0x3d `guarded` as VTL1 reads it (0: nothing written);
+ *   0x3e VTL1's HvRegisterVpAssistPage - the page (1: enabled). DONE.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -123,6 +127,24 @@ main:
     call vtl_call                       /* VTL1: SynIC on, `guarded` --- for VTL0 */
     mov qword ptr [rip + guarded], 0x77 /* intercepted, skipped */
     GUEST_SYNC 0x13, 1                  /* VTL0 went on after the skipped write */
+    /* a hypercall whose output lands in `guarded`: refused, nothing written */
+    call vsm_buffer
+    mov qword ptr [rax], -1
+    mov dword ptr [rax + 8], HV_VP_INDEX_SELF
+    mov dword ptr [rax + 12], 0
+    mov dword ptr [rax + 16], HV_REG_RSP
+    mov rdx, rax
+    lea r8, [rip + guarded]
+    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    GUEST_SYNC 0x14, rax
+    /* a synthetic IPI from VTL0 into VTL1 */
+    mov edi, 0x40
+    mov esi, HV_INPUT_VTL_USE_TARGET | 1
+    mov edx, 1
+    call vtl_send_ipi
+    GUEST_SYNC 0x15, rax
+    call vtl_call                       /* VTL1 reports `guarded` once more */
 .Ldone:
     GUEST_DONE
 
@@ -209,7 +231,16 @@ vtl1_entry:
     WRMSR_OK HV_MSR_EOM, 0
     mov edi, 1
     call vtl_return
-    GUEST_FAIL "VTL1 entered a fifth time"
+    GUEST_SYNC 0x3d, [rip + guarded]    /* still 0: the refused hypercall wrote nothing */
+    mov edi, HV_REG_VP_ASSIST_PAGE
+    xor esi, esi
+    call vsm_get_register
+    lea rax, [rip + vtl1_assist]
+    sub rdx, rax
+    GUEST_SYNC 0x3e, rdx                /* HvRegisterVpAssistPage = the page | enable */
+    mov edi, 1
+    call vtl_return
+    GUEST_FAIL "VTL1 entered a sixth time"
 
 .data
 ud_count: .quad 0

@@ -17,6 +17,7 @@
  *   0x17 Modify, fast form (the page in XMM0)           -> SUCCESS | 1 rep
  *   0x20 Get VTL0's RSP, fast form, XMM output          -> SUCCESS | 1 rep; SYNC 0x21 = [XMM1]
  *        - vtl0_after_call (0)
+ *   0x22 Get, fast, 30 names (more than the XMM registers hold) -> INVALID_HYPERCALL_INPUT
  *   0x18 Modify, rep count 0                            -> INVALID_HYPERCALL_INPUT
  *   0x19 Get, unknown register name                     -> INVALID_PARAMETER
  *   0x1a Get, VP index 5 (no such VP)                   -> INVALID_VP_INDEX
@@ -158,6 +159,12 @@ vtl1_tests:
     lea rdx, [rip + vtl0_after_call]
     sub rax, rdx
     GUEST_SYNC 0x21, rax
+    /* 30 names do not fit the fast registers (16 + 30 * 4 > 112 bytes) */
+    mov rcx, HVCALL_GET_VP_REGISTERS | HV_HYPERCALL_FAST | 30 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rdx, -1
+    mov r8, HV_VP_INDEX_SELF | (HV_INPUT_VTL_USE_TARGET << 32)
+    call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
+    GUEST_SYNC 0x22, rax
     mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK
     call modify_raw
     GUEST_SYNC 0x18, rax

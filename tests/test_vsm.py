@@ -98,6 +98,7 @@ def test_vsm_call_statuses(run_vsm):
     assert s[0x15] == INVALID_PARTITION_ID and s[0x16] == INVALID_PARAMETER
     assert s[0x17] == 1 << REPS and s[0x18] == INVALID_HYPERCALL_INPUT   # fast (XMM) form; no reps
     assert s[0x20] == 1 << REPS and s[0x21] == 0                     # fast Get, XMM output
+    assert s[0x22] == INVALID_HYPERCALL_INPUT                        # a count overflowing the XMM registers
     assert s[0x19] == INVALID_PARAMETER and s[0x1A] == INVALID_VP_INDEX and s[0x1B] == INVALID_PARAMETER
     assert s[0x1C] == 1 << REPS and s[0x1D] == 0                     # VTL0's own RSP
     assert s[0x1E] == 1 << REPS and s[0x06] == 0x77                  # a shared register, set from VTL1
@@ -138,6 +139,9 @@ def test_tlfs_boot_enable_vtls_and_vp_assist_control(run_vsm):
     assert s[0x38] == abi.VTL_ENTRY_INTERCEPT and s[0x39] == 0x80000001     # HvMessageTypeGpaIntercept
     assert s[0x3A] == 0 and s[0x3B] == INTERCEPT_WRITE and s[0x3C] == 0 and s[0x13] == 1
     assert r.stats["vsm"]["intercepts_synic"] == 1 and r.stats["hyperv"]["messages"] == 1
+    assert s[0x14] == ACCESS_DENIED and s[0x3D] == 0     # no hypercall output into VTL1's page
+    assert s[0x15] == ACCESS_DENIED                      # VTL0 cannot interrupt VTL1
+    assert s[0x3E] == 1                                  # HvRegisterVpAssistPage
 
 
 def test_tlfs_boot_needs_hv_vsm(kvm_available):

@@ -349,6 +349,9 @@ class VtlPolicy(PlanePolicy):
         if mask >> self.vcpu_count:
             raise HypercallError(abi.HV_STATUS_INVALID_PARAMETER,
                                  f"processor mask {mask:#x} names vCPUs that do not exist ({self.vcpu_count})")
+        refused = self.vsm.interrupt_refusal(plane, target) if self.vsm is not None else None
+        if refused:
+            raise HypercallError(*refused)
         stats = self._stats[cpu.index]
         kind = "ipi_synthetic_same_vtl" if target == plane else "ipi_synthetic_cross_vtl"
         to_plane = self.machine.pvm.planes[target]

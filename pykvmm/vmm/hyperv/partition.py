@@ -221,6 +221,16 @@ class HyperV:
         m = self.machine
         m.record_fault(t.index, call.plane, InjectFault(arch.VEC_UD, why))
 
+    def check_vtl_access(self, plane: int, gpa: int, size: int, what: str, write: bool) -> None:
+        """A hypercall's input and output are memory the calling VTL itself may read (write):
+        the hypervisor must not read or write, on a lower VTL's behalf, what a higher VTL's
+        protection keeps from it (VSM, planes/memview.py). ACCESS_DENIED otherwise."""
+        view = self.machine.pvm.planes[plane].view
+        if view.restricted:
+            from ...planes.memview import Access
+            if not view.allows(gpa, size, Access.WRITE if write else Access.READ):
+                raise HvError(T.ACCESS_DENIED, f"{what} GPA {gpa:#x} is protected from VTL{plane}")
+
     def read_block(self, gpa: int, size: int, what: str) -> bytes:
         if gpa & 7:
             raise HvError(T.INVALID_ALIGNMENT, f"{what} GPA {gpa:#x} is not 8-byte aligned")

@@ -85,6 +85,19 @@ class Vsm:
     def set_register(self, cpu, caller: int, target: int, name: int, value: int) -> bool:
         return self.enables.set(cpu, caller, target, name, value)
 
+    def interrupt_refusal(self, caller: int, target: int) -> tuple[int, str] | None:
+        """TLFS VTL interrupt rules for the synthetic IPIs (SendSyntheticClusterIpi/Ex): with
+        ``--vtl-boot tlfs`` a VTL may interrupt its own and lower VTLs only, and only enabled
+        ones (ACCESS_DENIED / INVALID_VTL_STATE). pykvmm's boot mode keeps its cross-VTL
+        upward IPIs (its demo and VTL guests use them). (status, why), or None if allowed."""
+        if not self.enables.tlfs:
+            return None
+        if target > caller:
+            return H.ACCESS_DENIED, f"VTL{caller} cannot interrupt the higher VTL{target}"
+        if not self.enables.partition >> target & 1:
+            return H.INVALID_VTL_STATE, f"VTL{target} is not enabled"
+        return None
+
     # -- secure intercepts -----------------------------------------------------------------------
     def on_memory_fault(self, cpu, fault) -> bool:
         """A lower VTL broke a higher VTL's protection: intercept into that VTL. False if no

@@ -36,7 +36,10 @@ VSM registers (through HvCallGet/SetVpRegisters):
       the default mask cannot change (INVALID_PARAMETER); setting it applies the default mask
       to every page of every lower VTL this VTL has not named.
   VsmVpSecureVtlConfig (0xD0010 + n, for a VTL n below the caller): MbecEnabled 0 (refused: no
-      MBEC), TlbLocked 1 (kept); other bits INVALID_PARAMETER.
+      MBEC), TlbLocked 1 (kept; pykvmm keeps no TLB, so nothing to lock); other bits
+      INVALID_PARAMETER.
+  VpAssistPage (0x90013): the target VTL's HV_X64_MSR_VP_ASSIST_PAGE (a page outside guest
+      memory -> INVALID_PARAMETER).
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ from .. import abi
 from ..hyperv.hypercall import CallSpec, HvError
 from . import hvdef as H
 from .protections import check_partition, check_mask
-from .registers import (REG_VSM_CAPABILITIES, REG_VSM_CODE_PAGE_OFFSETS, REG_VSM_PARTITION_CONFIG,
-                        REG_VSM_PARTITION_STATUS, REG_VSM_VP_SECURE_CONFIG_VTL0, REG_VSM_VP_STATUS, set_seg,
-                        set_table)
+from .registers import (REG_VP_ASSIST_PAGE, REG_VSM_CAPABILITIES, REG_VSM_CODE_PAGE_OFFSETS,
+                        REG_VSM_PARTITION_CONFIG, REG_VSM_PARTITION_STATUS, REG_VSM_VP_SECURE_CONFIG_VTL0,
+                        REG_VSM_VP_STATUS, set_seg, set_table)
 
 ENABLE_MBEC = 1 << 0
 CONFIG_ENABLE_PROTECTION = 1 << 0
@@ -152,6 +155,9 @@ class VtlEnables:
             return 0
         if name == REG_VSM_PARTITION_CONFIG:
             return self.config[target] if target else None
+        if name == REG_VP_ASSIST_PAGE:
+            hv = self.machine.hyperv
+            return hv.vp(cpu.index, target).vp_assist if hv is not None else None
         lower = name - REG_VSM_VP_SECURE_CONFIG_VTL0
         if 0 <= lower < 16 and lower < target:
             return self.secure_config.get((cpu.index, lower), 0)
@@ -160,6 +166,11 @@ class VtlEnables:
     def set(self, cpu, caller: int, target: int, name: int, value: int) -> bool:
         if name == REG_VSM_PARTITION_CONFIG and target:
             self._set_partition_config(target, value)
+            return True
+        if name == REG_VP_ASSIST_PAGE and self.machine.hyperv is not None:
+            if value & 1 and (value & ~0xFFF) + 0x1000 > self.machine.memory.size:
+                raise HvError(H.INVALID_PARAMETER, f"VP assist page {value & ~0xFFF:#x} is outside guest memory")
+            self.machine.hyperv.vp(cpu.index, target).vp_assist = value
             return True
         lower = name - REG_VSM_VP_SECURE_CONFIG_VTL0
         if 0 <= lower < 16 and lower < target:

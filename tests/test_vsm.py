@@ -149,3 +149,12 @@ def test_tlfs_boot_needs_hv_vsm(kvm_available):
     from conftest import guest_image
     with pytest.raises(ValueError, match="--vtl-boot tlfs needs --hyperv"):
         Machine(guest_image("vsm_boot"), MachineConfig(planes=2, vtl_boot="tlfs"))
+
+
+def test_each_vtl_has_its_own_local_apic(run_guest):
+    """VTL1 switches its APIC off (IA32_APIC_BASE); VTL0's stays on and takes its own IPI."""
+    r = run_guest("vsm_apic", planes=2, backend="multivm")
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[0x11] == 0xC00 and s[0x12] == 0         # VTL1: on, then off
+    assert s[1] == 0xC00 and s[2] == 1               # VTL0: still on, its self-IPI arrived

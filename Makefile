@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup guests demo test test-all bench clean
+.PHONY: all setup guests demo test test-all test-nested bench clean
 
 all: setup guests
 
@@ -28,8 +28,14 @@ test: setup guests
 test-all: setup guests
 	$(PY) -m pytest -q -m ''
 
+# The suite on mainline KVM (kvm_amd in a QEMU TCG VM; see scripts/nested-kvm.sh). Slow:
+# pick a selection with TESTS, e.g. make test-nested TESTS="tests/test_machine.py -k fault".
+TESTS ?= tests/
+test-nested: setup guests
+	scripts/nested-kvm.sh $(TESTS)
+
 bench: setup guests
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench
 
 clean:
 	$(MAKE) -s -C guest clean

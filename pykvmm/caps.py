@@ -10,9 +10,10 @@ import mmap
 import signal
 import threading
 
-from . import kvm as K
+from . import exits as X, kvm as K
 from .planes import choose_backend
 from .uapi import constants as C, ffi
+from .vmm.host import conventions
 
 CAPS = [
     ("KVM_CAP_IRQCHIP", C.KVM_CAP_IRQCHIP, "in-kernel LAPIC/IOAPIC (each plane's APIC namespace)"),
@@ -87,7 +88,7 @@ def _run_with_deadline(v, seconds: float):
 def probe_transports(kvm) -> list[dict]:
     out = [{"name": "port", "works": False, "detail": ""}]
     ex = _probe_guest(kvm, b"\xE6\xEA\xF4")  # out 0xEA, al; hlt
-    out[0]["works"] = isinstance(ex, K.IoOut) and ex.port == 0xEA
+    out[0]["works"] = isinstance(ex, X.IoOut) and ex.port == 0xEA
     out[0]["detail"] = "out to the hypercall port exits (KVM_EXIT_IO)" if out[0]["works"] else f"saw {ex!r}"
 
     def allow_msr(vm):
@@ -97,7 +98,7 @@ def probe_transports(kvm) -> list[dict]:
     try:
         # mov ecx, 0x40000100 ; wrmsr
         ex = _probe_guest(kvm, b"\x66\xB9\x00\x01\x00\x40\x0F\x30\xF4", setup=allow_msr)
-        ok = isinstance(ex, K.X86Wrmsr)
+        ok = isinstance(ex, X.X86Wrmsr)
         out.append({"name": "msr", "works": ok,
                     "detail": "a filtered WRMSR exits (KVM_EXIT_X86_WRMSR); pykvmm's page uses the port transport"
                     if ok else f"saw {ex!r}"})
@@ -106,20 +107,30 @@ def probe_transports(kvm) -> list[dict]:
 
     # vmcall ; out 0xEA, al
     ex = _probe_guest(kvm, b"\x0F\x01\xC1\xE6\xEA\xF4")
-    if isinstance(ex, K.Interrupted):
-        detail, ok = "KVM_RUN never returns on vmcall here (kicked after 0.2 s): unusable", False
-    elif isinstance(ex, K.Hypercall):
-        detail, ok = "vmcall exits (KVM_EXIT_HYPERCALL)", True
-    elif isinstance(ex, K.IoOut):
-        detail, ok = "KVM handles vmcall itself and resumes the guest (no exit to userspace)", False
+    if isinstance(ex, X.Interrupted):
+        handling, detail, ok = "never-returns", "KVM_RUN never returns on vmcall here (kicked after 0.2 s): unusable", False
+    elif isinstance(ex, X.Hypercall):
+        handling, detail, ok = "exits", "vmcall exits (KVM_EXIT_HYPERCALL)", True
+    elif isinstance(ex, X.IoOut):
+        handling, detail, ok = ("in-kernel", "KVM handles vmcall itself and resumes the guest (no exit to userspace)",
+                                False)
     else:
-        detail, ok = f"saw {ex!r}", False
-    out.append({"name": "vmcall", "works": ok, "detail": detail})
+        handling, detail, ok = "unknown", f"saw {ex!r}", False
+    out.append({"name": "vmcall", "works": ok, "detail": detail, "handling": handling})
     return out
+
+
+def host_conventions(kvm, transports: list[dict]) -> dict:
+    """The conventions pykvmm probes at start-up, plus how vmcall is handled."""
+    found = {name: p.as_dict() for name, p in conventions(kvm).items()}
+    vmcall = next(t for t in transports if t["name"] == "vmcall")
+    found["vmcall"] = {"value": vmcall["handling"], "detail": vmcall["detail"]}
+    return found
 
 
 def gather(kvm) -> dict:
     chosen, probes = choose_backend(kvm, "auto")
+    transports = probe_transports(kvm)
     return {
         "device": kvm.path,
         "api_version": kvm.raw_ioctl("KVM_GET_API_VERSION"),
@@ -127,5 +138,6 @@ def gather(kvm) -> dict:
                          for n, num, m in CAPS],
         "backends": [p.as_dict() for p in probes.values()],
         "auto": chosen.as_dict(),
-        "transports": probe_transports(kvm),
+        "transports": transports,
+        "host": host_conventions(kvm, transports),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -11,10 +12,11 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
+from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError, open_files_hint as _open_files_hint
 from .vmm import abi, loader
 from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
+from .vmm.personalities import POLICIES
 from .debug.session import DebugSession
 
 DEMO_VCPUS, DEMO_PLANES = 2, 2
@@ -69,11 +71,12 @@ def main():
 @click.argument("guest", required=False)
 @click.option("--vcpus", type=click.IntRange(1, abi.MAX_VCPUS), default=None,
               help=f"vCPUs (1..{abi.MAX_VCPUS}; default 1, or {DEMO_VCPUS} for the demo).")
-@click.option("--planes", type=click.IntRange(1, 16), default=None,
-              help=f"Planes per vCPU (1 to the backend's limit, 16 for multivm; default 1, or {DEMO_PLANES} for the demo).")
+@click.option("--planes", type=click.IntRange(1, abi.MAX_PLANES), default=None,
+              help=f"Planes per vCPU (1 to the backend's limit, {abi.MAX_PLANES} for multivm; default 1, or "
+                   f"{DEMO_PLANES} for the demo).")
 @click.option("--backend", type=click.Choice(["auto", "native", "apic-groups", "multivm"]), default="auto",
               show_default=True, help="How planes are made (auto: native > apic-groups > multivm).")
-@click.option("--personality", type=click.Choice(["auto", "vtl", "vmpl", "none"]), default="auto", show_default=True,
+@click.option("--personality", type=click.Choice(["auto", *POLICIES]), default="auto", show_default=True,
               help="Plane policy (auto: vtl when --planes > 1).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop the guest after SECONDS (exit status 4).")
@@ -145,6 +148,10 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     except KvmError as e:
         _err(str(e))
         sys.exit(ExitStatus.HOST)
+    except OSError as e:          # e.g. EMFILE from Python's own opens; KVM's come as KvmError
+        _err(f"cannot build the machine: {e.strerror or e}" + ("; " + _open_files_hint() if e.errno == errno.EMFILE
+                                                              else ""))
+        sys.exit(ExitStatus.HOST)
     except ValueError as e:
         _err(str(e))
         sys.exit(ExitStatus.USAGE)
@@ -209,6 +216,8 @@ def _report(result, planes: int, label: str) -> None:
     elif result.status == ExitStatus.CRASHED:
         c = result.crash
         _err(f"guest crashed on vCPU {c.vcpu} {label} {c.plane}: {c.reason}")
+        if c.state:
+            _err(c.state)
         if c.report is not None:
             click.echo(format_cpu_report(c.report, label), err=True)
         _err("the registers and code above are the crashed vCPU's, every plane; fix the guest "
@@ -251,6 +260,9 @@ def caps(as_json, kvm_device):
     click.echo("hypercall transports:")
     for t in info["transports"]:
         click.echo(f"  {t['name']:<8} {'yes' if t['works'] else 'no '}  {t['detail']}")
+    click.echo("host conventions (probed with tiny guests; they differ between KVMs):")
+    for name, c in info["host"].items():
+        click.echo(f"  {name:<12} {c['value']:<13} {c['detail']}")
 
 
 @main.group()

@@ -7,11 +7,14 @@ the object and the errno with a hint.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno as _errno
 import mmap
 import os
+import resource
 
-
+from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, Unknown
 from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
 
 DEFAULT_KVM_DEVICE = "/dev/kvm"
@@ -28,12 +31,18 @@ _HINTS = {
 }
 
 
+def open_files_hint() -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"this process may open {soft} files (ulimit -n) and every vCPU of every plane is one: "
+            "raise the limit or run fewer vCPUs or planes")
+
+
 class KvmError(OSError):
     """A KVM ioctl (or opening the KVM device) failed."""
 
     def __init__(self, what: str, obj: str, err: int, hint: str | None = None):
         self.what, self.obj = what, obj
-        hint = hint or _HINTS.get(err)
+        hint = hint or _HINTS.get(err) or (open_files_hint() if err == _errno.EMFILE else None)
         msg = f"{what} on {obj} failed: {_errno.errorcode.get(err, err)} ({os.strerror(err)})"
         if hint:
             msg += f"; {hint}"
@@ -52,9 +61,29 @@ _VOIDP = ffi.typeof("void *")
 
 # libc's ioctl through a fixed prototype. It is variadic, and cffi rebuilds the call for a
 # variadic function on every call: measured 0.4-0.6 us more per ioctl, on a path where
-# every ioctl counts (scripts/bench.py). On x86-64 (and arm64) Linux a call through the
+# every ioctl counts (scripts/bench). On x86-64 (and arm64) Linux a call through the
 # fixed prototype passes the three arguments exactly as the variadic call does.
 _ioctl = ffi.cast("int (*)(int, unsigned long, void *)", ffi.addressof(libc, "ioctl"))
+
+
+@contextlib.contextmanager
+def counting_ioctls(counts: collections.Counter):
+    """Count every ioctl made through this module, by request name, while the block runs
+    (benchmarks report ioctls per exit with it). It replaces the function every call here
+    goes through, so it costs nothing when not in use."""
+    global _ioctl
+    names = {e.code: name for name, e in IOCTLS.items()}
+    real = _ioctl
+
+    def counted(fd, code, arg):
+        counts[names.get(code, hex(code))] += 1
+        return real(fd, code, arg)
+
+    _ioctl = counted
+    try:
+        yield counts
+    finally:
+        _ioctl = real
 
 
 def _arg(arg):
@@ -192,6 +221,13 @@ class Vm(FdObject):
         super().__init__(fd, label or f"vm{fd}")
         self.kvm = kvm
         self.vcpus: list[Vcpu] = []
+        self._sync_regs: int | None = None
+
+    def sync_regs_classes(self) -> int:
+        """KVM_CAP_SYNC_REGS of this VM (asked once, not per vCPU: every ioctl costs here)."""
+        if self._sync_regs is None:
+            self._sync_regs = self.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
+        return self._sync_regs
 
     def check_extension(self, cap: int) -> int:
         ret = self.raw_ioctl("KVM_CHECK_EXTENSION", cap)
@@ -250,109 +286,6 @@ def _enable_cap_struct(cap, args, flags):
     return ec
 
 
-# ---- exits -----------------------------------------------------------------------------
-
-class Exit:
-    """A decoded KVM_RUN exit. Each subclass carries exactly that exit's data."""
-
-    __slots__ = ()
-    reason: int = -1
-
-    def describe(self) -> str:
-        fields = ", ".join(f"{k}={_fmt(getattr(self, k))}" for k in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-    __repr__ = describe
-
-
-def _fmt(v):
-    if isinstance(v, int):
-        return hex(v)
-    return repr(v)
-
-
-def _exit(name, reason, *slots):
-    # A plain __init__ with one assignment per slot (as dataclasses generate): about twice as
-    # fast as a loop of setattr, and one exit object is built per KVM_RUN.
-    src = f"def __init__(self, {', '.join(slots)}):\n" + ("".join(f"    self.{s} = {s}\n" for s in slots)
-                                                         or "    pass\n")
-    namespace = {}
-    exec(src, namespace)
-    __init__ = namespace["__init__"]
-    return type(name, (Exit,), {"__slots__": slots, "__init__": __init__, "reason": reason})
-
-
-IoOut = _exit("IoOut", C.KVM_EXIT_IO, "port", "size", "count", "data")
-IoIn = _exit("IoIn", C.KVM_EXIT_IO, "port", "size", "count", "data_offset")
-Mmio = _exit("Mmio", C.KVM_EXIT_MMIO, "phys_addr", "length", "is_write", "data")
-Hlt = _exit("Hlt", C.KVM_EXIT_HLT)
-Shutdown = _exit("Shutdown", C.KVM_EXIT_SHUTDOWN)
-Debug = _exit("Debug", C.KVM_EXIT_DEBUG, "exception", "pc", "dr6", "dr7")
-FailEntry = _exit("FailEntry", C.KVM_EXIT_FAIL_ENTRY, "hardware_entry_failure_reason", "cpu")
-InternalError = _exit("InternalError", C.KVM_EXIT_INTERNAL_ERROR, "suberror", "data")
-SystemEvent = _exit("SystemEvent", C.KVM_EXIT_SYSTEM_EVENT, "type", "data")
-X86Rdmsr = _exit("X86Rdmsr", C.KVM_EXIT_X86_RDMSR, "index", "msr_reason")
-X86Wrmsr = _exit("X86Wrmsr", C.KVM_EXIT_X86_WRMSR, "index", "data", "msr_reason")
-Hypercall = _exit("Hypercall", C.KVM_EXIT_HYPERCALL, "nr", "args", "longmode")
-MemoryFault = _exit("MemoryFault", C.KVM_EXIT_MEMORY_FAULT, "flags", "gpa", "size")
-PlaneEvent = _exit("PlaneEvent", -1, "cause", "pending_event_planes", "target", "flags", "extra")
-Interrupted = _exit("Interrupted", C.KVM_EXIT_INTR)
-Unknown = _exit("Unknown", -1, "exit_reason", "hardware_exit_reason")
-
-INTERNAL_ERROR_NAMES = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
-
-
-def exit_reason_name(reason: int, planes_abi: PlanesAbi | None = None) -> str:
-    if planes_abi is not None and reason == planes_abi.exit_plane_event:
-        return "PLANE_EVENT"
-    return C.EXIT_REASON_NAMES.get(reason, f"UNKNOWN_{reason}")
-
-
-def _decode_io(vcpu, run):
-    io = run.io
-    if io.direction == C.KVM_EXIT_IO_OUT:
-        n = io.size * io.count
-        off = io.data_offset
-        return IoOut(io.port, io.size, io.count, vcpu.run_mmap[off:off + n])
-    return IoIn(io.port, io.size, io.count, io.data_offset)
-
-
-def _decode_mmio(vcpu, run):
-    m = run.mmio
-    return Mmio(m.phys_addr, m.len, bool(m.is_write), bytes(ffi.buffer(m.data, m.len)))
-
-
-def _decode_internal(vcpu, run):
-    i = run.internal
-    return InternalError(i.suberror, [i.data[k] for k in range(min(i.ndata, 16))])
-
-
-def _decode_plane_event(vcpu, run):
-    if vcpu.planes_abi is not None and vcpu.planes_abi.event_struct == "plane_event_v1":
-        e = run.plane_event_v1
-        return PlaneEvent(e.cause, 1 << e.plane, 1 << e.plane, 0, list(e.extra))
-    e = run.plane_event
-    return PlaneEvent(e.cause, e.pending_event_planes, e.target, e.flags, list(e.extra))
-
-
-_DECODERS = {
-    C.KVM_EXIT_IO: _decode_io,
-    C.KVM_EXIT_MMIO: _decode_mmio,
-    C.KVM_EXIT_HLT: lambda v, r: Hlt(),
-    C.KVM_EXIT_SHUTDOWN: lambda v, r: Shutdown(),
-    C.KVM_EXIT_DEBUG: lambda v, r: Debug(r.debug.arch.exception, r.debug.arch.pc, r.debug.arch.dr6, r.debug.arch.dr7),
-    C.KVM_EXIT_FAIL_ENTRY: lambda v, r: FailEntry(r.fail_entry.hardware_entry_failure_reason, r.fail_entry.cpu),
-    C.KVM_EXIT_INTERNAL_ERROR: _decode_internal,
-    C.KVM_EXIT_SYSTEM_EVENT: lambda v, r: SystemEvent(r.system_event.type,
-                                                      [r.system_event.data[k] for k in range(min(r.system_event.ndata, 16))]),
-    C.KVM_EXIT_X86_RDMSR: lambda v, r: X86Rdmsr(r.msr.index, r.msr.reason),
-    C.KVM_EXIT_X86_WRMSR: lambda v, r: X86Wrmsr(r.msr.index, r.msr.data, r.msr.reason),
-    C.KVM_EXIT_HYPERCALL: lambda v, r: Hypercall(r.hypercall.nr, list(r.hypercall.args), r.hypercall.longmode),
-    C.KVM_EXIT_MEMORY_FAULT: lambda v, r: MemoryFault(r.memory_fault.flags, r.memory_fault.gpa, r.memory_fault.size),
-    C.KVM_EXIT_INTR: lambda v, r: Interrupted(),
-}
-
-
 # ---- vcpu ------------------------------------------------------------------------------
 
 _STATE = {
@@ -370,7 +303,9 @@ _STATE = {
 
 _SYNC_BITS = {"regs": C.KVM_SYNC_X86_REGS, "sregs": C.KVM_SYNC_X86_SREGS, "vcpu_events": C.KVM_SYNC_X86_EVENTS}
 _KVM_RUN = IOCTLS["KVM_RUN"].code
+_MAP_FAILED = ffi.cast("void *", -1)
 _ZERO = ffi.NULL
+_SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
 
 
 class Vcpu(FdObject):
@@ -392,13 +327,26 @@ class Vcpu(FdObject):
         self.run_struct = None
         self._sync_supported = 0
         self._valid = 0       # sync-area classes currently holding this vCPU's state
+        self._detached = {}   # without a kvm_run: name -> the live copy last read, for mark_dirty
+        self._mapped = None
         if mmap_size:
-            self.run_mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_mmap))
-            self._sync_supported = vm.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
-        self._decoders = dict(_DECODERS)
+            # libc's mmap, not Python's: mmap.mmap keeps a dup of the fd, one more open file
+            # per vCPU (EMFILE at half the vCPUs the limit allows)
+            addr = libc.mmap(ffi.NULL, mmap_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+            if addr == _MAP_FAILED:
+                err = ffi.errno
+                os.close(fd)
+                self.fd = -1
+                raise KvmError("mmap of kvm_run", self.label, err)
+            self._mapped = (addr, mmap_size)
+            self.run_mmap = ffi.buffer(addr, mmap_size)
+            self.run_struct = ffi.cast("struct kvm_run *", addr)
+            self._sync_supported = vm.sync_regs_classes()
+        self._entry_state = None    # see keep_entry_state
+        self.entry_state_exit = -1
+        self._decoders = dict(DECODERS)
         if planes_abi is not None:
-            self._decoders[planes_abi.exit_plane_event] = _decode_plane_event
+            self._decoders[planes_abi.exit_plane_event] = PLANE_EVENT_DECODERS[planes_abi.event_struct]
         self.exit_count = 0
 
     # -- running ----------------------------------------------------------------------
@@ -407,6 +355,28 @@ class Vcpu(FdObject):
         on = classes & self._sync_supported
         self.run_struct.kvm_valid_regs = on
         return on
+
+    def keep_entry_state(self, on: bool = True) -> None:
+        """Copy the registers and special registers the guest is entered with at every KVM_RUN.
+
+        For hosts that reset the vCPU on a triple fault (kvm_amd): the copy is the last state
+        known before the crash. Needs sync regs for regs and sregs; costs one memmove per run."""
+        self._entry_state = ffi.new("struct kvm_sync_regs *") if on else None
+        self.entry_state_exit = -1
+
+    def entry_state(self):
+        """(a copy of the struct kvm_sync_regs kept at the last KVM_RUN, the exit count then) or None."""
+        if self._entry_state is None or self.entry_state_exit < 0:
+            return None
+        copy = ffi.new("struct kvm_sync_regs *")
+        ffi.memmove(copy, self._entry_state, _SYNC_SIZE)
+        return copy, self.entry_state_exit
+
+    def _keep_entry_state(self) -> None:
+        self._live("regs")
+        self._live("sregs")
+        ffi.memmove(self._entry_state, ffi.addressof(self.run_struct.s.regs), _SYNC_SIZE)
+        self.entry_state_exit = self.exit_count
 
     def raw_run(self) -> int:
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
@@ -417,6 +387,8 @@ class Vcpu(FdObject):
     def run(self) -> Exit:
         """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``."""
         run = self.run_struct
+        if self._entry_state is not None:
+            self._keep_entry_state()
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
         self._valid = run.kvm_valid_regs
         self.exit_count += 1
@@ -455,6 +427,16 @@ class Vcpu(FdObject):
 
     def request_immediate_exit(self, on: bool = True) -> None:
         self.run_struct.immediate_exit = 1 if on else 0
+
+    def complete_pending_io(self) -> None:
+        """Finish the I/O of the last exit without running the guest (KVM_RUN with
+        immediate_exit, as the KVM API documents). Afterwards RIP is past the instruction on
+        every host, whether KVM reported it on the instruction (mainline) or past it."""
+        self.request_immediate_exit()
+        ex = self.run()
+        if not isinstance(ex, Interrupted):
+            raise KvmError("KVM_RUN", self.label, _errno.EINVAL,
+                           f"completing the pending I/O produced another exit: {ex.describe()}")
 
     # -- state: plain ioctls ------------------------------------------------------------
     def _get(self, name):
@@ -500,11 +482,13 @@ class Vcpu(FdObject):
         n = self.ioctl("KVM_GET_MSRS", msrs.ptr)
         return {msrs.ptr.entries[k].index: msrs.ptr.entries[k].data for k in range(n)}
 
-    def set_msrs(self, values: dict[int, int]) -> None:
-        msrs = _msrs_struct(list(values.items()))
+    def set_msrs(self, values: dict[int, int] | list[tuple[int, int]]) -> None:
+        """Write MSRs with one ioctl; a list may name an MSR twice (KVM writes in order)."""
+        pairs = list(values.items()) if isinstance(values, dict) else list(values)
+        msrs = _msrs_struct(pairs)
         n = self.ioctl("KVM_SET_MSRS", msrs.ptr)
-        if n != len(values):
-            bad = list(values)[n]
+        if n != len(pairs):
+            bad = pairs[n][0]
             raise KvmError("KVM_SET_MSRS", self.label, _errno.EINVAL, f"KVM refused MSR {bad:#x}")
 
     def set_cpuid2(self, cpuid) -> None:
@@ -527,16 +511,21 @@ class Vcpu(FdObject):
         self.ioctl("KVM_INTERRUPT", ffi.new("struct kvm_interrupt *", {"irq": vector}))
 
     # -- state: the live copy in the sync area -------------------------------------------
+    def _area(self, name):
+        area = self.run_struct.s.regs
+        return area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
+
     def _live(self, name):
         run = self.run_struct
         if run is None:
-            return self._get(name)
-        area = run.s.regs
+            # No kvm_run (a native plane-N vCPU): the live copy is a fresh GET, kept so that
+            # mark_dirty() can SET it.
+            obj = self._detached[name] = self._get(name)
+            return obj
         bit = _SYNC_BITS[name]
-        target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
+        target = self._area(name)
         if not self._valid & bit:
-            g, _, ctype = _STATE[name]
-            self.ioctl(g, ffi.addressof(target))
+            self.ioctl(_STATE[name][0], ffi.addressof(target))
             self._valid |= bit
         return target
 
@@ -550,35 +539,40 @@ class Vcpu(FdObject):
 
     def mark_dirty(self, name: str = "regs") -> None:
         """The live copy of ``name`` was changed: hand it to KVM (on the next KVM_RUN if it can)."""
-        bit = _SYNC_BITS[name]
         run = self.run_struct
         if run is None:
+            self._set(name, self._detached.pop(name))
             return
+        bit = _SYNC_BITS[name]
         if self._sync_supported & bit:
             run.kvm_dirty_regs |= bit
         else:
-            area = run.s.regs
-            target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
-            self.ioctl(_STATE[name][1], ffi.addressof(target))
+            self.ioctl(_STATE[name][1], ffi.addressof(self._area(name)))
 
     def _flush(self, name):
         """Before a plain GET ioctl: push a pending sync-area write so it is not lost."""
         run = self.run_struct
         bit = _SYNC_BITS.get(name)
         if bit and run is not None and run.kvm_dirty_regs & bit:
-            area = run.s.regs
-            target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
-            self.ioctl(_STATE[name][1], ffi.addressof(target))
+            self.ioctl(_STATE[name][1], ffi.addressof(self._area(name)))
             run.kvm_dirty_regs &= ~bit
 
+    def flush_sync_regs(self) -> None:
+        """Push every pending write of the live copies to KVM now (SET ioctls), so that the
+        sync area can be handed to another user (the native backend's other planes share it)."""
+        for name in _SYNC_BITS:
+            self._flush(name)
+
+    def forget_sync_regs(self) -> None:
+        """The sync area no longer holds this vCPU's state (another plane ran on it): the next
+        read of a live copy GETs it."""
+        self._valid = 0
+
     def close(self) -> None:
-        if self.run_mmap is not None:
-            self.run_struct = None
-            try:
-                self.run_mmap.close()
-            except BufferError:
-                pass
-            self.run_mmap = None
+        if self._mapped is not None:
+            self.run_struct = self.run_mmap = None
+            libc.munmap(*self._mapped)
+            self._mapped = None
         super().close()
 
 

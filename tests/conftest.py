@@ -99,3 +99,34 @@ def assert_done(result) -> None:
     detail = result.failure.describe() if result.failure else (result.crash.reason if result.crash else "")
     pytest.fail(f"guest did not finish: {result.status.name}: {detail}\nucalls: "
                 + "\n".join(u.describe() for u in result.ucalls[-20:]))
+
+
+def wait_for(condition, what: str, timeout: float = 120.0, poll: float = 0.01):
+    """Poll ``condition`` until it returns something true (returned), or fail saying ``what``.
+
+    Tests wait for conditions, never fixed times: the same test must pass on a machine 10x
+    slower (pykvmm under nested KVM in QEMU TCG); the timeout is only a last resort."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def thread_states(pid: int) -> dict[str, str]:
+    """Each named thread of process ``pid`` -> its scheduler state (R running, S sleeping, ...).
+    pykvmm names its vCPU threads vcpu0, vcpu1, ...: one running guest code stays in R."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out[name] = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue                  # the thread ended meanwhile
+    return out

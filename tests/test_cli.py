@@ -135,3 +135,24 @@ def test_caps_json(kvm_available):
 def test_python_dash_m_and_help():
     res = pykvmm("--help")
     assert res.returncode == 0 and "run" in res.stdout and "caps" in res.stdout
+
+
+def _nofile(n):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def test_open_file_limit_fits_one_fd_per_vcpu(kvm_available):
+    """16 vCPUs x 2 planes under `ulimit -n 64`: one fd per KVM vCPU (Python's mmap kept a
+    duplicate of each: EMFILE)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hello", "--vcpus", "16", "--planes", "2"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, preexec_fn=_nofile(64))
+    assert res.returncode == 0, res.stderr
+
+
+def test_open_file_limit_exit_5_names_the_limit(kvm_available):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hello", "--vcpus", "16", "--planes", "2"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, preexec_fn=_nofile(30))
+    assert_clean_error(res, 5, "EMFILE", "may open 30 files (ulimit -n)")

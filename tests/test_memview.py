@@ -8,7 +8,8 @@ import mmap
 
 import pytest
 
-from pykvmm import kvm as K
+from pykvmm import exits as K
+from pykvmm.kvm import KvmError
 from pykvmm.planes import open_planes_vm
 from pykvmm.planes.memview import (KVM_MEM_READONLY, MEMORY_FAULT_EXEC, MEMORY_FAULT_READ, MEMORY_FAULT_WRITE,
                                    Access, MemoryView, ProtectionUnsupported, SlotLayout)
@@ -39,7 +40,7 @@ def test_view_runs_merge_and_split():
 
 def test_view_rejects_partial_pages(kvm):
     with open_planes_vm(kvm, "multivm") as vm:
-        with pytest.raises(K.KvmError, match="whole 4 KiB pages"):
+        with pytest.raises(KvmError, match="whole 4 KiB pages"):
             vm.planes[0].protect(0x1800, 0x1000, Access.NONE)
 
 

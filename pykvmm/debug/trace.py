@@ -21,13 +21,14 @@ bp "e") to the target vCPU's next entry into the target plane for an interrupt.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from pathlib import Path
 
+from .. import exits as X
 from ..vmm import abi
 from ..vmm import events as ev
+from ..vmm.hypercalls import HvInputVtl
 
 JSONL, CHROME = "jsonl", "chrome"
 FORMATS = (JSONL, CHROME)
@@ -117,7 +118,7 @@ class IpiAnnotator:
         if d.get("code") != abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI:
             return
         try:
-            v = self.machine.threads[event.vcpu].cpu.plane_vcpu(event.plane)
+            v = self.machine.threads[event.vcpu].planes_vcpu.plane_vcpu(event.plane)
             fast = v.regs.rcx >> 16 & 1
             if fast:
                 head, mask = d.get("rdx", 0), d.get("r8", 0)
@@ -126,30 +127,21 @@ class IpiAnnotator:
                 head, mask = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
         except Exception:        # a bad GPA: the call failed anyway; leave the event as it is
             return
-        vtl = (head >> 32) & 0xFF
         d["vector"] = head & 0xFFFFFFFF
-        d["target_plane"] = vtl & 0xF if vtl & 0x10 else event.plane
+        d["target_plane"] = HvInputVtl((head >> 32) & 0xFF).target(event.plane)
         d["targets"] = [i for i in range(64) if mask >> i & 1]
 
 
 # ---- normalisation ------------------------------------------------------------------------
 
-_EXIT_NAME = re.compile(r"^(\w+)(?:\((.*)\))?$", re.S)
-_PORT = re.compile(r"port=(0x[0-9a-fA-F]+|\d+)")
-
-
-def exit_reason(describe: str) -> str:
-    """``IoOut(port=0xea, ...)`` -> ``IoOut:0xea(hypercall)``; others: the exit's class name."""
-    m = _EXIT_NAME.match(describe or "")
-    if not m:
-        return str(describe)
-    name = m.group(1)
-    if name in ("IoOut", "IoIn"):
-        p = _PORT.search(m.group(2) or "")
-        if p:
-            port = int(p.group(1), 0)
-            label = PORT_NAMES.get(port)
-            return f"{name}:{port:#x}" + (f"({label})" if label else "")
+def exit_reason(event: dict) -> str:
+    """An exit event's fields (``{"exit": "IoOut", "port": 0xea, ...}``, as
+    :func:`pykvmm.exits.fields` gives them) -> ``IoOut:0xea(hypercall)``; others: the exit's name."""
+    name = str(event.get("exit", "exit"))
+    port = event.get("port")
+    if name in ("IoOut", "IoIn") and isinstance(port, int):
+        label = PORT_NAMES.get(port)
+        return f"{name}:{port:#x}" + (f"({label})" if label else "")
     return name
 
 
@@ -184,7 +176,7 @@ def normalise(events, t0: float | None = None) -> list[dict]:
         n = {"ts": round((t - base) * 1e6, 3)}
         n.update({k: _jsonable(v) for k, v in d.items()})
         if n.get("kind") == ev.EXIT and "reason" not in n:
-            n["reason"] = exit_reason(n.get("exit", ""))
+            n["reason"] = exit_reason(n)
         out.append(n)
     out.sort(key=lambda d: d["ts"])   # stable: one thread's events keep their order
     return out
@@ -359,8 +351,7 @@ def _ipi_targets(e: dict) -> tuple[list[int], int | None]:
     if plane is None:
         rdx = e.get("rdx")
         if isinstance(rdx, int):
-            vtl = (rdx >> 32) & 0xFF           # HV_INPUT_VTL: bits 3:0 VTL, bit 4 use it
-            plane = vtl & 0xF if vtl & 0x10 else e.get("plane")
+            plane = HvInputVtl((rdx >> 32) & 0xFF).target(e.get("plane"))
         else:
             plane = e.get("plane")
     return [t for t in targets if isinstance(t, int)], plane
@@ -449,9 +440,10 @@ def chrome_trace(events: list[dict]) -> dict:
 class ExitPrinter:
     """A trace sink printing one line per exit: vCPU/plane, exit, RIP and the instruction.
 
-    For port I/O exits KVM has already moved RIP past an ``in``/``out``, so the line shows the
-    instruction just before RIP when that is the port instruction (a ``rep outs`` still in
-    progress leaves RIP on itself)."""
+    At an ``in`` exit RIP is on the ``in`` on every KVM. At an ``out`` exit it is past the ``out``
+    on kvm_pvm and on it on mainline KVM (``pykvmm caps``: pio_out_rip), so for ``out`` the line
+    shows the instruction just before RIP when that is the port instruction (a ``rep outs``
+    still in progress leaves RIP on itself)."""
 
     def __init__(self, machine, out, label: str = "plane"):
         from .disasm import around
@@ -464,21 +456,21 @@ class ExitPrinter:
     def __call__(self, event) -> None:
         if event.kind != ev.EXIT:
             return
-        line = self.format(event.vcpu, event.plane, event.details.get("exit", ""))
+        line = self.format(event.vcpu, event.plane, event.details)
         with self._lock:
             self.out.write(line + "\n")
             self.out.flush()
 
-    def format(self, vcpu: int, plane: int, describe: str) -> str:
-        head = f"vcpu{vcpu}/{self.label}{plane} {describe}"
+    def format(self, vcpu: int, plane: int, exit_fields: dict) -> str:
+        head = f"vcpu{vcpu}/{self.label}{plane} {X.describe_fields(exit_fields)}"
         try:
-            v = self.machine.threads[vcpu].cpu.plane_vcpu(plane)
+            v = self.machine.threads[vcpu].planes_vcpu.plane_vcpu(plane)
             rip = v.regs.rip
             code, addr = self.machine.read_code(v, rip, before=16, after=16)
         except Exception as e:       # a dead or torn-down vCPU: say so, never break the run
             return f"{head}  (state unavailable: {e})"
         insn = None
-        if describe.startswith(("IoOut", "IoIn")):
+        if exit_fields.get("exit") == "IoOut":
             prev = self._around(code, addr, rip, before=1, after=0)
             if prev and prev[0].address + prev[0].size == rip and _is_port_insn(prev[0].text):
                 insn = prev[0]

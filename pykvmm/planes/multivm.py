@@ -10,7 +10,7 @@ events itself (softswitch.py says when, the bound, and every pending bit it keep
   LAPIC (KVM_GET_LAPIC) on entry to run(), after exits of the running plane and on every
   kick; the VM's ticker kicks every vCPU whose run has requested planes (halted or not)
   every ``kick_interval``. The worst-case delay is one kick interval plus one scan
-  (scripts/bench.py: "in-kernel IPI to an inactive plane" and the halted wake-up rows).
+  (scripts/bench: "in-kernel IPI to an inactive plane" and the halted wake-up rows).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import errno
 import threading
 import time
 
-from .. import kvm as K
+from .. import exits as X
 from ..kvm import KvmError, Vcpu, Vm
 from ..uapi import ffi
 from ..x86 import insn
-from .api import MAX_PLANES, Plane, PlanesVm, pkru_xsave_offset
+from ..x86.xsave import pkru_xsave_offset
+from .api import MAX_PLANES, Plane, PlanesVm
 from .memview import (MEMORY_FAULT_EXEC, MEMORY_FAULT_READ, MEMORY_FAULT_WRITE, Access,
                       SlotLayout, multivm_check)
 from .softswitch import SoftSwitchVcpu, SoftSwitchVm
@@ -75,9 +76,9 @@ class MultiVmVcpu(SoftSwitchVcpu):
     def run_kvm(self, v: Vcpu, req: int):
         ex = super().run_kvm(v, req)
         kind = type(ex)
-        if kind is K.Mmio:
+        if kind is X.Mmio:
             return self._on_mmio(v, ex)
-        if kind is K.InternalError and ex.suberror == KVM_INTERNAL_ERROR_EMULATION:
+        if kind is X.InternalError and ex.suberror == KVM_INTERNAL_ERROR_EMULATION:
             return self._on_fetch_failure(v, ex)
         return ex
 
@@ -96,13 +97,13 @@ class MultiVmVcpu(SoftSwitchVcpu):
                     ffi.memmove(hva, ex.data, ex.length)
                 else:
                     ffi.memmove(v.run_struct.mmio.data, hva, ex.length)
-                return K.Interrupted()
+                return X.Interrupted()
         flag = MEMORY_FAULT_WRITE if ex.is_write else MEMORY_FAULT_READ
         if not ex.is_write:
             ffi.memmove(v.run_struct.mmio.data, bytes(8), 8)   # the plane never sees the data
         self._undo_instruction(v, plane, gpa)
         self.protection_faults += 1
-        return K.MemoryFault(flag, gpa, ex.length)
+        return X.MemoryFault(flag, gpa, ex.length)
 
     def _on_fetch_failure(self, v: Vcpu, ex):
         plane = self.vm.planes[self.last_plane]
@@ -117,9 +118,9 @@ class MultiVmVcpu(SoftSwitchVcpu):
         with self.vm.layout_lock:
             if not plane.view.allows(gpa, 1, Access.EXEC):
                 self.protection_faults += 1
-                return K.MemoryFault(MEMORY_FAULT_EXEC, gpa, 1)
+                return X.MemoryFault(MEMORY_FAULT_EXEC, gpa, 1)
             if not layout.mapped(gpa):
-                return K.Interrupted()         # fetched while the layout was being changed
+                return X.Interrupted()         # fetched while the layout was being changed
         return ex
 
     def _undo_instruction(self, v: Vcpu, plane, gpa: int) -> None:

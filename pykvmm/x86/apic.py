@@ -86,6 +86,11 @@ def reg32(regs: bytes, offset: int) -> int:
     return int.from_bytes(regs[offset:offset + 4], "little")
 
 
+def software_enabled(regs: bytes) -> bool:
+    """SVR bit 8: a software-disabled LAPIC accepts no fixed interrupts (SDM 10.4.7.2)."""
+    return bool(reg32(regs, APIC_SPIV) & 0x100)
+
+
 def highest_irr(regs: bytes) -> int | None:
     v = irr_vectors(regs)
     return max(v) if v else None

@@ -1,4 +1,9 @@
-"""Architectural constants: control-register bits, MSR numbers, x2APIC registers."""
+"""Architectural constants: control-register bits, MSR numbers, x2APIC registers.
+
+Importable without cffi or KVM: the guest build generates an assembler include from it."""
+
+# Planes per vCPU on x86: the KVM planes RFC's limit (Hyper-V's VTLs, SEV-SNP's VMPLs fit).
+MAX_PLANES = 16
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -22,6 +27,12 @@ EFER_NXE = 1 << 11
 RFLAGS_FIXED = 1 << 1
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
+
+# General-purpose registers in the order x86-64 debuggers list them (gdb's amd64 layout).
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+# Shared between VTLs (TLFS "Virtual Processor State Isolation"): all of them but RSP.
+SHARED_GPRS = tuple(r for r in GPRS if r != "rsp")
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_APICBASE = 0x1B

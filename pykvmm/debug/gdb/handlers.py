@@ -258,7 +258,7 @@ class GdbSession:
 
     # -- threads --------------------------------------------------------------------------------------
     def _tids(self) -> list[int]:
-        return [tid_of(t.index, p) for t in self.m.threads for p in t.cpu.planes]
+        return [tid_of(t.index, p) for t in self.m.threads for p in t.planes_vcpu.planes]
 
     def _valid_tid(self, tid: int) -> bool:
         return tid in self._tids()
@@ -285,7 +285,7 @@ class GdbSession:
     def _sel_vcpu(self):
         """The KVM vCPU of the thread gdb selected with Hg (one plane of one vCPU)."""
         v, p = split_tid(self._sel_tid())
-        return self.m.threads[v].cpu.plane_vcpu(p)
+        return self.m.threads[v].planes_vcpu.plane_vcpu(p)
 
     def _set_thread(self, text: str) -> str:
         op, tid = text[1], self._parse_tid(text[2:])

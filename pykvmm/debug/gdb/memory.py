@@ -68,9 +68,12 @@ class MemoryAndBreakpoints:
         """A Z/z packet's reply; ``args`` is what follows the letter, ``v`` the selected vCPU."""
         parts = args.split(";")[0].split(",")
         kind, addr, length = int(parts[0]), int(parts[1], 16), int(parts[2], 16)
+        if kind == 0 and self.caps.sw_bp:
+            return self._sw_break(insert, addr, v)
+        if kind in (0, 1) and insert and not self.caps.exec_bp:
+            return ("E.01.this host's KVM never reports execution breakpoints (probed at start: neither "
+                    "int3 nor a debug register stopped the guest); use stepi or Ctrl-C")
         if kind == 0:
-            if self.caps.sw_bp:
-                return self._sw_break(insert, addr, v)
             return self._hw_slot(insert, "swexec", addr, 1)
         if kind == 1:
             return self._hw_slot(insert, "exec", addr, 1)

@@ -3,8 +3,8 @@ read from and written to one KVM vCPU (one plane of one vCPU)."""
 
 from __future__ import annotations
 
-GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+from ...x86.arch import GPRS
+
 SEGS = ("cs", "ss", "ds", "es", "fs", "gs")
 FPU_CTRL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop")
 SYSREGS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")

@@ -27,6 +27,8 @@ from collections import Counter
 
 from ...planes.memview import FAULT_ACCESS
 from .. import abi, events as ev
+from ..capture import read_code
+from ..outcomes import Switch, SwitchReason
 from ..hyperv.hypercall import CallSpec, HvError
 from . import hvdef as H
 from .enable import VtlEnables
@@ -63,11 +65,11 @@ class Vsm:
         self.protections.modify_element(call.plane, header, element)
 
     def _get(self, call, header, index, element):
-        return check_header(self, call.cpu, call.plane, header).get(int.from_bytes(element, "little"))
+        return check_header(self, call.thread, call.plane, header).get(int.from_bytes(element, "little"))
 
     def _set(self, call, header, index, element):
         name = int.from_bytes(element[0:4], "little")
-        check_header(self, call.cpu, call.plane, header).set(name, element[16:32])
+        check_header(self, call.thread, call.plane, header).set(name, element[16:32])
 
     def forget(self, vcpu: int, plane: int) -> None:
         """Registers of a plane changed behind the personality's back (its copy elision)."""
@@ -99,30 +101,30 @@ class Vsm:
         return None
 
     # -- secure intercepts -----------------------------------------------------------------------
-    def on_memory_fault(self, cpu, fault) -> bool:
-        """A lower VTL broke a higher VTL's protection: intercept into that VTL. False if no
-        VTL protection explains the fault (someone else set the plane's view)."""
-        plane = cpu.plane
+    def on_memory_fault(self, thread, fault):
+        """A lower VTL broke a higher VTL's protection: a Switch into that VTL with reason
+        Intercept (the message is already delivered). None if no VTL protection explains the
+        fault (someone else set the plane's view)."""
+        plane = thread.plane
         need = FAULT_ACCESS.get(fault.flags)
         owner = None if need is None else self.protections.denier(plane, fault.gpa, need)
         if owner is None:
-            return False
-        v = cpu.cpu.plane_vcpu(plane)
+            return None
+        v = thread.plane_vcpu(plane)
         regs, sregs = v.regs, v.sregs
         events = v.get_vcpu_events()
-        code, _ = self.machine.read_code(v, regs.rip, before=0, after=16)
-        msg = memory_intercept_message(cpu.index, plane, regs, sregs, events, fault, code[:16])
-        where = deliver(self.machine, cpu.index, owner, msg)
+        code, _ = read_code(self.machine.memory, v, regs.rip, before=0, after=16)
+        msg = memory_intercept_message(thread.index, plane, regs, sregs, events, fault, code[:16])
+        where = deliver(self.machine, thread.index, owner, msg)
         self.stats["intercepts"] += 1
         self.stats["intercepts_" + where] += 1
-        self.intercepts[(cpu.index, plane, owner, need.name.lower())] += 1
+        self.intercepts[(thread.index, plane, owner, need.name.lower())] += 1
         sink = self.machine.trace
         if sink:
-            sink(ev.TraceEvent("intercept", cpu.index, plane, {"to": owner, "gpa": fault.gpa,
-                                                              "access": need.name.lower(), "rip": regs.rip,
-                                                              "message": where}))
-        cpu.switch_to(owner, reason="intercept", suspend=True)
-        return True
+            sink(ev.TraceEvent("intercept", thread.index, plane, {"to": owner, "gpa": fault.gpa,
+                                                                 "access": need.name.lower(), "rip": regs.rip,
+                                                                 "message": where}))
+        return Switch(owner, SwitchReason.INTERCEPT, suspend=True)
 
     def summary(self) -> dict:
         out = dict(self.stats)

@@ -136,7 +136,7 @@ class VtlEnables:
         if self.vp_enabled(vp) >> target & 1:
             raise HvError(H.INVALID_VTL_STATE, f"VTL{target} is already enabled on VP {vp}")
         t = self.machine.threads[vp]
-        v = t.cpu.plane_vcpu(target)
+        v = t.plane_vcpu(target)
         apply_initial_context(v, header[16:16 + 224])
         self.vsm.forget(vp, target)
         t.started_planes.add(target)          # its first entry takes this state, not the guest entry

@@ -104,7 +104,7 @@ class RegisterAccess:
 
     def _vcpu(self, name: int):
         plane = self.caller if name in SHARED else self.target
-        return self.cpu.cpu.plane_vcpu(plane)
+        return self.cpu.plane_vcpu(plane)
 
     def get(self, name: int) -> bytes:
         v = self._vcpu(name)

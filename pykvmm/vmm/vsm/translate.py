@@ -40,7 +40,7 @@ CACHE_WRITE_BACK = 6
 
 def install(vsm, table) -> None:
     def translate(call, header):
-        return translate_gva(vsm, call.cpu, call.plane, header)
+        return translate_gva(vsm, call.thread, call.plane, header)
     table.add(CallSpec(H.HVCALL_TRANSLATE_VIRTUAL_ADDRESS, "HvCallTranslateVirtualAddress", "vsm", translate,
                        header_size=32, out_size=16))
 
@@ -59,7 +59,7 @@ def translate_gva(vsm, cpu, caller: int, header: bytes) -> bytes:
     if target > caller:
         raise HvError(H.ACCESS_DENIED, f"VTL{caller} cannot translate for the higher VTL{target}")
     vsm.check_vtl_enabled(cpu, target)
-    code, gpa = _translate(vsm, cpu.cpu.plane_vcpu(target), target, flags, gva_page << 12)
+    code, gpa = _translate(vsm, cpu.plane_vcpu(target), target, flags, gva_page << 12)
     result = code | (CACHE_WRITE_BACK << 32 if code == RESULT_SUCCESS else 0)
     return struct.pack("<QQ", result, gpa >> 12 if gpa is not None else 0)
 

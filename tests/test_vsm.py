@@ -158,3 +158,16 @@ def test_each_vtl_has_its_own_local_apic(run_guest):
     s = dict(r.syncs())
     assert s[0x11] == 0xC00 and s[0x12] == 0         # VTL1: on, then off
     assert s[1] == 0xC00 and s[2] == 1               # VTL0: still on, its self-IPI arrived
+
+
+def test_vina_notifies_the_higher_vtl_of_a_lower_vtls_interrupt(run_vsm):
+    """HvRegisterVsmVina: an interrupt for VTL0 while VTL1 runs raises VTL1's VINA vector once
+    and latches VinaAsserted; AutoReset clears it when VTL1 returns, then VTL0 takes its
+    interrupt. Without VINA the lower VTL's interrupt just waits (test_vtl)."""
+    r = run_vsm("vsm_vina", planes=2, vtl_boot="pykvmm")
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[0x11] == 1 << REPS and s[0x12] == 1 and s[0x13] == 1
+    assert s[0x14] == 0x360 and s[0x15] == INVALID_PARAMETER
+    assert s[1] == 1 and s[0x16] == 0
+    assert r.stats["vsm"]["vina_asserted"] == 1

@@ -141,10 +141,15 @@ class VtlPolicy(PlanePolicy):
 
     # -- the run loop's questions ----------------------------------------------------------------
     def req_exit_planes(self, thread) -> int:
-        return self._higher[thread.plane] & self.enabled[thread.index]
+        req = self._higher[thread.plane] & self.enabled[thread.index]
+        if self.vsm is not None and self.vsm.vina_armed:
+            req |= self.vsm.vina_watch(thread)      # lower planes whose interrupts raise VINA
+        return req
 
     def on_plane_event(self, thread, event) -> Switch | None:
         candidates = event.target & self._higher[thread.plane] & self.enabled[thread.index]
+        if not candidates and self.vsm is not None and self.vsm.vina_event(thread, event.target):
+            return None
         if not candidates:
             self._stats[thread.index]["events_spurious"] += 1
             return None
@@ -165,6 +170,8 @@ class VtlPolicy(PlanePolicy):
         code = ENTRY_REASONS.get(reason)
         if code is not None:
             self.machine.memory.write_u32(self.vtl_control(thread.index, dst) + abi.VTL_ENTRY_REASON, code)
+        if reason is SwitchReason.RETURN and self.vsm is not None and self.vsm.vina_armed:
+            self.vsm.vina_returned(thread.index, src)
 
     def vtl_control(self, vcpu: int, plane: int) -> int:
         """The page holding this VTL's HV_VP_VTL_CONTROL (EntryReason, VtlReturnX64Rax/Rcx):

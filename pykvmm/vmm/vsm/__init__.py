@@ -31,7 +31,8 @@ from ..capture import read_code
 from ..outcomes import Switch, SwitchReason
 from ..hyperv.hypercall import CallSpec, HvError
 from . import hvdef as H
-from .enable import VtlEnables
+from ...x86 import apic
+from .enable import VINA_AUTO_EOI, VINA_AUTO_RESET, VtlEnables
 from .intercept import deliver, memory_intercept_message
 from .protections import VtlProtections
 from .registers import check_header
@@ -86,6 +87,50 @@ class Vsm:
 
     def set_register(self, cpu, caller: int, target: int, name: int, value: int) -> bool:
         return self.enables.set(cpu, caller, target, name, value)
+
+    # -- VINA (TLFS "Virtual Interrupt Notification Assist") -----------------------------------
+    @property
+    def vina_armed(self) -> bool:
+        """Whether any VTL of any VP enabled VINA (the run loop asks only then)."""
+        return bool(self.enables.vina_enabled)
+
+    def vina_watch(self, thread) -> int:
+        """Lower planes whose deliverable interrupts must end the running plane's run: those
+        below a VTL that enabled VINA and whose VinaAsserted is clear."""
+        vina = self.enables.vina_config(thread.index, thread.plane)
+        if not vina or self._vina_asserted(thread.index, thread.plane):
+            return 0
+        return ((1 << thread.plane) - 1) & self.enables.vp_enabled(thread.index)
+
+    def vina_event(self, thread, target: int) -> bool:
+        """An interrupt for a lower VTL became deliverable while this VTL runs: latch
+        VinaAsserted and send this VTL its VINA vector (once, edge). True if that happened."""
+        vcpu, plane = thread.index, thread.plane
+        vina = self.enables.vina_config(vcpu, plane)
+        if not vina or not target & ((1 << plane) - 1) or self._vina_asserted(vcpu, plane):
+            return False
+        page = self.policy.vtl_control(vcpu, plane) + abi.VTL_VINA_STATUS
+        mem = self.machine.memory
+        mem.write(page, bytes([mem.read(page, 1)[0] | 1]))
+        vector = vina & 0xFF
+        hv = self.machine.hyperv
+        if hv is not None:
+            hv.assert_vector(vcpu, plane, vector, auto_eoi=bool(vina & VINA_AUTO_EOI))
+        else:
+            self.machine.pvm.planes[plane].signal_msi(*apic.msi_message(vcpu, vector))
+        self.stats["vina_asserted"] += 1
+        return True
+
+    def vina_returned(self, vcpu: int, plane: int) -> None:
+        """A VtlReturn from ``plane``: AutoReset clears its VinaAsserted."""
+        vina = self.enables.vina_config(vcpu, plane)
+        if vina & VINA_AUTO_RESET:
+            page = self.policy.vtl_control(vcpu, plane) + abi.VTL_VINA_STATUS
+            mem = self.machine.memory
+            mem.write(page, bytes([mem.read(page, 1)[0] & ~1]))
+
+    def _vina_asserted(self, vcpu: int, plane: int) -> bool:
+        return bool(self.machine.memory.read(self.policy.vtl_control(vcpu, plane) + abi.VTL_VINA_STATUS, 1)[0] & 1)
 
     def interrupt_refusal(self, caller: int, target: int) -> tuple[int, str] | None:
         """TLFS VTL interrupt rules for the synthetic IPIs (SendSyntheticClusterIpi/Ex): with

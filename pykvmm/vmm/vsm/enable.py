@@ -38,6 +38,12 @@ VSM registers (through HvCallGet/SetVpRegisters):
   VsmVpSecureVtlConfig (0xD0010 + n, for a VTL n below the caller): MbecEnabled 0 (refused: no
       MBEC), TlbLocked 1 (kept; pykvmm keeps no TLB, so nothing to lock); other bits
       INVALID_PARAMETER.
+  VsmVina (0xD0005, the VTL's own, per VP): Vector 7:0, Enabled 8, AutoReset 9, AutoEoi 10
+      (other bits, or an enabled vector below 16 -> INVALID_PARAMETER). With Enabled, an
+      interrupt that becomes deliverable in a lower VTL of the VP while this VTL runs latches
+      VinaAsserted (VP_VTL_CONTROL byte 0x0C, bit 0) and sends this VTL the vector, once,
+      until the guest clears VinaAsserted or, with AutoReset, the VTL returns; AutoEoi delivers
+      it with auto-EOI (Hyper-V layer).
   VpAssistPage (0x90013): the target VTL's HV_X64_MSR_VP_ASSIST_PAGE (a page outside guest
       memory -> INVALID_PARAMETER).
 """
@@ -52,7 +58,7 @@ from .. import abi
 from ..hyperv.hypercall import CallSpec, HvError
 from . import hvdef as H
 from .protections import check_partition, check_mask
-from .registers import (REG_VP_ASSIST_PAGE, REG_VSM_CAPABILITIES, REG_VSM_CODE_PAGE_OFFSETS,
+from .registers import (REG_VP_ASSIST_PAGE, REG_VSM_VINA, REG_VSM_CAPABILITIES, REG_VSM_CODE_PAGE_OFFSETS,
                         REG_VSM_PARTITION_CONFIG, REG_VSM_PARTITION_STATUS, REG_VSM_VP_SECURE_CONFIG_VTL0,
                         REG_VSM_VP_STATUS, set_seg, set_table)
 
@@ -62,6 +68,9 @@ CONFIG_DEFAULT_MASK_SHIFT = 1
 CONFIG_ZERO_MEMORY_ON_RESET = 1 << 5
 CONFIG_DENY_LOWER_VTL_STARTUP = 1 << 6
 CONFIG_KNOWN = 0x7F
+VINA_ENABLED = 1 << 8
+VINA_AUTO_RESET = 1 << 9
+VINA_AUTO_EOI = 1 << 10
 SECURE_CONFIG_MBEC = 1 << 0
 SECURE_CONFIG_TLB_LOCKED = 1 << 1
 CONTEXT_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
@@ -79,6 +88,8 @@ class VtlEnables:
         self.partition = 1 if self.tlfs else (1 << self.plane_count) - 1
         self.config = [0] * self.plane_count                        # VsmPartitionConfig per VTL
         self.secure_config: dict[tuple[int, int], int] = {}         # (vp, lower VTL) -> value
+        self.vina: dict[tuple[int, int], int] = {}                  # (vp, VTL) -> HvRegisterVsmVina
+        self.vina_enabled: set[tuple[int, int]] = set()
         policy = vsm.policy
         if m.config.vtl_boot not in ("pykvmm", "tlfs"):
             raise ValueError(f"--vtl-boot must be pykvmm or tlfs, not {m.config.vtl_boot!r}")
@@ -143,6 +154,10 @@ class VtlEnables:
         self.vsm.policy.enabled[vp] |= 1 << target
         return None
 
+    def vina_config(self, vp: int, vtl: int) -> int:
+        """HvRegisterVsmVina of (vp, vtl) if VINA is enabled there, else 0."""
+        return self.vina.get((vp, vtl), 0) if (vp, vtl) in self.vina_enabled else 0
+
     # -- VSM registers ------------------------------------------------------------------------
     def get(self, cpu, caller: int, target: int, name: int) -> int | None:
         if name == REG_VSM_CODE_PAGE_OFFSETS:
@@ -158,6 +173,8 @@ class VtlEnables:
         if name == REG_VP_ASSIST_PAGE:
             hv = self.machine.hyperv
             return hv.vp(cpu.index, target).vp_assist if hv is not None else None
+        if name == REG_VSM_VINA:
+            return self.vina.get((cpu.index, target), 0)
         lower = name - REG_VSM_VP_SECURE_CONFIG_VTL0
         if 0 <= lower < 16 and lower < target:
             return self.secure_config.get((cpu.index, lower), 0)
@@ -166,6 +183,17 @@ class VtlEnables:
     def set(self, cpu, caller: int, target: int, name: int, value: int) -> bool:
         if name == REG_VSM_PARTITION_CONFIG and target:
             self._set_partition_config(target, value)
+            return True
+        if name == REG_VSM_VINA:
+            if value & ~(0xFF | VINA_ENABLED | VINA_AUTO_RESET | VINA_AUTO_EOI):
+                raise HvError(H.INVALID_PARAMETER, f"VsmVina {value:#x} has reserved bits")
+            if value & VINA_ENABLED and (value & 0xFF) < 0x10:
+                raise HvError(H.INVALID_PARAMETER, f"VsmVina vector {value & 0xFF:#x} is below 16")
+            self.vina[(cpu.index, target)] = value
+            if value & VINA_ENABLED:
+                self.vina_enabled.add((cpu.index, target))
+            else:
+                self.vina_enabled.discard((cpu.index, target))
             return True
         if name == REG_VP_ASSIST_PAGE and self.machine.hyperv is not None:
             if value & 1 and (value & ~0xFFF) + 0x1000 > self.machine.memory.size:

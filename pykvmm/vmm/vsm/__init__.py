@@ -172,9 +172,10 @@ class Vsm:
         return Switch(owner, SwitchReason.INTERCEPT, suspend=True)
 
     def summary(self) -> dict:
+        """The VSM counters, when the guest used VSM at all (nothing for a plain VTL guest)."""
         out = dict(self.stats)
         out.update(self.protections.summary())
-        return {"vsm": out}
+        return {"vsm": out} if any(out.values()) else {}
 
 
 def install(hv) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..kvm import KvmError, Vcpu
 from ..x86 import arch
+from ..x86.sysstate import read_system_state
 from .results import CpuReport, PlaneState
 
 
@@ -70,5 +71,5 @@ def capture(memory, thread) -> CpuReport:
             continue
         code, addr = read_code(memory, vcpu, regs.rip)
         planes[p] = PlaneState(p, regs_dict(regs), sregs_dict(sregs), events_dict(events), code, addr,
-                               started=started)
+                               started=started, system=read_system_state(vcpu))
     return CpuReport(thread.index, thread.plane, list(thread.suspended), planes)

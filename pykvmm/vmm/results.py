@@ -33,6 +33,7 @@ class PlaneState:
     code: bytes = b""
     code_addr: int = 0
     started: bool = True
+    system: dict = field(default_factory=dict)   # x86.sysstate.read_system_state: DRs, MSRs, LAPIC
 
 
 @dataclass

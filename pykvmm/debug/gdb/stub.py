@@ -18,8 +18,9 @@ from .hostcaps import HostDebugCaps, probe_host
 
 class GdbStub:
     def __init__(self, machine, address: str, stop_on_switch: bool = False, label: str = "plane",
-                 log=None, caps: HostDebugCaps | None = None):
+                 log=None, caps: HostDebugCaps | None = None, symbols=None):
         self.m = machine
+        self.symbols = symbols
         self.address = address
         self.log = log or (lambda msg: None)
         caps = caps if caps is not None else probe_host(machine.pvm.backend, machine.config.kvm_device)
@@ -121,7 +122,7 @@ class GdbStub:
             if sock is None:
                 return
             conn = PacketConnection(sock)
-            self.session = session = GdbSession(self.control, conn)
+            self.session = session = GdbSession(self.control, conn, self.symbols)
             if self.connected:
                 self.control.attach()
                 self.log("gdb stub: gdb connected again; every vCPU stops")

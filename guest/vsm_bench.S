@@ -1,8 +1,9 @@
 /*
  * vsm_bench (1 vCPU, 2 VTLs, --hyperv, --vtl-boot tlfs; --arg = N | mode << 32, N = 0 for
  * 10000, mode 0 both loops, 1 the VtlCall loop only, 2 the intercept loop only): the TLFS
- * path's costs (scripts/bench.py row 7). VTL0 enables VTL1 (EnablePartitionVtl, EnableVpVtl), VTL1 enables its VP
- * assist page (entry reasons go there) and makes one page --- for VTL0. Then VTL0 does:
+ * path's costs (scripts/bench row 8). VTL0 enables VTL1 (EnablePartitionVtl, EnableVpVtl),
+ * VTL1 enables its VP assist page (entry reasons go there) and makes one page --- for VTL0.
+ * Then VTL0 does:
  *   SYNC 1, 0; N VtlCall + fast VtlReturn round trips; SYNC 2, N;
  *   N writes to the protected page, each a secure intercept that VTL1 answers by skipping
  *   the write (HvCallSetVpRegisters RIP) and a fast VtlReturn; SYNC 3, N. DONE.

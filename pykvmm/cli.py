@@ -23,6 +23,24 @@ from .debug.symbols import SymbolError, Symbols
 DEMO_VCPUS, DEMO_PLANES = 2, 2
 
 
+MAX_TIMEOUT = 30 * 86400.0
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in (0, MAX_TIMEOUT]: inf, nan and 1e10 are typing errors."""
+
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):
+        try:
+            s = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not 0 < s <= MAX_TIMEOUT:          # false for nan too
+            self.fail(f"{value} is not a number of seconds in (0, {MAX_TIMEOUT:.0f}] (30 days)", param, ctx)
+        return s
+
+
 def _err(msg: str) -> None:
     click.echo(f"pykvmm: {msg}", err=True)
 
@@ -79,8 +97,8 @@ def main():
               show_default=True, help="How planes are made (auto: native > apic-groups > multivm).")
 @click.option("--personality", type=click.Choice(["auto", *POLICIES]), default="auto", show_default=True,
               help="Plane policy (auto: vtl when --planes > 1).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop the guest after SECONDS (exit status 4).")
+@click.option("--timeout", type=Seconds(), default=None,
+              help=f"Stop the guest after SECONDS (exit status 4); at most {MAX_TIMEOUT:.0f}.")
 @click.option("--arg", type=click.IntRange(0, 2**64 - 1), default=0, help="Value passed to the guest in boot info.")
 @click.option("--mem", "mem_mib", type=click.IntRange(32, 65536), default=abi.DEFAULT_MEM_SIZE >> 20,
               show_default=True, help="Guest memory in MiB (a multiple of 2).")
@@ -233,7 +251,8 @@ def _report(result, planes: int, label: str, symbols) -> None:
         _err("the registers and code above are the crashed vCPU's, every plane; fix the guest "
              "(a triple fault usually means an exception with no usable IDT)")
     elif result.status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
-        why = "timed out" if result.status == ExitStatus.TIMEOUT else "was interrupted"
+        why = ("was interrupted" if result.status == ExitStatus.INTERRUPTED
+               else f"hung: {result.message}" if result.message else "timed out")
         _err(f"guest {why}; where each unfinished vCPU was:")
         for rep in result.timeout_reports:
             click.echo("  " + where(rep, symbols), err=True)
@@ -299,6 +318,7 @@ def _load_trace(file, vcpu, plane, start, end, kind):
     from .debug.trace import TraceFormatError, load
 
     try:
+        os.close(loader.open_regular_file(file, "trace file"))
         flt = TraceFilter(parse_ids(vcpu, "vcpu"), parse_ids(plane, "plane"), start, end, parse_kinds(kind))
         return load(file), flt
     except (TraceFormatError, UnicodeDecodeError, ValueError) as e:

@@ -256,7 +256,7 @@ def test_elf_symbols_match_nm():
 
 def synthetic(n):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from bench_trace import synthetic_trace
+    from bench.trace_export import synthetic_trace
     return synthetic_trace(n)
 
 

@@ -65,7 +65,8 @@ class Machine:
     called with every TraceEvent, or None), ``debugger`` (the gdb stub's all-stop control),
     ``crash_hooks`` (callables(Crash) run when a vCPU crashes, before the machine stops)."""
 
-    POLL_INTERVAL = 0.05     # how often run() looks at signals, the deadline and halted vCPUs
+    POLL_INTERVAL = 0.05     # how often run() looks at signals and the deadline
+    HANG_CHECK_INTERVAL = 0.5  # how often it looks for vCPUs that made no exit (see _hung)
 
     def __init__(self, image: bytes, config: MachineConfig | None = None):
         self.config = cfg = config or MachineConfig()
@@ -90,6 +91,8 @@ class Machine:
         self._stdout_closed = False
         self._console_blocked = False
         self._interrupted = False
+        self.halt_probe = 0             # bumped to ask every vCPU thread whether it is halted for good
+        self._progress = -1
         self._ucalls: deque[Ucall] = deque(maxlen=UCALL_HISTORY)
         self._ucall_counts: dict[str, int] = {}
         self._failure: Ucall | None = None
@@ -177,6 +180,8 @@ class Machine:
             self.hyperv.start()
         status = None
         deadline = None if timeout is None else start + timeout
+        hang_check = start + self.HANG_CHECK_INTERVAL
+        hang = None
         try:    # from the first thread's start on: an interrupt must stop the threads started
             for t in self.threads:
                 t.thread = threading.Thread(target=t.main, name=f"vcpu{t.index}", daemon=True)
@@ -184,9 +189,16 @@ class Machine:
             while not self._finished.wait(self.POLL_INTERVAL):
                 if self._interrupted:
                     break
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     status = ExitStatus.TIMEOUT
                     break
+                if now >= hang_check:
+                    hang_check = now + self.HANG_CHECK_INTERVAL
+                    hang = self._hung()
+                    if hang:
+                        status = ExitStatus.TIMEOUT
+                        break
         except KeyboardInterrupt:
             self._interrupted = True
         if self._interrupted:
@@ -194,9 +206,28 @@ class Machine:
         self.stop()
         elapsed = time.monotonic() - start
         result = self._result(status, elapsed)
+        if hang and result.status == ExitStatus.TIMEOUT:
+            result.message = hang
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "end", "status": result.status.name}))
         return result
+
+    def _hung(self) -> str | None:
+        """A hang nobody would see: every unfinished vCPU halted with interrupts off and nothing
+        that could wake it. Asked only after a HANG_CHECK_INTERVAL without a guest exit: the
+        vCPU threads are kicked and answer from their own thread (halt_probe); the next check
+        without an exit reads the answers. Not while a debugger holds the vCPUs."""
+        live = [t for t in self.threads if not t.done]
+        progress = sum(t.exits - t.kicks for t in self.threads)
+        if self.debugger is not None or not live or progress != self._progress:
+            self._progress = progress
+            return None
+        if all(t.halt_probe_seen == self.halt_probe and t.halted_for_good for t in live) and self.halt_probe:
+            return "all vCPUs halted with interrupts disabled"
+        self.halt_probe += 1
+        for t in live:
+            t.planes_vcpu.kick()
+        return None
 
     def interrupt(self) -> None:
         """Stop the run with status INTERRUPTED (safe in a signal handler: only sets a flag)."""

@@ -21,13 +21,18 @@ import traceback
 from .. import exits as X
 from ..kvm import KvmError, Vcpu
 from ..planes.api import KICK_SIGNAL
-from ..x86 import arch
+from ..uapi import constants as C, ffi
+from ..x86 import apic, arch
 from . import abi, events as ev
 from .crash_state import recover_after_shutdown
 from .devices import BadUcall, decode_ucall
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, call_name
 from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Stop, StopKind, Switch
+
+
+def lapic_bytes(vcpu: Vcpu) -> bytes:
+    return bytes(ffi.buffer(vcpu.get_lapic().regs))
 
 
 def _name_os_thread(name: str) -> None:
@@ -54,6 +59,9 @@ class VcpuThread:
         self.exits = 0
         self.switches: dict[tuple[int, int], int] = {}
         self.entry_reasons: dict[str, int] = {}
+        self.kicks = 0                  # exits that were kicks (not the guest's doing)
+        self.halt_probe_seen = 0        # Machine.halt_probe this thread last answered
+        self.halted_for_good = False    # its answer
         # port -> handler(IoOut exit) returning an outcome; None ignores the write. Public:
         # devices and tests add ports with set_port_handler().
         self.port_handlers = {
@@ -66,7 +74,7 @@ class VcpuThread:
             X.IoOut: self._on_io_out,
             X.IoIn: self._on_io_in,
             X.Mmio: self._on_mmio,
-            X.Interrupted: None,                    # a kick: the loop re-checks stop/done and runs again
+            X.Interrupted: self._on_interrupted,
             X.PlaneEvent: self._on_plane_event,
             X.Shutdown: self._on_shutdown,
             X.FailEntry: lambda ex: self._crashed(
@@ -92,10 +100,13 @@ class VcpuThread:
         """Writes to ``port`` go to ``handler(exit)``, which returns an outcome (or None)."""
         self.port_handlers[port] = handler
 
-    def set_exit_handler(self, exit_type: type, handler) -> None:
+    def set_exit_handler(self, exit_type: type, handler):
         """Exits of ``exit_type`` (an exits.Exit class) go to ``handler(exit)``, which returns
-        an outcome (or None); e.g. a personality's MSR exits."""
+        an outcome (or None); e.g. a personality's MSR exits. Returns the handler it replaces
+        (None if none), for a handler that adds to it."""
+        previous = self._exit_handlers.get(exit_type)
         self._exit_handlers[exit_type] = handler
+        return previous
 
     # -- the loop ------------------------------------------------------------------------
     def main(self) -> None:
@@ -224,6 +235,26 @@ class VcpuThread:
             self._unknown_ports.add(ex.port)
             self.machine.warn(f"vcpu{self.index}/plane{self.plane}: write to unhandled port {ex.port:#x} ignored",
                               kind="unhandled port")
+
+    def _on_interrupted(self, ex) -> None:
+        # a kick: the loop re-checks stop/done and runs again; first answer a halt probe
+        self.kicks += 1
+        probe = self.machine.halt_probe
+        if probe != self.halt_probe_seen:
+            self.halted_for_good = self._halted_for_good()
+            self.halt_probe_seen = probe
+
+    def _halted_for_good(self) -> bool:
+        """Halted with interrupts off, and nothing that could wake it: no NMI pending or
+        possible from its LAPIC, no interrupt pending or armed in a plane that would preempt."""
+        vcpu = self.plane_vcpu()
+        if vcpu.get_mp_state() != C.KVM_MP_STATE_HALTED or vcpu.regs.rflags & arch.RFLAGS_IF:
+            return False
+        if vcpu.get_vcpu_events().nmi.pending or apic.could_interrupt(lapic_bytes(vcpu), nmi_only=True):
+            return False
+        req = self.machine.policy.req_exit_planes(self)
+        return not any(apic.could_interrupt(lapic_bytes(self.plane_vcpu(p)))
+                       for p in self.planes_vcpu.planes if req >> p & 1)
 
     def _on_plane_event(self, ex) -> Outcome:
         sink = self.machine.trace

@@ -26,13 +26,13 @@ from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
 PIO_REF_SRC = REPO / "scripts" / "pio_ref.c"
 
 FULL = dict(repeats=11, pio_n=20000, switch_n=2500, vtl_n=1500, c_switch_n=12000,
-            ipi_rounds=500, pingpong_n=500, startup_runs=7, build_runs=10,
+            ipi_rounds=500, pingpong_n=500, startup_runs=7, build_runs=10, wide_runs=3, wide_vcpus=64,
             scale_n=1500, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2, 4, 8), rss_copies=4,
-            small_kick=1e-4)
+            small_kick=1e-4, trace_events=100_000)
 QUICK = dict(repeats=2, pio_n=300, switch_n=30, vtl_n=30, c_switch_n=300,
-             ipi_rounds=8, pingpong_n=8, startup_runs=1, build_runs=2,
+             ipi_rounds=8, pingpong_n=8, startup_runs=1, build_runs=2, wide_runs=1, wide_vcpus=8,
              scale_n=5, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2), rss_copies=1,
-             small_kick=1e-4)
+             small_kick=1e-4, trace_events=4000)
 
 # ---- small helpers -----------------------------------------------------------------------------
 

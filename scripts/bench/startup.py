@@ -16,6 +16,7 @@ from .common import env, fmt, image, log, median
 
 KEYS = ("4_startup",)
 TARGET_FIRST_INSTRUCTION_S = 0.5
+TARGET_WIDE_HELLO_S = 5.0           # `pykvmm run hello --vcpus 64 --planes 16`, process start to exit
 
 
 STARTUP_PROBE = r"""
@@ -80,6 +81,18 @@ def run(ctx) -> dict:
             ts.append(time.perf_counter() - t0)
             m.close()
         builds[f"{vcpus}x{planes}"] = median(ts) * 1e3
+    wide = {}
+    for planes in (2, 16):          # 64 vCPUs x 16 planes against x 2 planes, interleaved
+        wide[planes] = []
+    for _ in range(P["wide_runs"]):
+        for planes in wide:
+            t_spawn = time.monotonic()
+            res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hello", "--vcpus", str(P["wide_vcpus"]),
+                                  "--planes", str(planes), "--quiet"], capture_output=True, text=True,
+                                 env=env(), timeout=600)
+            if res.returncode != 0:
+                raise RuntimeError(f"wide hello failed ({res.returncode}): {res.stderr[-800:]}")
+            wide[planes].append(time.monotonic() - t_spawn)
     keys = probe[0].keys()
     med = {k: median([p[k] for p in probe]) for k in keys}
     return {"4_startup": {"command": "python -m pykvmm " + " ".join(args), "guest": label,
@@ -87,6 +100,8 @@ def run(ctx) -> dict:
             "cli_process_exit_median_s": median([c["process_exit_s"] for c in cli_runs]),
             "cli_statuses": [c["status"] for c in cli_runs], "bare_python_start_s": bare_python,
             "machine_build_ms": builds,
+            "wide_hello": {"vcpus": P["wide_vcpus"], "process_exit_s": {str(p): median(ts) for p, ts in wide.items()},
+                           "ratio_16_over_2": median(wide[16]) / median(wide[2])},
             "method": "parent time.monotonic() before spawning vs the child's TraceEvent times (same clock): "
                       "the child is `python -c <probe>` that imports pykvmm.cli, installs a trace sink and calls "
                       "the CLI's main with the same arguments; 'first_exit' is the guest's first exit (its "
@@ -98,6 +113,9 @@ def verdicts(rows: dict, add) -> None:
     if r4:
         add(4, "process start to first guest exit", r4["probe_median_s"]["first_exit_s"],
             TARGET_FIRST_INSTRUCTION_S, "s")
+        w = r4["wide_hello"]
+        add(4, f"hello {w['vcpus']} vCPUs x 16 planes, process start to exit", w["process_exit_s"]["16"],
+            TARGET_WIDE_HELLO_S, "s")
 
 
 def table(rows: dict, L) -> None:
@@ -111,3 +129,6 @@ def table(rows: dict, L) -> None:
           f"exit {fmt(m['process_exit_s'], 3)} s; plain `python -m pykvmm` exit "
           f"{fmt(r4['cli_process_exit_median_s'], 3)} s; bare python {fmt(r4['bare_python_start_s'], 3)} s")
         L("4", "Machine(...) construction", ", ".join(f"{k} {fmt(v)} ms" for k, v in r4["machine_build_ms"].items()), "")
+        w = r4["wide_hello"]
+        L("4", f"hello {w['vcpus']} vCPUs x 16 planes, process exit", f"{fmt(w['process_exit_s']['16'], 2)} s",
+          f"x 2 planes {fmt(w['process_exit_s']['2'], 2)} s: ratio {fmt(w['ratio_16_over_2'], 2)}x")

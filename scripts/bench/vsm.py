@@ -1,4 +1,4 @@
-"""Row 7, VSM on the TLFS path (issue 14; guest/vsm_bench with --hyperv and --vtl-boot tlfs):
+"""Row 8, VSM on the TLFS path (issue 14; guest/vsm_bench with --hyperv and --vtl-boot tlfs):
 VtlCall+VtlReturn with VTL1 enabled by EnableVpVtl and its entry reasons in its VP assist page,
 next to the same round trip on pykvmm's own path (guest/vtl_roundtrip) and that guest's bare
 two-KVM_RUN driver (the floor, common.RawPlanes); and the cost of one intercepted write
@@ -13,14 +13,14 @@ import collections
 
 from .common import RawPlanes, fmt, image, log, median, per, run_machine, spread
 
-KEYS = ("7_vsm",)
+KEYS = ("8_vsm",)
 MODE_CALLS, MODE_INTERCEPTS = 1, 2      # guest/vsm_bench: --arg = N | mode << 32
 
 
 def run(ctx) -> dict:
     from pykvmm.vmm.hyperv import HvConfig
     P = ctx.P
-    log("row 7: VSM, TLFS path")
+    log("row 8: VSM, TLFS path")
     hv = dict(vcpus=1, planes=2, personality="vtl", hyperv=HvConfig.everything(), vtl_boot="tlfs")
     n = P["vtl_n"]
     samples = collections.defaultdict(list)
@@ -53,7 +53,7 @@ def run(ctx) -> dict:
     out["tlfs_call_return_raw_exits"] = out["tlfs_call_return_us"] / raw
     out["intercept_raw_exits"] = out["intercept_us"] / raw
     out["tlfs_over_pykvmm_path"] = out["tlfs_call_return_us"] / out["pykvmm_call_return_us"]
-    return {"7_vsm": out}
+    return {"8_vsm": out}
 
 
 def verdicts(rows: dict, add) -> None:
@@ -61,12 +61,12 @@ def verdicts(rows: dict, add) -> None:
 
 
 def table(rows: dict, L) -> None:
-    r7 = rows.get("7_vsm")
+    r7 = rows.get("8_vsm")
     if r7:
-        L("7", "VtlCall+VtlReturn, TLFS path (hv, VP assist page)", f"{fmt(r7['tlfs_call_return_us'])} us",
+        L("8", "VtlCall+VtlReturn, TLFS path (hv, VP assist page)", f"{fmt(r7['tlfs_call_return_us'])} us",
           f"{fmt(r7['tlfs_call_return_raw_exits'], 2)} raw exits; {fmt(r7['tlfs_over_pykvmm_path'], 2)}x pykvmm's path")
-        L("7", "  pykvmm path (vtl_roundtrip) / its bare 2-KVM_RUN driver (floor)",
+        L("8", "  pykvmm path (vtl_roundtrip) / its bare 2-KVM_RUN driver (floor)",
           f"{fmt(r7['pykvmm_call_return_us'])} / {fmt(r7['raw_driver_us'])} us", "")
-        L("7", "intercepted write (intercept, SetVpRegisters RIP, VtlReturn)", f"{fmt(r7['intercept_us'])} us",
+        L("8", "intercepted write (intercept, SetVpRegisters RIP, VtlReturn)", f"{fmt(r7['intercept_us'])} us",
           f"{fmt(r7['intercept_raw_exits'], 2)} raw exits; {fmt(r7['intercept_ioctls'], 2)} ioctls: "
           + ", ".join(f"{k} {v}" for k, v in r7["intercept_ioctls_by_name"].items()))

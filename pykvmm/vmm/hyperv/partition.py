@@ -107,7 +107,12 @@ class HyperV:
         """Give one vCPU thread the MSR exits and the auto-EOI service on kicks."""
         t.set_exit_handler(X.X86Rdmsr, lambda ex, t=t: self._on_rdmsr(t, ex))
         t.set_exit_handler(X.X86Wrmsr, lambda ex, t=t: self._on_wrmsr(t, ex))
-        t.set_exit_handler(X.Interrupted, lambda ex, t=t: self.service(t))     # a kick: service, run on
+        kicked = t.set_exit_handler(X.Interrupted, None)
+
+        def on_interrupted(ex, t=t):        # a kick: EOI what we delivered with auto-EOI first
+            self.service(t)
+            return kicked(ex)
+        t.set_exit_handler(X.Interrupted, on_interrupted)
         t.set_port_handler(self.testdev_port, lambda ex, t=t: self.testdev.on_write(t, ex))
 
     def start(self) -> None:

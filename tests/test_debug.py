@@ -300,15 +300,17 @@ def test_the_hypercall_that_switched_is_drawn_in_the_source_planes_slice(kvm_ava
 
 @pytest.mark.slow
 def test_chrome_export_of_100k_events_is_linear():
-    small, full = synthetic(25_000), synthetic(100_000)
-    t0 = time.process_time()            # CPU time: the machine is shared, the figure is the work
-    export.chrome_trace(small)
-    t1 = time.process_time()
-    doc = export.chrome_trace(full)
-    json.dumps(doc, separators=(",", ":"))
-    t2 = time.process_time()
-    assert t2 - t1 < 5.0, f"100k events took {t2 - t1:.1f} s"
-    assert (t2 - t1) / (t1 - t0) < 8, "4x the events took more than 8x the time: not linear"
+    def cpu_seconds(events):        # CPU time: the machine is shared, the figure is the work
+        best = None
+        for _ in range(2):
+            t0 = time.process_time()
+            json.dumps(export.chrome_trace(events), separators=(",", ":"))
+            t = time.process_time() - t0
+            best = t if best is None else min(best, t)
+        return best
+    small, full = cpu_seconds(synthetic(25_000)), cpu_seconds(synthetic(100_000))
+    assert full < 5.0, f"100k events took {full:.1f} s"
+    assert full / small < 8, f"4x the events took {full / small:.1f}x the time: not linear"
 
 
 @pytest.fixture(scope="module")

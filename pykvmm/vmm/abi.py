@@ -113,13 +113,6 @@ HVCALL_GET_VP_REGISTERS = 0x0050
 HVCALL_SET_VP_REGISTERS = 0x0051
 
 
-def _asm_include() -> str:
-    lines = ["/* generated from pykvmm/vmm/abi.py: do not edit */"]
-    for name, value in globals().items():
-        if name.isupper() and isinstance(value, int):
-            lines.append(f".set {name}, {value:#x}")
-    return "\n".join(lines) + "\n"
-
-
 if __name__ == "__main__":
-    print(_asm_include(), end="")
+    from ..asminc import asm_include
+    print(asm_include("pykvmm/vmm/abi.py", globals()), end="")

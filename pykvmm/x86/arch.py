@@ -60,6 +60,7 @@ X2APIC_ID = 0x802
 X2APIC_TPR = 0x808
 X2APIC_EOI = 0x80B
 X2APIC_SVR = 0x80F
+X2APIC_ISR0 = 0x810         # ISR bits 0-31; 0x811 bits 32-63; ... 0x817
 X2APIC_ICR = 0x830
 
 # exception vectors
@@ -69,3 +70,8 @@ EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6
                    8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
                    17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
 EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+
+
+if __name__ == "__main__":      # the guests' arch.inc
+    from ..asminc import asm_include
+    print(asm_include("pykvmm/x86/arch.py", globals()), end="")

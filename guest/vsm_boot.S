@@ -69,7 +69,7 @@ main:
     cmp rdi, 1
     jae .Ldone
     VSM_VTL_INIT
-    SET_HANDLER VECTOR_UD, ud_handler
+    SET_HANDLER VEC_UD, ud_handler
     mov eax, 0x40000003
     cpuid
     shr ebx, 16

@@ -60,6 +60,8 @@ class MachineConfig:
     hyperv: object = None          # hyperv.HvConfig: the Hyper-V enlightenments, or None
     cpu: str | None = None         # QEMU -cpu syntax (x86/cpu_model.py); None: all KVM supports
     pit: bool = True               # the in-kernel i8254 (KVM_CREATE_PIT2)
+    vtl_boot: str = "pykvmm"       # "pykvmm": every VTL starts at the guest entry; "tlfs": only
+                                   # VTL0 runs at reset (needs hv_vsm; see vmm/vsm/enable.py)
 
 
 class Machine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -11,13 +12,32 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
+from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError, open_files_hint as _open_files_hint
 from .vmm import abi, loader
 from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
 from .debug.session import DebugSession
+from .debug.symbols import SymbolError, Symbols
 
 DEMO_VCPUS, DEMO_PLANES = 2, 2
+
+
+MAX_TIMEOUT = 30 * 86400.0
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in (0, MAX_TIMEOUT]: inf, nan and 1e10 are typing errors."""
+
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):
+        try:
+            s = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not 0 < s <= MAX_TIMEOUT:          # false for nan too
+            self.fail(f"{value} is not a number of seconds in (0, {MAX_TIMEOUT:.0f}] (30 days)", param, ctx)
+        return s
 
 
 def _err(msg: str) -> None:
@@ -75,8 +95,8 @@ def main():
               show_default=True, help="How planes are made (auto: native > apic-groups > multivm).")
 @click.option("--personality", type=click.Choice(["auto", "vtl", "vmpl", "none"]), default="auto", show_default=True,
               help="Plane policy (auto: vtl when --planes > 1).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop the guest after SECONDS (exit status 4).")
+@click.option("--timeout", type=Seconds(), default=None,
+              help=f"Stop the guest after SECONDS (exit status 4); at most {MAX_TIMEOUT:.0f}.")
 @click.option("--arg", type=click.IntRange(0, 2**64 - 1), default=0, help="Value passed to the guest in boot info.")
 @click.option("--mem", "mem_mib", type=click.IntRange(32, 65536), default=abi.DEFAULT_MEM_SIZE >> 20,
               show_default=True, help="Guest memory in MiB (a multiple of 2).")
@@ -100,6 +120,9 @@ def main():
               help="Serve gdb on 127.0.0.1:PORT (or the unix socket PATH) and wait for it before the first "
                    "instruction; every (vCPU, plane) is a gdb thread.")
 @click.option("--gdb-stop-on-switch", is_flag=True, help="With --gdb: every plane switch stops the guest.")
+@click.option("--symbols", metavar="ELF", default=None,
+              help="Guest symbols for --trace, --trace-exits, dumps and crash reports (default: the .elf "
+                   "beside the guest binary, e.g. guest/build/NAME.elf).")
 def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, raw_console,
         hyperv, **debug):
     """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
@@ -138,10 +161,20 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     except KvmError as e:
         _err(str(e))
         sys.exit(ExitStatus.HOST)
+    except OSError as e:          # e.g. EMFILE from Python's own opens; KVM's come as KvmError
+        _err(f"cannot build the machine: {e.strerror or e}" + ("; " + _open_files_hint() if e.errno == errno.EMFILE
+                                                              else ""))
+        sys.exit(ExitStatus.HOST)
     except ValueError as e:
         _err(str(e))
         sys.exit(ExitStatus.USAGE)
     label = _plane_label(machine.policy.name, planes)
+    try:
+        symbols = debug["symbols"] = Symbols.for_image(path, debug["symbols"])
+    except (SymbolError, OSError) as e:
+        machine.close()
+        _err(f"--symbols: {getattr(e, 'strerror', None) or e}")
+        sys.exit(ExitStatus.USAGE)
     session = DebugSession(**debug)
     try:
         session.attach(machine, label)
@@ -156,7 +189,7 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     if result.status == ExitStatus.STDOUT_CLOSED:
         _detach_stdout()              # quietly: the reader left; nothing more to say on it
         sys.exit(result.status)
-    _report(result, planes, label)
+    _report(result, planes, label, symbols)
     sys.exit(result.status)
 
 
@@ -194,27 +227,28 @@ class _Interrupts:
         self.machine.interrupt()      # the run loop sees it within Machine.POLL_INTERVAL
 
 
-def _report(result, planes: int, label: str) -> None:
-    from .debug.dump import format_cpu_report, where
+def _report(result, planes: int, label: str, symbols) -> None:
+    from .debug.dump import explain_crash, format_cpu_report, where
 
     if result.status == ExitStatus.ASSERT_FAILED:
         _err("guest assertion failed: " + result.failure.describe())
     elif result.status == ExitStatus.CRASHED:
         c = result.crash
-        _err(f"guest crashed on vCPU {c.vcpu} {label} {c.plane}: {c.reason}")
+        _err(f"guest crashed on vCPU {c.vcpu} {label} {c.plane}: {explain_crash(c, symbols)}")
         if c.state:
             _err(c.state)
         if c.report is not None:
-            click.echo(format_cpu_report(c.report, label), err=True)
+            click.echo(format_cpu_report(c.report, label, symbols), err=True)
         _err("the registers and code above are the crashed vCPU's, every plane; fix the guest "
              "(a triple fault usually means an exception with no usable IDT)")
     elif result.status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
-        why = "timed out" if result.status == ExitStatus.TIMEOUT else "was interrupted"
+        why = ("was interrupted" if result.status == ExitStatus.INTERRUPTED
+               else f"hung: {result.message}" if result.message else "timed out")
         _err(f"guest {why}; where each unfinished vCPU was:")
         for rep in result.timeout_reports:
-            click.echo("  " + where(rep), err=True)
+            click.echo("  " + where(rep, symbols), err=True)
         for rep in result.timeout_reports:
-            click.echo(format_cpu_report(rep, label), err=True)
+            click.echo(format_cpu_report(rep, label, symbols), err=True)
     _print_summary(result, planes, label)
 
 
@@ -256,21 +290,101 @@ def trace():
     """Read traces written by `pykvmm run --trace FILE`."""
 
 
-@trace.command("summary")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def trace_summary(file, as_json):
-    """Exits per reason, hypercalls, plane residency per vCPU and switch latency percentiles
-    of a trace FILE (JSON lines or Chrome JSON)."""
-    from .debug.summary import format_summary, summarize
+def _trace_filters(f):
+    """--vcpu/--plane/--from/--to/--kind, shared by the trace commands."""
+    f = click.option("--kind", metavar="KIND[,KIND]", default=None,
+                     help="Only these kinds: exit, hypercall, switch, plane_event, interrupt, fault, ucall, "
+                          "console, lifecycle.")(f)
+    f = click.option("--to", "end", type=float, default=None, metavar="US", help="Only events at or before US µs.")(f)
+    f = click.option("--from", "start", type=float, default=None, metavar="US",
+                     help="Only events at or after US µs (since the run started).")(f)
+    f = click.option("--plane", default=None, metavar="N[,N-M]", help="Only these planes.")(f)
+    f = click.option("--vcpu", default=None, metavar="N[,N-M]", help="Only these vCPUs.")(f)
+    return f
+
+
+def _load_trace(file, vcpu, plane, start, end, kind):
+    """(events, filter) of a trace FILE, or exit 2 with a one-line error."""
+    from .debug.query import TraceFilter, parse_ids, parse_kinds
     from .debug.trace import TraceFormatError, load
 
     try:
-        summary = summarize(load(file))
-    except (TraceFormatError, UnicodeDecodeError) as e:
+        os.close(loader.open_regular_file(file, "trace file"))
+        flt = TraceFilter(parse_ids(vcpu, "vcpu"), parse_ids(plane, "plane"), start, end, parse_kinds(kind))
+        return load(file), flt
+    except (TraceFormatError, UnicodeDecodeError, ValueError) as e:
         _err(str(e))
         sys.exit(ExitStatus.USAGE)
+
+
+@trace.command("summary")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_trace_filters
+def trace_summary(file, as_json, **filters):
+    """Exits per reason, hypercalls, plane residency per vCPU and switch latency percentiles
+    of a trace FILE (JSON lines or Chrome JSON), for the selected events."""
+    from .debug.summary import format_summary, summarize
+
+    events, flt = _load_trace(file, **filters)
+    summary = summarize(events, flt)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@trace.command("show")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_trace_filters
+def trace_show(file, **filters):
+    """The selected events of a trace FILE as a timeline: time (µs), vCPU/plane, kind, what."""
+    from .debug.query import timeline
+
+    events, flt = _load_trace(file, **filters)
+    for line in timeline(events, flt):
+        click.echo(line)
+
+
+@trace.command("export")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, metavar="OUT", help="The file to write (.json: Chrome; .jsonl).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "chrome"]), default=None,
+              help="Format of OUT (default: from its name, else jsonl).")
+@_trace_filters
+def trace_export(file, output, fmt, **filters):
+    """Convert a trace FILE (e.g. the JSON lines a run streamed) to a Chrome trace for Perfetto,
+    or to JSON lines, keeping the selected events."""
+    from .debug.trace import write_trace
+
+    events, flt = _load_trace(file, **filters)
+    selected = flt.apply(events)
+    try:
+        written = write_trace(selected, output, fmt)
+    except OSError as e:
+        _err(f"cannot write {output}: {e.strerror or e}")
+        sys.exit(ExitStatus.USAGE)
+    _err(f"trace: {len(selected)} of {len(events)} events written to {output} ({written})")
+
+
+@trace.command("plot")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, metavar="IMAGE", help="The picture to write (.png, .svg, .pdf).")
+@click.option("--title", default=None, help="The picture's title (default: the trace's name).")
+@_trace_filters
+def trace_plot(file, output, title, **filters):
+    """Draw a trace FILE: a lane per vCPU coloured by plane, switch ticks, IPI arrows
+    (needs matplotlib: pip install 'pykvmm[plot]')."""
+    from .debug.plot import PlotUnavailable, plot_timeline
+
+    events, flt = _load_trace(file, **filters)
+    try:
+        drawn = plot_timeline(events, output, flt, title=title or os.path.basename(file))
+    except PlotUnavailable as e:
+        _err(str(e))
+        sys.exit(ExitStatus.HOST)
+    except (OSError, ValueError) as e:
+        _err(f"cannot write {output}: {e}")
+        sys.exit(ExitStatus.USAGE)
+    _err(f"trace plot: {len(drawn['vcpus'])} vCPU lanes, {drawn['switches']} switches, {drawn['ipis']} IPIs "
+         f"written to {output}")
 
 
 if __name__ == "__main__":

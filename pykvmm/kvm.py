@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno as _errno
 import mmap
 import os
+import resource
 
 
 from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
@@ -28,12 +29,18 @@ _HINTS = {
 }
 
 
+def open_files_hint() -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"this process may open {soft} files (ulimit -n) and every vCPU of every plane is one: "
+            "raise the limit or run fewer vCPUs or planes")
+
+
 class KvmError(OSError):
     """A KVM ioctl (or opening the KVM device) failed."""
 
     def __init__(self, what: str, obj: str, err: int, hint: str | None = None):
         self.what, self.obj = what, obj
-        hint = hint or _HINTS.get(err)
+        hint = hint or _HINTS.get(err) or (open_files_hint() if err == _errno.EMFILE else None)
         msg = f"{what} on {obj} failed: {_errno.errorcode.get(err, err)} ({os.strerror(err)})"
         if hint:
             msg += f"; {hint}"
@@ -192,6 +199,13 @@ class Vm(FdObject):
         super().__init__(fd, label or f"vm{fd}")
         self.kvm = kvm
         self.vcpus: list[Vcpu] = []
+        self._sync_regs: int | None = None
+
+    def sync_regs_classes(self) -> int:
+        """KVM_CAP_SYNC_REGS of this VM (asked once, not per vCPU: every ioctl costs here)."""
+        if self._sync_regs is None:
+            self._sync_regs = self.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
+        return self._sync_regs
 
     def check_extension(self, cap: int) -> int:
         ret = self.raw_ioctl("KVM_CHECK_EXTENSION", cap)
@@ -370,6 +384,7 @@ _STATE = {
 
 _SYNC_BITS = {"regs": C.KVM_SYNC_X86_REGS, "sregs": C.KVM_SYNC_X86_SREGS, "vcpu_events": C.KVM_SYNC_X86_EVENTS}
 _KVM_RUN = IOCTLS["KVM_RUN"].code
+_MAP_FAILED = ffi.cast("void *", -1)
 _ZERO = ffi.NULL
 _SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
 
@@ -393,10 +408,20 @@ class Vcpu(FdObject):
         self.run_struct = None
         self._sync_supported = 0
         self._valid = 0       # sync-area classes currently holding this vCPU's state
+        self._mapped = None
         if mmap_size:
-            self.run_mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_mmap))
-            self._sync_supported = vm.check_extension(C.KVM_CAP_SYNC_REGS) & 0x7
+            # libc's mmap, not Python's: mmap.mmap keeps a dup of the fd, one more open file
+            # per vCPU (EMFILE at half the vCPUs the limit allows)
+            addr = libc.mmap(ffi.NULL, mmap_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+            if addr == _MAP_FAILED:
+                err = ffi.errno
+                os.close(fd)
+                self.fd = -1
+                raise KvmError("mmap of kvm_run", self.label, err)
+            self._mapped = (addr, mmap_size)
+            self.run_mmap = ffi.buffer(addr, mmap_size)
+            self.run_struct = ffi.cast("struct kvm_run *", addr)
+            self._sync_supported = vm.sync_regs_classes()
         self._entry_state = None    # see keep_entry_state
         self.entry_state_exit = -1
         self._decoders = dict(_DECODERS)
@@ -537,11 +562,13 @@ class Vcpu(FdObject):
         n = self.ioctl("KVM_GET_MSRS", msrs.ptr)
         return {msrs.ptr.entries[k].index: msrs.ptr.entries[k].data for k in range(n)}
 
-    def set_msrs(self, values: dict[int, int]) -> None:
-        msrs = _msrs_struct(list(values.items()))
+    def set_msrs(self, values: dict[int, int] | list[tuple[int, int]]) -> None:
+        """Write MSRs with one ioctl; a list may name an MSR twice (KVM writes in order)."""
+        pairs = list(values.items()) if isinstance(values, dict) else list(values)
+        msrs = _msrs_struct(pairs)
         n = self.ioctl("KVM_SET_MSRS", msrs.ptr)
-        if n != len(values):
-            bad = list(values)[n]
+        if n != len(pairs):
+            bad = pairs[n][0]
             raise KvmError("KVM_SET_MSRS", self.label, _errno.EINVAL, f"KVM refused MSR {bad:#x}")
 
     def set_cpuid2(self, cpuid) -> None:
@@ -609,13 +636,10 @@ class Vcpu(FdObject):
             run.kvm_dirty_regs &= ~bit
 
     def close(self) -> None:
-        if self.run_mmap is not None:
-            self.run_struct = None
-            try:
-                self.run_mmap.close()
-            except BufferError:
-                pass
-            self.run_mmap = None
+        if self._mapped is not None:
+            self.run_struct = self.run_mmap = None
+            libc.munmap(*self._mapped)
+            self._mapped = None
         super().close()
 
 

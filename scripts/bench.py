@@ -30,6 +30,8 @@ shared machine hits them alike; the figure given is the median over the repeats)
     ioctls per round trip by plane count; memory per added plane (fresh processes: VmRSS, and
     the kernel's share from /proc/meminfo).
  6. Tracing: the PIO loop with trace=None vs a list-append sink.
+ 7. Trace export (scripts/bench_trace.py): Chrome export of a 100k-event trace vs JSON lines of
+    the same events, and the time growth from 25k to 100k events (linear: 4x). Target: < 5 s.
 
 Ratios are medians of per-repeat ratios (both sides measured back to back). "raw exit" is
 the raw cffi KVM_RUN round trip of row 1 (or of row 2's own repeats there).
@@ -68,19 +70,21 @@ BENCH_IPI_VECTOR = 0x50
 PIO_REF_SRC = REPO / "scripts" / "pio_ref.c"
 
 FULL = dict(repeats=11, pio_n=20000, switch_n=2500, vtl_n=1500, c_switch_n=12000,
-            ipi_rounds=500, pingpong_n=500, startup_runs=7, build_runs=10,
+            ipi_rounds=500, pingpong_n=500, startup_runs=7, build_runs=10, wide_runs=3, wide_vcpus=64,
             scale_n=1500, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2, 4, 8), rss_copies=4,
-            small_kick=1e-4)
+            small_kick=1e-4, trace_events=100_000)
 QUICK = dict(repeats=2, pio_n=300, switch_n=30, vtl_n=30, c_switch_n=300,
-             ipi_rounds=8, pingpong_n=8, startup_runs=1, build_runs=2,
+             ipi_rounds=8, pingpong_n=8, startup_runs=1, build_runs=2, wide_runs=1, wide_vcpus=8,
              scale_n=5, scale_vcpus=(1, 2, 4, 8), scale_planes=(2, 4, 8), rss_planes=(1, 2), rss_copies=1,
-             small_kick=1e-4)
+             small_kick=1e-4, trace_events=4000)
 
 TARGETS = {
+    "wide_hello_s": 5.0,            # `pykvmm run hello --vcpus 64 --planes 16`, process start to exit
     "pio_ratio": 1.15,              # pykvmm / C per PIO exit
     "round_trip_raw_exits": 3.0,    # plane round trip in raw exits
     "ipi_p99_raw_exits": 10.0,      # cross-VTL IPI p99 in raw exits
     "first_instruction_s": 0.5,     # process start to the guest's first exit
+    "trace_export_100k_s": 5.0,     # Chrome export of 100k trace events (CPU s)
 }
 
 
@@ -659,6 +663,18 @@ def row_startup(P) -> dict:
             ts.append(time.perf_counter() - t0)
             m.close()
         builds[f"{vcpus}x{planes}"] = median(ts) * 1e3
+    wide = {}
+    for planes in (2, 16):          # 64 vCPUs x 16 planes against x 2 planes, interleaved
+        wide[planes] = []
+    for _ in range(P["wide_runs"]):
+        for planes in wide:
+            t_spawn = time.monotonic()
+            res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hello", "--vcpus", str(P["wide_vcpus"]),
+                                  "--planes", str(planes), "--quiet"], capture_output=True, text=True,
+                                 env=_env(), timeout=600)
+            if res.returncode != 0:
+                raise RuntimeError(f"wide hello failed ({res.returncode}): {res.stderr[-800:]}")
+            wide[planes].append(time.monotonic() - t_spawn)
     keys = probe[0].keys()
     med = {k: median([p[k] for p in probe]) for k in keys}
     return {"command": "python -m pykvmm " + " ".join(args), "guest": label,
@@ -666,6 +682,8 @@ def row_startup(P) -> dict:
             "cli_process_exit_median_s": median([c["process_exit_s"] for c in cli_runs]),
             "cli_statuses": [c["status"] for c in cli_runs], "bare_python_start_s": bare_python,
             "machine_build_ms": builds,
+            "wide_hello": {"vcpus": P["wide_vcpus"], "process_exit_s": {str(p): median(ts) for p, ts in wide.items()},
+                           "ratio_16_over_2": median(wide[16]) / median(wide[2])},
             "method": "parent time.monotonic() before spawning vs the child's TraceEvent times (same clock): "
                       "the child is `python -c <probe>` that imports pykvmm.cli, installs a trace sink and calls "
                       "the CLI's main with the same arguments; 'first_exit' is the guest's first exit (its "
@@ -771,6 +789,9 @@ def verdicts(rows: dict) -> list[dict]:
         out.append({"row": row, "what": what, "value": value, "target": target, "unit": unit, "met": met,
                     "miss_pct": miss})
 
+    r7 = rows.get("7_trace_export")
+    if r7:
+        add(7, f"Chrome export of {r7['events']} events", r7["chrome_s"], TARGETS["trace_export_100k_s"], "s")
     r1 = rows.get("1_pio_exit")
     if r1:
         add(1, "pykvmm / C per PIO exit", r1["pykvmm_over_c"], TARGETS["pio_ratio"], "x")
@@ -794,6 +815,9 @@ def verdicts(rows: dict) -> list[dict]:
     if r4:
         add(4, "process start to first guest exit", r4["probe_median_s"]["first_exit_s"],
             TARGETS["first_instruction_s"], "s")
+        w = r4["wide_hello"]
+        add(4, f"hello {w['vcpus']} vCPUs x 16 planes, process start to exit", w["process_exit_s"]["16"],
+            TARGETS["wide_hello_s"], "s")
     return out
 
 
@@ -881,6 +905,9 @@ def print_table(res: dict) -> None:
           f"exit {fmt(m['process_exit_s'], 3)} s; plain `python -m pykvmm` exit "
           f"{fmt(r4['cli_process_exit_median_s'], 3)} s; bare python {fmt(r4['bare_python_start_s'], 3)} s")
         L("4", "Machine(...) construction", ", ".join(f"{k} {fmt(v)} ms" for k, v in r4["machine_build_ms"].items()), "")
+        w = r4["wide_hello"]
+        L("4", f"hello {w['vcpus']} vCPUs x 16 planes, process exit", f"{fmt(w['process_exit_s']['16'], 2)} s",
+          f"x 2 planes {fmt(w['process_exit_s']['2'], 2)} s: ratio {fmt(w['ratio_16_over_2'], 2)}x")
     r5 = rows.get("5_scaling")
     if r5:
         g = r5["switch_rate"]
@@ -896,6 +923,12 @@ def print_table(res: dict) -> None:
                                                            for k, v in pp.items()),
           "Slab+Vmalloc+KernelStack+PageTables; MemAvailable drop " + ", ".join(
               f"{fmt(v['mem_available_drop_kb_per_plane'])}" for v in pp.values()) + " KiB")
+    r7 = rows.get("7_trace_export")
+    if r7:
+        L("7", f"trace export, {r7['events']} events: Chrome / JSON lines",
+          f"{fmt(r7['chrome_s'], 2)} / {fmt(r7['jsonl_s'], 2)} s",
+          f"{fmt(r7['chrome_vs_jsonl'], 1)}x JSON lines; {r7['events'] // 4} -> {r7['events']} events "
+          f"{fmt(r7['growth_n_over_n4'], 1)}x time (linear 4x); CPU time")
     r6 = rows.get("6_tracing")
     if r6:
         L("6", "PIO exit, trace off / list-append sink", f"{fmt(r6['trace_off_us'], 2)} / {fmt(r6['trace_on_us'], 2)} us",
@@ -926,7 +959,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (smoke test); numbers mean nothing")
     ap.add_argument("--out", default="bench-results.json", help="JSON results file (default %(default)s)")
-    ap.add_argument("--rows", default="1,2,3,4,5,6", help="rows to run (comma-separated; 6 needs 1)")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7", help="rows to run (comma-separated; 6 needs 1)")
     ap.add_argument("--repeats", type=int, help="override the number of interleaved repeats")
     ap.add_argument("--_rss-probe", nargs=3, type=int, metavar=("PLANES", "VCPUS", "COPIES"), help=argparse.SUPPRESS)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval() for the run (experiments)")
@@ -983,6 +1016,9 @@ def main(argv=None) -> int:
             rows["4_startup"] = row_startup(P)
         if 5 in want:
             rows["5_scaling"] = row_scaling(P)
+        if 7 in want:
+            from bench_trace import bench_trace_export
+            rows["7_trace_export"] = bench_trace_export(P["trace_events"], repeats=3 if not a.quick else 1)
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     meta["duration_s"] = round(time.monotonic() - started, 1)
     res = {"meta": meta, "rows": rnd(rows, 3), "targets": []}

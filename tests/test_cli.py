@@ -135,3 +135,93 @@ def test_caps_json(kvm_available):
 def test_python_dash_m_and_help():
     res = pykvmm("--help")
     assert res.returncode == 0 and "run" in res.stdout and "caps" in res.stdout
+
+
+def _nofile(n):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def test_open_file_limit_fits_one_fd_per_vcpu(kvm_available):
+    """16 vCPUs x 2 planes under `ulimit -n 64`: one fd per KVM vCPU (Python's mmap kept a
+    duplicate of each: EMFILE)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hello", "--vcpus", "16", "--planes", "2"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, preexec_fn=_nofile(64))
+    assert res.returncode == 0, res.stderr
+
+
+def test_open_file_limit_exit_5_names_the_limit(kvm_available):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hello", "--vcpus", "16", "--planes", "2"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, preexec_fn=_nofile(30))
+    assert_clean_error(res, 5, "EMFILE", "may open 30 files (ulimit -n)")
+
+
+def _fifo(d):
+    path = d / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+def _too_much_memory():
+    from pykvmm.vmm.memory import host_memory_available
+    mib = ((host_memory_available() >> 20) + 2048) & ~1
+    if mib > 65536:
+        pytest.skip(f"this host can give more than --mem allows ({mib} MiB)")
+    return str(mib)
+
+
+# The bad-input matrix: everything a user can type or point at gets a one-line reason and the
+# documented status, never a traceback (issue 15, item 6).
+@pytest.mark.parametrize("make_args, status, phrase", [
+    (lambda d: ["run", "hello", "--timeout", "inf"], 2, "is not a number of seconds in (0, 2592000]"),
+    (lambda d: ["run", "hello", "--timeout", "nan"], 2, "is not a number of seconds"),
+    (lambda d: ["run", "hello", "--timeout", "1e10"], 2, "is not a number of seconds"),
+    (lambda d: ["run", "hello", "--timeout", "0"], 2, "is not a number of seconds"),
+    (lambda d: ["run", "hello", "--timeout", "soon"], 2, "'soon' is not a number of seconds"),
+    (lambda d: ["run", "hello", "--mem", "33"], 2, "must be a multiple of 2"),
+    (lambda d: ["run", "hello", "--mem", "65538"], 2, "--mem"),
+    (lambda d: ["run", "hello", "--mem", _too_much_memory()], 2, "more than this host can give now"),
+    (lambda d: ["run", "/dev/zero"], 2, "/dev/zero is not a regular file"),
+    (lambda d: ["run", "/dev/urandom"], 2, "/dev/urandom is not a regular file"),
+    (lambda d: ["run", _fifo(d)], 2, "is not a regular file (a device, FIFO or socket)"),
+    (lambda d: ["run", "hello", "--gdb", _write(d / "plain", b"x")], 2, "exists and is not a unix socket"),
+    (lambda d: ["trace", "summary", _fifo(d)], 2, "is not a regular file"),
+    (lambda d: ["trace", "summary", _write(d / "t.json", b"[1,2,3]")], 2, "not one written by pykvmm"),
+    (lambda d: ["trace", "summary", _write(d / "t.json", b'{"traceEvents":5}')], 2, "must be a list of events"),
+    (lambda d: ["trace", "summary", _write(d / "t.jsonl", b'{"kind":"exit"}\n')], 2, "needs 'ts' and 'kind'"),
+    (lambda d: ["trace", "summary", _write(d / "t.jsonl", b'{"kind":"exit","ts":"1"}\n')], 2,
+     "'ts' must be a finite number"),
+    (lambda d: ["trace", "summary", _write(d / "t.jsonl", b'{"kind":"exit","ts":1,"vcpu":[0]}\n')], 2,
+     "'vcpu' must be an integer"),
+    (lambda d: ["trace", "summary", _write(d / "t.json", b"[" * 100_000)], 2, "nested too deeply"),
+    (lambda d: ["trace", "summary", _write(d / "t.jsonl", b"\xff\xfe\n")], 2, "codec can't decode"),
+])
+def test_bad_input_matrix(tmp_path, make_args, status, phrase):
+    res = pykvmm(*make_args(tmp_path), timeout=120)
+    assert_clean_error(res, status, phrase)
+    assert [line for line in res.stderr.splitlines() if phrase in line]     # said on one line
+
+
+def test_gdb_socket_of_a_live_run_is_not_taken(kvm_available, tmp_path):
+    """Two runs given one --gdb unix socket: the second unlinked the first's live socket."""
+    sock = tmp_path / "gdb.sock"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    first = subprocess.Popen([sys.executable, "-m", "pykvmm", "run", "hello", "--gdb", str(sock)], cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        inode = sock.stat().st_ino
+        assert_clean_error(pykvmm("run", "hello", "--gdb", str(sock)), 2, "is in use")
+        assert sock.stat().st_ino == inode                   # the first run's socket is untouched
+    finally:
+        first.terminate()
+        first.wait(60)
+    assert not sock.exists()                                 # the first run removed its own socket
+    res = pykvmm("run", "hello", "--gdb", str(sock), "--timeout", "0.2")   # a leftover is reused
+    assert "is in use" not in res.stderr

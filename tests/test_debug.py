@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 import subprocess
 import sys
 
 import pytest
 
-from pykvmm.debug import summary as sm
+from pykvmm.debug import export, summary as sm
 from pykvmm.debug import trace as tr
+from pykvmm.debug.exits import ExitAnnotator
+from pykvmm.debug.symbols import Symbols
 from pykvmm.vmm import events as ev
 from pykvmm.vmm import loader
 from pykvmm.vmm.machine import Machine, MachineConfig
@@ -40,8 +44,7 @@ def traced_run(name="dbg_planes", **config):
     rec = tr.TraceRecorder()
     config.setdefault("quiet", True)
     with Machine(loader.load_image(guest(name)), MachineConfig(trace=rec, **config)) as m:
-        if config.get("personality") == "vtl":
-            m.trace = tr.Fanout(tr.IpiAnnotator(m), rec)
+        m.trace = tr.Fanout(ExitAnnotator(m, Symbols.for_image(guest(name))), tr.IpiAnnotator(m), rec)
         result = m.run(20)
     assert result.ok, (result.status, result.crash, result.failure)
     return result, rec
@@ -104,11 +107,12 @@ def test_ipi_flow_from_sender_to_receiver(kvm_available, tmp_path):
     events = json.loads((tmp_path / "demo.json").read_text())["traceEvents"]
     starts = {e["id"]: e for e in events if e["ph"] == "s"}
     ends = {e["id"]: e for e in events if e["ph"] == "f"}
-    assert starts and starts.keys() == ends.keys()
+    ipis = [e["args"] for e in events if e["ph"] == "i" and "Ipi" in e["args"].get("name", "")]
+    assert starts and starts.keys() == ends.keys() and len(starts) == sum(len(e["targets"]) for e in ipis)
+    pairs = sorted((starts[i]["tid"], ends[i]["tid"]) for i in starts)
+    assert pairs == sorted((e["vcpu"] + 1, t + 1) for e in ipis for t in e["targets"])   # sender -> target
     for i, s in starts.items():
-        f = ends[i]
-        assert f["bp"] == "e" and f["ts"] >= s["ts"]
-        assert s["tid"] == 1 and f["tid"] == 2       # vCPU 0's VTL0 asks VTL1 on vCPU 1
+        assert ends[i]["bp"] == "e" and ends[i]["ts"] >= s["ts"]
     names = {e["name"] for e in events if e["ph"] == "X"}
     assert names == {"VTL0", "VTL1"}
 
@@ -137,7 +141,7 @@ def test_summary_definitions_on_a_synthetic_trace():
     assert s["kinds"]["something_new"] == 1
     text = sm.format_summary(s)
     assert "VTL0->VTL1 (call)" in text and "p50 3.0" in text
-    assert tr.chrome_trace(events)["traceEvents"]        # exports unknown kinds as instants
+    assert export.chrome_trace(events)["traceEvents"]        # exports unknown kinds as instants
 
 
 @pytest.mark.parametrize("name, flag, expected", [
@@ -179,12 +183,20 @@ def test_cli_summary_rejects_a_non_trace(tmp_path):
 def test_cli_trace_exits_shows_the_instruction(kvm_available):
     res = pykvmm("run", str(guest("dbg_planes")), "--planes", "2", "--personality", "none", "--trace-exits")
     assert res.returncode == 0, res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("vcpu0/") and "Interrupted" not in ln]
-    assert len(lines) == 4      # 2 hypercalls, SYNC, DONE (and maybe kicks: Interrupted)
-    assert lines[0].startswith("vcpu0/plane0 IoOut(port=0xea")
-    assert lines[1].startswith("vcpu0/plane1 IoOut(port=0xea")
-    assert all("rip=0x" in ln for ln in lines)
-    assert "out 0xea, al" in lines[0] and "out 0xe8, eax" in lines[-1]
+    stamped = re.compile(r"^\[ *(\d+\.\d) us\] (vcpu0/plane\d) (.*)$")
+    lines = [m.groups() for m in map(stamped.match, res.stderr.splitlines()) if m and "Interrupted" not in m[3]]
+    exits = [ln for ln in lines if not ln[2].startswith(" ")]
+    assert len(exits) == 4      # 2 hypercalls, SYNC, DONE (and maybe kicks: Interrupted)
+    assert [float(ln[0]) for ln in lines] == sorted(float(ln[0]) for ln in lines)   # timestamps
+    hcall = exits[0][2]
+    assert exits[0][1] == "vcpu0/plane0" and hcall.startswith("IoOut:0xea(hypercall) [pykvmm hypercall] data=")
+    assert re.search(r"rip=0x400[02] <hypercall_stub\+0x2>  0x4000: out 0xea, al", hcall) or \
+        re.search(r"rip=0x4000 <hypercall_stub>  0x4000: out 0xea, al", hcall), hcall
+    assert exits[1][1] == "vcpu0/plane1" and "out 0xea, al" in exits[1][2]
+    assert "[pykvmm ucall] data=" in exits[-1][2] and "<__ucall_frame+" in exits[-1][2] and "out 0xe8, eax" in exits[-1][2]
+    # what each hypercall exit caused, on the lines after it
+    after_first = [ln[2].strip() for ln in lines[lines.index(exits[0]) + 1:lines.index(exits[1])]]
+    assert "-> switch plane0 -> plane1 (call)" in after_first and "-> hypercall PykvmmSwitchPlane" in after_first
 
 
 def test_cli_dump_on_exit_every_vcpu_every_plane(kvm_available):
@@ -196,9 +208,165 @@ def test_cli_dump_on_exit_every_vcpu_every_plane(kvm_available):
                    "pending events: none", "=> "):
         assert phrase in err, phrase
     assert err.count("  plane 1") == 2
+    for phrase in ("bases: CS=0", "DR7=", "LSTAR=", "KERNEL_GS_BASE=", "LAPIC id=1 TPR=0x0"):
+        assert phrase in err, phrase
+
+
+def test_cli_dump_on_exit_shows_each_planes_own_system_state(kvm_available):
+    res = pykvmm("run", str(guest("vtl_call")), "--planes", "2", "--personality", "vtl", "--dump-on-exit")
+    assert res.returncode == 0, res.stderr
+    vtl0, vtl1 = res.stderr.split("  VTL 1\n")
+    assert "LSTAR=ffffffff8a000000" in vtl0 and "DR0=da0000" in vtl0      # set by VTL0 (guest/vtl_call.S)
+    assert "LSTAR=ffffffff8b000000" in vtl1                                # VTL1's own
+    assert "DR1=db1000" in vtl0 and "DR1=db1000" in vtl1                   # DR0-DR3 are shared state
 
 
 def test_tracing_off_installs_nothing(kvm_available):
     with Machine(loader.load_image(guest("hello")), MachineConfig(quiet=True)) as m:
         assert m.trace is None and m.debugger is None
         assert m.run(10).ok
+
+
+def test_dumps_and_crash_reasons_use_symbols(kvm_available, tmp_path):
+    res = pykvmm("run", str(guest("fault")))
+    assert res.returncode == 3, res.stderr
+    assert "guest crashed on vCPU 0 plane 0: #UD (ud2) at fault_ud2, IDT limit 0: triple fault" in res.stderr
+    assert re.search(r"RIP=[0-9a-f]{16} <fault_ud2>", res.stderr), res.stderr
+    assert "<fault_ud2>:" in res.stderr                        # the code listing labels the symbol
+    bad = tmp_path / "not.elf"
+    bad.write_text("no")
+    res = pykvmm("run", str(guest("fault")), "--symbols", str(bad))
+    assert res.returncode == 2 and "--symbols:" in res.stderr and "not a little-endian ELF64" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_elf_symbols_match_nm():
+    from pykvmm.debug.symbols import Symbols, read_elf_symbols
+    elf = guest("dbg_planes").with_suffix(".elf")
+    nm = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    expected = {n: int(a, 16) for a, t, n in (ln.split() for ln in nm.splitlines() if len(ln.split()) == 3)
+                if t in "tTdDbBrR"}
+    got = read_elf_symbols(elf)
+    assert expected and all(got.get(n) == a for n, a in expected.items()), set(expected.items()) - set(got.items())
+    sym = Symbols(got)
+    a = got["plane1_work"]
+    assert sym.name(a) == "plane1_work" and sym.name(a + 4) == "plane1_work+0x4"
+    assert sym.describe(0x4017) == "0x4017 <VtlCall_stub+0x8>" and sym.name(0x4026) == "VtlReturn_stub"
+
+
+# ---- traces: export, flows, queries, plots --------------------------------------------------------
+
+def synthetic(n):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_trace import synthetic_trace
+    return synthetic_trace(n)
+
+
+def test_every_ipi_gets_a_flow_and_events_sit_in_their_own_planes_slice():
+    events = synthetic(4000)
+    doc = export.chrome_trace(events)["traceEvents"]
+    ipis = [e for e in events if e["kind"] == ev.HYPERCALL]
+    starts = [e for e in doc if e["ph"] == "s"]
+    ends = {e["id"]: e for e in doc if e["ph"] == "f"}
+    assert len(starts) == len(ends) == sum(len(e["targets"]) for e in ipis) == len(ipis)
+    taken = {e["args"]["taken"] for e in ends.values()}
+    assert taken == {"running", "entry"}           # half to the running plane, half to the other one
+    for s in starts:
+        assert ends[s["id"]]["tid"] != s["tid"] and ends[s["id"]]["ts"] >= s["ts"]
+    slices = {}
+    for x in (e for e in doc if e["ph"] == "X"):
+        slices.setdefault(x["tid"], []).append(x)
+    for i in (e for e in doc if e["ph"] == "i" and e["args"]["kind"] in (ev.HYPERCALL, ev.EXIT)):
+        lane = slices[i["tid"]]
+        inside = [x for x in lane if x["ts"] <= i["ts"] <= x["ts"] + x["dur"]]
+        assert any(x["args"]["plane"] == i["args"]["plane"] for x in inside), i
+
+
+def test_the_hypercall_that_switched_is_drawn_in_the_source_planes_slice(kvm_available, tmp_path):
+    result, rec = traced_run("vtl_call", planes=2, personality="vtl")
+    path = tmp_path / "t.json"
+    rec.export(str(path))
+    doc = json.loads(path.read_text())["traceEvents"]
+    lane = sorted((e for e in doc if e["ph"] == "X"), key=lambda e: e["ts"])
+    calls = [e for e in doc if e["ph"] == "i" and e["args"]["kind"] == ev.HYPERCALL]
+    assert len(calls) == 6
+    for c in calls:
+        slice_ = [x for x in lane if x["ts"] <= c["ts"] < x["ts"] + x["dur"]]
+        assert slice_ and slice_[-1]["name"] == f"VTL{c['args']['plane']}", (c, slice_)
+        assert c["args"]["ts"] >= c["ts"]                  # the real time stays in the args
+    exits = [e["args"] for e in doc if e["ph"] == "i" and e["args"]["kind"] == ev.EXIT]
+    assert all(isinstance(e["rip"], int) for e in exits)   # every exit carries RIP ...
+    assert {e["symbol"] for e in exits if e["reason"].startswith("IoOut:0xea")} <= {
+        "VtlCall_stub+0xa", "VtlReturn_stub+0xa", "VtlCall_stub+0x8", "VtlReturn_stub+0x8"}   # ... and its symbol
+
+
+@pytest.mark.slow
+def test_chrome_export_of_100k_events_is_linear():
+    small, full = synthetic(25_000), synthetic(100_000)
+    t0 = time.process_time()            # CPU time: the machine is shared, the figure is the work
+    export.chrome_trace(small)
+    t1 = time.process_time()
+    doc = export.chrome_trace(full)
+    json.dumps(doc, separators=(",", ":"))
+    t2 = time.process_time()
+    assert t2 - t1 < 5.0, f"100k events took {t2 - t1:.1f} s"
+    assert (t2 - t1) / (t1 - t0) < 8, "4x the events took more than 8x the time: not linear"
+
+
+@pytest.fixture(scope="module")
+def streamed(kvm_available, tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "run.jsonl"
+    res = pykvmm("run", "--trace", str(path), "--quiet")          # the demo: 2 vCPUs x 2 VTLs, IPIs
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+def test_cli_trace_show_and_summary_filters(streamed):
+    events = tr.load(str(streamed))
+    res = pykvmm("trace", "show", str(streamed), "--vcpu", "1", "--plane", "1", "--kind", "exit,switch")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    expected = [e for e in events if e["vcpu"] == 1 and e["plane"] == 1 and e["kind"] in ("exit", "switch")]
+    assert len(lines) == len(expected) > 0
+    assert all(re.match(r"^ *\d+\.\d{3} us  vcpu1/vtl1 +(exit|switch) ", ln) for ln in lines), lines
+    mid = events[len(events) // 2]["ts"]
+    res = pykvmm("trace", "summary", str(streamed), "--json", "--from", "0", "--to", str(mid), "--kind", "exit")
+    s = json.loads(res.stdout)
+    assert s["events"] == s["exits"] == sum(1 for e in events if e["kind"] == "exit" and e["ts"] <= mid)
+    assert all(r["total_us"] <= mid + 0.001 for r in s["residency"].values())
+    for bad, msg in ((["--vcpu", "x"], "--vcpu takes numbers"), (["--kind", "exits"], "--kind: unknown exits"),
+                     (["--from", "5", "--to", "1"], "is before --from")):
+        res = pykvmm("trace", "show", str(streamed), *bad)
+        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_cli_trace_export_turns_a_stream_into_chrome(streamed, tmp_path):
+    out = tmp_path / "run.json"
+    res = pykvmm("trace", "export", str(streamed), "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert {e["name"] for e in doc["traceEvents"] if e["ph"] == "X"} == {"VTL0", "VTL1"}
+    assert tr.load(str(out)) == tr.load(str(streamed))
+    ipis = [e for e in tr.load(str(streamed)) if e["kind"] == "hypercall" and "Ipi" in e.get("name", "")]
+    assert sum(e["ph"] == "s" for e in doc["traceEvents"]) == sum(len(e["targets"]) for e in ipis) > 0
+
+
+def test_cli_trace_plot_draws_a_lane_per_vcpu(streamed, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'pykvmm[plot]')")
+    from matplotlib import image
+
+    from pykvmm.debug.plot import PLANE_RGB
+    out = tmp_path / "timeline.png"
+    res = pykvmm("trace", "plot", str(streamed), "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "2 vCPU lanes" in res.stderr
+    px = (image.imread(str(out))[:, :, :3] * 255).round().astype(int)
+    height, width, _ = px.shape
+    assert height > 100 and width > 400 and (px != 255).any()          # something is drawn
+    plot_area = px[:, : int(width * 0.7)]                              # the legend is on the right
+
+    def bands(rgb):
+        rows = (plot_area == rgb).all(axis=2).sum(axis=1) > width * 0.02
+        return sum(1 for y in range(1, height) if rows[y] and not rows[y - 1])
+    assert bands(PLANE_RGB[0]) == 2                                     # VTL0 in both vCPU lanes
+    assert 1 <= bands(PLANE_RGB[1]) <= 2                                # VTL1 where it ran

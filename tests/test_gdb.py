@@ -316,6 +316,26 @@ def test_stepping_over_a_switching_instruction_stops_the_stepped_thread(kvm_avai
 
 
 @needs_gdb
+def test_step_over_a_switch_with_stop_on_switch_then_stops_at_the_switch(kvm_available, vmm, tmp_path):
+    call_out, _ = hypercall_outs()
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock,
+            "--gdb-stop-on-switch", "--timeout", "60")
+    v.wait_listening()
+    out = gdb(sock, f"hbreak *{call_out:#x}", "continue", "continue", "p/x $pc", "info threads", "kill",
+              elf=built("vtl_call", "elf"))
+    assert "internal-error" not in out, out
+    assert 'Thread 1 "vcpu0/vtl0" hit Breakpoint 1' in out, out
+    step_msg = out.index("the step switched vCPU 0 from VTL0 to VTL1")
+    switch_msg = out.index("plane switch on vCPU 0: VTL0 -> VTL1")
+    assert step_msg < switch_msg, out                 # gdb's step-over ends, then the switch stops
+    assert re.search(r'Thread 2 "vcpu0/vtl1" stopped', out), out
+    assert values(out)[-1] == symbols("vtl_call")["_start"]     # VTL1's first instruction has not run
+    assert re.search(r'\* 2 +Thread 2 "vcpu0/vtl1" \(running plane\)', out), out
+    assert v.finish()[0] == 130
+
+
+@needs_gdb
 def test_gdb_attaches_again_after_detach(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", RUN_LIMIT)
@@ -358,6 +378,38 @@ def test_breakpoint_and_watchpoint_limits_say_why(kvm_available, vmm, tmp_path):
         v.kill()
         assert re.search(r"gdb stub: Z2,[0-9a-f]+,8 refused: this host's KVM ignores data breakpoints.*"
                          r"set can-use-hw-watchpoints 0", v.err), v.err
+
+
+@needs_gdb
+def test_system_state_per_plane_and_physical_memory(kvm_available, vmm, tmp_path):
+    """At VtlCall 1 (guest/vtl_call.S) VTL0 has DR0/DR3/LSTAR = its A values, VTL1 its own LSTAR."""
+    from pykvmm.vmm import hypercalls
+    call_out, _ = hypercall_outs()
+    sock = str(tmp_path / "gdb.sock")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", "60")
+    v.wait_listening()
+    out = gdb(sock, f"hbreak *{call_out:#x}", "continue", "continue",
+              "p/x $dr0", "p/x $dr3", "p/x $lstar", "p/x $efer", "thread 2", "p/x $lstar", "thread 1",
+              "set var $kernel_gs_base = 0x1234000", "p/x $kernel_gs_base",
+              "monitor state", "monitor lapic", "monitor phys 0x4000 16",
+              "monitor phys-write 0x200000 c0ffee", "monitor phys 0x200000 3", "monitor phys 0xffffffffff 4",
+              "delete", "kill", elf=built("vtl_call", "elf"))
+    dr0, dr3, lstar0, efer, lstar1, kgs = values(out)[:6]
+    assert (dr0, dr3) == (0xDA0000, 0xDA3000), out
+    assert lstar0 == 0xFFFFFFFF8A000000 and lstar1 == 0xFFFFFFFF8B000000, out   # per plane
+    assert efer & 0x500 == 0x500                         # LME | LMA
+    assert kgs == 0x1234000, out                          # written through KVM_SET_MSRS and read back
+    for phrase in ("vCPU 0: running VTL 0", "  VTL 1", "DR0=da0000", "DR3=da3000", "LSTAR=ffffffff8a000000",
+                   "LSTAR=ffffffff8b000000", "KERNEL_GS_BASE=1234000", "bases: CS=0", "GS=",
+                   "RIP=0000000000004017 <VtlCall_stub+0x8>"):   # stopped on the breakpoint
+        assert phrase in out, phrase
+    assert re.search(r"vCPU 0 VTL0: LAPIC id=0 TPR=0x0 PPR=0x0 IRR=\[\] ISR=\[\] timer: ", out), out
+    assert "vCPU 0 VTL1: LAPIC id=0" in out, out
+    page = hypercalls.hypercall_page()[:16]
+    assert f"0x0000000000004000: {page.hex(' ')}" in out, out
+    assert "wrote 3 bytes at guest-physical 0x200000" in out and "0x0000000000200000: c0 ff ee" in out, out
+    assert "phys: 0xffffffffff+0x4 is outside guest RAM" in out, out
+    assert v.finish()[0] == 130
 
 
 # ---- the protocol, without gdb ------------------------------------------------------------------

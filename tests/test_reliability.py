@@ -339,3 +339,25 @@ def test_host_memory_stays_flat_under_guest_spam(kvm_available, tmp_path):
         early, peak = peak_rss_mib(args, 20)
         print(f"{' '.join(args)}: RSS {early:.0f} MiB after 1 s, peak {peak:.0f} MiB over 20 s")
         assert peak - early < 16, (args, early, peak)
+
+
+@pytest.mark.parametrize("vcpus, planes", [(1, 1), (2, 1), (2, 2)])
+def test_all_vcpus_halted_with_interrupts_off_is_a_hang(run_guest, vcpus, planes):
+    """`cli; hlt` everywhere and no --timeout ran forever; now status 4 with the reason."""
+    r = run_guest("hostile", arg=int(hostile(HOSTILE_CLI_HLT)), vcpus=vcpus, planes=planes, timeout=None)
+    assert r.status == ExitStatus.TIMEOUT
+    assert r.message == "all vCPUs halted with interrupts disabled"
+    assert len(r.timeout_reports) == vcpus
+
+
+def test_halted_with_interrupts_on_is_not_a_hang(run_guest):
+    """`sti; hlt` can be woken (an IPI, a timer): only the timeout ends it."""
+    r = run_guest("hostile", arg=int(hostile(HOSTILE_STI_HLT)), timeout=3)
+    assert r.status == ExitStatus.TIMEOUT and r.message == ""
+
+
+def test_hang_exit_4_from_the_cli(kvm_available):
+    res = cli("run", "hostile", "--arg", hostile(HOSTILE_CLI_HLT), "--vcpus", "2")
+    err = res.stderr.decode()
+    assert res.returncode == ExitStatus.TIMEOUT, err
+    assert "guest hung: all vCPUs halted with interrupts disabled" in err and "Traceback" not in err

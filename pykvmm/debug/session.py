@@ -11,7 +11,9 @@ from __future__ import annotations
 import sys
 
 from . import trace as tr
+from .exits import ExitAnnotator, ExitPrinter
 from .stream import TraceStream, TraceWriteError
+from .symbols import Symbols
 
 
 def gdb_address(value: str) -> str:
@@ -27,13 +29,14 @@ def gdb_address(value: str) -> str:
 class DebugSession:
     def __init__(self, trace: str | None = None, trace_format: str | None = None, trace_exits: bool = False,
                  dump_on_exit: bool = False, gdb: str | None = None, gdb_stop_on_switch: bool = False,
-                 err=None):
+                 symbols=None, err=None):
         self.trace_path = trace
         self.trace_format = tr.format_for(trace, trace_format) if trace else None
         self.trace_exits = trace_exits
         self.dump_on_exit = dump_on_exit
         self.gdb = gdb
         self.gdb_stop_on_switch = gdb_stop_on_switch
+        self.symbols = symbols if symbols is not None else Symbols()
         self.err = err or sys.stderr
         self.trace_stream = None
         self.stub = None
@@ -53,17 +56,19 @@ class DebugSession:
         self.label = label
         address = gdb_address(self.gdb) if self.gdb else None
         sinks = [machine.trace] if machine.trace else []
+        if self.trace_path or self.trace_exits:
+            sinks.append(ExitAnnotator(machine, self.symbols))
         if self.trace_path:
             self.trace_stream = TraceStream(self.trace_path, self.trace_format)   # fails now (exit 2)
             sinks += [tr.IpiAnnotator(machine), self.trace_stream]
         if self.trace_exits:
-            sinks.append(tr.ExitPrinter(machine, self.err, "vtl" if label == "VTL" else "plane"))
+            sinks.append(ExitPrinter(machine, self.err, "vtl" if label == "VTL" else "plane"))
         if sinks:
             machine.trace = sinks[0] if len(sinks) == 1 else tr.Fanout(*sinks)
         if address:
             from .gdb import GdbStub
             self.stub = GdbStub(machine, address, stop_on_switch=self.gdb_stop_on_switch,
-                                label="VTL" if label == "VTL" else "plane", log=self._say)
+                                label="VTL" if label == "VTL" else "plane", log=self._say, symbols=self.symbols)
             where = self.stub.start()
             target = where if "/" in where else f":{where.rpartition(':')[2]}"
             self._say(f"gdb stub listening on {where}; waiting for gdb (target remote {target})")
@@ -91,5 +96,5 @@ class DebugSession:
         if self.dump_on_exit and m is not None:
             from .dump import format_cpu_report
             for t in m.threads:
-                self.err.write(format_cpu_report(m.capture(t), self.label) + "\n")
+                self.err.write(format_cpu_report(m.capture(t), self.label, self.symbols) + "\n")
             self.err.flush()

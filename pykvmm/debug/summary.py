@@ -25,6 +25,7 @@ import math
 
 from ..vmm import events as ev
 from . import trace as tr
+from .query import TraceFilter
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -45,7 +46,9 @@ def _inc(d: dict, key, n: int = 1) -> None:
     d[key] = d.get(key, 0) + n
 
 
-def summarize(events: list[dict]) -> dict:
+def summarize(events: list[dict], flt: TraceFilter | None = None) -> dict:
+    """The summary of the events ``flt`` selects (residency: clipped to its window, vCPUs, planes)."""
+    flt = flt or TraceFilter()
     info = tr.run_info(events)
     label = tr.plane_label(events)
     exits: dict[str, int] = {}
@@ -60,7 +63,8 @@ def summarize(events: list[dict]) -> dict:
     pending_switch: dict[int, float] = {}     # vcpu -> ts of the exit that caused a switch
     handling: list[float] = []
     exit_to_target: list[float] = []
-    for e in events:
+    selected = flt.apply(events)
+    for e in selected:
         k = e.get("kind")
         v = e.get("vcpu")
         _inc(kinds, str(k))
@@ -86,7 +90,7 @@ def summarize(events: list[dict]) -> dict:
         elif k == ev.FAULT:
             faults.append({x: e[x] for x in ("ts", "vcpu", "plane", "vector", "why", "crash") if x in e})
     res = {}
-    for v, segs in tr.residency(events).items():
+    for v, segs in flt.clip(tr.residency(events)).items():
         total = sum(s["end"] - s["start"] for s in segs)
         per: dict[int, float] = {}
         for s in segs:
@@ -95,10 +99,10 @@ def summarize(events: list[dict]) -> dict:
                        "planes": {str(p): {"us": round(t, 3), "pct": round(100.0 * t / total, 2) if total else 0.0}
                                   for p, t in sorted(per.items())},
                        "entries": len(segs)}
-    ts = [e["ts"] for e in events]
+    ts = [e["ts"] for e in selected]
     return {
         "run": {k: info[k] for k in ("vcpus", "planes", "backend", "personality") if k in info},
-        "events": len(events), "kinds": kinds,
+        "events": len(selected), "kinds": kinds,
         "duration_us": round(max(ts) - min(ts), 3) if ts else 0.0,
         "exits": sum(exits.values()), "exit_reasons": dict(sorted(exits.items(), key=lambda x: -x[1])),
         "hypercalls": dict(sorted(hypercalls.items())), "hypercall_status": hc_status,

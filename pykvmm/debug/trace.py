@@ -11,18 +11,13 @@ Normalised events (what both files hold, and what :func:`load` gives back) are d
 ``{"ts": microseconds since the start, "kind", "vcpu", "plane", ...details}``; an exit also
 gets ``"reason"`` (``IoOut:0xea`` ...), see :func:`exit_reason`.
 
-Chrome export: one process; one track per vCPU (tid = vCPU + 1, named "vCPU n"); every plane
-residency is a complete ("X") slice named "VTL1" / "plane 1" with a colour per plane; every
-recorded event is also an instant ("i") on its vCPU's track whose args are the normalised
-event (so a Chrome file can be read back); an IPI hypercall gets a flow arrow ("s" -> "f",
-bp "e") to the target vCPU's next entry into the target plane for an interrupt.
+The Chrome trace-event export (layout, IPI flows) is export.py; queries query.py; plots plot.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -34,10 +29,6 @@ FORMATS = (JSONL, CHROME)
 
 PORT_NAMES = {abi.PORT_UCALL: "ucall", abi.PORT_CONSOLE: "console", abi.PORT_HYPERCALL: "hypercall",
               abi.PORT_NULL: "null"}
-# Chrome's reserved colour names (trace_viewer's base/color_scheme), one per plane.
-PLANE_COLOURS = ("thread_state_running", "rail_response", "thread_state_iowait", "rail_animation",
-                 "yellow", "olive", "rail_load", "terrible", "good", "bad", "generic_work", "startup",
-                 "rail_idle", "thread_state_runnable", "thread_state_unknown", "heap_dump_stack_frame")
 IPI_CODES = {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, 0x0015}   # ...ClusterIpi, ...ClusterIpiEx
 
 
@@ -77,14 +68,7 @@ class TraceRecorder:
         return normalise(self.events, self.t0)
 
     def export(self, path: str, fmt: str | None = None) -> str:
-        fmt = format_for(path, fmt)
-        events = self.normalised()
-        if fmt == JSONL:
-            with open(path, "w") as f:
-                write_jsonl(events, f)
-        else:
-            write_chrome(events, path)
-        return fmt
+        return write_trace(self.normalised(), path, fmt)
 
 
 class Fanout:
@@ -199,9 +183,23 @@ def write_jsonl(events: list[dict], f) -> None:
         f.write(jsonl_line(e))
 
 
+def write_trace(events: list[dict], path: str, fmt: str | None = None) -> str:
+    """Write normalised events as JSON lines or Chrome JSON (format_for); returns the format."""
+    fmt = format_for(path, fmt)
+    if fmt == JSONL:
+        with open(path, "w") as f:
+            write_jsonl(events, f)
+    else:
+        write_chrome(events, path)
+    return fmt
+
+
 def write_chrome(events: list[dict], path: str) -> None:
+    from .export import chrome_trace     # export.py builds on this module
+
+    text = json.dumps(chrome_trace(events), separators=(",", ":"))   # one shot: 3x json.dump's speed
     with open(path, "w") as f:
-        json.dump(chrome_trace(events), f, separators=(",", ":"))
+        f.write(text)
         f.write("\n")
 
 
@@ -341,7 +339,7 @@ def residency(events: list[dict]) -> dict[int, list[dict]]:
     return out
 
 
-def _ipi_targets(e: dict) -> tuple[list[int], int | None]:
+def ipi_targets(e: dict) -> tuple[list[int], int | None]:
     """(target vCPUs, target plane) of an IPI hypercall event, or ([], None)."""
     if e.get("kind") != ev.HYPERCALL:
         return [], None
@@ -364,134 +362,3 @@ def _ipi_targets(e: dict) -> tuple[list[int], int | None]:
         else:
             plane = e.get("plane")
     return [t for t in targets if isinstance(t, int)], plane
-
-
-def ipi_flows(events: list[dict]) -> list[tuple[dict, dict]]:
-    """(sender hypercall event, receiver event) pairs: the receiver is the target vCPU's first
-    later switch into the target plane for an interrupt, or an interrupt event in that plane."""
-    by_vcpu: dict[int, list[dict]] = {}
-    for e in events:
-        if e.get("kind") in (ev.SWITCH, ev.INTERRUPT) and isinstance(e.get("vcpu"), int):
-            by_vcpu.setdefault(e["vcpu"], []).append(e)
-    flows = []
-    for e in events:
-        targets, plane = _ipi_targets(e)
-        for tv in targets:
-            for r in by_vcpu.get(tv, ()):
-                if r["ts"] < e["ts"]:
-                    continue
-                if r["kind"] == ev.SWITCH and r.get("to") == plane and "interrupt" in str(r.get("why", "")):
-                    flows.append((e, r))
-                    break
-                if r["kind"] == ev.INTERRUPT and r.get("plane") == plane:
-                    flows.append((e, r))
-                    break
-    return flows
-
-
-# ---- Chrome trace-event JSON ------------------------------------------------------------------
-
-def _tid(vcpu) -> int:
-    return vcpu + 1 if isinstance(vcpu, int) and vcpu >= 0 else 1
-
-
-def _instant_name(e: dict, label: str) -> str:
-    k = e.get("kind")
-    if k == ev.EXIT:
-        return e.get("reason") or "exit"
-    if k == ev.HYPERCALL:
-        return str(e.get("name", "hypercall"))
-    if k == ev.SWITCH:
-        return f"switch {label}{e.get('from')}->{label}{e.get('to')} ({e.get('why', '')})".replace("  ", " ")
-    if k == ev.UCALL:
-        return f"ucall {e.get('verb', '')}".strip()
-    if k == ev.PLANE_EVENT:
-        return "plane event"
-    if k == ev.LIFECYCLE:
-        return f"run {e.get('what', '')}".strip()
-    if k == ev.FAULT:
-        return "crash" if "crash" in e else f"fault {e.get('vector', '')}".strip()
-    return str(k)
-
-
-def chrome_trace(events: list[dict]) -> dict:
-    info = run_info(events)
-    label = plane_label(events)
-    pid = 1
-    out = [{"ph": "M", "pid": pid, "name": "process_name",
-            "args": {"name": "pykvmm guest" + (f" ({info.get('backend')} backend, personality "
-                                                f"{info.get('personality')})" if info else "")}}]
-    for v in vcpu_ids(events):
-        out.append({"ph": "M", "pid": pid, "tid": _tid(v), "name": "thread_name", "args": {"name": f"vCPU {v}"}})
-        out.append({"ph": "M", "pid": pid, "tid": _tid(v), "name": "thread_sort_index", "args": {"sort_index": v}})
-    for v, segs in residency(events).items():
-        for s in segs:
-            p = s["plane"] if isinstance(s["plane"], int) else 0
-            out.append({"ph": "X", "pid": pid, "tid": _tid(v), "ts": s["start"],
-                        "dur": round(max(s["end"] - s["start"], 0.0), 3),
-                        "name": f"{label}{p}", "cat": "plane", "cname": PLANE_COLOURS[p % len(PLANE_COLOURS)],
-                        "args": {"plane": p, "entered": s["why"]}})
-    for e in events:
-        scope = "g" if e.get("kind") == ev.LIFECYCLE else "t"
-        out.append({"ph": "i", "s": scope, "pid": pid, "tid": _tid(e.get("vcpu")), "ts": e["ts"],
-                    "name": _instant_name(e, label), "cat": f"pykvmm.{e.get('kind')}", "args": e})
-    for n, (src, dst) in enumerate(ipi_flows(events), 1):
-        out.append({"ph": "s", "id": n, "pid": pid, "tid": _tid(src["vcpu"]), "ts": src["ts"],
-                    "name": "IPI", "cat": "ipi"})
-        out.append({"ph": "f", "bp": "e", "id": n, "pid": pid, "tid": _tid(dst["vcpu"]), "ts": dst["ts"],
-                    "name": "IPI", "cat": "ipi"})
-    return {"traceEvents": out, "displayTimeUnit": "ns",
-            "otherData": {"generator": "pykvmm", "planes": info.get("planes"), "vcpus": info.get("vcpus")}}
-
-
-# ---- live exit printing (--trace-exits) -----------------------------------------------------------
-
-class ExitPrinter:
-    """A trace sink printing one line per exit: vCPU/plane, exit, RIP and the instruction.
-
-    At an ``in`` exit RIP is on the ``in`` on every KVM. At an ``out`` exit it is past the ``out``
-    on kvm_pvm and on it on mainline KVM (``pykvmm caps``: pio_out_rip), so for ``out`` the line
-    shows the instruction just before RIP when that is the port instruction (a ``rep outs``
-    still in progress leaves RIP on itself)."""
-
-    def __init__(self, machine, out, label: str = "plane"):
-        from .disasm import around
-        self._around = around
-        self.machine = machine
-        self.out = out
-        self.label = label
-        self._lock = threading.Lock()
-
-    def __call__(self, event) -> None:
-        if event.kind != ev.EXIT:
-            return
-        line = self.format(event.vcpu, event.plane, event.details.get("exit", ""))
-        with self._lock:
-            self.out.write(line + "\n")
-            self.out.flush()
-
-    def format(self, vcpu: int, plane: int, describe: str) -> str:
-        head = f"vcpu{vcpu}/{self.label}{plane} {describe}"
-        try:
-            v = self.machine.threads[vcpu].cpu.plane_vcpu(plane)
-            rip = v.regs.rip
-            code, addr = self.machine.read_code(v, rip, before=16, after=16)
-        except Exception as e:       # a dead or torn-down vCPU: say so, never break the run
-            return f"{head}  (state unavailable: {e})"
-        insn = None
-        if describe.startswith("IoOut"):
-            prev = self._around(code, addr, rip, before=1, after=0)
-            if prev and prev[0].address + prev[0].size == rip and _is_port_insn(prev[0].text):
-                insn = prev[0]
-        if insn is None:
-            at = self._around(code, addr, rip, before=0, after=1)
-            insn = at[0] if at else None
-        text = f"{insn.address:#x}: {insn.text}" if insn else "(code not mapped)"
-        return f"{head}  rip={rip:#x}  {text}"
-
-
-def _is_port_insn(text: str) -> bool:
-    words = text.split()
-    if words and words[0] in ("rep", "repe", "repne"):
-        words = words[1:]
-    return bool(words) and (words[0] in ("in", "out") or words[0].startswith(("ins", "outs")))

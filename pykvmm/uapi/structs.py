@@ -350,4 +350,6 @@ struct kvm_apic_id_groups {
 
 LIBC_CDEF = r"""
 int ioctl(int fd, unsigned long request, ...);
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -14,8 +15,31 @@ BUILD_DIR = GUEST_DIR / "build"
 DEMO_GUEST = "demo"
 
 
-class GuestImageError(ValueError):
+class UserFileError(ValueError):
+    """A file the user named cannot be used; the message says why."""
+
+
+class GuestImageError(UserFileError):
     """The guest image cannot be used; the message says why and what to do."""
+
+
+def open_regular_file(path: str | os.PathLike, what: str, error=UserFileError) -> int:
+    """An fd of ``path`` opened for reading, if it is a regular file (never blocks: a FIFO,
+    a device or a socket is refused, not read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise error(f"cannot read {what} {path}: permission denied") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise error(f"{path} is {kind}, not a {what}")
+    return fd
 
 
 def load_image(path: str | os.PathLike) -> bytes:
@@ -23,18 +47,15 @@ def load_image(path: str | os.PathLike) -> bytes:
     if not p.exists():
         raise GuestImageError(f"guest file {p} does not exist (build the bundled guests with "
                               "'make -C guest', or give a path to a flat binary)")
-    if p.is_dir():
-        raise GuestImageError(f"{p} is a directory, not a guest image")
+    fd = open_regular_file(p, "guest image", GuestImageError)
     try:
-        size = p.stat().st_size
-        if size > abi.GUEST_MAX_SIZE:
-            raise GuestImageError(f"guest file {p} is {size} bytes; the most pykvmm loads is "
-                                  f"{abi.GUEST_MAX_SIZE} bytes ({abi.GUEST_MAX_SIZE >> 20} MiB)")
-        data = p.read_bytes()
-    except PermissionError:
-        raise GuestImageError(f"cannot read guest file {p}: permission denied") from None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(abi.GUEST_MAX_SIZE + 1)      # at most: a file may grow while read
     except OSError as e:
         raise GuestImageError(f"cannot read guest file {p}: {e.strerror}") from None
+    if len(data) > abi.GUEST_MAX_SIZE:
+        raise GuestImageError(f"guest file {p} is more than {abi.GUEST_MAX_SIZE} bytes; the most pykvmm "
+                              f"loads is {abi.GUEST_MAX_SIZE} bytes ({abi.GUEST_MAX_SIZE >> 20} MiB)")
     if not data:
         raise GuestImageError(f"guest file {p} is empty: a guest is a flat x86-64 binary entered "
                               f"at {abi.GUEST_LOAD_ADDR:#x}")

@@ -21,7 +21,8 @@ from ..kvm import Kvm, KvmError
 from ..planes import open_planes_vm
 from ..planes.api import KICK_SIGNAL, install_kick_handler
 from ..uapi import constants as C
-from ..x86 import arch, longmode
+from ..x86 import apic, arch, longmode
+from ..x86.sysstate import read_system_state
 from . import abi, events as ev
 from .console import Console
 from .crash_state import recover_after_shutdown
@@ -80,6 +81,7 @@ class PlaneState:
     code: bytes = b""
     code_addr: int = 0
     started: bool = True
+    system: dict = field(default_factory=dict)   # x86.sysstate.read_system_state: DRs, MSRs, LAPIC
 
 
 @dataclass
@@ -187,6 +189,9 @@ class VcpuThread:
         self.switches: dict[tuple[int, int], int] = {}
         self.entry_reasons: dict[str, int] = {}
         self.halted_in_kernel = False
+        self.kicks = 0                  # exits that were kicks (not the guest's doing)
+        self.halt_probe_seen = 0        # Machine.halt_probe this thread last answered
+        self.halted_for_good = False    # its answer
         self._port_handlers = {
             abi.PORT_UCALL: self._on_ucall,
             abi.PORT_CONSOLE: self._on_console,
@@ -299,7 +304,24 @@ class VcpuThread:
                               kind="unhandled port")
 
     def _on_interrupted(self, ex) -> None:
-        pass  # a kick: the loop re-checks stop/done and runs again
+        # a kick: the loop re-checks stop/done and runs again; first answer a halt probe
+        self.kicks += 1
+        probe = self.machine.halt_probe
+        if probe != self.halt_probe_seen:
+            self.halted_for_good = self._halted_for_good()
+            self.halt_probe_seen = probe
+
+    def _halted_for_good(self) -> bool:
+        """Halted with interrupts off, and nothing that could wake it: no NMI pending or
+        possible from its LAPIC, no interrupt pending or armed in a plane that would preempt."""
+        v = self.vcpu()
+        if v.get_mp_state() != C.KVM_MP_STATE_HALTED or v.regs.rflags & arch.RFLAGS_IF:
+            return False
+        if v.get_vcpu_events().nmi.pending or apic.could_interrupt(lapic_bytes(v), nmi_only=True):
+            return False
+        req = self.machine.policy.req_exit_planes(self)
+        return not any(apic.could_interrupt(lapic_bytes(self.cpu.plane_vcpu(p)))
+                       for p in self.cpu.planes if req >> p & 1)
 
     def _on_plane_event(self, ex) -> None:
         sink = self.machine.trace
@@ -406,8 +428,13 @@ class VcpuThread:
         self.done = True
 
 
+def lapic_bytes(v: K.Vcpu) -> bytes:
+    return bytes(K.ffi.buffer(v.get_lapic().regs))
+
+
 class Machine:
-    POLL_INTERVAL = 0.05     # how often run() looks at signals, the deadline and halted vCPUs
+    POLL_INTERVAL = 0.05     # how often run() looks at signals and the deadline
+    HANG_CHECK_INTERVAL = 0.5  # how often it looks for vCPUs that made no exit (see _hung)
 
     def __init__(self, image: bytes, config: MachineConfig | None = None):
         self.config = cfg = config or MachineConfig()
@@ -431,6 +458,8 @@ class Machine:
         self._stdout_closed = False
         self._console_blocked = False
         self._interrupted = False
+        self.halt_probe = 0             # bumped to ask every vCPU thread whether it is halted for good
+        self._progress = -1
         self._ucalls: deque[Ucall] = deque(maxlen=UCALL_HISTORY)
         self._ucall_counts: dict[str, int] = {}
         self._failure: Ucall | None = None
@@ -533,8 +562,8 @@ class Machine:
         regs.rdi, regs.rsi, regs.rdx = index, plane, abi.BOOT_INFO_ADDR
         v.set_regs(regs)
         base = arch.APIC_DEFAULT_BASE | arch.APICBASE_ENABLE | (arch.APICBASE_BSP if index == 0 else 0)
-        v.set_msrs({arch.MSR_IA32_APICBASE: base})
-        v.set_msrs({arch.MSR_IA32_APICBASE: base | arch.APICBASE_X2APIC})
+        # x2APIC is entered from xAPIC mode only: both writes, in order, in one ioctl
+        v.set_msrs([(arch.MSR_IA32_APICBASE, base), (arch.MSR_IA32_APICBASE, base | arch.APICBASE_X2APIC)])
         v.set_mp_state(C.KVM_MP_STATE_RUNNABLE)
         if v.run_struct is not None:
             classes = C.KVM_SYNC_X86_REGS | self.policy.sync_classes
@@ -563,13 +592,22 @@ class Machine:
             t.thread.start()
         status = None
         deadline = None if timeout is None else start + timeout
+        hang_check = start + self.HANG_CHECK_INTERVAL
+        hang = None
         try:
             while not self._finished.wait(self.POLL_INTERVAL):
                 if self._interrupted:
                     break
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     status = ExitStatus.TIMEOUT
                     break
+                if now >= hang_check:
+                    hang_check = now + self.HANG_CHECK_INTERVAL
+                    hang = self._hung()
+                    if hang:
+                        status = ExitStatus.TIMEOUT
+                        break
         except KeyboardInterrupt:
             self._interrupted = True
         if self._interrupted:
@@ -577,9 +615,28 @@ class Machine:
         self.stop()
         elapsed = time.monotonic() - start
         result = self._result(status, elapsed)
+        if hang and result.status == ExitStatus.TIMEOUT:
+            result.message = hang
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "end", "status": result.status.name}))
         return result
+
+    def _hung(self) -> str | None:
+        """A hang nobody would see: every unfinished vCPU halted with interrupts off and nothing
+        that could wake it. Asked only after a HANG_CHECK_INTERVAL without a guest exit: the
+        vCPU threads are kicked and answer from their own thread (halt_probe); the next check
+        without an exit reads the answers. Not while a debugger holds the vCPUs."""
+        live = [t for t in self.threads if not t.done]
+        progress = sum(t.exits - t.kicks for t in self.threads)
+        if self.debugger is not None or not live or progress != self._progress:
+            self._progress = progress
+            return None
+        if all(t.halt_probe_seen == self.halt_probe and t.halted_for_good for t in live) and self.halt_probe:
+            return "all vCPUs halted with interrupts disabled"
+        self.halt_probe += 1
+        for t in live:
+            t.cpu.kick()
+        return None
 
     def interrupt(self) -> None:
         """Stop the run with status INTERRUPTED (safe in a signal handler: only sets a flag)."""
@@ -685,7 +742,7 @@ class Machine:
                 continue
             code, addr = self.read_code(v, regs.rip)
             planes[p] = PlaneState(p, _regs_dict(regs), _sregs_dict(sregs), _events_dict(events), code, addr,
-                                   started=p in t.started_planes)
+                                   started=p in t.started_planes, system=read_system_state(v))
         return CpuReport(t.index, t.plane, list(t.suspended), planes)
 
     def read_code(self, v: K.Vcpu, rip: int, before: int = 32, after: int = 48) -> tuple[bytes, int]:

@@ -16,13 +16,31 @@ class GuestMemoryError(ValueError):
     pass
 
 
+def host_memory_available() -> int | None:
+    """Bytes the host can give now (MemAvailable + SwapFree), or None if it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) << 10 for k, _, v in (line.partition(":") for line in f)
+                    if k in ("MemAvailable", "SwapFree")}
+    except (OSError, ValueError):
+        return None
+    return sum(info.values()) if "MemAvailable" in info else None
+
+
 class GuestMemory:
     def __init__(self, size: int):
         if size <= 0 or size % (2 << 20):
             raise ValueError("guest memory size must be a positive multiple of 2 MiB")
+        available = host_memory_available()
+        if available is not None and size > available:
+            raise ValueError(f"guest memory of {size >> 20} MiB is more than this host can give now "
+                             f"({available >> 20} MiB available, RAM and swap)")
         self.size = size
-        self.map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self.map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise ValueError(f"cannot map {size >> 20} MiB of guest memory: {e.strerror}") from None
         self._cbuf = ffi.from_buffer(self.map)
         self.hva = int(ffi.cast("uintptr_t", self._cbuf))
 

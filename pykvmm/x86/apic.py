@@ -12,6 +12,10 @@ APIC_TMR = 0x180
 APIC_IRR = 0x200
 APIC_ICR_LO = 0x300
 APIC_ICR_HI = 0x310
+APIC_LVT_TIMER = 0x320
+APIC_LVT_ERROR = 0x370        # the six LVT entries: timer, thermal, perf, LINT0, LINT1, error
+APIC_TIMER_INITIAL = 0x380
+LVT_MASKED = 1 << 16
 
 DM_FIXED = 0
 DM_LOWEST = 1
@@ -84,6 +88,23 @@ def irr_pending(regs: bytes) -> bool:
 
 def reg32(regs: bytes, offset: int) -> int:
     return int.from_bytes(regs[offset:offset + 4], "little")
+
+
+def could_interrupt(regs: bytes, nmi_only: bool = False) -> bool:
+    """Whether this LAPIC has or may raise an interrupt by itself: a vector in IRR or an armed
+    timer (``nmi_only``: only what is delivered as an NMI, for a CPU with interrupts off)."""
+    if not software_enabled(regs):
+        return False                          # every LVT entry is masked, fixed IPIs dropped
+    lvts = [reg32(regs, off) for off in range(APIC_LVT_TIMER, APIC_LVT_ERROR + 0x10, 0x10)]
+    if nmi_only:
+        return any(not lvt & LVT_MASKED and (lvt >> 8) & 7 == DM_NMI for lvt in lvts)
+    timer = lvts[0]
+    return irr_pending(regs) or (not timer & LVT_MASKED and reg32(regs, APIC_TIMER_INITIAL) != 0)
+
+
+def software_enabled(regs: bytes) -> bool:
+    """SVR bit 8: a software-disabled LAPIC accepts no fixed interrupts (SDM 10.4.7.2)."""
+    return bool(reg32(regs, APIC_SPIV) & 0x100)
 
 
 def highest_irr(regs: bytes) -> int | None:

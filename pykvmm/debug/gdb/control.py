@@ -50,6 +50,7 @@ class AllStopControl:
         self.last_plane = [0] * n
         self.actions: dict[int, str] = {}      # vCPU index -> "c" or "s"
         self.step_planes: dict[int, int] = {}  # vCPU index -> the plane a "s" steps
+        self.step_switch_reported: dict[int, bool] = {}   # a step's switch told, the switch stop not yet
         self.running = False           # gdb is waiting for a stop reply
         self.stop = None               # (signal, reason, tid, message) of the recorded stop
         self.pending_steps: dict[int, tuple] = {}
@@ -71,7 +72,12 @@ class AllStopControl:
         with self.cv:
             if t.plane != self.last_plane[i]:
                 self._on_switch(t)
-            return self._park(i)
+            if not self._park(i):
+                return False
+            if t.plane != self.last_plane[i]:     # a switch kept for the resume (stop_on_switch)
+                self._on_switch(t)
+                return self._park(i)
+            return True
 
     def _on_switch(self, t) -> None:
         """vCPU ``t`` switched planes since it last ran (under cv): stop there if gdb wants to."""
@@ -85,12 +91,18 @@ class AllStopControl:
             if self.detached or stepped or not self.stop_on_switch:
                 self.last_plane[i] = dst
             return                 # with stop_on_switch, reported when gdb next resumes the vCPU
-        self.last_plane[i] = dst
-        if stepped:
+        step_reported = self.step_switch_reported.pop(i, False)
+        if stepped and not step_reported:
             # the stepped instruction switched planes: the step ends on the stepped thread (gdb
             # asserts that a step-over stops there) before the other plane's next instruction runs
+            if self.stop_on_switch:
+                self.step_switch_reported[i] = True    # the switch stop comes when gdb continues
+            else:
+                self.last_plane[i] = dst
             self.record_stop(t, SIGTRAP, "", message, plane=src)
-        elif self.stop_on_switch:
+            return
+        self.last_plane[i] = dst
+        if self.stop_on_switch and self.actions.get(i) != "s":     # a step stops on its own thread only
             self.record_stop(t, 0, "", f"plane switch on vCPU {i}: {self.pl(src)} -> {self.pl(dst)}")
 
     def _park(self, i: int) -> bool:
@@ -99,8 +111,9 @@ class AllStopControl:
             if self.m.stopping or self.killed:
                 self.parked[i] = False
                 return False
-            self.parked[i] = True
-            self.cv.notify_all()
+            if not self.parked[i]:
+                self.parked[i] = True
+                self.cv.notify_all()     # once: parked vCPUs notifying each other would spin
             self.cv.wait(0.1)
         self.parked[i] = False
         return True
@@ -144,11 +157,7 @@ class AllStopControl:
                 return
             self.record_stop(t, SIGSEGV, "", f"guest crashed on vCPU {t.index} {self.pl(t.plane)}: "
                                              f"{reason}; continuing ends the run")
-            while not self.go[t.index] and not self.m.stopping and not self.killed:
-                self.parked[t.index] = True
-                self.cv.notify_all()
-                self.cv.wait(0.1)
-            self.parked[t.index] = False
+            self._park(t.index)
 
     # -- stop bookkeeping (under cv) --------------------------------------------------------
     def pl(self, plane: int) -> str:
@@ -279,6 +288,7 @@ class AllStopControl:
             self.detached = False
             self.actions = {}
             self.pending_steps.clear()
+            self.step_switch_reported.clear()
             for t in self.m.threads:
                 self.last_plane[t.index] = t.plane
             t = next((t for t in self.m.threads if not t.done), self.m.threads[0])

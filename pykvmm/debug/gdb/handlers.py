@@ -12,14 +12,18 @@ from __future__ import annotations
 import time
 
 from ...kvm import KvmError
+from ...x86.sysstate import read_system_state
+from ..dump import format_cpu_report, format_lapic
+from ..symbols import Symbols
 from .control import SIGTRAP, split_tid, tid_of
 from .framing import PACKET_SIZE, Disconnected, escape_binary
 from .registers import REGISTERS, read_registers, target_xml, write_registers
 
 
 class GdbSession:
-    def __init__(self, control, conn=None):
+    def __init__(self, control, conn=None, symbols=None):
         self.ctl = control
+        self.symbols = symbols or Symbols()
         self.m = control.m
         self.conn = conn
         self.over = False              # the session ended (detach, kill, exit)
@@ -333,7 +337,12 @@ class GdbSession:
             out = ("pykvmm monitor commands:\n"
                    "  planes                  every vCPU's running plane and suspended planes\n"
                    "  stop-on-switch on|off   stop whenever a vCPU switches planes\n"
-                   "  caps                    what this host's KVM can do for the debugger\n")
+                   "  caps                    what this host's KVM can do for the debugger\n"
+                   "  state                   the selected vCPU's every plane: registers, segment bases,\n"
+                   "                          debug registers, syscall MSRs, LAPIC, code at RIP\n"
+                   "  lapic                   every plane's LAPIC of every vCPU (IRR, ISR, TPR, PPR, timer)\n"
+                   "  phys ADDR [LEN]         guest-physical memory (hex dump, LEN default 64)\n"
+                   "  phys-write ADDR HEX     write bytes to guest-physical memory\n")
         elif words[0] == "planes":
             lines = []
             for t in self.m.threads:
@@ -349,7 +358,47 @@ class GdbSession:
                    f"data watchpoints: {'yes' if caps.watch else 'no'}\n"
                    f"single-step without interrupts (BLOCKIRQ): {'yes' if caps.blockirq else 'no'}\n"
                    + (f"{caps.detail}\n" if caps.detail else ""))
+        elif words[0] == "state" and len(words) == 1:
+            t = self.m.threads[split_tid(self._sel_tid())[0]]
+            out = format_cpu_report(self.m.capture(t), "VTL" if ctl.label == "VTL" else "plane", self.symbols) + "\n"
+        elif words[0] == "lapic" and len(words) == 1:
+            out = "".join(f"vCPU {t.index} {ctl.pl(p)}: {self._lapic_line(t.cpu.plane_vcpu(p))}\n"
+                          for t in self.m.threads for p in t.cpu.planes)
+        elif words[0] == "phys" and len(words) in (2, 3):
+            out = self._phys_read(words[1], words[2] if len(words) == 3 else "64")
+        elif words[0] == "phys-write" and len(words) == 3:
+            out = self._phys_write(words[1], words[2])
         else:
             out = f"unknown monitor command {cmd!r}; try 'monitor help'\n"
         self.conn.console(out)
         return "OK"
+
+    @staticmethod
+    def _lapic_line(v) -> str:
+        lapic = read_system_state(v)["lapic"]
+        return "unavailable: " + lapic["error"] if "error" in lapic else format_lapic(lapic)
+
+    def _phys_range(self, addr: str, length: int) -> int:
+        """A guest-physical address from a monitor argument, checked against guest RAM."""
+        a = int(addr, 0)
+        if a < 0 or length < 0 or a + length > self.m.memory.size:
+            raise ValueError(f"{a:#x}+{length:#x} is outside guest RAM (0-{self.m.memory.size:#x})")
+        return a
+
+    def _phys_read(self, addr: str, length: str) -> str:
+        try:
+            n = min(int(length, 0), 4096)
+            a = self._phys_range(addr, n)
+        except ValueError as e:
+            return f"phys: {e}\n"
+        data = self.m.memory.read(a, n)
+        return "".join(f"{a + k:#018x}: {data[k:k + 16].hex(' ')}\n" for k in range(0, len(data), 16))
+
+    def _phys_write(self, addr: str, hexbytes: str) -> str:
+        try:
+            data = bytes.fromhex(hexbytes)
+            a = self._phys_range(addr, len(data))
+        except ValueError as e:
+            return f"phys-write: {e}\n"
+        self.m.memory.write(a, data)
+        return f"wrote {len(data)} bytes at guest-physical {a:#x}\n"

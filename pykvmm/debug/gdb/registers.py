@@ -3,11 +3,15 @@ read from and written to one KVM vCPU (one plane of one vCPU)."""
 
 from __future__ import annotations
 
+from ...x86.sysstate import SYSTEM_MSRS, read_system_state
+
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 SEGS = ("cs", "ss", "ds", "es", "fs", "gs")
 FPU_CTRL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop")
 SYSREGS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
+DEBUGREGS = ("dr0", "dr1", "dr2", "dr3", "dr6", "dr7")           # the guest's own (KVM_GET_DEBUGREGS)
+MSR_REGS = ("star", "lstar", "cstar", "sfmask", "kernel_gs_base")  # x86.sysstate.SYSTEM_MSRS
 
 # (name, bits, xml type, group, feature)
 REGISTERS: list[tuple[str, int, str, str, str]] = (
@@ -19,7 +23,8 @@ REGISTERS: list[tuple[str, int, str, str, str]] = (
     + [(f"xmm{i}", 128, "vec128", "", "sse") for i in range(16)]
     + [("mxcsr", 32, "i386_mxcsr", "vector", "sse")]
     + [("fs_base", 64, "int", "", "segments"), ("gs_base", 64, "int", "", "segments")]
-    + [(n, 64, "int", "system", "sys") for n in SYSREGS]
+    + [(n, 64, "int", "system", "sys") for n in SYSREGS + DEBUGREGS]
+    + [(n, 64, "code_ptr" if n in ("lstar", "cstar") else "int", "system", "sys") for n in MSR_REGS]
 )
 REG_INDEX = {r[0]: i for i, r in enumerate(REGISTERS)}
 
@@ -92,6 +97,7 @@ def _ftwx_abridged(tag: int) -> int:
 def read_registers(v) -> list[bytes]:
     """Every register of REGISTERS, in order, as gdb's little-endian bytes, from KVM vCPU ``v``."""
     r, s, f = v.get_regs(), v.get_sregs(), v.get_fpu()
+    system = read_system_state(v, lapic=False)
     vals = {n: getattr(r, n) for n in GPRS}
     vals["rip"], vals["eflags"] = r.rip, r.rflags
     for n in SEGS:
@@ -101,6 +107,8 @@ def read_registers(v) -> list[bytes]:
                 fooff=f.last_dp & 0xFFFFFFFF, fop=f.last_opcode & 0x7FF, mxcsr=f.mxcsr,
                 fs_base=s.fs.base, gs_base=s.gs.base, cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4,
                 cr8=s.cr8, efer=s.efer)
+    for part, names in (("dr", DEBUGREGS), ("msrs", MSR_REGS)):
+        vals.update({n: system[part].get(n, 0) for n in names})     # 0 where KVM refused them
     out = []
     for name, bits, *_ in REGISTERS:
         if name.startswith("st") and name[2:].isdigit():
@@ -142,6 +150,17 @@ def write_registers(v, values: dict[int, bytes]) -> None:
         if "gs_base" in as_int:
             s.gs.base = as_int["gs_base"]
         v.set_sregs(s)
+    if any(n in DEBUGREGS for n in changed):
+        d = v.get_debugregs()
+        for k, n in enumerate(DEBUGREGS[:4]):
+            if n in as_int:
+                d.db[k] = as_int[n]
+        d.dr6 = as_int.get("dr6", d.dr6)
+        d.dr7 = as_int.get("dr7", d.dr7)
+        v.set_debugregs(d)
+    msrs = {SYSTEM_MSRS[n]: as_int[n] for n in MSR_REGS if n in as_int}
+    if msrs:
+        v.set_msrs(msrs)
     fpu_names = set(FPU_CTRL) | {"mxcsr"} | {f"st{i}" for i in range(8)} | {f"xmm{i}" for i in range(16)}
     if any(n in fpu_names for n in changed):
         f = v.get_fpu()

@@ -19,8 +19,9 @@ from .hostcaps import HostDebugCaps, probe_host
 
 class GdbStub:
     def __init__(self, machine, address: str, stop_on_switch: bool = False, label: str = "plane",
-                 log=None, caps: HostDebugCaps | None = None):
+                 log=None, caps: HostDebugCaps | None = None, symbols=None):
         self.m = machine
+        self.symbols = symbols
         self.address = address
         self.log = log or (lambda msg: None)
         caps = caps if caps is not None else probe_host(machine.pvm.backend, machine.config.kvm_device)
@@ -33,6 +34,7 @@ class GdbStub:
         self._listener = None
         self._thread = None
         self._closing = False
+        self._socket_inode = None
 
     @property
     def killed(self) -> bool:
@@ -43,14 +45,11 @@ class GdbStub:
         """Listen, start the stub thread; returns a printable address."""
         addr = self.address
         if "/" in addr:
-            try:
-                if stat.S_ISSOCK(os.stat(addr).st_mode):
-                    os.unlink(addr)
-            except FileNotFoundError:
-                pass
+            _remove_stale_socket(addr)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind(addr)
+            s.bind(_bind_path(addr))
             self.listen_address = addr
+            self._socket_inode = os.stat(addr).st_ino
         else:
             host, _, port = addr.rpartition(":")
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -104,7 +103,8 @@ class GdbStub:
                 pass
         if self.listen_address and "/" in self.listen_address:
             try:
-                os.unlink(self.listen_address)
+                if os.stat(self.listen_address).st_ino == self._socket_inode:   # still ours
+                    os.unlink(self.listen_address)
             except OSError:
                 pass
         self._listener = None
@@ -129,7 +129,7 @@ class GdbStub:
             if sock is None:
                 return
             conn = PacketConnection(sock)
-            self.session = session = GdbSession(self.control, conn)
+            self.session = session = GdbSession(self.control, conn, self.symbols)
             if self.connected:
                 self.control.attach()
                 self.log("gdb stub: gdb connected again; every vCPU stops")
@@ -150,3 +150,39 @@ class GdbStub:
                 conn.close()
             if self.control.killed or self.control.ended is not None:
                 return
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a unix socket left by a run that is gone; refuse one a live program listens on
+    (another pykvmm given the same --gdb path) and anything that is not a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ValueError(f"{path} exists and is not a unix socket")
+    if _listening(path):
+        raise ValueError(f"{path} is in use: another program (another pykvmm?) listens on it")
+    os.unlink(path)               # nobody listens: a leftover
+
+
+def _bind_path(path: str) -> str:
+    """The absolute path when it fits sun_path, so that /proc/net/unix names it exactly."""
+    full = os.path.abspath(path)
+    return full if len(full.encode()) < 108 else path
+
+
+def _listening(path: str) -> bool:
+    """Whether a socket listens on ``path``, from /proc/net/unix: connecting to find out would
+    look like a gdb connection to the stub listening there."""
+    want = {path, _bind_path(path)}
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                cols = line.split(None, 7)      # Num RefCount Protocol Flags Type St Inode Path
+                if len(cols) == 8 and cols[7].rstrip("\n") in want and int(cols[3], 16) & 0x10000:
+                    return True              # __SO_ACCEPTCON: listening
+    except (OSError, StopIteration, ValueError):
+        return True                          # cannot tell: never take it
+    return False

@@ -47,6 +47,18 @@ def needs_exec_breakpoints() -> None:
         pytest.skip(f"this host's KVM reports no execution breakpoints ({int3.detail}; {hw.detail})")
 
 
+def vcpus_running(pid: int, vcpus: int):
+    """A condition: every vCPU thread of pykvmm ``pid`` keeps running (one parked by the gdb
+    stub sleeps); five polls in a row, so a wake-up on a busy machine is not taken for it."""
+    seen = []
+
+    def condition() -> bool:
+        states = thread_states(pid)
+        seen.append(all(states.get(f"vcpu{i}") == "R" for i in range(vcpus)))
+        return seen[-5:] == [True] * 5
+    return condition
+
+
 def built(name: str, ext: str = "bin") -> str:
     p = os.path.join(ROOT, "guest", "build", f"{name}.{ext}")
     if not os.path.exists(p):
@@ -222,17 +234,11 @@ def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
-    seen = []
+    running = vcpus_running(v.proc.pid, 2)
 
     def vcpus_spinning(out: str) -> bool:
-        # gdb prints where the guest stopped once it is connected, then sends `continue`; the
-        # vCPUs run once both threads keep running (a vCPU parked by the stub sleeps): five
-        # polls in a row, so a wake-up on a busy machine is not taken for it
-        if "_start ()" not in out:
-            return False
-        states = thread_states(v.proc.pid)
-        seen.append(states.get("vcpu0") == states.get("vcpu1") == "R")
-        return seen[-5:] == [True] * 5
+        # gdb prints where the guest stopped once it is connected, then sends `continue`
+        return "_start ()" in out and running()
 
     out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"),
               interrupt_when=vcpus_spinning)
@@ -317,6 +323,7 @@ def test_stepping_over_a_switching_instruction_stops_the_stepped_thread(kvm_avai
 
 @needs_gdb
 def test_step_over_a_switch_with_stop_on_switch_then_stops_at_the_switch(kvm_available, vmm, tmp_path):
+    needs_exec_breakpoints()
     call_out, _ = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock,
@@ -342,6 +349,7 @@ def test_gdb_attaches_again_after_detach(kvm_available, vmm, tmp_path):
     v.wait_listening()
     first = gdb(sock, "info threads", "detach", elf=built("hang", "elf"))
     assert "detached" in first, first
+    wait_for(vcpus_running(v.proc.pid, 2), "the guest to run after the detach")
     second = gdb(sock, "info threads", "p/x $pc", "detach", elf=built("hang", "elf"))
     frames = re.findall(r'Thread \d+ "vcpu(\d)/plane0" \(running plane\)\s+(\w+)', second)
     assert sorted(frames) == [("0", "hang_loop"), ("1", "hang_loop")], second   # it ran while detached
@@ -383,6 +391,7 @@ def test_breakpoint_and_watchpoint_limits_say_why(kvm_available, vmm, tmp_path):
 @needs_gdb
 def test_system_state_per_plane_and_physical_memory(kvm_available, vmm, tmp_path):
     """At VtlCall 1 (guest/vtl_call.S) VTL0 has DR0/DR3/LSTAR = its A values, VTL1 its own LSTAR."""
+    needs_exec_breakpoints()
     from pykvmm.vmm import hypercalls
     call_out, _ = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")

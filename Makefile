@@ -35,7 +35,7 @@ test-nested: setup guests
 	scripts/nested-kvm.sh $(TESTS)
 
 bench: setup guests
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench
 
 clean:
 	$(MAKE) -s -C guest clean

@@ -1,5 +1,5 @@
 /*
- * bench_ipi (2 vCPUs, 2 planes, bare policy `--personality none`; for scripts/bench.py):
+ * bench_ipi (2 vCPUs, 2 planes, bare policy `--personality none`; for scripts/bench):
  * latency of an interrupt into plane 1 of vCPU 1 while vCPU 1 runs plane 0 in a tight
  * `pause` loop (plane 1 is inactive).
  *
@@ -8,7 +8,7 @@
  *     x2APIC IPI (ICR write, no exit) to vCPU 1's plane-1 LAPIC. multivm only sees it by
  *     scanning the inactive plane's IRR (on a kick, every kick_interval).
  *   mode 1, hypercall: vCPU 0's plane 0 asks the host with hypercall BENCH_SEND_IPI
- *     (RDX = target vCPU, R8 = vector; registered by scripts/bench.py), which signals an
+ *     (RDX = target vCPU, R8 = vector; registered by scripts/bench), which signals an
  *     MSI into plane 1 (the path a cross-VTL SendSyntheticClusterIpi takes).
  *   mode | 4: vCPU 1's plane 0 makes a PORT_NULL exit in every turn of its loop instead of
  *     only `pause` (a busy plane 0: the IRR is then also scanned after its exits).

@@ -1,5 +1,5 @@
 /*
- * bench_switch (any vCPUs, 2+ planes, bare policy `--personality none`; for scripts/bench.py):
+ * bench_switch (any vCPUs, 2+ planes, bare policy `--personality none`; for scripts/bench):
  * every vCPU's plane 0 switches round-robin through planes 1..N-1 with
  * HVCALL_PYKVMM_SWITCH_PLANE, BI_ARG times (0 means 10000); every plane >= 1 resumes the
  * suspended plane 0 at once, forever. One round trip = two plane switches = two hypercalls.

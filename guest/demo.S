@@ -112,10 +112,7 @@ vtl1_main:
     SAY "VTL1: secure kernel up (entered by VtlCall, entry reason 1); VtlReturn to VTL0"
     call idt_install
     SET_HANDLER V_HELP, help_handler
-    call apic_enable
-    sti
-    xor edi, edi
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE 0
 
 help_handler:
     push rax

@@ -52,7 +52,7 @@
 main:
     VTL_MAIN_DISPATCH 1
     call idt_install
-    SET_HANDLER VECTOR_UD, ud_handler
+    SET_HANDLER VEC_UD, ud_handler
     call vtl_call                       /* initialise VTL1 */
 
     BAD_BEGIN
@@ -90,9 +90,8 @@ main:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    SET_HANDLER VECTOR_UD, ud_handler
-    lea rdi, [rip + vtl1_call]
-    call vtl_serve                      /* never returns */
+    SET_HANDLER VEC_UD, ud_handler
+    VTL1_SERVE vtl1_call, apic=0
 
 vtl1_call:
     mov rax, CMD_ECHO

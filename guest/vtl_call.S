@@ -28,7 +28,6 @@
 .include "guest.inc"
 .include "vtl.inc"
 
-.set MSR_LSTAR, 0xC0000082
 .set A_CR2, 0x00000000c2c20a0a
 .set B_CR2, 0x00000000c2c20b0b
 .set A_DR0, 0x0000000000da0000

@@ -142,10 +142,7 @@ vtl1_main:
     call idt_install
     SET_HANDLER V_FAST, vtl1_handler_fast
     SET_HANDLER V_MEM, vtl1_handler_mem
-    call apic_enable
-    sti
-    xor edi, edi
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE 0
 
 vtl1_handler_fast:
     push rax

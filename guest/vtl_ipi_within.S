@@ -86,14 +86,7 @@ vcpu0:
 vtl1_main:
     call idt_install
     SET_HANDLER IPI_VECTOR, ipi_handler
-    call apic_enable
-    call apic_id
-    mov rcx, gs:[PCPU_VCPU]
-    lea rdx, [rip + vtl1_apic_id]
-    mov [rdx + rcx * 8], rax
-    sti
-    lea rdi, [rip + vtl1_call]
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE vtl1_call, record_id=1
 
 /* VtlCall handler (vtl_serve): rbx = command from VTL0. Fast return (CF clear). */
 vtl1_call:

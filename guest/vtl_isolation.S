@@ -85,14 +85,7 @@ vtl1_main:
     call idt_install
     SET_HANDLER V_A, handler_a
     SET_HANDLER V_B, handler_b
-    call apic_enable
-    call apic_id
-    mov rcx, gs:[PCPU_VCPU]
-    lea rdx, [rip + vtl1_apic_id]
-    mov [rdx + rcx * 8], rax
-    sti
-    lea rdi, [rip + vtl1_call]
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE vtl1_call, record_id=1
 
 vtl1_call:
     mov rax, CMD_ICR

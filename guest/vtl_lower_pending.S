@@ -107,10 +107,7 @@ handler_common:
 /* ---- VTL1 ------------------------------------------------------------------------------ */
 vtl1_main:
     call idt_install
-    call apic_enable
-    sti
-    lea rdi, [rip + vtl1_call]
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE vtl1_call
 
 vtl1_call:
     mov rax, CMD_HOLD

@@ -113,10 +113,7 @@ pong_handler:
 vtl1_main:
     call idt_install
     SET_HANDLER PING, ping_handler
-    call apic_enable
-    sti
-    xor edi, edi
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE 0
 
 /* VTL1: ping from the other vCPU's VTL0; answer with a pong to it. */
 ping_handler:

@@ -62,12 +62,7 @@ vtl1_main:
     call idt_install
     SET_HANDLER V_LOW, handler_low
     SET_HANDLER V_HIGH, handler_high
-    call apic_enable
-    mov edi, VTL1_TPR
-    call apic_set_tpr
-    sti
-    lea rdi, [rip + vtl1_call]
-    call vtl_serve                      /* never returns */
+    VTL1_SERVE vtl1_call, tpr=VTL1_TPR
 
 vtl1_call:
     mov rax, CMD_TPR0

@@ -1,5 +1,5 @@
 /*
- * vtl_wake_bench (2 vCPUs, 2 planes, personality vtl; for scripts/bench.py): how long a halted
+ * vtl_wake_bench (2 vCPUs, 2 planes, personality vtl; for scripts/bench): how long a halted
  * VTL0 takes to be preempted by an interrupt for its VTL1, per interrupt source.
  * BI_ARG = rounds (bits 31:0, 0 means 200) | source << 32 (bits 39:32) | delay_max << 40.
  *   source 0: x2APIC IPI (ICR write) from vCPU 0's VTL1 (a VtlCall; the VTL1 makes a PykvmmNop

@@ -10,7 +10,7 @@ import mmap
 import signal
 import threading
 
-from . import kvm as K
+from . import exits as X, kvm as K
 from .planes import choose_backend
 from .uapi import constants as C, ffi
 from .vmm.host import conventions
@@ -88,7 +88,7 @@ def _run_with_deadline(v, seconds: float):
 def probe_transports(kvm) -> list[dict]:
     out = [{"name": "port", "works": False, "detail": ""}]
     ex = _probe_guest(kvm, b"\xE6\xEA\xF4")  # out 0xEA, al; hlt
-    out[0]["works"] = isinstance(ex, K.IoOut) and ex.port == 0xEA
+    out[0]["works"] = isinstance(ex, X.IoOut) and ex.port == 0xEA
     out[0]["detail"] = "out to the hypercall port exits (KVM_EXIT_IO)" if out[0]["works"] else f"saw {ex!r}"
 
     def allow_msr(vm):
@@ -98,7 +98,7 @@ def probe_transports(kvm) -> list[dict]:
     try:
         # mov ecx, 0x40000100 ; wrmsr
         ex = _probe_guest(kvm, b"\x66\xB9\x00\x01\x00\x40\x0F\x30\xF4", setup=allow_msr)
-        ok = isinstance(ex, K.X86Wrmsr)
+        ok = isinstance(ex, X.X86Wrmsr)
         out.append({"name": "msr", "works": ok,
                     "detail": "a filtered WRMSR exits (KVM_EXIT_X86_WRMSR); pykvmm's page uses the port transport"
                     if ok else f"saw {ex!r}"})
@@ -107,11 +107,11 @@ def probe_transports(kvm) -> list[dict]:
 
     # vmcall ; out 0xEA, al
     ex = _probe_guest(kvm, b"\x0F\x01\xC1\xE6\xEA\xF4")
-    if isinstance(ex, K.Interrupted):
+    if isinstance(ex, X.Interrupted):
         handling, detail, ok = "never-returns", "KVM_RUN never returns on vmcall here (kicked after 0.2 s): unusable", False
-    elif isinstance(ex, K.Hypercall):
+    elif isinstance(ex, X.Hypercall):
         handling, detail, ok = "exits", "vmcall exits (KVM_EXIT_HYPERCALL)", True
-    elif isinstance(ex, K.IoOut):
+    elif isinstance(ex, X.IoOut):
         handling, detail, ok = ("in-kernel", "KVM handles vmcall itself and resumes the guest (no exit to userspace)",
                                 False)
     else:

@@ -16,6 +16,7 @@ from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError, open_files_hint as _open_fil
 from .vmm import abi, loader
 from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
+from .vmm.personalities import POLICIES
 from .debug.session import DebugSession
 from .debug.symbols import SymbolError, Symbols
 
@@ -89,11 +90,12 @@ def main():
 @click.argument("guest", required=False)
 @click.option("--vcpus", type=click.IntRange(1, abi.MAX_VCPUS), default=None,
               help=f"vCPUs (1..{abi.MAX_VCPUS}; default 1, or {DEMO_VCPUS} for the demo).")
-@click.option("--planes", type=click.IntRange(1, 16), default=None,
-              help=f"Planes per vCPU (1 to the backend's limit, 16 for multivm; default 1, or {DEMO_PLANES} for the demo).")
+@click.option("--planes", type=click.IntRange(1, abi.MAX_PLANES), default=None,
+              help=f"Planes per vCPU (1 to the backend's limit, {abi.MAX_PLANES} for multivm; default 1, or "
+                   f"{DEMO_PLANES} for the demo).")
 @click.option("--backend", type=click.Choice(["auto", "native", "apic-groups", "multivm"]), default="auto",
               show_default=True, help="How planes are made (auto: native > apic-groups > multivm).")
-@click.option("--personality", type=click.Choice(["auto", "vtl", "vmpl", "none"]), default="auto", show_default=True,
+@click.option("--personality", type=click.Choice(["auto", *POLICIES]), default="auto", show_default=True,
               help="Plane policy (auto: vtl when --planes > 1).")
 @click.option("--timeout", type=Seconds(), default=None,
               help=f"Stop the guest after SECONDS (exit status 4); at most {MAX_TIMEOUT:.0f}.")

@@ -7,12 +7,14 @@ the object and the errno with a hint.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno as _errno
 import mmap
 import os
 import resource
 
-
+from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, Unknown
 from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
 
 DEFAULT_KVM_DEVICE = "/dev/kvm"
@@ -59,9 +61,29 @@ _VOIDP = ffi.typeof("void *")
 
 # libc's ioctl through a fixed prototype. It is variadic, and cffi rebuilds the call for a
 # variadic function on every call: measured 0.4-0.6 us more per ioctl, on a path where
-# every ioctl counts (scripts/bench.py). On x86-64 (and arm64) Linux a call through the
+# every ioctl counts (scripts/bench). On x86-64 (and arm64) Linux a call through the
 # fixed prototype passes the three arguments exactly as the variadic call does.
 _ioctl = ffi.cast("int (*)(int, unsigned long, void *)", ffi.addressof(libc, "ioctl"))
+
+
+@contextlib.contextmanager
+def counting_ioctls(counts: collections.Counter):
+    """Count every ioctl made through this module, by request name, while the block runs
+    (benchmarks report ioctls per exit with it). It replaces the function every call here
+    goes through, so it costs nothing when not in use."""
+    global _ioctl
+    names = {e.code: name for name, e in IOCTLS.items()}
+    real = _ioctl
+
+    def counted(fd, code, arg):
+        counts[names.get(code, hex(code))] += 1
+        return real(fd, code, arg)
+
+    _ioctl = counted
+    try:
+        yield counts
+    finally:
+        _ioctl = real
 
 
 def _arg(arg):
@@ -264,109 +286,6 @@ def _enable_cap_struct(cap, args, flags):
     return ec
 
 
-# ---- exits -----------------------------------------------------------------------------
-
-class Exit:
-    """A decoded KVM_RUN exit. Each subclass carries exactly that exit's data."""
-
-    __slots__ = ()
-    reason: int = -1
-
-    def describe(self) -> str:
-        fields = ", ".join(f"{k}={_fmt(getattr(self, k))}" for k in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-    __repr__ = describe
-
-
-def _fmt(v):
-    if isinstance(v, int):
-        return hex(v)
-    return repr(v)
-
-
-def _exit(name, reason, *slots):
-    # A plain __init__ with one assignment per slot (as dataclasses generate): about twice as
-    # fast as a loop of setattr, and one exit object is built per KVM_RUN.
-    src = f"def __init__(self, {', '.join(slots)}):\n" + ("".join(f"    self.{s} = {s}\n" for s in slots)
-                                                         or "    pass\n")
-    namespace = {}
-    exec(src, namespace)
-    __init__ = namespace["__init__"]
-    return type(name, (Exit,), {"__slots__": slots, "__init__": __init__, "reason": reason})
-
-
-IoOut = _exit("IoOut", C.KVM_EXIT_IO, "port", "size", "count", "data")
-IoIn = _exit("IoIn", C.KVM_EXIT_IO, "port", "size", "count", "data_offset")
-Mmio = _exit("Mmio", C.KVM_EXIT_MMIO, "phys_addr", "length", "is_write", "data")
-Hlt = _exit("Hlt", C.KVM_EXIT_HLT)
-Shutdown = _exit("Shutdown", C.KVM_EXIT_SHUTDOWN)
-Debug = _exit("Debug", C.KVM_EXIT_DEBUG, "exception", "pc", "dr6", "dr7")
-FailEntry = _exit("FailEntry", C.KVM_EXIT_FAIL_ENTRY, "hardware_entry_failure_reason", "cpu")
-InternalError = _exit("InternalError", C.KVM_EXIT_INTERNAL_ERROR, "suberror", "data")
-SystemEvent = _exit("SystemEvent", C.KVM_EXIT_SYSTEM_EVENT, "type", "data")
-X86Rdmsr = _exit("X86Rdmsr", C.KVM_EXIT_X86_RDMSR, "index", "msr_reason")
-X86Wrmsr = _exit("X86Wrmsr", C.KVM_EXIT_X86_WRMSR, "index", "data", "msr_reason")
-Hypercall = _exit("Hypercall", C.KVM_EXIT_HYPERCALL, "nr", "args", "longmode")
-MemoryFault = _exit("MemoryFault", C.KVM_EXIT_MEMORY_FAULT, "flags", "gpa", "size")
-PlaneEvent = _exit("PlaneEvent", -1, "cause", "pending_event_planes", "target", "flags", "extra")
-Interrupted = _exit("Interrupted", C.KVM_EXIT_INTR)
-Unknown = _exit("Unknown", -1, "exit_reason", "hardware_exit_reason")
-
-INTERNAL_ERROR_NAMES = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
-
-
-def exit_reason_name(reason: int, planes_abi: PlanesAbi | None = None) -> str:
-    if planes_abi is not None and reason == planes_abi.exit_plane_event:
-        return "PLANE_EVENT"
-    return C.EXIT_REASON_NAMES.get(reason, f"UNKNOWN_{reason}")
-
-
-def _decode_io(vcpu, run):
-    io = run.io
-    if io.direction == C.KVM_EXIT_IO_OUT:
-        n = io.size * io.count
-        off = io.data_offset
-        return IoOut(io.port, io.size, io.count, vcpu.run_mmap[off:off + n])
-    return IoIn(io.port, io.size, io.count, io.data_offset)
-
-
-def _decode_mmio(vcpu, run):
-    m = run.mmio
-    return Mmio(m.phys_addr, m.len, bool(m.is_write), bytes(ffi.buffer(m.data, m.len)))
-
-
-def _decode_internal(vcpu, run):
-    i = run.internal
-    return InternalError(i.suberror, [i.data[k] for k in range(min(i.ndata, 16))])
-
-
-def _decode_plane_event(vcpu, run):
-    if vcpu.planes_abi is not None and vcpu.planes_abi.event_struct == "plane_event_v1":
-        e = run.plane_event_v1
-        return PlaneEvent(e.cause, 1 << e.plane, 1 << e.plane, 0, list(e.extra))
-    e = run.plane_event
-    return PlaneEvent(e.cause, e.pending_event_planes, e.target, e.flags, list(e.extra))
-
-
-_DECODERS = {
-    C.KVM_EXIT_IO: _decode_io,
-    C.KVM_EXIT_MMIO: _decode_mmio,
-    C.KVM_EXIT_HLT: lambda v, r: Hlt(),
-    C.KVM_EXIT_SHUTDOWN: lambda v, r: Shutdown(),
-    C.KVM_EXIT_DEBUG: lambda v, r: Debug(r.debug.arch.exception, r.debug.arch.pc, r.debug.arch.dr6, r.debug.arch.dr7),
-    C.KVM_EXIT_FAIL_ENTRY: lambda v, r: FailEntry(r.fail_entry.hardware_entry_failure_reason, r.fail_entry.cpu),
-    C.KVM_EXIT_INTERNAL_ERROR: _decode_internal,
-    C.KVM_EXIT_SYSTEM_EVENT: lambda v, r: SystemEvent(r.system_event.type,
-                                                      [r.system_event.data[k] for k in range(min(r.system_event.ndata, 16))]),
-    C.KVM_EXIT_X86_RDMSR: lambda v, r: X86Rdmsr(r.msr.index, r.msr.reason),
-    C.KVM_EXIT_X86_WRMSR: lambda v, r: X86Wrmsr(r.msr.index, r.msr.data, r.msr.reason),
-    C.KVM_EXIT_HYPERCALL: lambda v, r: Hypercall(r.hypercall.nr, list(r.hypercall.args), r.hypercall.longmode),
-    C.KVM_EXIT_MEMORY_FAULT: lambda v, r: MemoryFault(r.memory_fault.flags, r.memory_fault.gpa, r.memory_fault.size),
-    C.KVM_EXIT_INTR: lambda v, r: Interrupted(),
-}
-
-
 # ---- vcpu ------------------------------------------------------------------------------
 
 _STATE = {
@@ -408,6 +327,7 @@ class Vcpu(FdObject):
         self.run_struct = None
         self._sync_supported = 0
         self._valid = 0       # sync-area classes currently holding this vCPU's state
+        self._detached = {}   # without a kvm_run: name -> the live copy last read, for mark_dirty
         self._mapped = None
         if mmap_size:
             # libc's mmap, not Python's: mmap.mmap keeps a dup of the fd, one more open file
@@ -424,9 +344,9 @@ class Vcpu(FdObject):
             self._sync_supported = vm.sync_regs_classes()
         self._entry_state = None    # see keep_entry_state
         self.entry_state_exit = -1
-        self._decoders = dict(_DECODERS)
+        self._decoders = dict(DECODERS)
         if planes_abi is not None:
-            self._decoders[planes_abi.exit_plane_event] = _decode_plane_event
+            self._decoders[planes_abi.exit_plane_event] = PLANE_EVENT_DECODERS[planes_abi.event_struct]
         self.exit_count = 0
 
     # -- running ----------------------------------------------------------------------
@@ -591,16 +511,21 @@ class Vcpu(FdObject):
         self.ioctl("KVM_INTERRUPT", ffi.new("struct kvm_interrupt *", {"irq": vector}))
 
     # -- state: the live copy in the sync area -------------------------------------------
+    def _area(self, name):
+        area = self.run_struct.s.regs
+        return area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
+
     def _live(self, name):
         run = self.run_struct
         if run is None:
-            return self._get(name)
-        area = run.s.regs
+            # No kvm_run (a native plane-N vCPU): the live copy is a fresh GET, kept so that
+            # mark_dirty() can SET it.
+            obj = self._detached[name] = self._get(name)
+            return obj
         bit = _SYNC_BITS[name]
-        target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
+        target = self._area(name)
         if not self._valid & bit:
-            g, _, ctype = _STATE[name]
-            self.ioctl(g, ffi.addressof(target))
+            self.ioctl(_STATE[name][0], ffi.addressof(target))
             self._valid |= bit
         return target
 
@@ -614,26 +539,34 @@ class Vcpu(FdObject):
 
     def mark_dirty(self, name: str = "regs") -> None:
         """The live copy of ``name`` was changed: hand it to KVM (on the next KVM_RUN if it can)."""
-        bit = _SYNC_BITS[name]
         run = self.run_struct
         if run is None:
+            self._set(name, self._detached.pop(name))
             return
+        bit = _SYNC_BITS[name]
         if self._sync_supported & bit:
             run.kvm_dirty_regs |= bit
         else:
-            area = run.s.regs
-            target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
-            self.ioctl(_STATE[name][1], ffi.addressof(target))
+            self.ioctl(_STATE[name][1], ffi.addressof(self._area(name)))
 
     def _flush(self, name):
         """Before a plain GET ioctl: push a pending sync-area write so it is not lost."""
         run = self.run_struct
         bit = _SYNC_BITS.get(name)
         if bit and run is not None and run.kvm_dirty_regs & bit:
-            area = run.s.regs
-            target = area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
-            self.ioctl(_STATE[name][1], ffi.addressof(target))
+            self.ioctl(_STATE[name][1], ffi.addressof(self._area(name)))
             run.kvm_dirty_regs &= ~bit
+
+    def flush_sync_regs(self) -> None:
+        """Push every pending write of the live copies to KVM now (SET ioctls), so that the
+        sync area can be handed to another user (the native backend's other planes share it)."""
+        for name in _SYNC_BITS:
+            self._flush(name)
+
+    def forget_sync_regs(self) -> None:
+        """The sync area no longer holds this vCPU's state (another plane ran on it): the next
+        read of a live copy GETs it."""
+        self._valid = 0
 
     def close(self) -> None:
         if self._mapped is not None:

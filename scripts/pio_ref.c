@@ -1,5 +1,5 @@
 /*
- * pio_ref: the C reference loops of scripts/bench.py (rows 1 and 2). Built at bench time
+ * pio_ref: the C reference loops of scripts/bench (rows 1 and 2). Built at bench time
  * with `cc -O2`; needs only <linux/kvm.h>.
  *
  * Sets up one vCPU per VM (1 or 2 VMs over the same memory, like pykvmm's multivm planes)

@@ -1,4 +1,4 @@
-"""scripts/bench.py --quick runs end to end on the real /dev/kvm and writes every row.
+"""scripts/bench --quick runs end to end on the real /dev/kvm and writes every row.
 
 A smoke test only: tiny counts, and nothing here looks at how fast anything was.
 """
@@ -22,7 +22,7 @@ ROWS = {
 
 def test_bench_quick_writes_every_row(kvm_available, tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--out", str(out)],
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--out", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -33,9 +33,8 @@ def test_bench_quick_writes_every_row(kvm_available, tmp_path):
             assert key in data["rows"][row], f"row {row} lacks {key}"
     r2 = data["rows"]["2_plane_round_trip"]
     assert r2["bare_switch"]["ioctls_per_round_trip"] > 0
-    if data["meta"]["vtl_personality"]:
-        assert "vtl_call_return" in r2
-        assert "vtl_pingpong" in data["rows"]["3_cross_plane_ipi"]
+    assert "vtl_call_return" in r2 and "vmpl_call_return" in r2
+    assert "vtl_pingpong" in data["rows"]["3_cross_plane_ipi"]
     ipi = data["rows"]["3_cross_plane_ipi"]["in_kernel_ipi_inactive_plane"]
     assert len(ipi) == 2                                   # the default kick interval and a smaller one
     for d in [data["rows"]["3_cross_plane_ipi"]["host_msi_inactive_plane"], *ipi.values()]:

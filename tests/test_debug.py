@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from pykvmm import exits as X
 from pykvmm.debug import export, summary as sm
 from pykvmm.debug import trace as tr
 from pykvmm.debug.exits import ExitAnnotator
@@ -99,9 +100,6 @@ def test_summary_counts_equal_the_run(two_by_two, tmp_path):
 
 
 def test_ipi_flow_from_sender_to_receiver(kvm_available, tmp_path):
-    from pykvmm.vmm.policy import POLICIES
-    if "vtl" not in POLICIES:
-        pytest.skip("the VTL personality is not available")
     result, rec = traced_run("demo", vcpus=2, planes=2, personality="vtl")
     rec.export(str(tmp_path / "demo.json"))
     events = json.loads((tmp_path / "demo.json").read_text())["traceEvents"]
@@ -121,12 +119,12 @@ def test_summary_definitions_on_a_synthetic_trace():
     E = lambda ts, kind, **kw: {"ts": ts, "kind": kind, "vcpu": kw.pop("vcpu", 0), "plane": kw.pop("plane", 0), **kw}
     events = [
         E(0, ev.LIFECYCLE, vcpu=-1, what="start", vcpus=1, planes=2, personality="vtl"),
-        E(10, ev.EXIT, exit="IoOut(port=0xea, size=0x1, count=0x1, data=b'@')"),
+        E(10, ev.EXIT, **X.fields(X.IoOut(0xEA, 1, 1, b"@"))),
         E(13, ev.SWITCH, plane=1, **{"from": 0, "to": 1, "why": "call"}),
         E(14, ev.HYPERCALL, name="HvCallVtlCall", code=0x11, status=None),
-        E(40, ev.EXIT, plane=1, exit="IoOut(port=0xea, size=0x1, count=0x1, data=b'@')"),
+        E(40, ev.EXIT, plane=1, **X.fields(X.IoOut(0xEA, 1, 1, b"@"))),
         E(45, ev.SWITCH, **{"from": 1, "to": 0, "why": "return"}),
-        E(60, ev.EXIT, exit="Interrupted()"),
+        E(60, ev.EXIT, **X.fields(X.Interrupted())),
         E(100, ev.UCALL, verb="DONE"),
         E(120, "something_new", detail=1),        # unknown kinds are kept, never break anything
     ]
@@ -152,9 +150,9 @@ def test_format_by_extension_or_flag(name, flag, expected):
 
 
 def test_exit_reason_names():
-    assert tr.exit_reason("IoOut(port=0xe8, size=0x4, count=0x1, data=b'p')") == "IoOut:0xe8(ucall)"
-    assert tr.exit_reason("PlaneEvent(cause=0x1, pending_event_planes=0x2)") == "PlaneEvent"
-    assert tr.exit_reason("Interrupted()") == "Interrupted"
+    assert tr.exit_reason(X.fields(X.IoOut(0xE8, 4, 1, b"p"))) == "IoOut:0xe8(ucall)"
+    assert tr.exit_reason(X.fields(X.PlaneEvent(1, 2, 2, 0, []))) == "PlaneEvent"
+    assert tr.exit_reason(X.fields(X.Interrupted())) == "Interrupted"
 
 
 def test_cli_trace_then_summary(kvm_available, tmp_path):
@@ -258,7 +256,7 @@ def test_elf_symbols_match_nm():
 
 def synthetic(n):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from bench_trace import synthetic_trace
+    from bench.trace_export import synthetic_trace
     return synthetic_trace(n)
 
 
@@ -302,15 +300,17 @@ def test_the_hypercall_that_switched_is_drawn_in_the_source_planes_slice(kvm_ava
 
 @pytest.mark.slow
 def test_chrome_export_of_100k_events_is_linear():
-    small, full = synthetic(25_000), synthetic(100_000)
-    t0 = time.process_time()            # CPU time: the machine is shared, the figure is the work
-    export.chrome_trace(small)
-    t1 = time.process_time()
-    doc = export.chrome_trace(full)
-    json.dumps(doc, separators=(",", ":"))
-    t2 = time.process_time()
-    assert t2 - t1 < 5.0, f"100k events took {t2 - t1:.1f} s"
-    assert (t2 - t1) / (t1 - t0) < 8, "4x the events took more than 8x the time: not linear"
+    def cpu_seconds(events):        # CPU time: the machine is shared, the figure is the work
+        best = None
+        for _ in range(2):
+            t0 = time.process_time()
+            json.dumps(export.chrome_trace(events), separators=(",", ":"))
+            t = time.process_time() - t0
+            best = t if best is None else min(best, t)
+        return best
+    small, full = cpu_seconds(synthetic(25_000)), cpu_seconds(synthetic(100_000))
+    assert full < 5.0, f"100k events took {full:.1f} s"
+    assert full / small < 8, f"4x the events took {full / small:.1f}x the time: not linear"
 
 
 @pytest.fixture(scope="module")

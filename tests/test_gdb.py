@@ -266,9 +266,6 @@ def test_crash_stops_with_sigsegv_then_ends(kvm_available, vmm, tmp_path):
 @needs_gdb
 def test_vtl_personality_threads_and_a_vtl1_breakpoint(kvm_available, vmm, tmp_path):
     needs_exec_breakpoints()
-    from pykvmm.vmm.policy import POLICIES
-    if "vtl" not in POLICIES:
-        pytest.skip("the VTL personality is not available")
     if "vtl1_main" not in symbols("vtl_call"):
         pytest.skip("guest vtl_call has no vtl1_main symbol")
     sock = str(tmp_path / "gdb.sock")
@@ -459,8 +456,8 @@ def test_registers_are_per_plane(stub):
     assert s.handle(b"Hg2") == "OK"
     assert s.handle(b"P%x=%s" % (rip, (0x123456).to_bytes(8, "little").hex().encode())) == "OK"
     assert int.from_bytes(bytes.fromhex(s.handle(b"p%x" % rip)), "little") == 0x123456
-    assert m.threads[0].cpu.plane_vcpu(1).get_regs().rip == 0x123456
-    assert m.threads[0].cpu.plane_vcpu(0).get_regs().rip == 0x100000
+    assert m.threads[0].planes_vcpu.plane_vcpu(1).get_regs().rip == 0x123456
+    assert m.threads[0].planes_vcpu.plane_vcpu(0).get_regs().rip == 0x100000
     assert s.handle(b"Hg1") == "OK" and s.handle(b"g") == g        # plane 0 untouched
     assert s.handle(b"Hg99") == "E01"
     info = bytes.fromhex(s.handle(b"qThreadExtraInfo,2")).decode()

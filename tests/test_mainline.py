@@ -45,18 +45,18 @@ def _kvm_amd_reset(v) -> None:
 def test_triple_fault_state_recreated_when_kvm_resets_the_vcpu(kvm_available, monkeypatch, guest, planes, reg, value):
     """kvm_amd's behaviour made real here: the vCPU is reset at the shutdown exit, and the
     crash report must still show the ud2 and the registers the guest had there."""
-    import pykvmm.vmm.machine as machine
-    real = machine.recover_after_shutdown
+    import pykvmm.vmm.vcpu_thread as vcpu_thread
+    real = vcpu_thread.recover_after_shutdown
 
     def reset_then_recover(v, kick):
         _kvm_amd_reset(v)
         return real(v, kick)
 
-    monkeypatch.setattr(machine, "recover_after_shutdown", reset_then_recover)
+    monkeypatch.setattr(vcpu_thread, "recover_after_shutdown", reset_then_recover)
     with Machine(guest_image(guest), MachineConfig(planes=planes, quiet=True)) as m:
         for t in m.threads:
             for p in range(planes):
-                v = t.cpu.plane_vcpu(p)
+                v = t.plane_vcpu(p)
                 v.enable_sync_regs(C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | m.policy.sync_classes)
                 v.keep_entry_state()
         r = m.run(60)

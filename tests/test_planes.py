@@ -8,7 +8,7 @@ import mmap
 
 import pytest
 
-from pykvmm import kvm as K
+from pykvmm import exits as X
 from pykvmm.kvm import KvmError
 from pykvmm.planes import KVM_PLANE_EVENT_INTERRUPT, open_planes_vm
 from pykvmm.uapi import ffi
@@ -34,11 +34,11 @@ class PlanesRig:
             self.vm.create_irqchip()
         if shared_fpu:
             self.vm.enable_shared_fpu(True)
-        self.cpu = self.vm.create_vcpu(0)
+        self.planes_vcpu = self.vm.create_vcpu(0)
         for p in range(1, planes):
-            self.vm.create_plane(p).create_vcpu_plane(self.cpu)
+            self.vm.create_plane(p).create_vcpu_plane(self.planes_vcpu)
         for p in range(planes):
-            v = self.cpu.plane_vcpu(p)
+            v = self.planes_vcpu.plane_vcpu(p)
             s = v.get_sregs()
             s.cs.base, s.cs.selector = 0, 0
             v.set_sregs(s)
@@ -47,14 +47,14 @@ class PlanesRig:
             v.set_regs(r)
 
     def enable_apic(self, plane):
-        v = self.cpu.plane_vcpu(plane)
+        v = self.planes_vcpu.plane_vcpu(plane)
         lapic = v.get_lapic()
         regs = ffi.cast("uint32_t *", ffi.addressof(lapic, "regs"))
         regs[apic.APIC_SPIV // 4] = 0x1FF
         v.set_lapic(lapic)
 
     def irr(self, plane):
-        return apic.irr_vectors(bytes(ffi.buffer(self.cpu.plane_vcpu(plane).get_lapic().regs)))
+        return apic.irr_vectors(bytes(ffi.buffer(self.planes_vcpu.plane_vcpu(plane).get_lapic().regs)))
 
     def close(self):
         self.vm.close()
@@ -105,17 +105,17 @@ def test_irqchip_only_before_extra_planes(kvm, backend):
 def test_regs_are_per_plane(rig):
     r = rig()
     for p, value in ((0, 0xAAAA), (1, 0xBBBB)):
-        v = r.cpu.plane_vcpu(p)
+        v = r.planes_vcpu.plane_vcpu(p)
         regs = v.get_regs()
         regs.rax = value
         v.set_regs(regs)
-    assert r.cpu.plane_vcpu(0).get_regs().rax == 0xAAAA
-    assert r.cpu.plane_vcpu(1).get_regs().rax == 0xBBBB
+    assert r.planes_vcpu.plane_vcpu(0).get_regs().rax == 0xAAAA
+    assert r.planes_vcpu.plane_vcpu(1).get_regs().rax == 0xBBBB
 
 
 def _set_xmm0(v, byte):
     """Through KVM_SET_XSAVE with x87/SSE marked present, so the value survives KVM_RUN."""
-    from pykvmm.planes.api import fpu_image
+    from pykvmm.x86.xsave import fpu_image
     image = fpu_image(v)
     raw = ffi.cast("uint8_t *", image.region)
     for i in range(16):
@@ -130,21 +130,21 @@ def _xmm0(v):
 def test_fpu_not_shared_by_default(rig):
     r = rig()
     assert not r.vm.shared_fpu
-    _set_xmm0(r.cpu.plane_vcpu(0), 0x11)
-    _set_xmm0(r.cpu.plane_vcpu(1), 0x22)
-    assert isinstance(r.cpu.run(plane=0), K.IoOut)
-    assert isinstance(r.cpu.run(plane=1), K.IoOut)
-    assert _xmm0(r.cpu.plane_vcpu(0)) == b"\x11" * 16
-    assert _xmm0(r.cpu.plane_vcpu(1)) == b"\x22" * 16
+    _set_xmm0(r.planes_vcpu.plane_vcpu(0), 0x11)
+    _set_xmm0(r.planes_vcpu.plane_vcpu(1), 0x22)
+    assert isinstance(r.planes_vcpu.run(plane=0), X.IoOut)
+    assert isinstance(r.planes_vcpu.run(plane=1), X.IoOut)
+    assert _xmm0(r.planes_vcpu.plane_vcpu(0)) == b"\x11" * 16
+    assert _xmm0(r.planes_vcpu.plane_vcpu(1)) == b"\x22" * 16
 
 
 def test_fpu_shared_when_enabled(rig, backend):
     r = rig(shared_fpu=True)
     assert r.vm.shared_fpu
-    _set_xmm0(r.cpu.plane_vcpu(0), 0x33)
-    assert isinstance(r.cpu.run(plane=0), K.IoOut)
-    assert isinstance(r.cpu.run(plane=1), K.IoOut)    # multivm shares at the switch
-    assert _xmm0(r.cpu.plane_vcpu(1)) == b"\x33" * 16
+    _set_xmm0(r.planes_vcpu.plane_vcpu(0), 0x33)
+    assert isinstance(r.planes_vcpu.run(plane=0), X.IoOut)
+    assert isinstance(r.planes_vcpu.run(plane=1), X.IoOut)    # multivm shares at the switch
+    assert _xmm0(r.planes_vcpu.plane_vcpu(1)) == b"\x33" * 16
 
 
 def test_shared_fpu_must_be_chosen_before_vcpus(kvm, backend):
@@ -157,7 +157,7 @@ def test_shared_fpu_must_be_chosen_before_vcpus(kvm, backend):
 
 def test_pkru_per_plane_with_shared_fpu(kvm, rig):
     from conftest import require
-    from pykvmm.planes.api import pkru_xsave_offset
+    from pykvmm.x86.xsave import pkru_xsave_offset
     offset = pkru_xsave_offset(kvm.supported_cpuid())
     require("pku", offset is not None, "host CPUID has no PKU (CPUID.7.0:ECX[3]): PKRU cannot be set")
     r = rig(shared_fpu=True)
@@ -172,12 +172,12 @@ def test_pkru_per_plane_with_shared_fpu(kvm, rig):
     def pkru(v):
         return ffi.cast("uint32_t *", ffi.cast("uint8_t *", v.get_xsave().region) + offset)[0]
 
-    set_pkru(r.cpu.plane_vcpu(0), 0x55555554)
-    set_pkru(r.cpu.plane_vcpu(1), 0x0000000C)
-    r.cpu.run(plane=0)
-    r.cpu.run(plane=1)
-    assert pkru(r.cpu.plane_vcpu(1)) == 0x0000000C
-    assert pkru(r.cpu.plane_vcpu(0)) == 0x55555554
+    set_pkru(r.planes_vcpu.plane_vcpu(0), 0x55555554)
+    set_pkru(r.planes_vcpu.plane_vcpu(1), 0x0000000C)
+    r.planes_vcpu.run(plane=0)
+    r.planes_vcpu.run(plane=1)
+    assert pkru(r.planes_vcpu.plane_vcpu(1)) == 0x0000000C
+    assert pkru(r.planes_vcpu.plane_vcpu(0)) == 0x55555554
 
 
 def test_msi_to_one_plane_and_plane_event(rig):
@@ -187,8 +187,8 @@ def test_msi_to_one_plane_and_plane_event(rig):
     addr, data = apic.msi_message(0, 0x42)
     assert r.vm.planes[1].signal_msi(addr, data) == 1
     assert r.irr(1) == [0x42] and r.irr(0) == []
-    ex = r.cpu.run(plane=0, req_exit_planes=1 << 1)
-    assert isinstance(ex, K.PlaneEvent)
+    ex = r.planes_vcpu.run(plane=0, req_exit_planes=1 << 1)
+    assert isinstance(ex, X.PlaneEvent)
     assert ex.cause == KVM_PLANE_EVENT_INTERRUPT
     assert ex.pending_event_planes == 1 << 1 and ex.target == 1 << 1
     # an MSI on the VM itself goes to plane 0
@@ -196,8 +196,8 @@ def test_msi_to_one_plane_and_plane_event(rig):
     assert r.vm.signal_msi(addr, data) == 1
     assert r.irr(0) == [0x43]
     # running plane 1: its own bit is cleared on entry and ignored in req_exit_planes
-    ex = r.cpu.run(plane=1, req_exit_planes=0b11)
-    assert isinstance(ex, K.PlaneEvent)
+    ex = r.planes_vcpu.run(plane=1, req_exit_planes=0b11)
+    assert isinstance(ex, X.PlaneEvent)
     assert ex.pending_event_planes == 1 << 0 and ex.target == 1 << 0
 
 
@@ -206,8 +206,8 @@ def test_no_plane_event_when_not_requested(rig):
     r.enable_apic(1)
     addr, data = apic.msi_message(0, 0x42)
     r.vm.planes[1].signal_msi(addr, data)
-    ex = r.cpu.run(plane=0, req_exit_planes=0)
-    assert isinstance(ex, K.IoOut) and ex.port == 0xEB
+    ex = r.planes_vcpu.run(plane=0, req_exit_planes=0)
+    assert isinstance(ex, X.IoOut) and ex.port == 0xEB
     assert r.irr(1) == [0x42]            # still pending in plane 1 until it runs
 
 
@@ -216,8 +216,8 @@ def test_req_exit_planes_ignores_current_plane(rig):
     r.enable_apic(0)
     addr, data = apic.msi_message(0, 0x50)
     r.vm.planes[0].signal_msi(addr, data)
-    ex = r.cpu.run(plane=0, req_exit_planes=1 << 0)
-    assert not isinstance(ex, K.PlaneEvent)
+    ex = r.planes_vcpu.run(plane=0, req_exit_planes=1 << 0)
+    assert isinstance(ex, X.IoOut) and ex.port == 0xEB   # plane 0 ran its loop; no event for itself
 
 
 # ---- guest level -----------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_msi_to_inactive_plane_switches_only_when_requested(kvm_available, backe
             # wait until plane 1 reported it is ready (its first SYNC), then interrupt it
             import time
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not any(u.plane == 1 for u in m._ucalls):
+            while time.monotonic() < deadline and not any(u.plane == 1 for u in m.ucalls):
                 time.sleep(0.001)
             m.pvm.planes[1].signal_msi(*apic.msi_message(0, 0x61))
         threading.Thread(target=send, daemon=True).start()

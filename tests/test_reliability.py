@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pykvmm.planes import open_planes_vm
+from pykvmm.vmm import abi
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 
 from conftest import guest_image
@@ -54,7 +55,7 @@ def test_handler_exception_stops_every_vcpu_with_a_dump(kvm_available, monkeypat
         def broken(ex):
             raise RuntimeError("injected handler bug")
         t = m.threads[1]
-        t._port_handlers[0xE8] = broken       # vCPU 1's ucall port
+        t.set_port_handler(abi.PORT_UCALL, broken)       # vCPU 1's ucall port
         r = m.run(10)
     assert r.status == ExitStatus.CRASHED
     assert r.crash.vcpu == 1 and "injected handler bug" in r.crash.reason

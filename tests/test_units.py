@@ -14,6 +14,7 @@ from pykvmm.vmm import abi
 from pykvmm.vmm.devices import BadUcall, Console, decode_ucall
 from pykvmm.vmm.hypercalls import CONTROL_RESERVED_MASK, Control, Dispatcher, hypercall_page
 from pykvmm.vmm.memory import GuestMemory
+from pykvmm.vmm.outcomes import Answer
 from pykvmm.x86 import apic, longmode
 from pykvmm.x86.apic import Icr
 
@@ -167,11 +168,11 @@ def test_control_reserved_mask_is_the_tlfs_gaps():
 def test_dispatcher_nop_and_errors():
     d = Dispatcher()
     regs = SimpleNamespace(rcx=Control.encode(abi.HVCALL_PYKVMM_NOP), rdx=U64, r8=2)
-    assert d.dispatch(None, 0, regs)[1] == abi.HV_STATUS_SUCCESS and regs.rdx == 1
+    assert d.dispatch(None, 0, regs)[1] == Answer(abi.HV_STATUS_SUCCESS, (("rdx", 1),))
     regs.rcx |= 1 << 27
-    assert d.dispatch(None, 0, regs)[1] == abi.HV_STATUS_INVALID_HYPERCALL_INPUT
+    assert d.dispatch(None, 0, regs)[1] == Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
     regs.rcx = Control.encode(0x7777)
-    assert d.dispatch(None, 0, regs)[1] == abi.HV_STATUS_INVALID_HYPERCALL_CODE
+    assert d.dispatch(None, 0, regs)[1] == Answer(abi.HV_STATUS_INVALID_HYPERCALL_CODE)
     assert d.counts == {abi.HVCALL_PYKVMM_NOP: 2, 0x7777: 1}
 
 

@@ -10,13 +10,16 @@ import pytest
 
 from pykvmm.uapi import ffi
 from pykvmm.vmm import abi, vtl
-from pykvmm.vmm.hypercalls import Control, InjectFault, hypercall_page
+from pykvmm.vmm.hypercalls import hypercall_page
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
-from pykvmm.vmm.policy import POLICIES, make_policy
+from pykvmm.vmm.outcomes import Fault, Switch, SwitchReason
+from pykvmm.vmm.personalities import POLICIES, make_policy
+from pykvmm.x86 import arch
+from pykvmm.x86.xsave import merge_pkru
 
 from conftest import assert_done, guest_image
 
-UD = 6
+UD = arch.VEC_UD
 
 
 def syncs(r) -> dict:
@@ -246,26 +249,24 @@ def test_vtl_return_with_nothing_suspended_is_ud(kvm_available):
     with Machine(guest_image("vtl_call"), MachineConfig(planes=2, quiet=True)) as m:
         t = m.threads[0]
         t.plane, t.started_planes = 1, {0, 1}
-        regs = t.cpu.plane_vcpu(1).regs
-        regs.rax = 0
-        with pytest.raises(InjectFault) as e:
-            m.policy._vtl_return(t, 1, Control(abi.HVCALL_VTL_RETURN), regs)
-        assert e.value.vector == UD
+        regs = t.plane_vcpu(1).regs
+        regs.rax, regs.rcx = 0, abi.HVCALL_VTL_RETURN
+        _, outcome = m.dispatcher.dispatch(t, 1, regs)
+        assert type(outcome) is Fault and outcome.vector == UD
         assert m.policy.summary()["ud_reasons"] == {"return-nothing-suspended": 1}
 
 
 def test_vtl_hypercalls_above_cpl0_are_ud(kvm_available):
     with Machine(guest_image("vtl_call"), MachineConfig(planes=2, quiet=True)) as m:
         t, pol = m.threads[0], m.policy
-        v = t.cpu.plane_vcpu(0)
+        v = t.plane_vcpu(0)
         v.sregs.cs.dpl = 3
         regs = v.regs
         regs.rax = 0
-        for code, handler in ((abi.HVCALL_VTL_CALL, pol._vtl_call),
-                              (abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, pol._send_ipi)):
-            with pytest.raises(InjectFault) as e:
-                handler(t, 0, Control(code), regs)
-            assert e.value.vector == UD and "CPL 3" in str(e.value)
+        for code in (abi.HVCALL_VTL_CALL, abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI):
+            regs.rcx = code
+            _, outcome = m.dispatcher.dispatch(t, 0, regs)
+            assert type(outcome) is Fault and outcome.vector == UD and "CPL 3" in outcome.why
         assert t.plane == 0 and not t.suspended
         assert pol.summary()["ud_reasons"] == {"cpl": 2}
 
@@ -310,7 +311,7 @@ def test_transfer_copies_fpu_debug_and_cr2_keeps_private(kvm_available, backend)
     end in an emulation failure there), so the XSAVE copy is checked from the host."""
     with Machine(guest_image("vtl_call"), MachineConfig(planes=2, quiet=True, backend=backend)) as m:
         t, pol = m.threads[0], m.policy
-        v0, v1 = t.cpu.plane_vcpu(0), t.cpu.plane_vcpu(1)
+        v0, v1 = t.plane_vcpu(0), t.plane_vcpu(1)
         t.started_planes.add(1)                    # both planes have run: a real transfer
         x = _xsave_bytes(v0)
         x[XSAVE_XMM0:XSAVE_XMM0 + 16] = bytes(range(1, 17))
@@ -329,7 +330,7 @@ def test_transfer_copies_fpu_debug_and_cr2_keeps_private(kvm_available, backend)
         v0.mark_dirty("sregs")
         rsp1 = v1.regs.rsp
 
-        t.switch_to(1, "call", suspend=True)
+        t.switch(Switch(1, SwitchReason.CALL, suspend=True))
         x1 = _xsave_bytes(v1)
         assert x1[XSAVE_XMM0:XSAVE_XMM0 + 16] == bytes(range(1, 17))
         assert int.from_bytes(x1[XSAVE_MXCSR:XSAVE_MXCSR + 4], "little") == 0x7F80
@@ -343,7 +344,7 @@ def test_transfer_copies_fpu_debug_and_cr2_keeps_private(kvm_available, backend)
         x1[XSAVE_XMM0 + 16:XSAVE_XMM0 + 32] = b"\xEE" * 16
         x1[XSAVE_BV] |= 0b11
         _set_xsave_bytes(v1, x1)
-        t.resume_suspended("return")
+        t.switch(Switch(None, SwitchReason.RETURN))
         x0 = _xsave_bytes(v0)
         assert x0[XSAVE_XMM0:XSAVE_XMM0 + 16] == bytes(range(1, 17))
         assert x0[XSAVE_XMM0 + 16:XSAVE_XMM0 + 32] == b"\xEE" * 16
@@ -358,8 +359,8 @@ def test_transfer_copies_fpu_debug_and_cr2_keeps_private(kvm_available, backend)
             return bytes(x[XSAVE_MXCSR:XSAVE_MXCSR + 4] + x[XSAVE_XMM0:XSAVE_XMM0 + 256])
         images = sse(v0), sse(v1)
         drs = tuple(v0.get_debugregs().db), tuple(v1.get_debugregs().db)
-        t.switch_to(1, "call", suspend=True)
-        t.resume_suspended("return")
+        t.switch(Switch(1, SwitchReason.CALL, suspend=True))
+        t.switch(Switch(None, SwitchReason.RETURN))
         assert (sse(v0), sse(v1)) == images
         assert (tuple(v0.get_debugregs().db), tuple(v1.get_debugregs().db)) == drs
         assert pol.summary()["state_ioctls"] > 0
@@ -376,7 +377,7 @@ def test_pkru_is_kept_by_the_destination():
     mine = bytearray(4096)
     mine[off:off + 4] = b"\x55\x55\x55\x55"
     mine[512:520] = (0b11).to_bytes(8, "little")
-    vtl.merge_pkru(src, bytes(mine), off)
+    merge_pkru(src, bytes(mine), off)
     out = bytes(ffi.buffer(src.region))
     assert out[off:off + 4] == b"\x55\x55\x55\x55"
     assert int.from_bytes(out[512:520], "little") == 0b11

@@ -15,11 +15,12 @@ import time
 
 import pytest
 
-from pykvmm import kvm as K
+from pykvmm import exits as X
 from pykvmm.planes import KVM_PLANE_EVENT_INTERRUPT
 from pykvmm.uapi import ffi
 from pykvmm.vmm import abi
 from pykvmm.vmm.machine import Machine, MachineConfig
+from pykvmm.vmm.outcomes import Answer
 from pykvmm.x86 import apic
 
 from conftest import assert_done, guest_image
@@ -61,7 +62,7 @@ class HaltedRunner:
         self.result = None
         self.tid = None
         rig.mem[HALT_GPA:HALT_GPA + len(STI_HLT_LOOP)] = STI_HLT_LOOP
-        v0 = rig.cpu.plane_vcpu(0)
+        v0 = rig.planes_vcpu.plane_vcpu(0)
         r = v0.get_regs()
         r.rip = HALT_GPA
         v0.set_regs(r)
@@ -70,9 +71,9 @@ class HaltedRunner:
     def _run(self) -> None:
         self.tid = threading.get_native_id()
         while True:
-            ex = self.rig.cpu.run(plane=0, req_exit_planes=self.req)
+            ex = self.rig.planes_vcpu.run(plane=0, req_exit_planes=self.req)
             self.exits.append(ex)
-            if type(ex) is not K.Interrupted or self.stop_on_interrupted:
+            if type(ex) is not X.Interrupted or self.stop_on_interrupted:
                 self.result = ex
                 return
 
@@ -91,7 +92,7 @@ class HaltedRunner:
 
 
 def set_tpr(rig: PlanesRig, plane: int, tpr: int) -> None:
-    v = rig.cpu.plane_vcpu(plane)
+    v = rig.planes_vcpu.plane_vcpu(plane)
     lapic = v.get_lapic()
     ffi.cast("uint32_t *", ffi.addressof(lapic, "regs"))[apic.APIC_TPR // 4] = tpr
     v.set_lapic(lapic)
@@ -106,7 +107,7 @@ def halted_rig(rig):
 
 
 def assert_event_for_plane1(ex) -> None:
-    assert isinstance(ex, K.PlaneEvent), f"expected a plane event, got {ex.describe()}"
+    assert isinstance(ex, X.PlaneEvent), f"expected a plane event, got {ex.describe()}"
     assert ex.cause == KVM_PLANE_EVENT_INTERRUPT and ex.target == 1 << 1
 
 
@@ -123,8 +124,8 @@ def test_kick_ends_a_halted_run(halted_rig):
     """Repro 3: kick() from another thread ends a halted run (no planes requested)."""
     a = HaltedRunner(halted_rig, 0, stop_on_interrupted=True)
     a.start_and_wait_halted()
-    halted_rig.cpu.kick()
-    assert type(a.join()) is K.Interrupted
+    halted_rig.planes_vcpu.kick()
+    assert type(a.join()) is X.Interrupted
 
 
 def test_masked_msi_waits_for_a_deliverable_one(halted_rig):
@@ -136,7 +137,7 @@ def test_masked_msi_waits_for_a_deliverable_one(halted_rig):
     seen = len(a.exits)
     halted_rig.vm.planes[1].signal_msi(*apic.msi_message(0, 0x50))
     a.wait_halted_again(seen)                   # the kick came, the scan found it masked
-    assert a.result is None and not any(isinstance(e, K.PlaneEvent) for e in a.exits)
+    assert a.result is None and not any(isinstance(e, X.PlaneEvent) for e in a.exits)
     halted_rig.vm.planes[1].signal_msi(*apic.msi_message(0, 0x90))
     assert_event_for_plane1(a.join())
     assert halted_rig.irr(1) == [0x50, 0x90]
@@ -154,7 +155,7 @@ def test_masked_msi_events_when_the_mask_drops(halted_rig, tell):
     assert a.result is None
     set_tpr(halted_rig, 1, 0)
     if tell:
-        halted_rig.cpu.note_pending(1)
+        halted_rig.planes_vcpu.note_pending(1)
     assert_event_for_plane1(a.join())
 
 
@@ -215,11 +216,11 @@ def test_kick_without_a_handler_says_so(kvm, backend):
         a = HaltedRunner(r, 0, stop_on_interrupted=True)
         a.start_and_wait_halted()
         with pytest.raises(KvmError) as e:
-            r.cpu.kick()
+            r.planes_vcpu.kick()
         assert "install_kick_handler" in str(e.value)
         assert api.install_kick_handler()      # on the main thread, as the error says
-        r.cpu.kick()
-        assert type(a.join()) is K.Interrupted
+        r.planes_vcpu.kick()
+        assert type(a.join()) is X.Interrupted
     finally:
         signal.signal(api.KICK_SIGNAL, previous)
         for r in made:
@@ -235,9 +236,9 @@ BEFORE = {"nothing": 0, "delivered-while-running": 1, "masked": 2}
 
 
 def register_host_msi(m: Machine) -> None:
-    def host_msi(cpu, plane, control, regs):
+    def host_msi(thread, plane, control, regs):
         m.pvm.planes[regs.r8 >> 8 & 0xF].signal_msi(*apic.msi_message(regs.rdx, regs.r8 & 0xFF))
-        return abi.HV_STATUS_SUCCESS
+        return Answer(abi.HV_STATUS_SUCCESS)
     m.dispatcher.register(WAKE_HOST_MSI, host_msi)
 
 

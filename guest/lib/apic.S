@@ -14,7 +14,7 @@ apic_enable:
     push rax
     push rcx
     push rdx
-    mov ecx, MSR_X2APIC_SVR
+    mov ecx, X2APIC_SVR
     mov eax, APIC_SVR_ENABLE | APIC_SPURIOUS_VECTOR
     xor edx, edx
     wrmsr
@@ -30,7 +30,7 @@ apic_enable:
 apic_id:
     push rcx
     push rdx
-    mov ecx, MSR_X2APIC_ID
+    mov ecx, X2APIC_ID
     rdmsr                               /* zero-extends into rax */
     pop rdx
     pop rcx
@@ -44,7 +44,7 @@ apic_send_ipi:
     push rax
     push rcx
     push rdx
-    mov ecx, MSR_X2APIC_ICR
+    mov ecx, X2APIC_ICR
     mov edx, edi                        /* ICR[63:32] = destination */
     movzx eax, sil
     or eax, APIC_ICR_LEVEL_ASSERT
@@ -62,7 +62,7 @@ apic_eoi:
     push rax
     push rcx
     push rdx
-    mov ecx, MSR_X2APIC_EOI
+    mov ecx, X2APIC_EOI
     xor eax, eax
     xor edx, edx
     wrmsr
@@ -79,7 +79,7 @@ apic_set_tpr:
     push rax
     push rcx
     push rdx
-    mov ecx, MSR_X2APIC_TPR
+    mov ecx, X2APIC_TPR
     movzx eax, dil
     xor edx, edx
     wrmsr
@@ -96,17 +96,17 @@ apic_set_tpr:
 apic_in_service:
     push rcx
     push rdx
-    mov ecx, MSR_X2APIC_ISR0 + 7
+    mov ecx, X2APIC_ISR0 + 7
 1:  rdmsr
     test eax, eax
     jnz 2f
     dec ecx
-    cmp ecx, MSR_X2APIC_ISR0
+    cmp ecx, X2APIC_ISR0
     jae 1b
     mov rax, -1
     jmp 3f
 2:  bsr eax, eax
-    sub ecx, MSR_X2APIC_ISR0
+    sub ecx, X2APIC_ISR0
     shl ecx, 5
     add eax, ecx
 3:  pop rdx

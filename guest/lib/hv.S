@@ -6,8 +6,6 @@
 .include "guest.inc"
 .include "hv.inc"
 
-.set VEC_UD, 6
-.set VEC_GP, 13
 
 .text
 

@@ -8,8 +8,6 @@ from .symbols import Symbols
 
 _NO_SYMBOLS = Symbols()
 
-GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
-        "r12", "r13", "r14", "r15")
 
 _RFLAGS = [(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (8, "TF"), (9, "IF"), (10, "DF"), (11, "OF"),
            (14, "NT"), (16, "RF"), (17, "VM"), (18, "AC"), (19, "VIF"), (20, "VIP"), (21, "ID")]
@@ -31,8 +29,8 @@ def format_plane(ps, plane_label: str = "plane", symbols: Symbols = _NO_SYMBOLS)
         lines.append(f"    state unavailable: {ps.events.get('error', '?')}")
         return lines
     r = ps.regs
-    for i in range(0, len(GPRS), 4):
-        lines.append("    " + "  ".join(f"{n.upper():>3}={r[n]:016x}" for n in GPRS[i:i + 4]))
+    for i in range(0, len(arch.GPRS), 4):
+        lines.append("    " + "  ".join(f"{n.upper():>3}={r[n]:016x}" for n in arch.GPRS[i:i + 4]))
     lines.append(f"    RIP={r['rip']:016x}{_at(r['rip'], symbols)}  RFLAGS={r['rflags']:08x} [{_flags(r['rflags'])}]")
     s = ps.sregs
     lines.append(f"    CR0={s['cr0']:08x} CR2={s['cr2']:016x} CR3={s['cr3']:016x} CR4={s['cr4']:08x} "

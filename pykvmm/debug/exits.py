@@ -12,8 +12,6 @@ port instruction (a ``rep outs`` still in progress leaves RIP on itself).
 
 from __future__ import annotations
 
-import ast
-import re
 import threading
 
 from ..vmm import abi
@@ -31,28 +29,8 @@ PORT_MEANINGS = {abi.PORT_UCALL: "pykvmm ucall", abi.PORT_CONSOLE: "pykvmm debug
 PORT_MEANINGS.update({0x3F8 + k: f"COM1 UART {name}" for k, name in
                       enumerate(("THR/RBR", "IER", "IIR/FCR", "LCR", "MCR", "LSR", "MSR", "SCR"))})
 
-_PORT = re.compile(r"port=(0x[0-9a-fA-F]+)")
-_DATA = re.compile(r"data=(b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\")")
-
-
 def port_meaning(port: int) -> str | None:
     return PORT_MEANINGS.get(port)
-
-
-def exit_port(describe: str) -> int | None:
-    m = _PORT.search(describe or "")
-    return int(m.group(1), 16) if m else None
-
-
-def exit_data(describe: str) -> bytes | None:
-    """The data bytes of a described exit (``IoOut(..., data=b'@')``), or None."""
-    m = _DATA.search(describe or "")
-    if not m:
-        return None
-    try:
-        return ast.literal_eval(m.group(1))
-    except (ValueError, SyntaxError):
-        return None
 
 
 class ExitAnnotator:
@@ -68,18 +46,17 @@ class ExitAnnotator:
             return
         d = event.details
         try:
-            rip = self.machine.threads[event.vcpu].cpu.plane_vcpu(event.plane).regs.rip
+            rip = self.machine.threads[event.vcpu].planes_vcpu.plane_vcpu(event.plane).regs.rip
         except Exception:        # a torn-down vCPU: the event stays as it is
             return
         d["rip"] = rip
         name = self.symbols.name(rip)
         if name:
             d["symbol"] = name
-        describe = d.get("exit", "")
-        data = exit_data(describe)
-        if data is not None:
-            d["data"] = data.hex(" ")
-        port = exit_port(describe)
+        data = d.get("data")
+        if isinstance(data, (bytes, bytearray)):
+            d["data"] = bytes(data).hex(" ")
+        port = d.get("port")
         if port is not None and port_meaning(port):
             d["port_meaning"] = port_meaning(port)
 
@@ -132,21 +109,21 @@ class ExitPrinter:
 
     def format(self, event) -> str:
         d = event.details
-        describe = d.get("exit", "")
-        head = f"{self._stamp(event)} {self._where(event.vcpu, event.plane)} {exit_reason(describe)}"
-        port = exit_port(describe)
+        head = f"{self._stamp(event)} {self._where(event.vcpu, event.plane)} {exit_reason(d)}"
+        port = d.get("port")
         if port is not None and port_meaning(port):
             head += f" [{port_meaning(port)}]"
-        if d.get("data"):
-            head += f" data={d['data']}"
+        data = d.get("data")
+        if data:
+            head += f" data={bytes(data).hex(' ') if isinstance(data, (bytes, bytearray)) else data}"
         try:
-            v = self.machine.threads[event.vcpu].cpu.plane_vcpu(event.plane)
+            v = self.machine.threads[event.vcpu].planes_vcpu.plane_vcpu(event.plane)
             rip = d["rip"] if "rip" in d else v.regs.rip
             code, addr = self.machine.read_code(v, rip, before=16, after=16)
         except Exception as e:       # a dead or torn-down vCPU: say so, never break the run
             return f"{head}  (state unavailable: {e})"
         insn = None
-        if describe.startswith("IoOut"):
+        if d.get("exit") == "IoOut":
             prev = self._around(code, addr, rip, before=1, after=0)
             if prev and prev[0].address + prev[0].size == rip and _is_port_insn(prev[0].text):
                 insn = prev[0]

@@ -95,7 +95,7 @@ def describe(e: dict, label: str) -> str:
     """One event's readable text (without time and place)."""
     k = e.get("kind")
     if k == ev.EXIT:
-        text = e.get("reason") or tr.exit_reason(e.get("exit", ""))
+        text = e.get("reason") or tr.exit_reason(e)
         if isinstance(e.get("rip"), int):
             text += f" rip={e['rip']:#x}" + (f" <{e['symbol']}>" if e.get("symbol") else "")
         if e.get("data"):

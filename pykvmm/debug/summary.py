@@ -69,7 +69,7 @@ def summarize(events: list[dict], flt: TraceFilter | None = None) -> dict:
         v = e.get("vcpu")
         _inc(kinds, str(k))
         if k == ev.EXIT:
-            _inc(exits, e.get("reason") or tr.exit_reason(e.get("exit", "")))
+            _inc(exits, e.get("reason") or tr.exit_reason(e))
             if v in pending_switch:
                 exit_to_target.append(e["ts"] - pending_switch.pop(v))
             last_exit[v] = e["ts"]

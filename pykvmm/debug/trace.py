@@ -17,12 +17,12 @@ The Chrome trace-event export (layout, IPI flows) is export.py; queries query.py
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 from ..vmm import abi
 from ..vmm import events as ev
+from ..vmm.hypercalls import HvInputVtl
 
 JSONL, CHROME = "jsonl", "chrome"
 FORMATS = (JSONL, CHROME)
@@ -101,7 +101,7 @@ class IpiAnnotator:
         if d.get("code") != abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI:
             return
         try:
-            v = self.machine.threads[event.vcpu].cpu.plane_vcpu(event.plane)
+            v = self.machine.threads[event.vcpu].planes_vcpu.plane_vcpu(event.plane)
             fast = v.regs.rcx >> 16 & 1
             if fast:
                 head, mask = d.get("rdx", 0), d.get("r8", 0)
@@ -112,28 +112,20 @@ class IpiAnnotator:
             return
         vtl = (head >> 32) & 0xFF
         d["vector"] = head & 0xFFFFFFFF
-        d["target_plane"] = vtl & 0xF if vtl & 0x10 else event.plane
+        d["target_plane"] = HvInputVtl(vtl).target(event.plane)
         d["targets"] = [i for i in range(64) if mask >> i & 1]
 
 
 # ---- normalisation ------------------------------------------------------------------------
 
-_EXIT_NAME = re.compile(r"^(\w+)(?:\((.*)\))?$", re.S)
-_PORT = re.compile(r"port=(0x[0-9a-fA-F]+|\d+)")
-
-
-def exit_reason(describe: str) -> str:
-    """``IoOut(port=0xea, ...)`` -> ``IoOut:0xea(hypercall)``; others: the exit's class name."""
-    m = _EXIT_NAME.match(describe or "")
-    if not m:
-        return str(describe)
-    name = m.group(1)
-    if name in ("IoOut", "IoIn"):
-        p = _PORT.search(m.group(2) or "")
-        if p:
-            port = int(p.group(1), 0)
-            label = PORT_NAMES.get(port)
-            return f"{name}:{port:#x}" + (f"({label})" if label else "")
+def exit_reason(event: dict) -> str:
+    """An exit event's fields (``{"exit": "IoOut", "port": 0xea, ...}``, as
+    :func:`pykvmm.exits.fields` gives them) -> ``IoOut:0xea(hypercall)``; others: the exit's name."""
+    name = str(event.get("exit", "exit"))
+    port = event.get("port")
+    if name in ("IoOut", "IoIn") and isinstance(port, int):
+        label = PORT_NAMES.get(port)
+        return f"{name}:{port:#x}" + (f"({label})" if label else "")
     return name
 
 
@@ -168,7 +160,7 @@ def normalise(events, t0: float | None = None) -> list[dict]:
         n = {"ts": round((t - base) * 1e6, 3)}
         n.update({k: _jsonable(v) for k, v in d.items()})
         if n.get("kind") == ev.EXIT and "reason" not in n:
-            n["reason"] = exit_reason(n.get("exit", ""))
+            n["reason"] = exit_reason(n)
         out.append(n)
     out.sort(key=lambda d: d["ts"])   # stable: one thread's events keep their order
     return out
@@ -358,7 +350,7 @@ def ipi_targets(e: dict) -> tuple[list[int], int | None]:
         rdx = e.get("rdx")
         if isinstance(rdx, int):
             vtl = (rdx >> 32) & 0xFF           # HV_INPUT_VTL: bits 3:0 VTL, bit 4 use it
-            plane = vtl & 0xF if vtl & 0x10 else e.get("plane")
+            plane = HvInputVtl(vtl).target(e.get("plane"))
         else:
             plane = e.get("plane")
     return [t for t in targets if isinstance(t, int)], plane

@@ -14,7 +14,8 @@ import errno
 from ..kvm import KvmError, Vcpu
 from ..uapi import ffi
 from ..x86 import apic
-from .api import MAX_PLANES, Plane, PlanesVm, SingleKvmVm, pkru_xsave_offset
+from ..x86.xsave import pkru_xsave_offset
+from .api import MAX_PLANES, Plane, PlanesVm, SingleKvmVm
 from .softswitch import SoftSwitchVcpu, SoftSwitchVm
 
 N_BITS = 4  # 16 planes

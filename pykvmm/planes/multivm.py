@@ -10,7 +10,7 @@ events itself (softswitch.py says when, the bound, and every pending bit it keep
   LAPIC (KVM_GET_LAPIC) on entry to run(), after exits of the running plane and on every
   kick; the VM's ticker kicks every vCPU whose run has requested planes (halted or not)
   every ``kick_interval``. The worst-case delay is one kick interval plus one scan
-  (scripts/bench.py: "in-kernel IPI to an inactive plane" and the halted wake-up rows).
+  (scripts/bench: "in-kernel IPI to an inactive plane" and the halted wake-up rows).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 import errno
 
 from ..kvm import KvmError, Vcpu, Vm
-from .api import MAX_PLANES, Plane, PlanesVm, pkru_xsave_offset
+from ..x86.xsave import pkru_xsave_offset
+from .api import MAX_PLANES, Plane, PlanesVm
 from .softswitch import SoftSwitchVcpu, SoftSwitchVm
 
 

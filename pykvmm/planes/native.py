@@ -49,15 +49,14 @@ class NativeVcpu(PlanesVcpu):
         v0 = self._v0
         run = v0.run_struct
         if plane != 0:
-            for name in ("regs", "sregs", "vcpu_events"):
-                v0._flush(name)   # the shared sync area must not carry plane 0's writes
+            v0.flush_sync_regs()   # the shared sync area must not carry plane 0's writes
             run.kvm_valid_regs = 0
         run.plane = plane
         run.req_exit_planes = req_exit_planes
         self.last_plane = plane
         ex = self.run_kvm(v0, req_exit_planes)
         if plane != 0:
-            v0._valid = 0
+            v0.forget_sync_regs()
         return ex
 
 

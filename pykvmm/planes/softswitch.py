@@ -46,10 +46,12 @@ from __future__ import annotations
 import threading
 import time
 
-from .. import kvm as K
+from .. import exits as X
 from ..kvm import Vcpu
+from ..uapi import ffi
 from ..x86 import apic
-from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, PlanesVcpu, copy_fpu_state
+from ..x86.xsave import copy_fpu_state
+from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, PlanesVcpu
 
 SCAN_GAP = 50e-6        # seconds between rate-limited scans of one vCPU
 KICK_INTERVAL = 1e-3    # seconds between the ticker's kicks of a vCPU with planes requested
@@ -140,7 +142,7 @@ class SoftSwitchVcpu(PlanesVcpu):
         for p, plane in self.vm.planes.items():
             if planes_mask >> p & 1 and self.id in plane.vcpus:
                 self.irr_scans += 1
-                regs = bytes(K.ffi.buffer(plane.vcpus[self.id].get_lapic().regs))
+                regs = bytes(ffi.buffer(plane.vcpus[self.id].get_lapic().regs))
                 if not apic.software_enabled(regs):
                     off |= 1 << p
                 elif apic.deliverable_irr(regs) is not None:
@@ -183,7 +185,7 @@ class SoftSwitchVcpu(PlanesVcpu):
             self._apic_off &= ~(1 << plane)  # the plane may enable its LAPIC
         ex = self.run_kvm(v, req)
         if req:
-            kicked = type(ex) is K.Interrupted
+            kicked = type(ex) is X.Interrupted
             found = self._look(req, force=kicked)
             if found:
                 if kicked:
@@ -194,4 +196,4 @@ class SoftSwitchVcpu(PlanesVcpu):
 
     def _event(self, found: int, req: int):
         self.plane_events += 1
-        return K.PlaneEvent(KVM_PLANE_EVENT_INTERRUPT, found, found & req, 0, [0] * 8)
+        return X.PlaneEvent(KVM_PLANE_EVENT_INTERRUPT, found, found & req, 0, [0] * 8)

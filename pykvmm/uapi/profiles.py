@@ -22,7 +22,6 @@ class PlanesAbi:
     event_struct: str                    # kvm_run union member carrying the event
     userspace_schedules: bool            # kvm_run.plane / req_exit_planes exist
     plane_event_interrupt: int | None
-    max_planes_x86: int = 16
 
 
 RFC_2025_04 = PlanesAbi(

@@ -5,6 +5,8 @@ assembler include (``python3 -m pykvmm.vmm.abi > abi.inc``), so guests and the V
 cannot drift apart. It must stay importable without cffi or KVM.
 """
 
+from ..x86.arch import MAX_PLANES  # the layout holds a control page and a stack per plane
+
 # ---- guest-physical memory map --------------------------------------------------------
 GDT_ADDR = 0x1000            # flat GDT: null, code64, data, 64-bit TSS (16 bytes)
 TSS_ADDR = 0x2000
@@ -14,7 +16,6 @@ PAGE_TABLE_ADDR = 0x10000    # PML4, PDPT, then page directories (2 MiB identity
 GUEST_LOAD_ADDR = 0x100000   # flat binary is loaded and entered here
 GUEST_MAX_SIZE = 0xF00000    # the image must end below CONTROL_PAGE_BASE
 CONTROL_PAGE_BASE = 0x1000000  # per (vCPU, plane) 4 KiB control page
-MAX_PLANES = 16
 MAX_VCPUS = 64
 STACK_BASE = CONTROL_PAGE_BASE + MAX_VCPUS * MAX_PLANES * 0x1000  # 0x1400000
 STACK_SIZE = 0x4000          # per (vCPU, plane); stacks grow down from the top of their slot
@@ -101,13 +102,6 @@ VTL_ENTRY_VTL_CALL = 1
 VTL_ENTRY_INTERRUPT = 2
 
 
-def _asm_include() -> str:
-    lines = ["/* generated from pykvmm/vmm/abi.py: do not edit */"]
-    for name, value in globals().items():
-        if name.isupper() and isinstance(value, int):
-            lines.append(f".set {name}, {value:#x}")
-    return "\n".join(lines) + "\n"
-
-
 if __name__ == "__main__":
-    print(_asm_include(), end="")
+    from ..asminc import asm_include
+    print(asm_include("pykvmm/vmm/abi.py", globals()), end="")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .. import kvm as K
+from .. import exits as X, kvm as K
 from ..kvm import KvmError
 from ..uapi import constants as C, ffi
 from .host import looks_reset
@@ -53,17 +53,17 @@ def _step_to_shutdown(v: K.Vcpu, start, kick) -> tuple[object, int, str]:
             # writes RFLAGS back without it, after which the guest would run on unstepped.
             v.set_guest_debug(control)
             ex = v.run()
-            if isinstance(ex, K.Shutdown):
+            if isinstance(ex, X.Shutdown):
                 return last, steps, ""
-            if isinstance(ex, K.Debug):
+            if isinstance(ex, X.Debug):
                 steps += 1
                 ffi.memmove(last, ffi.addressof(v.run_struct.s.regs), _SYNC_SIZE)
-            elif isinstance(ex, K.IoIn):
+            elif isinstance(ex, X.IoIn):
                 v.complete_io_in(ex, b"\xFF" * (ex.size * ex.count))
-            elif isinstance(ex, K.Interrupted) and time.monotonic() >= deadline:
+            elif isinstance(ex, X.Interrupted) and time.monotonic() >= deadline:
                 why = f"it did not fault again within {TIME_LIMIT:.0f} s"
                 break
-            elif not isinstance(ex, (K.IoOut, K.Mmio, K.Interrupted)):
+            elif not isinstance(ex, (X.IoOut, X.Mmio, X.Interrupted)):
                 why = f"it ended in {ex.describe()} instead"
                 break
         else:

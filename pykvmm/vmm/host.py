@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from .. import kvm as K
+from .. import exits as X, kvm as K
 from ..kvm import Kvm, KvmError
 from ..uapi import constants as C
 from ..x86 import arch, longmode
@@ -91,15 +91,15 @@ def looks_reset(regs, sregs) -> bool:
 
 
 def _name(ex) -> str:
-    if isinstance(ex, K.InternalError):
-        return f"KVM_EXIT_INTERNAL_ERROR ({K.INTERNAL_ERROR_NAMES.get(ex.suberror, ex.suberror)})"
+    if isinstance(ex, X.InternalError):
+        return f"KVM_EXIT_INTERNAL_ERROR ({X.INTERNAL_ERROR_NAMES.get(ex.suberror, ex.suberror)})"
     return type(ex).__name__
 
 
 def probe_pio_out_rip(kvm: Kvm) -> Probe:
     with ScratchVm(kvm, _PIO) as s:
         ex = s.vcpu.run()
-        if not isinstance(ex, K.IoOut):
+        if not isinstance(ex, X.IoOut):
             return Probe("unknown", f"`out` ended in {_name(ex)}")
         at_exit = s.offset()
         s.vcpu.request_immediate_exit()
@@ -113,7 +113,7 @@ def probe_pio_out_rip(kvm: Kvm) -> Probe:
 def probe_shutdown(kvm: Kvm) -> Probe:
     with ScratchVm(kvm, _SHUTDOWN) as s:
         ex = s.vcpu.run()
-        if not isinstance(ex, K.Shutdown):
+        if not isinstance(ex, X.Shutdown):
             return Probe("unknown", f"ud2 with no IDT ended in {_name(ex)}, not a triple fault")
         regs, sregs = s.vcpu.get_regs(), s.vcpu.get_sregs()
     if looks_reset(regs, sregs):
@@ -127,7 +127,7 @@ def probe_shutdown(kvm: Kvm) -> Probe:
 def _runs_to_out(kvm: Kvm, code: bytes, what: str) -> Probe:
     with ScratchVm(kvm, code) as s:
         ex = s.vcpu.run()
-    if isinstance(ex, K.IoOut):
+    if isinstance(ex, X.IoOut):
         return Probe("yes", f"guest {what} instructions run")
     return Probe("no", f"guest {what} instructions end in {_name(ex)}")
 
@@ -148,7 +148,7 @@ def probe_int3(kvm: Kvm) -> Probe:
         except KvmError as e:
             return Probe("no", f"KVM_SET_GUEST_DEBUG refused software breakpoints: {e}")
         ex = s.vcpu.run()
-    if isinstance(ex, K.Debug) and ex.exception == _VECTOR_BP:
+    if isinstance(ex, X.Debug) and ex.exception == _VECTOR_BP:
         return Probe("yes", "int3 is reported as KVM_EXIT_DEBUG (exception 3)")
     return Probe("no", f"int3 with KVM_GUESTDBG_USE_SW_BP ends in {_name(ex)}, not KVM_EXIT_DEBUG")
 
@@ -163,7 +163,7 @@ def probe_hw_breakpoint(kvm: Kvm) -> Probe:
         except KvmError as e:
             return Probe("no", f"KVM_SET_GUEST_DEBUG refused hardware breakpoints: {e}")
         ex = s.vcpu.run()
-    if isinstance(ex, K.Debug) and ex.exception == _VECTOR_DB:
+    if isinstance(ex, X.Debug) and ex.exception == _VECTOR_DB:
         return Probe("yes", "an execution breakpoint in DR0 is reported as KVM_EXIT_DEBUG (exception 1)")
     return Probe("no", f"an execution breakpoint in DR0 never fired: the guest ran on to {_name(ex)}")
 

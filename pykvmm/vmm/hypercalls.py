@@ -5,8 +5,11 @@ ordinary calls, +0x0F VtlCall, +0x26 VtlReturn, Hyper-V's offsets) with Hyper-V'
 convention (RCX = control word, RDX/R8 = inputs or GPAs; status back in RAX). The default
 transport is port I/O, which exits on every KVM including hosts where ``vmcall`` never does.
 
-Every value the guest passes is untrusted: handlers raise HypercallError (an HV status) or
-InjectFault, never anything else for guest input.
+The dispatcher's one contract: a handler ``handler(thread, plane, control, regs)`` returns an
+outcome (:mod:`pykvmm.vmm.outcomes`): ``Answer(status)`` for a call that returns to its caller
+(also for every error status), ``Fault(vector, why)`` for one the caller must take as an
+exception, ``Switch(...)`` for VtlCall/VtlReturn. Handlers change no vCPU state themselves;
+every value the guest passes is untrusted input, answered with a status or a fault.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import abi
+from .outcomes import Answer, Outcome
 
 # ---- control word -------------------------------------------------------------------------
 CONTROL_RESERVED_MASK = (0x1F << 27) | (0xF << 44) | (0xF << 60)
@@ -54,6 +58,20 @@ class Control:
             | (rep_count & 0xFFF) << 32 | (rep_start & 0xFFF) << 48
 
 
+@dataclass(frozen=True)
+class HvInputVtl:
+    """HV_INPUT_VTL (TLFS): bits 3:0 the target VTL, bit 4 UseTargetVtl, bits 7:5 reserved."""
+    value: int
+
+    @property
+    def reserved(self) -> int:
+        return self.value & 0xE0
+
+    def target(self, caller_vtl: int) -> int:
+        """The VTL meant: the named one if UseTargetVtl is set, else the caller's own."""
+        return self.value & 0x0F if self.value & 0x10 else caller_vtl
+
+
 NAMES = {
     abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI: "HvCallSendSyntheticClusterIpi",
     abi.HVCALL_VTL_CALL: "HvCallVtlCall",
@@ -76,22 +94,6 @@ STATUS_NAMES = {
 
 def call_name(code: int) -> str:
     return NAMES.get(code, f"hypercall {code:#06x}")
-
-
-class HypercallError(Exception):
-    """Answer the call with this HV status."""
-
-    def __init__(self, status: int, why: str = ""):
-        super().__init__(why or STATUS_NAMES.get(status, hex(status)))
-        self.status = status
-
-
-class InjectFault(Exception):
-    """Inject this exception into the caller instead of answering (e.g. #UD)."""
-
-    def __init__(self, vector: int, why: str):
-        super().__init__(why)
-        self.vector = vector
 
 
 # ---- the page ------------------------------------------------------------------------------
@@ -127,8 +129,7 @@ def hypercall_page(transport: str = "port") -> bytes:
 # ---- dispatch --------------------------------------------------------------------------------
 
 class Dispatcher:
-    """code -> handler(cpu, plane, control, regs) returning a status, or None for "no answer"
-    (calls like VtlCall that do not return a status to the caller)."""
+    """code -> handler(thread, plane, control, regs) returning an outcome (see the module doc)."""
 
     def __init__(self):
         self.handlers = {}
@@ -138,20 +139,17 @@ class Dispatcher:
     def register(self, code: int, handler) -> None:
         self.handlers[code] = handler
 
-    def dispatch(self, cpu, plane: int, regs) -> tuple[Control, int | None]:
+    def dispatch(self, thread, plane: int, regs) -> tuple[Control, Outcome]:
         control = Control(regs.rcx)
-        self.counts[control.code] = self.counts.get(control.code, 0) + 1
-        handler = self.handlers.get(control.code)
+        code = control.code
+        self.counts[code] = self.counts.get(code, 0) + 1
+        handler = self.handlers.get(code)
         if handler is None:
-            return control, abi.HV_STATUS_INVALID_HYPERCALL_CODE
-        try:
-            return control, handler(cpu, plane, control, regs)
-        except HypercallError as e:
-            return control, e.status
+            return control, Answer(abi.HV_STATUS_INVALID_HYPERCALL_CODE)
+        return control, handler(thread, plane, control, regs)
 
 
-def _nop(cpu, plane, control, regs):
+def _nop(thread, plane, control, regs) -> Answer:
     if control.reserved_bits or control.rep_count:
-        raise HypercallError(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
-    regs.rdx = (regs.rdx + regs.r8) & 0xFFFFFFFFFFFFFFFF
-    return abi.HV_STATUS_SUCCESS
+        return Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
+    return Answer(abi.HV_STATUS_SUCCESS, (("rdx", (regs.rdx + regs.r8) & 0xFFFFFFFFFFFFFFFF),))

@@ -1,14 +1,24 @@
-"""Plane policies: who decides when a vCPU switches planes, and what state moves across.
+"""The plane-policy contract, and the bare RFC policy ("none").
 
-The machine's run loop asks the policy for ``req_exit_planes`` before each run, hands it
-plane events, and lets it register hypercalls. A switch itself is ``cpu.switch_to()``,
-which calls ``policy.transfer()`` to move whatever state the policy shares.
+A policy decides when a vCPU switches planes and what state moves across. The vCPU thread
+(:mod:`pykvmm.vmm.vcpu_thread`) asks it, and applies what it answers:
+
+    attach(machine)                      register the policy's hypercalls with the dispatcher
+    req_exit_planes(thread) -> int       the planes whose interrupts end the next run
+    on_plane_event(thread, event)        -> Switch or None
+    transfer(thread, src, dst, reason, first)
+                                         the state move of a switch, called once by the thread
+                                         (``first``: ``dst`` has never run; it starts at the
+                                         guest entry)
+
+Hypercall handlers return outcomes (:mod:`pykvmm.vmm.outcomes`) like every handler. The
+registry of policies by name is :mod:`pykvmm.vmm.personalities`.
 """
 
 from __future__ import annotations
 
 from . import abi
-from .hypercalls import HypercallError
+from .outcomes import Answer, Outcome, Switch, SwitchReason
 
 RESUME_SUSPENDED = 0xFFFFFFFFFFFFFFFF
 
@@ -26,51 +36,34 @@ class PlanePolicy:
 
     def attach(self, machine) -> None:
         self.machine = machine
-        machine.dispatcher.register(abi.HVCALL_PYKVMM_SWITCH_PLANE, self._switch_plane)
+        machine.dispatcher.register(abi.HVCALL_PYKVMM_SWITCH_PLANE, self.switch_plane)
 
-    def req_exit_planes(self, cpu) -> int:
-        return higher_planes(cpu.plane, self.machine.plane_count)
+    def req_exit_planes(self, thread) -> int:
+        return higher_planes(thread.plane, self.machine.plane_count)
 
-    def on_plane_event(self, cpu, event) -> None:
+    def on_plane_event(self, thread, event) -> Switch | None:
         target = event.target.bit_length() - 1  # the highest requested plane wins
-        if target < 0 or target == cpu.plane:
-            return
-        cpu.switch_to(target, reason="interrupt", suspend=True)
+        if target < 0 or target == thread.plane:
+            return None
+        return Switch(target, SwitchReason.INTERRUPT, suspend=True)
 
-    def transfer(self, cpu, src: int, dst: int, reason: str) -> None:
-        """Move shared state from plane ``src`` to ``dst`` of ``cpu`` (bare: nothing)."""
+    def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
+        """Move shared state from plane ``src`` to ``dst`` of ``thread`` (bare: nothing)."""
 
-    def on_first_entry(self, cpu, plane: int, reason: str) -> None:
-        """``plane`` of ``cpu`` runs for the first time: it starts at the guest entry."""
+    def summary(self) -> dict:
+        """The policy's counters, merged into RunResult.stats (bare: none)."""
+        return {}
 
-    def _switch_plane(self, cpu, plane, control, regs):
-        """PykvmmSwitchPlane: RDX = target plane, or all-ones to resume the suspended plane."""
+    def switch_plane(self, thread, plane, control, regs) -> Outcome:
+        """PykvmmSwitchPlane: RDX = target plane, or all-ones to resume the suspended plane.
+        The caller's RAX is SUCCESS when it runs again."""
         if control.reserved_bits or control.rep_count:
-            raise HypercallError(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
+            return Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
         target = regs.rdx
         if target == RESUME_SUSPENDED:
-            if not cpu.suspended:
-                raise HypercallError(abi.HV_STATUS_INVALID_VTL_STATE, "no suspended plane to resume")
-            regs.rax = abi.HV_STATUS_SUCCESS
-            cpu.resume_suspended(reason="return")
-            return None
+            if not thread.suspended:
+                return Answer(abi.HV_STATUS_INVALID_VTL_STATE)      # no suspended plane to resume
+            return Switch(None, SwitchReason.RETURN, status=abi.HV_STATUS_SUCCESS)
         if target >= self.machine.plane_count or target == plane:
-            raise HypercallError(abi.HV_STATUS_INVALID_PARAMETER, f"bad target plane {target}")
-        regs.rax = abi.HV_STATUS_SUCCESS
-        cpu.switch_to(target, reason="call", suspend=True)
-        return None
-
-
-POLICIES = {"none": PlanePolicy}
-
-
-def make_policy(name: str) -> PlanePolicy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown personality {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
-
-
-# The VTL and VMPL personalities register themselves in POLICIES. Imported last: vtl.py
-# imports PlanePolicy and POLICIES from this module, which are defined by now.
-from . import vtl as _vtl  # noqa: E402,F401
+            return Answer(abi.HV_STATUS_INVALID_PARAMETER)
+        return Switch(target, SwitchReason.CALL, suspend=True, status=abi.HV_STATUS_SUCCESS)

@@ -6,7 +6,7 @@ Switching
     VtlCall (0x11, the stub at HYPERCALL_PAGE_ADDR+0x0F) goes to the next higher plane and
     suspends the caller; VtlReturn (0x12, +0x26) pops the suspended stack (back to the plane
     that called, or that an interrupt preempted). Neither answers with a status. A malformed
-    call is answered with #UD (InjectFault), as Hyper-V does: a control word other than exactly
+    call is answered with #UD (a Fault outcome), as Hyper-V does: a control word other than exactly
     0x11/0x12, a non-zero VTL input (RAX) on a call, RAX bits other than bit 0 (fast) on a
     return, a call from the highest plane, a return from VTL0 or with nothing suspended, or
     a call made at CPL > 0.
@@ -63,29 +63,22 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..planes.api import merge_pkru, pkru_xsave_offset
 from ..uapi import constants as C, ffi
-from ..x86 import apic
+from ..x86 import apic, arch
+from ..x86.xsave import merge_pkru, pkru_xsave_offset
 from . import abi
-from .hypercalls import HypercallError, InjectFault
+from .hypercalls import HvInputVtl
 from .memory import GuestMemoryError
-from .policy import POLICIES, PlanePolicy, higher_planes
+from .outcomes import Answer, Fault, Outcome, Switch, SwitchReason
+from .policy import PlanePolicy, higher_planes
 
-UD_VECTOR = 6
-
-SHARED_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
-               "r12", "r13", "r14", "r15")
-ENTRY_REASONS = {"call": abi.VTL_ENTRY_VTL_CALL, "interrupt": abi.VTL_ENTRY_INTERRUPT}
-
-HV_INPUT_VTL_TARGET = 0x0F
-HV_INPUT_VTL_USE_TARGET = 0x10
-HV_INPUT_VTL_RESERVED = 0xE0
+ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRUPT: abi.VTL_ENTRY_INTERRUPT}
 
 
 def _gpr_ranges() -> tuple[tuple[int, int], ...]:
-    """SHARED_GPRS as (offset, length) runs of struct kvm_regs: everything but RSP, RIP, RFLAGS."""
+    """arch.SHARED_GPRS as (offset, length) runs of struct kvm_regs, for memmove."""
     runs: list[list[int]] = []
-    for name in sorted(SHARED_GPRS, key=lambda n: ffi.offsetof("struct kvm_regs", n)):
+    for name in sorted(arch.SHARED_GPRS, key=lambda n: ffi.offsetof("struct kvm_regs", n)):
         off = ffi.offsetof("struct kvm_regs", name)
         if runs and runs[-1][0] + runs[-1][1] == off:
             runs[-1][1] += 8
@@ -105,15 +98,6 @@ class _Known:
         self.dr = None        # struct kvm_debugregs (its own DR6/DR7, the shared DR0-3)
         self.xsave = None     # bytes of the XSAVE image
         self.xcr0 = None
-
-
-def _commit(v, name: str, obj) -> None:
-    """Hand a changed live copy (``v.regs``/``v.sregs``) to KVM. Plane vCPUs without a kvm_run
-    (native plane N) have no sync area: their live copy is a fresh GET, so SET it."""
-    if v.run_struct is None:
-        getattr(v, "set_" + name)(obj)
-    else:
-        v.mark_dirty(name)
 
 
 class VtlPolicy(PlanePolicy):
@@ -138,9 +122,9 @@ class VtlPolicy(PlanePolicy):
         self.copy_xcr0 = bool(getattr(machine, "osxsave", False))
         self.pkru_offset = pkru_xsave_offset(machine.kvm.supported_cpuid()) if self.copy_xcr0 else None
         d = machine.dispatcher
-        d.register(abi.HVCALL_VTL_CALL, self._vtl_call)
-        d.register(abi.HVCALL_VTL_RETURN, self._vtl_return)
-        d.register(abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, self._send_ipi)
+        d.register(abi.HVCALL_VTL_CALL, self.vtl_call)
+        d.register(abi.HVCALL_VTL_RETURN, self.vtl_return)
+        d.register(abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, self.send_synthetic_cluster_ipi)
 
     def forget(self, vcpu: int, plane: int) -> None:
         """Someone other than this policy changed the shared registers of a plane that is not
@@ -148,31 +132,26 @@ class VtlPolicy(PlanePolicy):
         self._known.pop((vcpu, plane), None)
 
     # -- the run loop's questions ----------------------------------------------------------------
-    def req_exit_planes(self, cpu) -> int:
-        return self._higher[cpu.plane]
+    def req_exit_planes(self, thread) -> int:
+        return self._higher[thread.plane]
 
-    def on_plane_event(self, cpu, event) -> None:
-        candidates = event.target & self._higher[cpu.plane]
+    def on_plane_event(self, thread, event) -> Switch | None:
+        candidates = event.target & self._higher[thread.plane]
         if not candidates:
-            self._stats[cpu.index]["events_spurious"] += 1
-            return
-        self._stats[cpu.index]["preemptions"] += 1
-        cpu.switch_to(candidates.bit_length() - 1, reason="interrupt", suspend=True)
+            self._stats[thread.index]["events_spurious"] += 1
+            return None
+        self._stats[thread.index]["preemptions"] += 1
+        return Switch(candidates.bit_length() - 1, SwitchReason.INTERRUPT, suspend=True)
 
     # -- switches -------------------------------------------------------------------------------
-    def on_first_entry(self, cpu, plane: int, reason: str) -> None:
-        self._known.pop((cpu.index, plane), None)
-        self._write_entry_reason(cpu.index, plane, reason)
-
-    def transfer(self, cpu, src: int, dst: int, reason: str) -> None:
-        if self.shares_state:
-            self._copy_shared(cpu, src, dst)
-        self._write_entry_reason(cpu.index, dst, reason)
-
-    def _write_entry_reason(self, vcpu: int, plane: int, reason: str) -> None:
+    def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
+        if first:
+            self._known.pop((thread.index, dst), None)     # it starts at the entry, with its own state
+        elif self.shares_state:
+            self._copy_shared(thread, src, dst)
         code = ENTRY_REASONS.get(reason)
         if code is not None:
-            self.machine.memory.write_u32(abi.control_page(vcpu, plane) + abi.VTL_ENTRY_REASON, code)
+            self.machine.memory.write_u32(abi.control_page(thread.index, dst) + abi.VTL_ENTRY_REASON, code)
 
     def _known_of(self, vcpu: int, plane: int) -> _Known:
         k = self._known.get((vcpu, plane))
@@ -180,151 +159,139 @@ class VtlPolicy(PlanePolicy):
             k = self._known[(vcpu, plane)] = _Known()
         return k
 
-    def _copy_shared(self, cpu, src: int, dst: int) -> None:
-        pc = cpu.cpu
-        vs, vd = pc.plane_vcpu(src), pc.plane_vcpu(dst)
+    def _copy_shared(self, thread, src: int, dst: int) -> None:
+        source, dest = thread.plane_vcpu(src), thread.plane_vcpu(dst)
         ioctls = 0
         # GPRs and CR2: the live copies (no ioctl with KVM_CAP_SYNC_REGS).
-        rs, rd = vs.regs, vd.regs
-        ps, pd = ffi.cast("char *", ffi.addressof(rs)), ffi.cast("char *", ffi.addressof(rd))
+        src_regs, dst_regs = source.regs, dest.regs
+        src_raw = ffi.cast("char *", ffi.addressof(src_regs))
+        dst_raw = ffi.cast("char *", ffi.addressof(dst_regs))
         for start, length in _SHARED_GPR_RANGES:
-            ffi.memmove(pd + start, ps + start, length)
-        _commit(vd, "regs", rd)
-        ss, sd = vs.sregs, vd.sregs
-        if sd.cr2 != ss.cr2:
-            sd.cr2 = ss.cr2
-            _commit(vd, "sregs", sd)
-        ks, kd = self._known_of(cpu.index, src), self._known_of(cpu.index, dst)
+            ffi.memmove(dst_raw + start, src_raw + start, length)
+        dest.mark_dirty("regs")
+        src_sregs, dst_sregs = source.sregs, dest.sregs
+        if dst_sregs.cr2 != src_sregs.cr2:
+            dst_sregs.cr2 = src_sregs.cr2
+            dest.mark_dirty("sregs")
+        src_known, dst_known = self._known_of(thread.index, src), self._known_of(thread.index, dst)
         elide = self.elide_sets
         # DR0-DR3 (DR6/DR7 stay the destination's own).
-        ds = vs.get_debugregs()
+        src_dr = source.get_debugregs()
         ioctls += 1
-        dd = kd.dr if elide else None
-        if dd is None:
-            dd = vd.get_debugregs()
+        dst_dr = dst_known.dr if elide else None
+        if dst_dr is None:
+            dst_dr = dest.get_debugregs()
             ioctls += 1
-        if not elide or tuple(dd.db) != tuple(ds.db):
+        if not elide or tuple(dst_dr.db) != tuple(src_dr.db):
             for i in range(4):
-                dd.db[i] = ds.db[i]
-            dd.flags = 0
-            vd.set_debugregs(dd)
+                dst_dr.db[i] = src_dr.db[i]
+            dst_dr.flags = 0
+            dest.set_debugregs(dst_dr)
             ioctls += 1
-        kd.dr, ks.dr = dd, ds
+        dst_known.dr, src_known.dr = dst_dr, src_dr
         # XCR0 before the XSAVE image (which KVM checks against the guest's features).
         if self.copy_xcr0:
-            xs = vs.get_xcrs()
+            xcrs = source.get_xcrs()
             ioctls += 1
-            x0 = next((xs.xcrs[i].value for i in range(xs.nr_xcrs) if xs.xcrs[i].xcr == 0), None)
-            if x0 is not None and (not elide or kd.xcr0 != x0):
-                vd.set_xcrs(xs)
+            xcr0 = next((xcrs.xcrs[i].value for i in range(xcrs.nr_xcrs) if xcrs.xcrs[i].xcr == 0), None)
+            if xcr0 is not None and (not elide or dst_known.xcr0 != xcr0):
+                dest.set_xcrs(xcrs)
                 ioctls += 1
-            kd.xcr0 = ks.xcr0 = x0
+            dst_known.xcr0 = src_known.xcr0 = xcr0
         # x87/SSE/AVX: the XSAVE image but PKRU (as planes.api.copy_fpu_state, with the
         # destination's PKRU taken from what we know of it instead of another GET).
         if not self.machine.pvm.shared_fpu:
-            image = vs.get_xsave()
+            image = source.get_xsave()
             ioctls += 1
-            src_bytes = bytes(ffi.buffer(image.region))
+            src_image = bytes(ffi.buffer(image.region))
             off = self.pkru_offset
             if off is not None:
-                mine = kd.xsave if elide else None
-                if mine is None:
-                    mine = bytes(ffi.buffer(vd.get_xsave().region))
+                dst_image = dst_known.xsave if elide else None
+                if dst_image is None:
+                    dst_image = bytes(ffi.buffer(dest.get_xsave().region))
                     ioctls += 1
-                merge_pkru(image, mine, off)
-                new_bytes = bytes(ffi.buffer(image.region))
+                merge_pkru(image, dst_image, off)
+                new_image = bytes(ffi.buffer(image.region))
             else:
-                new_bytes = src_bytes
-            if not elide or kd.xsave != new_bytes:
-                vd.set_xsave(image)
+                new_image = src_image
+            if not elide or dst_known.xsave != new_image:
+                dest.set_xsave(image)
                 ioctls += 1
-            kd.xsave, ks.xsave = new_bytes, src_bytes
-        st = self._stats[cpu.index]
-        st["state_ioctls"] += ioctls
-        st["shared_state_copies"] += 1
+            dst_known.xsave, src_known.xsave = new_image, src_image
+        stats = self._stats[thread.index]
+        stats["state_ioctls"] += ioctls
+        stats["shared_state_copies"] += 1
 
     # -- hypercalls -------------------------------------------------------------------------------
-    def _fault(self, cpu, what: str, why: str) -> InjectFault:
-        self._ud[cpu.index][what] += 1
-        return InjectFault(UD_VECTOR, why)
+    def _ud_fault(self, thread, what: str, why: str) -> Fault:
+        self._ud[thread.index][what] += 1
+        return Fault(arch.VEC_UD, why)
 
-    def _check_cpl(self, cpu, plane: int, name: str) -> None:
-        cs = cpu.cpu.plane_vcpu(plane).sregs.cs
+    def _cpl_fault(self, thread, plane: int, name: str) -> Fault | None:
+        cs = thread.plane_vcpu(plane).sregs.cs
         if cs.dpl != 0:
-            raise self._fault(cpu, "cpl", f"{name} at CPL {cs.dpl} (hypercalls need CPL 0)")
+            return self._ud_fault(thread, "cpl", f"{name} at CPL {cs.dpl} (hypercalls need CPL 0)")
+        return None
 
-    def _vtl_call(self, cpu, plane, control, regs):
-        self._check_cpl(cpu, plane, "HvCallVtlCall")
+    def vtl_call(self, thread, plane, control, regs) -> Outcome:
+        if fault := self._cpl_fault(thread, plane, "HvCallVtlCall"):
+            return fault
         if control.value != abi.HVCALL_VTL_CALL:
-            raise self._fault(cpu, "call-control", f"HvCallVtlCall control word {control.value:#x} "
-                                                   f"has bits other than the call code 0x11")
+            return self._ud_fault(thread, "call-control", f"HvCallVtlCall control word {control.value:#x} "
+                                                    f"has bits other than the call code 0x11")
         if regs.rax != 0:
-            raise self._fault(cpu, "call-input", f"HvCallVtlCall with VTL input (RAX) {regs.rax:#x}; it must be 0")
+            return self._ud_fault(thread, "call-input", f"HvCallVtlCall with VTL input (RAX) {regs.rax:#x}; it must be 0")
         if plane + 1 >= self.plane_count:
-            raise self._fault(cpu, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
-                                                    f"of {self.plane_count}")
-        cpu.switch_to(plane + 1, reason="call", suspend=True)
-        return None
+            return self._ud_fault(thread, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
+                                                     f"of {self.plane_count}")
+        return Switch(plane + 1, SwitchReason.CALL, suspend=True)
 
-    def _vtl_return(self, cpu, plane, control, regs):
-        self._check_cpl(cpu, plane, "HvCallVtlReturn")
+    def vtl_return(self, thread, plane, control, regs) -> Outcome:
+        if fault := self._cpl_fault(thread, plane, "HvCallVtlReturn"):
+            return fault
         if control.value != abi.HVCALL_VTL_RETURN:
-            raise self._fault(cpu, "return-control", f"HvCallVtlReturn control word {control.value:#x} "
-                                                     f"has bits other than the call code 0x12")
+            return self._ud_fault(thread, "return-control", f"HvCallVtlReturn control word {control.value:#x} "
+                                                      f"has bits other than the call code 0x12")
         if regs.rax & ~1:
-            raise self._fault(cpu, "return-input", f"HvCallVtlReturn with VTL input (RAX) {regs.rax:#x}; "
-                                                   f"only bit 0 (fast return) may be set")
+            return self._ud_fault(thread, "return-input", f"HvCallVtlReturn with VTL input (RAX) {regs.rax:#x}; "
+                                                    f"only bit 0 (fast return) may be set")
         if plane == 0:
-            raise self._fault(cpu, "return-from-vtl0", "HvCallVtlReturn from VTL0 (no lower VTL)")
-        if not cpu.suspended or cpu.suspended[-1] >= plane:
-            raise self._fault(cpu, "return-nothing-suspended",
-                              f"HvCallVtlReturn from VTL{plane} with no lower VTL to return to")
-        load = self.loads_return_regs and not regs.rax & 1
-        if load:
-            page = abi.control_page(cpu.index, plane)
-            rax = self.machine.memory.u64(page + abi.VTL_RETURN_RAX)
-            rcx = self.machine.memory.u64(page + abi.VTL_RETURN_RCX)
-        target = cpu.resume_suspended(reason="return")
-        if load:
-            v = cpu.cpu.plane_vcpu(target)
-            rd = v.regs
-            rd.rax, rd.rcx = rax, rcx
-            _commit(v, "regs", rd)
-        return None
+            return self._ud_fault(thread, "return-from-vtl0", "HvCallVtlReturn from VTL0 (no lower VTL)")
+        if not thread.suspended or thread.suspended[-1] >= plane:
+            return self._ud_fault(thread, "return-nothing-suspended",
+                            f"HvCallVtlReturn from VTL{plane} with no lower VTL to return to")
+        load = None
+        if self.loads_return_regs and not regs.rax & 1:     # a non-fast return
+            page = abi.control_page(thread.index, plane)
+            memory = self.machine.memory
+            load = (memory.u64(page + abi.VTL_RETURN_RAX), memory.u64(page + abi.VTL_RETURN_RCX))
+        return Switch(None, SwitchReason.RETURN, load_return_regs=load)
 
-    def _send_ipi(self, cpu, plane, control, regs):
-        self._check_cpl(cpu, plane, "HvCallSendSyntheticClusterIpi")
+    def send_synthetic_cluster_ipi(self, thread, plane, control, regs) -> Outcome:
+        if fault := self._cpl_fault(thread, plane, "HvCallSendSyntheticClusterIpi"):
+            return fault
         if control.value >> 17:   # var-header size, rep count/start, reserved bits: a simple call has none
-            raise HypercallError(abi.HV_STATUS_INVALID_HYPERCALL_INPUT,
-                                 f"SendSyntheticClusterIpi control word {control.value:#x} has bits other "
-                                 f"than the code and Fast")
+            return Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
         if control.fast:
             head, mask = regs.rdx, regs.r8
         else:
             gpa = regs.rdx
             if gpa & 7:
-                raise HypercallError(abi.HV_STATUS_INVALID_ALIGNMENT, f"input GPA {gpa:#x} is not 8-byte aligned")
+                return Answer(abi.HV_STATUS_INVALID_ALIGNMENT)
             try:
                 data = self.machine.memory.read(gpa, 16)
             except GuestMemoryError:
-                raise HypercallError(abi.HV_STATUS_INVALID_PARAMETER,
-                                     f"input GPA {gpa:#x} is not in guest memory") from None
+                return Answer(abi.HV_STATUS_INVALID_PARAMETER)      # the input is not in guest memory
             head = int.from_bytes(data[0:8], "little")
             mask = int.from_bytes(data[8:16], "little")
         vector = head & 0xFFFFFFFF
-        target_vtl = (head >> 32) & 0xFF
-        if not 0x10 <= vector <= 0xFF:
-            raise HypercallError(abi.HV_STATUS_INVALID_PARAMETER, f"vector {vector:#x} is not in 0x10..0xff")
-        if target_vtl & HV_INPUT_VTL_RESERVED:
-            raise HypercallError(abi.HV_STATUS_INVALID_PARAMETER, f"HV_INPUT_VTL {target_vtl:#x} has reserved bits")
-        target = target_vtl & HV_INPUT_VTL_TARGET if target_vtl & HV_INPUT_VTL_USE_TARGET else plane
-        if target >= self.plane_count:
-            raise HypercallError(abi.HV_STATUS_INVALID_PARAMETER,
-                                 f"target VTL {target} does not exist ({self.plane_count} planes)")
-        if mask >> self.vcpu_count:
-            raise HypercallError(abi.HV_STATUS_INVALID_PARAMETER,
-                                 f"processor mask {mask:#x} names vCPUs that do not exist ({self.vcpu_count})")
-        stats = self._stats[cpu.index]
+        target_vtl = HvInputVtl((head >> 32) & 0xFF)
+        if not 0x10 <= vector <= 0xFF or target_vtl.reserved:
+            return Answer(abi.HV_STATUS_INVALID_PARAMETER)
+        target = target_vtl.target(plane)
+        if target >= self.plane_count or mask >> self.vcpu_count:   # no such VTL, or vCPUs
+            return Answer(abi.HV_STATUS_INVALID_PARAMETER)
+        stats = self._stats[thread.index]
         kind = "ipi_synthetic_same_vtl" if target == plane else "ipi_synthetic_cross_vtl"
         to_plane = self.machine.pvm.planes[target]
         while mask:
@@ -334,7 +301,7 @@ class VtlPolicy(PlanePolicy):
             if to_plane.signal_msi(*apic.msi_message(v, vector)) <= 0:
                 stats["ipi_dropped"] += 1
             stats[kind] += 1
-        return abi.HV_STATUS_SUCCESS
+        return Answer(abi.HV_STATUS_SUCCESS)
 
     # -- the summary ---------------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -350,7 +317,7 @@ class VtlPolicy(PlanePolicy):
             "ud_injected": sum(ud.values()),
             "ud_reasons": dict(ud),
             "preemptions": total["preemptions"],
-            "interrupts_masked": sum(getattr(t.cpu, "masked_interrupts", 0) for t in self.machine.threads),
+            "interrupts_masked": sum(getattr(t.planes_vcpu, "masked_interrupts", 0) for t in self.machine.threads),
             "events_spurious": total["events_spurious"],
             "shared_state_copies": total["shared_state_copies"],
             "state_ioctls": total["state_ioctls"],
@@ -366,6 +333,3 @@ class VmplPolicy(VtlPolicy):
     loads_return_regs = False
     preempts = False
 
-
-POLICIES.setdefault("vtl", VtlPolicy)
-POLICIES.setdefault("vmpl", VmplPolicy)

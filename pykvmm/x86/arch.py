@@ -1,4 +1,9 @@
-"""Architectural constants: control-register bits, MSR numbers, x2APIC registers."""
+"""Architectural constants: control-register bits, MSR numbers, x2APIC registers.
+
+Importable without cffi or KVM: the guest build generates an assembler include from it."""
+
+# Planes per vCPU on x86: the KVM planes RFC's limit (Hyper-V's VTLs, SEV-SNP's VMPLs fit).
+MAX_PLANES = 16
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -22,6 +27,12 @@ EFER_NXE = 1 << 11
 RFLAGS_FIXED = 1 << 1
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
+
+# General-purpose registers in the order x86-64 debuggers list them (gdb's amd64 layout).
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+# Shared between VTLs (TLFS "Virtual Processor State Isolation"): all of them but RSP.
+SHARED_GPRS = tuple(r for r in GPRS if r != "rsp")
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_APICBASE = 0x1B
@@ -49,6 +60,7 @@ X2APIC_ID = 0x802
 X2APIC_TPR = 0x808
 X2APIC_EOI = 0x80B
 X2APIC_SVR = 0x80F
+X2APIC_ISR0 = 0x810         # ISR bits 0-31; 0x811 bits 32-63; ... 0x817
 X2APIC_ICR = 0x830
 
 # exception vectors
@@ -58,3 +70,8 @@ EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6
                    8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
                    17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
 EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+
+
+if __name__ == "__main__":      # the guests' arch.inc
+    from ..asminc import asm_include
+    print(asm_include("pykvmm/x86/arch.py", globals()), end="")

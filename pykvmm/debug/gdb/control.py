@@ -19,19 +19,19 @@ import time
 
 from ...kvm import KvmError
 from ...uapi import constants as C
+from ...x86.arch import MAX_PLANES
 from .memory import MemoryAndBreakpoints
 
 SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
-MAX_PLANES_PER_VCPU = 16
 
 
 def tid_of(vcpu: int, plane: int) -> int:
     """gdb's thread id of one plane of one vCPU."""
-    return vcpu * MAX_PLANES_PER_VCPU + plane + 1
+    return vcpu * MAX_PLANES + plane + 1
 
 
 def split_tid(tid: int) -> tuple[int, int]:
-    return divmod(tid - 1, MAX_PLANES_PER_VCPU)
+    return divmod(tid - 1, MAX_PLANES)
 
 
 class AllStopControl:
@@ -125,7 +125,7 @@ class AllStopControl:
         sig, reason, is_step = SIGTRAP, "", False
         if ex.exception == 3:
             reason = "swbreak:;"
-            v = t.vcpu()
+            v = t.plane_vcpu()
             rip = v.regs.rip
             if rip not in self.bps.sw_bps and rip - 1 in self.bps.sw_bps:   # report the int3's own address
                 v.regs.rip = rip - 1
@@ -176,7 +176,7 @@ class AllStopControl:
             self.go[k] = False
         for t in self.m.threads:
             if t.index != exclude:
-                t.cpu.kick()
+                t.planes_vcpu.kick()
         self.cv.notify_all()
 
     def all_parked(self) -> bool:
@@ -246,13 +246,13 @@ class AllStopControl:
         step = C.KVM_GUESTDBG_SINGLESTEP | (C.KVM_GUESTDBG_BLOCKIRQ if self.caps.blockirq else 0)
         for t in self.m.threads:
             stepping = not self.detached and self.actions.get(t.index) == "s"
-            for p in t.cpu.planes:
+            for p in t.planes_vcpu.planes:
                 # only the stepped plane single-steps: the others run until it gets the vCPU back
                 control = base | (step if stepping and self.step_planes.get(t.index) == p else 0)
                 if control:
                     control |= C.KVM_GUESTDBG_ENABLE
                 state = (control, tuple(dregs) if control & C.KVM_GUESTDBG_USE_HW_BP else ())
-                v = t.cpu.plane_vcpu(p)
+                v = t.planes_vcpu.plane_vcpu(p)
                 if self._applied.get(id(v), (0, ())) == state:
                     continue
                 v.set_guest_debug(control, dregs if control & C.KVM_GUESTDBG_USE_HW_BP else None)
@@ -318,4 +318,4 @@ class AllStopControl:
             self.bps.remove_all()
             self.cv.notify_all()
         self.log("gdb stub: killed from gdb; stopping the run")
-        self.m._finish_now()
+        self.m.finish_now()

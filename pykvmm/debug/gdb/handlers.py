@@ -262,7 +262,7 @@ class GdbSession:
 
     # -- threads --------------------------------------------------------------------------------------
     def _tids(self) -> list[int]:
-        return [tid_of(t.index, p) for t in self.m.threads for p in t.cpu.planes]
+        return [tid_of(t.index, p) for t in self.m.threads for p in t.planes_vcpu.planes]
 
     def _valid_tid(self, tid: int) -> bool:
         return tid in self._tids()
@@ -289,7 +289,7 @@ class GdbSession:
     def _sel_vcpu(self):
         """The KVM vCPU of the thread gdb selected with Hg (one plane of one vCPU)."""
         v, p = split_tid(self._sel_tid())
-        return self.m.threads[v].cpu.plane_vcpu(p)
+        return self.m.threads[v].planes_vcpu.plane_vcpu(p)
 
     def _set_thread(self, text: str) -> str:
         op, tid = text[1], self._parse_tid(text[2:])
@@ -362,8 +362,8 @@ class GdbSession:
             t = self.m.threads[split_tid(self._sel_tid())[0]]
             out = format_cpu_report(self.m.capture(t), "VTL" if ctl.label == "VTL" else "plane", self.symbols) + "\n"
         elif words[0] == "lapic" and len(words) == 1:
-            out = "".join(f"vCPU {t.index} {ctl.pl(p)}: {self._lapic_line(t.cpu.plane_vcpu(p))}\n"
-                          for t in self.m.threads for p in t.cpu.planes)
+            out = "".join(f"vCPU {t.index} {ctl.pl(p)}: {self._lapic_line(t.planes_vcpu.plane_vcpu(p))}\n"
+                          for t in self.m.threads for p in t.planes_vcpu.planes)
         elif words[0] == "phys" and len(words) in (2, 3):
             out = self._phys_read(words[1], words[2] if len(words) == 3 else "64")
         elif words[0] == "phys-write" and len(words) == 3:

@@ -25,21 +25,21 @@ _PROBE_WATCH = b"\xC6\x04\x25\x00\x00\x20\x00\x01\xE6\xEB\xEB\xFE"      # mov by
 
 
 def probe_host(backend: str, kvm_device: str) -> HostDebugCaps:
-    from ... import kvm as K
+    from ... import exits as X
     from ...vmm.machine import Machine, MachineConfig
 
     def run_probe(image, control, dregs):
         with Machine(image, MachineConfig(quiet=True, backend=backend, personality="none",
                                           kvm_device=kvm_device, mem_size=32 << 20)) as m:
-            v = m.threads[0].vcpu()
+            v = m.threads[0].plane_vcpu()
             v.set_guest_debug(control, dregs)
-            return m.threads[0].cpu.run(plane=0)
+            return m.threads[0].planes_vcpu.run(plane=0)
 
     caps = HostDebugCaps()
     notes = []
     try:
         ex = run_probe(_PROBE_SW, C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_SW_BP, None)
-        caps.sw_bp = isinstance(ex, K.Debug) and ex.exception == 3
+        caps.sw_bp = isinstance(ex, X.Debug) and ex.exception == 3
         if not caps.sw_bp:
             notes.append(f"int3 with KVM_GUESTDBG_USE_SW_BP ends in {type(ex).__name__}, not KVM_EXIT_DEBUG, "
                          "on this host: breakpoints use the 4 debug registers")
@@ -50,7 +50,7 @@ def probe_host(backend: str, kvm_device: str) -> HostDebugCaps:
         dr7 = 0x400 | 0x300 | 1 | (1 << 16)
         ex = run_probe(_PROBE_WATCH, C.KVM_GUESTDBG_ENABLE | C.KVM_GUESTDBG_USE_HW_BP,
                        [0x200000, 0, 0, 0, 0, 0, 0, dr7])
-        caps.watch = isinstance(ex, K.Debug) and ex.exception == 1 and bool(ex.dr6 & 1)
+        caps.watch = isinstance(ex, X.Debug) and ex.exception == 1 and bool(ex.dr6 & 1)
         if not caps.watch:
             notes.append("the host ignores data breakpoints (a watched store ran on): hardware "
                          "watchpoints are refused; use 'set can-use-hw-watchpoints 0' in gdb")

@@ -3,10 +3,9 @@ read from and written to one KVM vCPU (one plane of one vCPU)."""
 
 from __future__ import annotations
 
+from ...x86.arch import GPRS
 from ...x86.sysstate import SYSTEM_MSRS, read_system_state
 
-GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 SEGS = ("cs", "ss", "ds", "es", "fs", "gs")
 FPU_CTRL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop")
 SYSREGS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")

@@ -10,7 +10,6 @@ import threading
 import time
 import traceback
 
-from ...vmm import events as ev
 from .control import AllStopControl
 from .framing import Disconnected, PacketConnection
 from .handlers import GdbSession
@@ -61,14 +60,7 @@ class GdbStub:
         s.settimeout(0.1)
         self._listener = s
         self.m.debugger = self.control
-        prev = self.m.trace
-
-        def sink(event, _prev=prev):
-            if _prev:
-                _prev(event)
-            if event.kind == ev.FAULT and "crash" in event.details and 0 <= event.vcpu < len(self.m.threads):
-                self.control.on_crash(self.m.threads[event.vcpu], event.details["crash"])
-        self.m.trace = sink
+        self.m.crash_hooks.append(lambda crash: self.control.on_crash(self.m.threads[crash.vcpu], crash.reason))
         self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
         self._thread.start()
         return self.listen_address

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...planes.api import fpu_image
 from ...uapi import ffi
 from ...x86 import arch
+from ...x86.xsave import fpu_image
 from .. import abi
-from ..hypercalls import NAMES, STUB_OUT_OFFSETS, hypercall_page
+from ..hypercalls import NAMES, STUB_OUT_OFFSETS, HvInputVtl, hypercall_page
 from ..memory import GuestMemoryError
+from ..outcomes import Answer, Outcome
 from . import tlfs as T
 
 CONTINUE = 0xFFFFFFFFFFFFFFFF
@@ -94,8 +95,8 @@ class CallSpec:
 class Call:
     """One hypercall as the guest issued it, with its decoded input value."""
 
-    def __init__(self, hv, cpu, plane: int, vp, regs):
-        self.hv, self.cpu, self.plane, self.vp, self.regs = hv, cpu, plane, vp, regs
+    def __init__(self, hv, thread, plane: int, vp, regs):
+        self.hv, self.thread, self.plane, self.vp, self.regs = hv, thread, plane, vp, regs
         c = regs.rcx
         self.control = c
         self.code = c & 0xFFFF
@@ -108,7 +109,7 @@ class Call:
 
     @property
     def vcpu(self):
-        return self.cpu.cpu.plane_vcpu(self.plane)
+        return self.thread.plane_vcpu(self.plane)
 
     # -- input ---------------------------------------------------------------------------
     def fast_registers(self) -> bytes:
@@ -160,26 +161,28 @@ class HypercallTable:
             return
         self.specs[spec.code] = spec
         NAMES.setdefault(spec.code, spec.name)
-        d.register(spec.code, lambda cpu, plane, control, regs, s=spec: self._handle(s, cpu, plane, regs))
+        d.register(spec.code, lambda thread, plane, control, regs, s=spec: self._handle(s, thread, plane, regs))
 
     # -- the one entry point --------------------------------------------------------------
-    def _handle(self, spec: CallSpec, cpu, plane: int, regs):
+    def _handle(self, spec: CallSpec, thread, plane: int, regs) -> Outcome:
+        """The dispatcher's contract: an outcome. Outputs in RDX/R8 and the continuation's RCX
+        are written to the live ``regs``, which the Answer commits with RAX."""
         hv = self.hv
-        vp = hv.vp(cpu.index, plane)
-        call = Call(hv, cpu, plane, vp, regs)
+        vp = hv.vp(thread.index, plane)
+        call = Call(hv, thread, plane, vp, regs)
         try:
             hv.check_hypercall_allowed(call)
             if spec.feature and not hv.config.has(spec.feature):
-                return T.INVALID_HYPERCALL_CODE
+                return Answer(T.INVALID_HYPERCALL_CODE)
             with hv.lock:
-                return self._run(spec, call)
+                return Answer(self._run(spec, call))
         except HvUndefined as e:
-            hv.undefined(call, str(e))
-            return None
+            return hv.undefined(call, str(e))
         except HvError as e:
-            return e.status | (getattr(e, "reps", 0) << T.RESULT_REP_SHIFT)
+            return Answer(e.status | (getattr(e, "reps", 0) << T.RESULT_REP_SHIFT))
 
-    def _run(self, spec: CallSpec, call: Call):
+    def _run(self, spec: CallSpec, call: Call) -> int:
+        """The call's result value (RAX)."""
         c = call.control
         if c & CONTROL_RESERVED:
             raise HvError(T.INVALID_HYPERCALL_INPUT, f"reserved bits in the input value {c:#x}")
@@ -219,12 +222,11 @@ class HypercallTable:
         if i < call.rep_count:
             regs = call.regs
             regs.rcx = (regs.rcx & ~(T.REP_MAX << T.CONTROL_REP_START_SHIFT)) | (i << T.CONTROL_REP_START_SHIFT)
-            regs.rax = CONTINUE
             self.continuations += 1
             hook = self.hv.on_continuation
             if hook:
                 hook(call, i)
-            return None
+            return CONTINUE
         return T.SUCCESS | (i << T.RESULT_REP_SHIFT)
 
 
@@ -263,10 +265,11 @@ __all__ = ["Call", "CallSpec", "HvError", "HvUndefined", "HypercallTable", "page
 
 
 def target_vtl(input_vtl: int, plane: int, plane_count: int) -> int:
-    """HV_INPUT_VTL (bits 3:0 TargetVtl, 4 UseTargetVtl, 7:5 RsvdZ) -> the plane it names."""
-    if input_vtl & T.INPUT_VTL_RESERVED:
+    """HV_INPUT_VTL -> the plane it names."""
+    vtl = HvInputVtl(input_vtl)
+    if vtl.reserved:
         raise HvError(T.INVALID_PARAMETER, f"HV_INPUT_VTL {input_vtl:#x} has reserved bits")
-    target = input_vtl & T.INPUT_VTL_TARGET if input_vtl & T.INPUT_VTL_USE_TARGET else plane
+    target = vtl.target(plane)
     if target >= plane_count:
         raise HvError(T.INVALID_PARAMETER, f"target VTL {target} does not exist ({plane_count} VTLs)")
     return target

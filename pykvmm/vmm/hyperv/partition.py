@@ -11,12 +11,12 @@ import errno
 import threading
 from dataclasses import dataclass, field
 
-from ... import kvm as K
+from ... import exits as X, kvm as K
 from ...uapi import constants as C, ffi
 from ...x86 import apic, arch
 from .. import events as ev
-from ..hypercalls import InjectFault
 from ..memory import GuestMemoryError
+from ..outcomes import Fault, Stop, StopKind
 from . import tlfs as T
 from .features import HvConfig
 from .hypercall import FAST_REGS_SIZE, HvError, HvUndefined, HypercallTable, is_cpl0, rewind_to_out, write_xmm
@@ -102,15 +102,15 @@ class HyperV:
 
     def attach_thread(self, t) -> None:
         """Give one vCPU thread the MSR exits and the auto-EOI service on kicks."""
-        t._exit_handlers[K.X86Rdmsr] = lambda ex, t=t: self._on_rdmsr(t, ex)
-        t._exit_handlers[K.X86Wrmsr] = lambda ex, t=t: self._on_wrmsr(t, ex)
-        kicked = t._exit_handlers[K.Interrupted]
+        t.set_exit_handler(X.X86Rdmsr, lambda ex, t=t: self._on_rdmsr(t, ex))
+        t.set_exit_handler(X.X86Wrmsr, lambda ex, t=t: self._on_wrmsr(t, ex))
+        kicked = t.set_exit_handler(X.Interrupted, None)
 
-        def on_interrupted(ex, t=t):
+        def on_interrupted(ex, t=t):        # a kick: EOI what we delivered with auto-EOI first
             self.service(t)
-            kicked(ex)
-        t._exit_handlers[K.Interrupted] = on_interrupted
-        t._port_handlers[self.testdev_port] = lambda ex, t=t: self.testdev.on_write(t, ex)
+            return kicked(ex)
+        t.set_exit_handler(X.Interrupted, on_interrupted)
+        t.set_port_handler(self.testdev_port, lambda ex, t=t: self.testdev.on_write(t, ex))
 
     def start(self) -> None:
         """Before the vCPU threads start: calibrate the reference clock, start the timers."""
@@ -149,7 +149,7 @@ class HyperV:
     # -- MSR exits ---------------------------------------------------------------------------
     def _on_rdmsr(self, t, ex) -> None:
         self.stats["msr_exits"] += 1
-        v = t.vcpu()
+        v = t.plane_vcpu()
         fn = self.msr_read.get(ex.index)
         try:
             if fn is None:
@@ -165,7 +165,7 @@ class HyperV:
 
     def _on_wrmsr(self, t, ex) -> None:
         self.stats["msr_exits"] += 1
-        v = t.vcpu()
+        v = t.plane_vcpu()
         fn = self.msr_write.get(ex.index)
         try:
             if fn is None:
@@ -209,14 +209,12 @@ class HyperV:
             raise HvUndefined(f"hypercall from VTL{call.plane} before it set GUEST_OS_ID and enabled "
                               f"the hypercall page")
 
-    def undefined(self, call, why: str) -> None:
+    def undefined(self, call, why: str) -> Fault:
+        """#UD for this call, at the stub's ``out`` of the page the guest enabled."""
         self.stats["ud_injected"] += 1
         rewind_to_out(self, call)
         call.vcpu.mark_dirty("regs")
-        t = call.cpu
-        t.inject_exception(call.plane, arch.VEC_UD)
-        m = self.machine
-        m.record_fault(t.index, call.plane, InjectFault(arch.VEC_UD, why))
+        return Fault(arch.VEC_UD, why, at_hypercall=False)
 
     def read_block(self, gpa: int, size: int, what: str) -> bytes:
         if gpa & 7:
@@ -260,7 +258,7 @@ class HyperV:
             vp.auto_eoi.add(vector)
         ok = self.machine.pvm.planes[plane].signal_msi(*apic.msi_message(vcpu, vector)) > 0
         if auto_eoi:
-            self.machine.threads[vcpu].cpu.kick()
+            self.machine.threads[vcpu].planes_vcpu.kick()
         return ok
 
     def service(self, t) -> None:
@@ -280,7 +278,7 @@ class HyperV:
                 flusher.service(t)
         if not vp.auto_eoi:
             return
-        v = t.vcpu()
+        v = t.plane_vcpu()
         with self.lock:
             for _ in range(8):
                 regs = bytes(ffi.buffer(v.get_lapic().regs))
@@ -304,7 +302,7 @@ class HyperV:
     def stop_machine(self, t, why: str) -> None:
         self.stopped_why = why
         self.machine.warn(why)
-        t._crash(why)
+        t.apply(Stop(StopKind.CRASH, why))
 
     def summary(self) -> dict:
         out = dict(self.stats)

@@ -50,7 +50,7 @@ class ReferenceClock:
 
     def calibrate(self) -> None:
         """Before any vCPU runs: TSC frequency and each plane's TSC offset."""
-        t0 = self.hv.machine.threads[0].cpu
+        t0 = self.hv.machine.threads[0].planes_vcpu
         try:
             self.tsc_hz = t0.plane0.get_tsc_khz() * 1000
         except KvmError:
@@ -73,7 +73,7 @@ class ReferenceClock:
     def read_msr(self, vp) -> int:
         if not self.tsc_hz:
             return self.now()
-        v = self.hv.machine.threads[vp.index].cpu.plane_vcpu(vp.plane)
+        v = self.hv.machine.threads[vp.index].planes_vcpu.plane_vcpu(vp.plane)
         tsc = v.get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
         return (((tsc * self.scale) >> 64) + self.offsets[vp.plane]) & 0xFFFFFFFFFFFFFFFF
 
@@ -209,7 +209,7 @@ class Timers:
                 late = hv.outstanding_auto_eoi()
                 if late:
                     for t in late:
-                        t.cpu.kick()
+                        t.planes_vcpu.kick()
                     self.counts["auto_eoi_kicks"] += len(late)
                     wait = AUTO_EOI_KICK if wait is None else min(wait, AUTO_EOI_KICK)
                 self.cond.wait(wait if wait is not None else 0.05)

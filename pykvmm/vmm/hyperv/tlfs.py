@@ -207,14 +207,6 @@ TSC_PAGE_OFFSET = 0x10             # i64
 REF_TICKS_PER_SECOND = 10_000_000  # the reference counter counts 100 ns
 
 
-def _asm_include() -> str:
-    """The constants for guest/ (``HV_`` + name), as pykvmm.vmm.abi does for the guest ABI."""
-    lines = ["/* generated from pykvmm/vmm/hyperv/tlfs.py: do not edit */"]
-    for name, value in globals().items():
-        if name.isupper() and isinstance(value, int) and not name.startswith("_"):
-            lines.append(f".set HV_{name}, {value:#x}")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(_asm_include(), end="")
+if __name__ == "__main__":      # the constants for guest/ (HV_ + name)
+    from ...asminc import asm_include
+    print(asm_include("pykvmm/vmm/hyperv/tlfs.py", globals(), prefix="HV_"), end="")

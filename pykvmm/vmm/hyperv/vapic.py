@@ -27,7 +27,7 @@ X2APIC_ICR_RESERVED = (0xFFF << 20) | (0x3 << 16) | (1 << 13)   # as the SDM's x
 
 def install(hv) -> None:
     def vcpu_of(vp):
-        return hv.machine.threads[vp.index].cpu.plane_vcpu(vp.plane)
+        return hv.machine.threads[vp.index].planes_vcpu.plane_vcpu(vp.plane)
 
     def x2apic(index, name, reserved=0):
         def read(vp):

@@ -47,7 +47,7 @@ class Flusher:
     def service(self, t) -> None:
         key = (t.index, t.plane)
         if key in self.pending:
-            flush_tlb(t.vcpu())
+            flush_tlb(t.plane_vcpu())
             self.pending.discard(key)
             self.counts["tlb_flushes"] += 1
             self.done.notify_all()
@@ -57,7 +57,7 @@ class Flusher:
         plane = call.plane
         wait = []
         for i in vps:
-            if i == call.cpu.index:
+            if i == call.thread.index:
                 flush_tlb(call.vcpu)
                 self.counts["tlb_flushes"] += 1
                 continue
@@ -65,11 +65,11 @@ class Flusher:
             self.counts["remote_tlb_flushes"] += 1
             t = hv.machine.threads[i]
             if t.plane == plane and not t.done:
-                t.cpu.kick()
+                t.planes_vcpu.kick()
                 wait.append(t)
         deadline = time.monotonic() + WAIT_LIMIT
         while wait:
-            self.service(call.cpu)      # a target may be flushing us at the same time
+            self.service(call.thread)      # a target may be flushing us at the same time
             wait = [t for t in wait if (t.index, plane) in self.pending and t.plane == plane and not t.done]
             left = deadline - time.monotonic()
             if not wait or left <= 0 or hv.machine.stopping:

@@ -10,6 +10,7 @@
  *     (SYNC 1, value), writes it and reads again (SYNC 2, value), then DONE
  *   6 hang: cli; hlt (nothing can wake it)
  *   7 wait: sti; hlt (an interrupt could wake it; nothing sends one)
+ *   8 escapes in an assertion: GUEST_FAIL with a message hiding text and retitling the window
  */
 .include "guest.inc"
 
@@ -20,6 +21,7 @@
 .set MODE_OUTSIDE_RAM, 5
 .set MODE_CLI_HLT, 6
 .set MODE_STI_HLT, 7
+.set MODE_FAIL_ESCAPES, 8
 .set OUTSIDE_GPA, 0x7fe00000            /* the last 2 MiB page of the first 2 GiB */
 
 .text
@@ -43,6 +45,8 @@ main:
     je cli_hlt
     cmp r12d, MODE_STI_HLT
     je sti_hlt
+    cmp r12d, MODE_FAIL_ESCAPES
+    je fail_escapes
     GUEST_FAIL "hostile: unknown mode in --arg", r12
 
 console_spam:
@@ -102,6 +106,9 @@ outside_ram:
     mov rax, [rbx]
     GUEST_SYNC 2, rax
     GUEST_DONE
+
+fail_escapes:
+    GUEST_FAIL "\033]0;owned\007\033[8mall good"
 
 cli_hlt:
     cli

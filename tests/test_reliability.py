@@ -172,7 +172,7 @@ def test_create_destroy_1000_planed_vms(kvm):
 # ---- round 2: what an outside attack found (issue 15) ------------------------------------------
 
 HOSTILE_CONSOLE, HOSTILE_SYNC, HOSTILE_PORTS, HOSTILE_ESCAPES, HOSTILE_OUTSIDE_RAM = 1, 2, 3, 4, 5
-HOSTILE_CLI_HLT, HOSTILE_STI_HLT = 6, 7
+HOSTILE_CLI_HLT, HOSTILE_STI_HLT, HOSTILE_FAIL_ESCAPES = 6, 7, 8
 
 
 def hostile(mode: int, count: int = 0) -> str:
@@ -362,3 +362,11 @@ def test_hang_exit_4_from_the_cli(kvm_available):
     err = res.stderr.decode()
     assert res.returncode == ExitStatus.TIMEOUT, err
     assert "guest hung: all vCPUs halted with interrupts disabled" in err and "Traceback" not in err
+
+
+def test_assertion_message_escapes_control_characters(kvm_available):
+    """Guest text reaches stderr too (a failed assertion's message): escaped like the console."""
+    res = cli("run", "hostile", "--arg", hostile(HOSTILE_FAIL_ESCAPES))
+    err = res.stderr.decode()
+    assert res.returncode == ExitStatus.ASSERT_FAILED, err
+    assert "\x1b" not in err and "\\x1b]0;owned\\x07\\x1b[8mall good" in err

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from pykvmm.vmm import abi
-from pykvmm.vmm.devices import BadUcall, Console, decode_ucall
+from pykvmm.vmm.console import Console
+from pykvmm.vmm.devices import BadUcall, decode_ucall
 from pykvmm.vmm.hypercalls import CONTROL_RESERVED_MASK, Control, Dispatcher, hypercall_page
 from pykvmm.vmm.memory import GuestMemory
 from pykvmm.vmm.outcomes import Answer
@@ -278,7 +279,7 @@ def test_console_line_buffering_per_vcpu_and_plane():
     assert out.getvalue() == "other\nhello\n"
     con.flush()
     assert out.getvalue() == "other\nhello\nwor\n"
-    assert con.lines == [(0, 1, "other"), (0, 0, "hello"), (0, 0, "wor")]
+    assert list(con.lines) == [(0, 1, "other"), (0, 0, "hello"), (0, 0, "wor")]
     con.flush()
     assert len(con.lines) == 3
 
@@ -287,14 +288,16 @@ def test_console_prefixes_and_bad_utf8():
     out = io.StringIO()
     Console(out, prefix_vcpus=True, prefix_planes=True).write(1, 2, b"a\xffb\n")
     Console(out, prefix_planes=True).write(1, 2, b"x\n")
-    assert out.getvalue() == "[vcpu1/plane2] a\ufffdb\n[plane2] x\n"
+    assert out.getvalue() == "[vcpu1/plane2] a\\xffb\n[plane2] x\n"     # not UTF-8: shown escaped
 
 
 def test_console_long_line_is_emitted_without_newline():
     out = io.StringIO()
     con = Console(out)
-    con.write(0, 0, b"x" * 4097)
-    assert out.getvalue() == "x" * 4097 + "\n"
+    con.write(0, 0, b"x" * 4097)                   # cut at CONSOLE_LINE_MAX: host memory stays bounded
+    assert out.getvalue() == "x" * 4096 + "\n"
+    con.flush()
+    assert out.getvalue() == "x" * 4096 + "\nx\n"
 
 
 @pytest.fixture

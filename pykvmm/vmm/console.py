@@ -32,9 +32,13 @@ _CONTROLS = [c for c in range(0x20) if c != 0x09] + list(range(0x7F, 0xA0)) \
 _ESCAPE_TABLE = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS}
 
 
+def escape_controls(text: str) -> str:
+    return text.translate(_ESCAPE_TABLE)
+
+
 def safe_text(raw: bytes) -> str:
     """Guest bytes as printable text: not-UTF-8 bytes and control characters escaped."""
-    return raw.decode("utf-8", "backslashreplace").translate(_ESCAPE_TABLE)
+    return escape_controls(raw.decode("utf-8", "backslashreplace"))
 
 
 class Console:

@@ -1,59 +1,15 @@
-"""The machine's devices: the debug console and the test-result (ucall) port."""
+"""The machine's devices: the test-result (ucall) port (the console is vmm/console.py)."""
 
 from __future__ import annotations
 
-import sys
-import threading
 from dataclasses import dataclass
 
 from . import abi
+from .console import escape_controls
 from .memory import GuestMemory, GuestMemoryError
 
 VERB_NAMES = {abi.UCALL_SYNC: "SYNC", abi.UCALL_ASSERT: "ASSERT", abi.UCALL_PRINT: "PRINT",
               abi.UCALL_DONE: "DONE"}
-
-
-class Console:
-    """Bytes the guest writes to PORT_CONSOLE, line-buffered per (vCPU, plane)."""
-
-    def __init__(self, out=sys.stdout, prefix_vcpus: bool = False, prefix_planes: bool = False):
-        self.out = out  # None: keep lines only (tests read them from the result)
-        self.prefix_vcpus, self.prefix_planes = prefix_vcpus, prefix_planes
-        self._buffers: dict[tuple[int, int], bytearray] = {}
-        self._lock = threading.Lock()
-        self.lines: list[tuple[int, int, str]] = []
-
-    def write(self, vcpu: int, plane: int, data: bytes) -> None:
-        buf = self._buffers.setdefault((vcpu, plane), bytearray())
-        buf += data
-        while (nl := buf.find(b"\n")) >= 0:
-            self._emit(vcpu, plane, bytes(buf[:nl]))
-            del buf[:nl + 1]
-        if len(buf) > 4096:
-            self._emit(vcpu, plane, bytes(buf))
-            buf.clear()
-
-    def _emit(self, vcpu: int, plane: int, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        prefix = ""
-        if self.prefix_vcpus or self.prefix_planes:
-            parts = []
-            if self.prefix_vcpus:
-                parts.append(f"vcpu{vcpu}")
-            if self.prefix_planes:
-                parts.append(f"plane{plane}")
-            prefix = "[" + "/".join(parts) + "] "
-        with self._lock:
-            self.lines.append((vcpu, plane, text))
-            if self.out is not None:
-                self.out.write(prefix + text + "\n")
-                self.out.flush()
-
-    def flush(self) -> None:
-        for (vcpu, plane), buf in list(self._buffers.items()):
-            if buf:
-                self._emit(vcpu, plane, bytes(buf))
-                buf.clear()
 
 
 @dataclass
@@ -101,8 +57,9 @@ def decode_ucall(mem: GuestMemory, gpa: int, vcpu: int, plane: int) -> Ucall:
     file_ptr = int.from_bytes(raw[abi.UC_FILE:abi.UC_FILE + 8], "little")
     msg_ptr = int.from_bytes(raw[abi.UC_MSG:abi.UC_MSG + 8], "little")
     try:
-        file = mem.cstring(file_ptr, abi.UCALL_STRING_MAX)
-        msg = mem.cstring(msg_ptr, abi.UCALL_STRING_MAX)
+        # guest text, shown on the terminal in failures and PRINTs: control characters escaped
+        file = escape_controls(mem.cstring(file_ptr, abi.UCALL_STRING_MAX))
+        msg = escape_controls(mem.cstring(msg_ptr, abi.UCALL_STRING_MAX))
     except GuestMemoryError as e:
         raise BadUcall(f"ucall string pointer is outside guest memory: {e}") from e
     return Ucall(vcpu, plane, verb, args, line, file, msg)

@@ -91,9 +91,7 @@ bench_ipi_handler:
 
 /* ---- vCPU 0 ---------------------------------------------------------------------------- */
 vcpu0_plane0:
-    lea rdi, [rip + ready]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ ready, 1
     cmp qword ptr [rip + mode], 0
     jne 4f
     call switch_to_plane1               /* mode 0: plane 1 sends every round, then resumes us */

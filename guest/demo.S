@@ -55,9 +55,7 @@ main:
     mov qword ptr [rip + vcpu0_started], 1
     cmp qword ptr [rip + helper_vcpu], 0
     je 1f
-    lea rdi, [rip + vcpu1_working]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vcpu1_working, 1
     SAY "VTL0: asking VTL1 on vCPU1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)"
     jmp 2f
 1:  SAY "VTL0: asking my own VTL1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)"
@@ -89,9 +87,7 @@ main:
 
     /* ---- vCPU1/VTL0 ---- */
 vcpu1:
-    lea rdi, [rip + vcpu0_started]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vcpu0_started, 1
     SAY "VTL0: hello! starting the secure kernel in VTL1 with a VtlCall"
     call vtl_call
     SAY "VTL0: working in VTL0 (spinning)"
@@ -102,9 +98,7 @@ vcpu1:
     cmp qword ptr [rip + helped], 0
     je 1b
     SAY "VTL0: ...resumed right where VTL1 preempted me"
-    lea rdi, [rip + finished]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ finished, 1
     GUEST_DONE
 
 /* ---- VTL1 (both vCPUs) ---- */

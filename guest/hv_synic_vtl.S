@@ -60,9 +60,7 @@ main:
     xor edx, edx
     call hv_call
     GUEST_SYNC 1, rax
-    lea rdi, [rip + vtl1_msgs]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vtl1_msgs, 1
     lea rax, [rip + simp0]
     mov eax, [rax + SLOT2]
     GUEST_SYNC 2, rax
@@ -89,9 +87,7 @@ main:
     xor edx, edx
     call hv_call
     GUEST_ASSERT_EQ rax, 0, "SignalEvent to VTL1"
-    lea rdi, [rip + vtl1_evts]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vtl1_evts, 1
     lea rax, [rip + siefp0]
     GUEST_SYNC 5, "qword ptr [rax + 3 * 256]"
     lea rax, [rip + siefp1]

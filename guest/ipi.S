@@ -20,15 +20,11 @@ main:
 
 vcpu0_main:
     call apic_enable
-    lea rdi, [rip + ready]
-    mov esi, 1
-    call pause_until_eq                 /* vCPU 1 has its IDT, APIC and ID published */
+    WAIT_EQ ready, 1                 /* vCPU 1 has its IDT, APIC and ID published */
     mov rdi, [rip + target_apic_id]
     mov esi, IPI_VECTOR
     call apic_send_ipi
-    lea rdi, [rip + ack]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ ack, 1
     GUEST_SYNC 1, 0
     GUEST_DONE
 

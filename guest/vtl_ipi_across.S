@@ -62,9 +62,7 @@ main:
     call apic_enable
     sti
     mov qword ptr [rip + vcpu1_ready], 1
-    lea rdi, [rip + finished]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ finished, 1
     cli
     GUEST_SYNC 1, [rip + vtl1_vectors]
     GUEST_SYNC 2, [rip + vtl1_vectors + 8]
@@ -80,15 +78,11 @@ main:
     GUEST_DONE
 
 vcpu0:
-    lea rdi, [rip + vcpu1_ready]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vcpu1_ready, 1
 
     SEND_FAST V_FAST, TO_VTL1, 1 << 1
     GUEST_SYNC 1, rax
-    lea rdi, [rip + vtl1_count]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vtl1_count, 1
 
     /* memory form: RDX = GPA of the 16-byte input */
     lea rdx, [rip + ipi_input]
@@ -97,15 +91,11 @@ vcpu0:
     mov qword ptr [rdx + 8], 1 << 1
     RAW CTL_IPI, rdx, 0
     GUEST_SYNC 2, rax
-    lea rdi, [rip + vtl1_count]
-    mov esi, 2
-    call pause_until_eq
+    WAIT_EQ vtl1_count, 2
 
     SEND_FAST V_OWN, 0, 1 << 1          /* UseTargetVtl = 0: VTL0, the caller's own */
     GUEST_SYNC 3, rax
-    lea rdi, [rip + vtl0_count]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vtl0_count, 1
 
     /* the errors (none of them sends anything) */
     SEND_FAST 0x0f, TO_VTL1, 1 << 1

@@ -74,9 +74,7 @@ main:
     GUEST_DONE
 
 vcpu0:
-    lea rdi, [rip + vcpu1_spinning]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vcpu1_spinning, 1
     mov rbx, CMD_SEND_IPI
     call vtl_call
     GUEST_SYNC 1, 0

@@ -38,9 +38,7 @@ main:
 
     /* vCPU1/VTL0 */
     mov qword ptr [rip + vcpu1_ready], 1
-    lea rdi, [rip + finished]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ finished, 1
     GUEST_SYNC 1, [rip + count + 0 * 8]       /* VTL0, 0x44 */
     GUEST_SYNC 2, [rip + vtl1_a_after_step2]
     GUEST_SYNC 3, [rip + count + 3 * 8]       /* VTL1, 0x45 */
@@ -50,9 +48,7 @@ main:
     GUEST_DONE
 
 vcpu0:
-    lea rdi, [rip + vcpu1_ready]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ vcpu1_ready, 1
     /* 1 */
     mov rdi, [rip + vtl0_apic_id + 8]
     mov esi, V_A

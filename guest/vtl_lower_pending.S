@@ -35,9 +35,7 @@ main:
     je vcpu0
 
     /* vCPU1/VTL0: once VTL1 of vCPU0 runs, IPI vCPU0's VTL0 */
-    lea rdi, [rip + in_vtl1]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ in_vtl1, 1
     call apic_enable
     mov rdi, [rip + vtl0_apic_id]
     mov esi, V_ICR
@@ -114,9 +112,7 @@ vtl1_call:
     cmp rbx, rax
     jne .Lret
     mov qword ptr [rip + in_vtl1], 1
-    lea rdi, [rip + sent]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ sent, 1
     mov edi, V_SYN
     mov esi, HV_INPUT_VTL_USE_TARGET | 0
     mov edx, 1 << 0

@@ -84,9 +84,7 @@ main:
     jmp .Lhalt
 .Lspin:
     sti
-    lea rdi, [rip + wake_count]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ wake_count, 1
     jmp .Lwoke
 .Lexits:
     sti
@@ -113,14 +111,10 @@ sender:
     mov rax, [rip + before]
     cmp rax, 1
     jne 1f
-    lea rdi, [rip + spinning]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ spinning, 1
     mov edi, V_PRE
     call send_synthetic
-1:  lea rdi, [rip + ready]
-    mov esi, 1
-    call pause_until_eq
+1:  WAIT_EQ ready, 1
     cmp qword ptr [rip + before], 2
     jne 2f
     mov edi, V_MASKED
@@ -161,9 +155,7 @@ sender:
     call send_synthetic
 .Lsent:
     GUEST_SYNC 1, rax
-    lea rdi, [rip + woke]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ woke, 1
     GUEST_DONE
 
 /* send_synthetic(rdi = vector): SendSyntheticClusterIpi to the target VTL of the receiver. */
@@ -249,9 +241,7 @@ vtl_command:
 1:  cmp ebx, CMD_SPIN
     jne 2f
     mov qword ptr [rip + spinning], 1
-    lea rdi, [rip + pre_count]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ pre_count, 1
     clc
     ret
 2:  cmp ebx, CMD_ICR
@@ -263,9 +253,7 @@ vtl_command:
     jne 4f
     xor edi, edi
     call apic_set_tpr
-    lea rdi, [rip + masked_count]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ masked_count, 1
 4:  clc
     ret
 

@@ -49,9 +49,7 @@ main:
     je receiver
 
 /* ---- vCPU 0, VTL0: the sender ------------------------------------------------------------ */
-    lea rdi, [rip + ready]
-    mov esi, 1
-    call pause_until_eq
+    WAIT_EQ ready, 1
     mov r15, 0x2545F4914F6CDD1D         /* xorshift state for the delays */
     xor r14d, r14d                      /* rounds sent */
 .Lround:

@@ -75,3 +75,18 @@ def test_pio_loop_counts_exits(run_guest):
     r = run_guest("pio_loop", arg=500)
     assert_done(r)
     assert r.exits >= 500
+
+
+@pytest.mark.parametrize("arg, line_text, values", [
+    (1, "r12 != 5", (5, 5)), (2, "r12 < 5", (5, 5)), (3, "r12 lacks bit 1", (5, 6))])
+def test_assert_macros_fail_with_operands_and_their_text(run_guest, arg, line_text, values):
+    r = run_guest("assert_macros", arg=arg)
+    assert r.status == ExitStatus.ASSERT_FAILED
+    assert r.failure.message == line_text and tuple(r.failure.args[:2]) == values
+    assert r.syncs() == []                              # it stopped at the failing assertion
+
+
+def test_assert_macros_pass_when_true(run_guest):
+    r = run_guest("assert_macros", arg=0)
+    assert_done(r)
+    assert r.syncs() == [(1, 3)]

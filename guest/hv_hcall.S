@@ -3,7 +3,7 @@
  *   #UD before the page is enabled; unknown code; reserved input-value bits; rep count on a
  *   simple call; variable header where none is taken; memory input misaligned, crossing a
  *   page, outside memory; PostMessage/SignalEvent/SendIpi/SendIpiEx/Flush* input errors;
- *   GetPartitionId memory and fast output; PykvmmEcho (rep) in memory form over 40 reps
+ *   NotifyLongSpinWait; GetPartitionId memory and fast output; PykvmmEcho (rep) in memory form over 40 reps
  *   (continued by the VMM every 16 reps: the host interrupts it with vector 0x41 at the
  *   first continuation; SYNC 3, the rep index the handler saw written last), fast with XMM
  *   input and output; SendIpiEx to itself with its VP set in XMM0 (vector 0x40 arrives).
@@ -88,6 +88,9 @@ main:
     CHECK HV_HVCALL_SEND_IPI_EX, rbx, 0, HV_INVALID_HYPERCALL_INPUT, "SendIpiEx: 1 bank but no variable header"
     mov qword ptr [rbx + 8], 2
     CHECK HV_HVCALL_SEND_IPI_EX, rbx, 0, HV_INVALID_PARAMETER, "SendIpiEx: unknown VP set format"
+
+    CHECK HV_HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_CONTROL_FAST, 0x1000, 0, HV_SUCCESS, "NotifyLongSpinWait"
+    CHECK HV_HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_CONTROL_FAST, 1 << 32, 0, HV_INVALID_HYPERCALL_INPUT, "NotifyLongSpinWait RsvdZ"
 
     /* Flushes. */
     lea rbx, [rip + flushbuf]

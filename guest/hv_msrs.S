@@ -3,7 +3,9 @@
  * vector, expected read value) rows, run in order; every #GP the TLFS asks for, every value.
  * Then the CPUID leaves (SYNC 0x10+n, value) for the host to compare with what it built,
  * the reference TSC page against TIME_REF_COUNT (SYNC 0x20, |page - msr| in 100 ns), and
- * SYNC 0x30, the number of rows.
+ * SYNC 0x30, the number of rows; then a self-IPI (0x42) sent through HV_X64_MSR_ICR and
+ * ended through HV_X64_MSR_EOI: SYNC 0x40, the vector read back from HV_X64_MSR_ICR;
+ * SYNC 0x41, interrupts taken (1).
  */
 .include "guest.inc"
 .include "hv.inc"
@@ -160,9 +162,44 @@ main:
     sub rdx, r13                        /* msr - page: small and not negative */
     GUEST_SYNC 0x20, rdx
     GUEST_SYNC 0x30, r12
+
+    /* hv_vapic: a self-IPI through HV_X64_MSR_ICR, ended through HV_X64_MSR_EOI. */
+    SET_HANDLER 0x42, vapic_handler
+    call apic_enable
+    mov edi, HV_MSR_ICR
+    mov rsi, 0x42 | APIC_ICR_LEVEL_ASSERT   /* fixed, physical, destination APIC ID 0 */
+    call wrmsr_safe
+    GUEST_ASSERT_EQ rax, 0, "HV ICR write"
+1:  cmp qword ptr [rip + vapic_count], 0
+    jne 2f
+    sti
+    hlt
+    cli
+    jmp 1b
+2:  mov edi, HV_MSR_ICR
+    call rdmsr_safe
+    and edx, 0xFF
+    GUEST_SYNC 0x40, rdx                /* the ICR reads back through HV_X64_MSR_ICR */
+    GUEST_SYNC 0x41, [rip + vapic_count]
     GUEST_DONE
+
+vapic_handler:
+    push rax
+    push rdx
+    push rdi
+    push rsi
+    lock inc qword ptr [rip + vapic_count]
+    mov edi, HV_MSR_EOI
+    xor esi, esi
+    call wrmsr_safe
+    pop rsi
+    pop rdi
+    pop rdx
+    pop rax
+    iretq
 
 .bss
 .balign 4096
 hcpage: .space 4096
 tscpage: .space 4096
+vapic_count: .space 8

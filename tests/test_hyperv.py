@@ -82,6 +82,7 @@ def test_msrs_reserved_bits_gp_and_values(kvm_available):
     assert seen == [x for leaf in range(0x40000000, 0x4000000B) for x in want[leaf]]
     # The TSC page and TIME_REF_COUNT agree: the MSR read comes after the page read, within 50 ms.
     assert 0 <= syncs[0x20] < 500_000
+    assert syncs[0x40] == 0x42 and syncs[0x41] == 1     # hv_vapic ICR and EOI onto the x2APIC
 
 
 def test_without_hyperv_the_synthetic_msrs_do_not_exist(kvm_available):
@@ -104,7 +105,7 @@ def test_hypercall_statuses_rep_continuation_and_xmm(kvm_available):
     assert sent == [16]
     syncs = dict(r.syncs())
     assert syncs[3] == 16          # the interrupt ran after rep 16 was written, before rep 17
-    assert syncs[1] == 25
+    assert syncs[1] == 27
     hv = r.stats["hyperv"]
     assert hv["continuations"] == 2 and hv["ud_injected"] == 1 and hv["tlb_flushes"] >= 2
 

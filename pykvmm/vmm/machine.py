@@ -155,8 +155,9 @@ class Machine:
             for p in range(1, cfg.planes):
                 pvm.planes[p].create_vcpu_plane(planes_vcpu)
             for p in range(cfg.planes):
-                bringup.init_plane_vcpu(planes_vcpu.plane_vcpu(p), i, p, self.osxsave, self.policy.sync_classes,
-                                        self.shutdown_resets)
+                # (Hyper-V: the CPL check of every hypercall reads CS.DPL from the sync area.)
+                sync = self.policy.sync_classes | (C.KVM_SYNC_X86_SREGS if self.hyperv else 0)
+                bringup.init_plane_vcpu(planes_vcpu.plane_vcpu(p), i, p, self.osxsave, sync, self.shutdown_resets)
             self.threads.append(VcpuThread(self, i, planes_vcpu))
             if self.hyperv:
                 self.hyperv.attach_thread(self.threads[-1])

@@ -109,6 +109,11 @@ def main():
                    "(default: control characters are shown escaped, e.g. \\x1b).")
 @click.option("--hyperv", is_flag=True,
               help="Give the guest the Hyper-V enlightenments (every hv_* flag; see README).")
+@click.option("--vtl-boot", type=click.Choice(["pykvmm", "tlfs"]), default=None,
+              help="How VTLs above 0 start. pykvmm: every VTL is enabled at reset and starts at the guest "
+                   "entry (pykvmm's own guests). tlfs: only VTL0 runs until the guest enables VTLs with "
+                   "HvCallEnablePartitionVtl/EnableVpVtl, as on Hyper-V. Default: tlfs with --hyperv and "
+                   "more than one plane (a VSM guest written against the TLFS runs unmodified), else pykvmm.")
 @click.option("--trace", metavar="FILE", default=None,
               help="Record every exit, hypercall, plane switch, plane event, fault and ucall to FILE "
                    "(.json: Chrome trace for Perfetto/chrome://tracing; .jsonl: JSON lines).")
@@ -126,7 +131,7 @@ def main():
               help="Guest symbols for --trace, --trace-exits, dumps and crash reports (default: the .elf "
                    "beside the guest binary, e.g. guest/build/NAME.elf).")
 def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet, raw_console,
-        hyperv, **debug):
+        hyperv, vtl_boot, **debug):
     """Run GUEST (a flat x86-64 binary, or a bundled guest's name; default: the cross-VTL IPI demo).
 
     Exit status: 0 guest reported DONE, 1 guest assertion failed, 2 bad usage or input,
@@ -137,14 +142,14 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     try:
         interrupts.install()
         _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-             raw_console, hyperv, debug)
+             raw_console, hyperv, vtl_boot, debug)
     except KeyboardInterrupt:                       # the first signal, before the guest ran
         _err("interrupted before the guest ran")
         sys.exit(ExitStatus.INTERRUPTED)
 
 
 def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-         raw_console, hyperv, debug):
+         raw_console, hyperv, vtl_boot, debug):
     if mem_mib % 2:
         raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
     try:
@@ -157,7 +162,9 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     planes = planes or (DEMO_PLANES if is_demo else 1)
     config = MachineConfig(vcpus=vcpus, planes=planes, backend=backend, personality=personality,
                            kvm_device=kvm_device, arg=arg, mem_size=mem_mib << 20, quiet=quiet,
-                           raw_console=raw_console, hyperv=HvConfig.everything() if hyperv else None)
+                           raw_console=raw_console, hyperv=HvConfig.everything() if hyperv else None,
+                           vtl_boot=vtl_boot or ("tlfs" if hyperv and planes > 1 and personality in ("auto", "vtl")
+                                                 else "pykvmm"))
     try:
         machine = Machine(image, config)
     except KvmError as e:

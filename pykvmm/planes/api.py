@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from ..exits import Interrupted
 from ..kvm import KvmError, Vcpu
 from ..x86.arch import MAX_PLANES
+from .memview import Access, MemoryView, check_range, refuse
 
 KVM_PLANE_EVENT_INTERRUPT = 1
 KICK_SIGNAL = signal.SIGUSR1
@@ -63,6 +64,18 @@ class Plane(ABC):
     def __init__(self, vm: "PlanesVm", plane_id: int):
         self.vm, self.id = vm, plane_id
         self.vcpus: dict[int, Vcpu] = {}
+        self.view = MemoryView()    # what this plane may do to guest memory (memview.py)
+
+    def protect(self, gpa: int, size: int, access: Access) -> None:
+        """This plane may do only ``access`` to the whole pages [gpa, gpa + size) from now on
+        (Access.ALL lifts a protection). A violating access ends run() with a MemoryFault exit
+        and is not performed. ProtectionUnsupported if the backend cannot enforce ``access``
+        (memview.py has the table)."""
+        access = Access(access)
+        check_range(gpa, size)
+        self.vm.check_protection(access)
+        self.view.set(gpa, size, access)
+        self.vm._apply_view(self, gpa, gpa + size)
 
     @abstractmethod
     def create_vcpu_plane(self, vcpu: "PlanesVcpu") -> Vcpu:
@@ -229,6 +242,18 @@ class PlanesVm(ABC):
     @abstractmethod
     def create_irqchip(self) -> None:
         """In-kernel LAPICs for every plane. As in the RFC: only before extra planes exist."""
+
+    # -- memory views (memview.py) ---------------------------------------------------------
+    protection_limit = ("it has no per-plane memory permissions: per-plane KVM_SET_MEMORY_ATTRIBUTES "
+                        "with read/write/execute attributes would be needed")
+
+    def check_protection(self, access: Access) -> None:
+        """Raise ProtectionUnsupported unless this backend can enforce ``access``."""
+        if access != Access.ALL:
+            raise refuse(self.backend, access, self.protection_limit)
+
+    def _apply_view(self, plane: "Plane", start: int, end: int) -> None:
+        """Make the kernel enforce ``plane.view`` over [start, end)."""
 
     def enable_shared_fpu(self, on: bool = True) -> None:
         """KVM_CAP_PLANES_FPU: planes share x87/SSE/AVX state (never PKRU). Before any vCPU."""

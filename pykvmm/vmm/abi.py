@@ -100,6 +100,17 @@ VTL_RETURN_RCX = 0x18            # u64
 VTL_ENTRY_RESERVED = 0
 VTL_ENTRY_VTL_CALL = 1
 VTL_ENTRY_INTERRUPT = 2
+VTL_ENTRY_INTERCEPT = 3
+VTL_INTERCEPT_MESSAGE = 0x100    # HvMessage (256 B) of the latest secure intercept, when the VTL
+                                 # has no SynIC message page (pykvmm ABI; vmm/vsm/intercept.py)
+
+# ---- VSM hypercalls (TLFS codes; vmm/vsm/) -------------------------------------------------
+HVCALL_MODIFY_VTL_PROTECTION_MASK = 0x000C
+HVCALL_ENABLE_PARTITION_VTL = 0x000D
+HVCALL_ENABLE_VP_VTL = 0x000F
+HVCALL_TRANSLATE_VIRTUAL_ADDRESS = 0x0052
+HVCALL_GET_VP_REGISTERS = 0x0050
+HVCALL_SET_VP_REGISTERS = 0x0051
 
 
 if __name__ == "__main__":

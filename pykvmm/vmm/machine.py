@@ -56,6 +56,8 @@ class MachineConfig:
     shared_fpu: bool = False
     trace: object = None           # callable(TraceEvent) or None
     hyperv: object = None          # hyperv.HvConfig: the Hyper-V enlightenments, or None
+    vtl_boot: str = "pykvmm"       # "pykvmm": every VTL starts at the guest entry; "tlfs": only
+                                   # VTL0 runs at reset (needs hv_vsm; see vmm/vsm/enable.py)
 
 
 class Machine:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 
 class SwitchReason(enum.Enum):
-    """Why a plane is entered; the VTL personality reports CALL and INTERRUPT to the guest."""
+    """Why a plane is entered; the VTL personality reports CALL, INTERRUPT and INTERCEPT to the guest."""
     CALL = "call"               # VtlCall (or the bare policy's switch hypercall)
     RETURN = "return"           # VtlReturn: back to the plane that called or was preempted
     INTERRUPT = "interrupt"     # an interrupt for a higher plane preempted the running one
+    INTERCEPT = "intercept"     # a secure intercept: a lower plane broke this plane's protection (vsm)
 
 
 class StopKind(enum.Enum):

@@ -6,6 +6,7 @@ A policy decides when a vCPU switches planes and what state moves across. The vC
     attach(machine)                      register the policy's hypercalls with the dispatcher
     req_exit_planes(thread) -> int       the planes whose interrupts end the next run
     on_plane_event(thread, event)        -> Switch or None
+    on_memory_fault(thread, fault)       -> an outcome for a MemoryFault exit (planes/memview.py)
     transfer(thread, src, dst, reason, first)
                                          the state move of a switch, called once by the thread
                                          (``first``: ``dst`` has never run; it starts at the
@@ -18,7 +19,7 @@ registry of policies by name is :mod:`pykvmm.vmm.personalities`.
 from __future__ import annotations
 
 from . import abi
-from .outcomes import Answer, Outcome, Switch, SwitchReason
+from .outcomes import Answer, Outcome, Stop, StopKind, Switch, SwitchReason
 
 RESUME_SUSPENDED = 0xFFFFFFFFFFFFFFFF
 
@@ -46,6 +47,14 @@ class PlanePolicy:
         if target < 0 or target == thread.plane:
             return None
         return Switch(target, SwitchReason.INTERRUPT, suspend=True)
+
+    def on_memory_fault(self, thread, fault) -> Outcome:
+        """The running plane broke its memory view (planes/memview.py). Bare policy: nobody
+        set a view on purpose here, so the run stops and says where."""
+        from ..planes.memview import FAULT_ACCESS
+        kind = FAULT_ACCESS.get(fault.flags)
+        return Stop(StopKind.CRASH, f"{kind.name.lower() if kind else hex(fault.flags)} access to GPA "
+                                    f"{fault.gpa:#x} forbidden by plane {thread.plane}'s memory view")
 
     def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
         """Move shared state from plane ``src`` to ``dst`` of ``thread`` (bare: nothing)."""

@@ -86,6 +86,7 @@ class VcpuThread:
             X.SystemEvent: lambda ex: self._crashed(f"guest requested system event {ex.type} (KVM_EXIT_SYSTEM_EVENT)"),
             X.Hlt: lambda ex: self._crashed("guest halted with no in-kernel irqchip to wake it (KVM_EXIT_HLT)"),
             X.Debug: self._on_debug,
+            X.MemoryFault: self._on_memory_fault,
         }
         self._apply = {Answer: self._answer, Fault: self._fault, Switch: self.switch, Stop: self._stop}
         self._unknown_ports: set[int] = set()
@@ -261,6 +262,14 @@ class VcpuThread:
             sink(ev.TraceEvent(ev.PLANE_EVENT, self.index, self.plane,
                                {"pending": ex.pending_event_planes, "target": ex.target}))
         return self.machine.policy.on_plane_event(self, ex)
+
+    def _on_memory_fault(self, ex) -> Outcome:
+        """The running plane's memory view forbade an access (planes/memview.py): the policy
+        decides (the VTL personality makes it a secure intercept of the protecting VTL)."""
+        sink = self.machine.trace
+        if sink:
+            sink(ev.TraceEvent(ev.FAULT, self.index, self.plane, {"memory_fault": ex.describe()}))
+        return self.machine.policy.on_memory_fault(self, ex)
 
     def _on_shutdown(self, ex) -> Stop:
         vcpu = self.plane_vcpu()

@@ -72,7 +72,8 @@ from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Switch, SwitchReason
 from .policy import PlanePolicy, higher_planes
 
-ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRUPT: abi.VTL_ENTRY_INTERRUPT}
+ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRUPT: abi.VTL_ENTRY_INTERRUPT,
+                 SwitchReason.INTERCEPT: abi.VTL_ENTRY_INTERCEPT}
 
 
 def _gpr_ranges() -> tuple[tuple[int, int], ...]:
@@ -109,6 +110,7 @@ class VtlPolicy(PlanePolicy):
     loads_return_regs = True
     preempts = True
     elide_sets = True     # leave out SETs the destination provably does not need (see above)
+    vsm = None            # vsm.Vsm: protections, intercepts, VP registers (vtl only, not vmpl)
 
     # -- setup -------------------------------------------------------------------------------
     def attach(self, machine) -> None:
@@ -119,12 +121,18 @@ class VtlPolicy(PlanePolicy):
         self._stats = [Counter() for _ in range(self.vcpu_count)]
         self._ud = [Counter() for _ in range(self.vcpu_count)]
         self._known: dict[tuple[int, int], _Known] = {}
+        # VTLs enabled on each VP (bit n = VTL n): all of them in pykvmm's boot mode; with
+        # --vtl-boot tlfs only VTL0 until HvCallEnableVpVtl (vsm/enable.py)
+        self.enabled = [(1 << n) - 1] * self.vcpu_count
         self.copy_xcr0 = bool(getattr(machine, "osxsave", False))
         self.pkru_offset = pkru_xsave_offset(machine.kvm.supported_cpuid()) if self.copy_xcr0 else None
         d = machine.dispatcher
         d.register(abi.HVCALL_VTL_CALL, self.vtl_call)
         d.register(abi.HVCALL_VTL_RETURN, self.vtl_return)
         d.register(abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, self.send_synthetic_cluster_ipi)
+        if self.name == "vtl":
+            from .vsm import Vsm
+            self.vsm = Vsm(machine, self)
 
     def forget(self, vcpu: int, plane: int) -> None:
         """Someone other than this policy changed the shared registers of a plane that is not
@@ -133,15 +141,25 @@ class VtlPolicy(PlanePolicy):
 
     # -- the run loop's questions ----------------------------------------------------------------
     def req_exit_planes(self, thread) -> int:
-        return self._higher[thread.plane]
+        req = self._higher[thread.plane] & self.enabled[thread.index]
+        if self.vsm is not None and self.vsm.vina_armed:
+            req |= self.vsm.vina_watch(thread)      # lower planes whose interrupts raise VINA
+        return req
 
     def on_plane_event(self, thread, event) -> Switch | None:
-        candidates = event.target & self._higher[thread.plane]
+        candidates = event.target & self._higher[thread.plane] & self.enabled[thread.index]
+        if not candidates and self.vsm is not None and self.vsm.vina_event(thread, event.target):
+            return None
         if not candidates:
             self._stats[thread.index]["events_spurious"] += 1
             return None
         self._stats[thread.index]["preemptions"] += 1
         return Switch(candidates.bit_length() - 1, SwitchReason.INTERRUPT, suspend=True)
+
+    def on_memory_fault(self, thread, fault) -> Outcome:
+        """A secure intercept when a higher VTL's protection explains it (vsm/intercept.py)."""
+        switch = self.vsm.on_memory_fault(thread, fault) if self.vsm is not None else None
+        return switch or super().on_memory_fault(thread, fault)
 
     # -- switches -------------------------------------------------------------------------------
     def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
@@ -151,7 +169,20 @@ class VtlPolicy(PlanePolicy):
             self._copy_shared(thread, src, dst)
         code = ENTRY_REASONS.get(reason)
         if code is not None:
-            self.machine.memory.write_u32(abi.control_page(thread.index, dst) + abi.VTL_ENTRY_REASON, code)
+            self.machine.memory.write_u32(self.vtl_control(thread.index, dst) + abi.VTL_ENTRY_REASON, code)
+        if reason is SwitchReason.RETURN and self.vsm is not None and self.vsm.vina_armed:
+            self.vsm.vina_returned(thread.index, src)
+
+    def vtl_control(self, vcpu: int, plane: int) -> int:
+        """The page holding this VTL's HV_VP_VTL_CONTROL (EntryReason, VtlReturnX64Rax/Rcx):
+        the VP assist page once the VTL enabled one (HV_X64_MSR_VP_ASSIST_PAGE, Hyper-V
+        layer), else pykvmm's control page (the same layout)."""
+        hv = self.machine.hyperv
+        if hv is not None:
+            assist = hv.vp(vcpu, plane).vp_assist
+            if assist & 1:
+                return assist & ~0xFFF
+        return abi.control_page(vcpu, plane)
 
     def _known_of(self, vcpu: int, plane: int) -> _Known:
         k = self._known.get((vcpu, plane))
@@ -241,10 +272,11 @@ class VtlPolicy(PlanePolicy):
                                                     f"has bits other than the call code 0x11")
         if regs.rax != 0:
             return self._ud_fault(thread, "call-input", f"HvCallVtlCall with VTL input (RAX) {regs.rax:#x}; it must be 0")
-        if plane + 1 >= self.plane_count:
+        above = higher_planes(plane, self.plane_count) & self.enabled[thread.index]
+        if not above:
             return self._ud_fault(thread, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
-                                                     f"of {self.plane_count}")
-        return Switch(plane + 1, SwitchReason.CALL, suspend=True)
+                                                     f"enabled on VP {thread.index} of {self.plane_count}")
+        return Switch((above & -above).bit_length() - 1, SwitchReason.CALL, suspend=True)
 
     def vtl_return(self, thread, plane, control, regs) -> Outcome:
         if fault := self._cpl_fault(thread, plane, "HvCallVtlReturn"):
@@ -262,7 +294,7 @@ class VtlPolicy(PlanePolicy):
                             f"HvCallVtlReturn from VTL{plane} with no lower VTL to return to")
         load = None
         if self.loads_return_regs and not regs.rax & 1:     # a non-fast return
-            page = abi.control_page(thread.index, plane)
+            page = self.vtl_control(thread.index, plane)
             memory = self.machine.memory
             load = (memory.u64(page + abi.VTL_RETURN_RAX), memory.u64(page + abi.VTL_RETURN_RCX))
         return Switch(None, SwitchReason.RETURN, load_return_regs=load)
@@ -291,6 +323,9 @@ class VtlPolicy(PlanePolicy):
         target = target_vtl.target(plane)
         if target >= self.plane_count or mask >> self.vcpu_count:   # no such VTL, or vCPUs
             return Answer(abi.HV_STATUS_INVALID_PARAMETER)
+        refused = self.vsm.interrupt_refusal(plane, target) if self.vsm is not None else None
+        if refused:
+            return Answer(refused[0])
         stats = self._stats[thread.index]
         kind = "ipi_synthetic_same_vtl" if target == plane else "ipi_synthetic_cross_vtl"
         to_plane = self.machine.pvm.planes[target]
@@ -321,6 +356,7 @@ class VtlPolicy(PlanePolicy):
             "events_spurious": total["events_spurious"],
             "shared_state_copies": total["shared_state_copies"],
             "state_ioctls": total["state_ioctls"],
+            **(self.vsm.summary() if self.vsm else {}),
         }
 
 

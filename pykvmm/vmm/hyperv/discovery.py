@@ -37,6 +37,8 @@ def leaves(cfg: HvConfig, vcpus: int) -> dict[int, tuple[int, int, int, int]]:
             a |= bits
     if has("synic"):
         b |= T.POST_MESSAGES | T.SIGNAL_EVENTS
+    if has("vsm"):
+        b |= T.ACCESS_VSM | T.ACCESS_VP_REGISTERS
     for flag, bits in (("xmm_input", T.XMM_INPUT_AVAILABLE), ("xmm_output", T.XMM_OUTPUT_AVAILABLE),
                        ("frequencies", T.FREQUENCY_MSRS_AVAILABLE), ("crash", T.GUEST_CRASH_MSRS_AVAILABLE),
                        ("tlbflush_ext", T.EXT_GVA_RANGES_FLUSH),

@@ -29,6 +29,9 @@ FLAGS = {
     "tlbflush_ext": ("extended GVA ranges for the flush-list calls", ("tlbflush",)),
     "xmm_input": ("XMM fast hypercall input (RDX, R8, XMM0-5: 112 bytes)", ()),
     "xmm_output": ("XMM fast hypercall output", ()),
+    "vsm": ("Virtual Secure Mode (VTLs = --planes, vtl personality): AccessVsm and AccessVpRegisters, "
+            "VTL memory protections, secure intercepts, HvCallGet/SetVpRegisters (pykvmm/vmm/vsm)",
+            ("vpindex", "vapic", "synic")),
     "avic": ("CPUID recommendation to avoid auto-EOI (HV_DEPRECATING_AEOI_RECOMMENDED)", ()),
 }
 VALUE_FLAGS = {"spinlocks": "retry count before HvCallNotifyLongSpinWait (CPUID 0x40000004 EBX)",

@@ -129,6 +129,7 @@ class Call:
                 raise HvError(T.INVALID_HYPERCALL_INPUT, f"{size} input bytes do not fit the fast registers "
                                                          f"({len(regs)} bytes{'' if len(regs) > 16 else ', no hv_xmm_input'})")
             return regs[:size]
+        self.hv.check_vtl_access(self.plane, self.regs.rdx, size, "input", write=False)
         return self.hv.read_block(self.regs.rdx, size, "input")
 
     # -- output --------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class Call:
         if not data:
             return
         if not self.fast:
+            self.hv.check_vtl_access(self.plane, self.regs.r8 + offset, len(data), "output", write=True)
             self.hv.write_block(self.regs.r8, offset, data)
             return
         if not self.hv.config.has("xmm_output"):

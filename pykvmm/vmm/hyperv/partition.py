@@ -95,6 +95,9 @@ class HyperV:
             module.install(self)
         from .hypercall import install_echo
         install_echo(self)
+        if self.config.has("vsm"):
+            from ..vsm import install as install_vsm
+            install_vsm(self)
 
     def cpuid(self, cpuid):
         from .discovery import with_hyperv_leaves
@@ -215,6 +218,16 @@ class HyperV:
         rewind_to_out(self, call)
         call.vcpu.mark_dirty("regs")
         return Fault(arch.VEC_UD, why, at_hypercall=False)
+
+    def check_vtl_access(self, plane: int, gpa: int, size: int, what: str, write: bool) -> None:
+        """A hypercall's input and output are memory the calling VTL itself may read (write):
+        the hypervisor must not read or write, on a lower VTL's behalf, what a higher VTL's
+        protection keeps from it (VSM, planes/memview.py). ACCESS_DENIED otherwise."""
+        view = self.machine.pvm.planes[plane].view
+        if view.restricted:
+            from ...planes.memview import Access
+            if not view.allows(gpa, size, Access.WRITE if write else Access.READ):
+                raise HvError(T.ACCESS_DENIED, f"{what} GPA {gpa:#x} is protected from VTL{plane}")
 
     def read_block(self, gpa: int, size: int, what: str) -> bytes:
         if gpa & 7:

@@ -57,6 +57,10 @@ def install(hv) -> None:
         if rsvd:
             raise HvError(T.INVALID_PARAMETER, "SendIpi RsvdZ bytes 7:5 set")
         target = target_vtl(vtl_byte, call.plane, hv.machine.plane_count)
+        vsm = getattr(hv.machine.policy, "vsm", None)
+        refused = vsm.interrupt_refusal(call.plane, target) if vsm is not None else None
+        if refused:
+            raise HvError(*refused)
         plane = hv.machine.pvm.planes[target]
         for v in vps:
             plane.signal_msi(*apic.msi_message(v, vector))

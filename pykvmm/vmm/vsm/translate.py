@@ -1,0 +1,101 @@
+"""TLFS "Virtual MMU" > HvCallTranslateVirtualAddress (0x0052): a higher VTL walks a VTL's page
+tables (its own or a lower one's) as that VTL's MMU would.
+
+Input (32 bytes): PartitionId u64 @0, VpIndex u32 @8, reserved u32 @12, ControlFlags u64 @16
+(ValidateRead 0, ValidateWrite 1, ValidateExecute 2, PrivilegeExempt 3, SetPageTableBits 4,
+TlbFlushInhibit 5; bits 55:6 reserved; InputVtl = HV_INPUT_VTL in bits 63:56), GvaPage u64 @24.
+Output (16 bytes): TranslationResult (ResultCode u32, CacheType u8 at bit 32), GpaPage u64.
+
+Result codes: Success 0, PageNotPresent 1, PrivilegeViolation 2 (a user-mode VTL state without
+the U bit on every level, unless PrivilegeExempt; a write to a read-only page from user mode or
+with CR0.WP; an execute of an NX page with EFER.NXE), InvalidPageTableFlags 3 (reserved
+address bits set), GpaUnmapped 4 (the GPA is not guest RAM), GpaNoReadAccess 5 and
+GpaNoWriteAccess 6 (a higher VTL's protection forbids the validated access to that VTL),
+Intercept 8 (pykvmm's answer for a validated execute that a higher VTL's protection forbids [U]).
+SetPageTableBits sets Accessed on every level walked, and Dirty on the leaf for a validated write,
+after a successful translation. TlbFlushInhibit is accepted (pykvmm keeps no TLB of its own).
+Statuses: INVALID_PARTITION_ID, INVALID_VP_INDEX / INVALID_VP_STATE (only the caller's VP),
+INVALID_PARAMETER (reserved control bits or HV_INPUT_VTL bits), ACCESS_DENIED (a higher VTL).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ...planes.memview import Access
+from ...x86 import arch, paging
+from ..hyperv.hypercall import CallSpec, HvError, target_vtl
+from ..memory import GuestMemoryError
+from . import hvdef as H
+from .protections import check_partition
+
+VALIDATE_READ, VALIDATE_WRITE, VALIDATE_EXECUTE = 1 << 0, 1 << 1, 1 << 2
+PRIVILEGE_EXEMPT, SET_PAGE_TABLE_BITS, TLB_FLUSH_INHIBIT = 1 << 3, 1 << 4, 1 << 5
+CONTROL_MASK = 0x3F
+INPUT_VTL_SHIFT = 56
+RESULT_SUCCESS, RESULT_NOT_PRESENT, RESULT_PRIVILEGE, RESULT_BAD_FLAGS = 0, 1, 2, 3
+RESULT_GPA_UNMAPPED, RESULT_NO_READ, RESULT_NO_WRITE, RESULT_INTERCEPT = 4, 5, 6, 8
+CACHE_WRITE_BACK = 6
+
+
+def install(vsm, table) -> None:
+    def translate(call, header):
+        return translate_gva(vsm, call.thread, call.plane, header)
+    table.add(CallSpec(H.HVCALL_TRANSLATE_VIRTUAL_ADDRESS, "HvCallTranslateVirtualAddress", "vsm", translate,
+                       header_size=32, out_size=16))
+
+
+def translate_gva(vsm, cpu, caller: int, header: bytes) -> bytes:
+    check_partition(header)
+    vp = int.from_bytes(header[8:12], "little")
+    if vp not in (H.HV_VP_INDEX_SELF, cpu.index):
+        if vp >= vsm.machine.config.vcpus:
+            raise HvError(H.INVALID_VP_INDEX, f"VP {vp} does not exist")
+        raise HvError(H.INVALID_VP_STATE, f"VP {vp} is not the caller's VP: pykvmm translates for the calling VP")
+    flags, gva_page = struct.unpack_from("<QQ", header, 16)
+    if flags & ~CONTROL_MASK & ((1 << INPUT_VTL_SHIFT) - 1):
+        raise HvError(H.INVALID_PARAMETER, f"TranslateVirtualAddress control flags {flags:#x} have reserved bits")
+    target = target_vtl(flags >> INPUT_VTL_SHIFT, caller, vsm.machine.plane_count)
+    if target > caller:
+        raise HvError(H.ACCESS_DENIED, f"VTL{caller} cannot translate for the higher VTL{target}")
+    vsm.check_vtl_enabled(cpu, target)
+    code, gpa = _translate(vsm, cpu.plane_vcpu(target), target, flags, gva_page << 12)
+    result = code | (CACHE_WRITE_BACK << 32 if code == RESULT_SUCCESS else 0)
+    return struct.pack("<QQ", result, gpa >> 12 if gpa is not None else 0)
+
+
+def _translate(vsm, v, vtl: int, flags: int, gva: int):
+    mem = vsm.machine.memory
+    s = v.sregs
+
+    def read_u64(gpa):
+        try:
+            return mem.u64(gpa)
+        except GuestMemoryError:
+            return None
+    w = paging.walk(read_u64, s.cr3, gva)
+    if w.bad_entry:
+        return RESULT_BAD_FLAGS, None
+    if w.gpa is None:
+        return RESULT_NOT_PRESENT, None
+    user_mode = s.cs.dpl == 3
+    if user_mode and not flags & PRIVILEGE_EXEMPT and not w.user:
+        return RESULT_PRIVILEGE, None
+    if flags & VALIDATE_WRITE and not w.writable and (user_mode or s.cr0 & arch.CR0_WP):
+        return RESULT_PRIVILEGE, None
+    if flags & VALIDATE_EXECUTE and w.nx and s.efer & arch.EFER_NXE:
+        return RESULT_PRIVILEGE, None
+    if w.gpa >= mem.size:
+        return RESULT_GPA_UNMAPPED, None
+    view = vsm.machine.pvm.planes[vtl].view
+    if flags & VALIDATE_READ and not view.allows(w.gpa, 1, Access.READ):
+        return RESULT_NO_READ, None
+    if flags & VALIDATE_WRITE and not view.allows(w.gpa, 1, Access.WRITE):
+        return RESULT_NO_WRITE, None
+    if flags & VALIDATE_EXECUTE and not view.allows(w.gpa, 1, Access.EXEC):
+        return RESULT_INTERCEPT, None
+    if flags & SET_PAGE_TABLE_BITS:
+        for i, at in enumerate(w.entries):
+            bits = paging.A | (paging.D if flags & VALIDATE_WRITE and i == len(w.entries) - 1 else 0)
+            mem.write_u64(at, mem.u64(at) | bits)
+    return RESULT_SUCCESS, w.gpa

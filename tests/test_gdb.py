@@ -28,6 +28,10 @@ from pykvmm.vmm import loader
 from pykvmm.vmm.machine import Machine, MachineConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Limits that only end a test that is already failing: generous, because the same tests run
+# about 10x slower under nested KVM in QEMU TCG (start-up with --gdb probes the host first).
+LAST_RESORT = 300.0
+RUN_LIMIT = "600"                 # pykvmm run --timeout for the guest under gdb
 GDB = shutil.which("gdb")
 needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed (Debian package gdb; .ci/run installs it)")
 
@@ -41,6 +45,18 @@ def needs_exec_breakpoints() -> None:
         int3, hw = convention(k, "int3"), convention(k, "hw_breakpoint")
     if "yes" not in (int3.value, hw.value):
         pytest.skip(f"this host's KVM reports no execution breakpoints ({int3.detail}; {hw.detail})")
+
+
+def vcpus_running(pid: int, vcpus: int):
+    """A condition: every vCPU thread of pykvmm ``pid`` keeps running (one parked by the gdb
+    stub sleeps); five polls in a row, so a wake-up on a busy machine is not taken for it."""
+    seen = []
+
+    def condition() -> bool:
+        states = thread_states(pid)
+        seen.append(all(states.get(f"vcpu{i}") == "R" for i in range(vcpus)))
+        return seen[-5:] == [True] * 5
+    return condition
 
 
 def built(name: str, ext: str = "bin") -> str:
@@ -75,7 +91,7 @@ class Vmm:
     def err(self) -> str:
         return "".join(self.lines)
 
-    def wait_listening(self, timeout: float = 30.0) -> str:
+    def wait_listening(self, timeout: float = LAST_RESORT) -> str:
         """Wait until the stub says where it listens; returns that address."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -88,7 +104,7 @@ class Vmm:
         self.kill()
         pytest.fail(f"pykvmm did not start its gdb stub: {self.err}")
 
-    def finish(self, timeout: float = 30.0) -> tuple[int, str]:
+    def finish(self, timeout: float = LAST_RESORT) -> tuple[int, str]:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -116,7 +132,7 @@ def vmm():
         v.kill()
 
 
-def gdb(target: str, *commands, elf: str | None = None, timeout: float = 30.0, interrupt_when=None) -> str:
+def gdb(target: str, *commands, elf: str | None = None, timeout: float = LAST_RESORT, interrupt_when=None) -> str:
     """Run gdb in batch mode. With ``interrupt_when``: send gdb Ctrl-C once
     ``interrupt_when(output so far)`` holds (gdb's output is read as it comes)."""
     argv = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off", "-ex", "set width 0"]
@@ -154,7 +170,7 @@ def test_planes_are_threads_break_in_plane1_step_memory_registers_detach(kvm_ava
     sym = symbols("dbg_planes")
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("dbg_planes"), "--planes", "2", "--personality", "none", "--arg", "3", "--quiet",
-            "--gdb", sock, "--timeout", "60")
+            "--gdb", sock, "--timeout", RUN_LIMIT)
     assert v.wait_listening() == sock
     out = gdb(sock,
               "info threads",
@@ -194,7 +210,7 @@ def test_planes_are_threads_break_in_plane1_step_memory_registers_detach(kvm_ava
 @needs_gdb
 def test_two_vcpus_stop_on_switch_tcp_and_kill(kvm_available, vmm):
     v = vmm(built("dbg_planes"), "--vcpus", "2", "--planes", "2", "--personality", "none", "--arg", "2",
-            "--quiet", "--gdb", "0", "--gdb-stop-on-switch", "--timeout", "60")
+            "--quiet", "--gdb", "0", "--gdb-stop-on-switch", "--timeout", RUN_LIMIT)
     addr = v.wait_listening()
     assert addr.startswith("127.0.0.1:")
     out = gdb(":" + addr.rpartition(":")[2], "info threads", "continue", "info threads", "monitor planes", "kill",
@@ -216,19 +232,13 @@ def test_two_vcpus_stop_on_switch_tcp_and_kill(kvm_available, vmm):
 @needs_gdb
 def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
-    v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", "60")
+    v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
-    seen = []
+    running = vcpus_running(v.proc.pid, 2)
 
     def vcpus_spinning(out: str) -> bool:
-        # gdb prints where the guest stopped once it is connected, then sends `continue`; the
-        # vCPUs run once both threads keep running (a vCPU parked by the stub sleeps): five
-        # polls in a row, so a wake-up on a busy machine is not taken for it
-        if "_start ()" not in out:
-            return False
-        states = thread_states(v.proc.pid)
-        seen.append(states.get("vcpu0") == states.get("vcpu1") == "R")
-        return seen[-5:] == [True] * 5
+        # gdb prints where the guest stopped once it is connected, then sends `continue`
+        return "_start ()" in out and running()
 
     out = gdb(sock, "continue", "info threads", "p/x $pc", "kill", elf=built("hang", "elf"),
               interrupt_when=vcpus_spinning)
@@ -242,7 +252,7 @@ def test_ctrl_c_stops_every_vcpu(kvm_available, vmm, tmp_path):
 @needs_gdb
 def test_crash_stops_with_sigsegv_then_ends(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
-    v = vmm(built("fault"), "--quiet", "--gdb", sock, "--timeout", "60")
+    v = vmm(built("fault"), "--quiet", "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
     out = gdb(sock, "continue", "p/x $rax", "continue", elf=built("fault", "elf"))
     assert "triple fault" in out and "received signal SIGSEGV" in out, out
@@ -259,7 +269,7 @@ def test_vtl_personality_threads_and_a_vtl1_breakpoint(kvm_available, vmm, tmp_p
     if "vtl1_main" not in symbols("vtl_call"):
         pytest.skip("guest vtl_call has no vtl1_main symbol")
     sock = str(tmp_path / "gdb.sock")
-    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", "60")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
     out = gdb(sock, "break vtl1_main", "continue", "info threads", "detach", elf=built("vtl_call", "elf"))
     assert re.search(r'Thread 2 "vcpu0/vtl1" hit Breakpoint 1, .*vtl1_main', out), out
@@ -281,7 +291,7 @@ def test_stepping_over_a_switching_instruction_stops_the_stepped_thread(kvm_avai
     needs_exec_breakpoints()
     call_out, return_out = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")
-    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", "60")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
     out = gdb(sock,
               f"hbreak *{call_out:#x}", "continue",
@@ -310,6 +320,7 @@ def test_stepping_over_a_switching_instruction_stops_the_stepped_thread(kvm_avai
 
 @needs_gdb
 def test_step_over_a_switch_with_stop_on_switch_then_stops_at_the_switch(kvm_available, vmm, tmp_path):
+    needs_exec_breakpoints()
     call_out, _ = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock,
@@ -331,10 +342,11 @@ def test_step_over_a_switch_with_stop_on_switch_then_stops_at_the_switch(kvm_ava
 @needs_gdb
 def test_gdb_attaches_again_after_detach(kvm_available, vmm, tmp_path):
     sock = str(tmp_path / "gdb.sock")
-    v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", "60")
+    v = vmm(built("hang"), "--vcpus", "2", "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
     first = gdb(sock, "info threads", "detach", elf=built("hang", "elf"))
     assert "detached" in first, first
+    wait_for(vcpus_running(v.proc.pid, 2), "the guest to run after the detach")
     second = gdb(sock, "info threads", "p/x $pc", "detach", elf=built("hang", "elf"))
     frames = re.findall(r'Thread \d+ "vcpu(\d)/plane0" \(running plane\)\s+(\w+)', second)
     assert sorted(frames) == [("0", "hang_loop"), ("1", "hang_loop")], second   # it ran while detached
@@ -352,7 +364,7 @@ def test_breakpoint_and_watchpoint_limits_say_why(kvm_available, vmm, tmp_path):
     sym = symbols("dbg_planes")
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("dbg_planes"), "--planes", "2", "--personality", "none", "--arg", "2", "--quiet",
-            "--gdb", sock, "--timeout", "60")
+            "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
     base = sym["plane1_work"]
     out = gdb(sock, "monitor caps",
@@ -376,6 +388,7 @@ def test_breakpoint_and_watchpoint_limits_say_why(kvm_available, vmm, tmp_path):
 @needs_gdb
 def test_system_state_per_plane_and_physical_memory(kvm_available, vmm, tmp_path):
     """At VtlCall 1 (guest/vtl_call.S) VTL0 has DR0/DR3/LSTAR = its A values, VTL1 its own LSTAR."""
+    needs_exec_breakpoints()
     from pykvmm.vmm import hypercalls
     call_out, _ = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")

@@ -108,7 +108,8 @@ class RunPlan:
 
 
 # QEMU -device values pykvmm always provides (kvm-unit-tests' x86/run adds them itself).
-BUILTIN_DEVICES = {"pc-testdev", "pci-testdev", "isa-debug-exit"}
+BUILTIN_DEVICES = {"pc-testdev", "pci-testdev", "isa-debug-exit",
+                   "hyperv-testdev"}   # the Hyper-V personality's (vmm/hyperv/testdev.py)
 
 
 def _mem_mib(text: str) -> int:

@@ -19,6 +19,7 @@ from ..planes import open_planes_vm
 from ..planes.api import install_kick_handler
 from ..uapi import constants as C
 from ..x86 import cpu_model, longmode
+from .hyperv import features as hv_features   # registers the hv_* flags of --cpu
 from . import abi, bringup, capture as _capture, events as ev
 from .boot import FlatBinary
 from .console import Console
@@ -150,9 +151,12 @@ class Machine:
         # A host that resets the vCPU on a triple fault: keep what each KVM_RUN enters with.
         self.shutdown_resets = convention(self.kvm, "shutdown").value == "reset"
         self.policy.attach(self)
-        if cfg.hyperv is not None:
+        hv_config = cfg.hyperv
+        if self.cpu_model is not None and self.cpu_model.spec.extension_flags("hyperv"):
+            hv_config = hv_features.from_cpu_flags(self.cpu_model.spec.extension_flags("hyperv"), hv_config)
+        if hv_config is not None:
             from .hyperv import HyperV
-            self.hyperv = HyperV(self, cfg.hyperv)
+            self.hyperv = HyperV(self, hv_config)
             self.hyperv.attach()
             cpuid = self.hyperv.cpuid(cpuid)
         self.threads: list[VcpuThread] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...x86 import cpu_model
 from . import tlfs as T
 
 # flag -> (what it gives the guest, the flags it needs)
@@ -108,3 +109,22 @@ def parse_flags(items, config: HvConfig | None = None) -> HvConfig:
             on = on and v in ("on", "true", "yes")
         (cfg.flags.add if on else cfg.flags.discard)(flag)
     return cfg
+
+
+def from_cpu_flags(flags: dict, config: HvConfig | None = None) -> HvConfig:
+    """The hv_* part of a --cpu text (cpu_model.CpuSpec.extension_flags("hyperv")), on top of
+    ``config`` (``--hyperv``) if given."""
+    items = []
+    for key, value in flags.items():
+        if value is True:
+            items.append(key)
+        elif value is False:
+            items.append(f"{key}=off")
+        else:
+            items.append(f"{key}={value}")
+    cfg = HvConfig(set(config.flags), config.spinlocks, config.vendor_id) if config else HvConfig()
+    return parse_flags(items, cfg)
+
+
+# --cpu hands every hv_*/hv-* flag to this module (QEMU spells the Hyper-V flags there too).
+cpu_model.register_flags("hyperv", lambda name: normalize(name.lstrip("+-")) is not None)

@@ -1,0 +1,39 @@
+"""kvm-unit-tests' Hyper-V tests under `pykvmm kut`, with the unittests.cfg flags (QEMU/KVM
+cannot run them on this host: its KVM has no Hyper-V), in VTL0 of one plane and of two."""
+
+import pytest
+
+from pykvmm.vmm.hyperv.features import from_cpu_flags
+from pykvmm.x86 import cpu_model
+from test_cli import assert_clean_error, pykvmm
+
+FAST = ["hyperv_synic", "hyperv_stimer", "hyperv_clock"]
+
+
+def test_cpu_hv_flags_reach_the_personality():
+    spec = cpu_model.parse_cpu_spec("kvm64,hv_vpindex,hv-synic,hv_stimer=on,hv_time,-hv_relaxed,hv_spinlocks=0x1fff")
+    cfg = from_cpu_flags(spec.extension_flags("hyperv"))
+    assert cfg.flags == {"vpindex", "synic", "stimer", "time"} and cfg.spinlocks == 0x1FFF
+
+
+def test_cpu_bad_hv_flag_is_a_usage_error(kvm_available):
+    assert_clean_error(pykvmm("run", "hello", "--cpu", "kvm64,hv_bogus"), 2, "unknown Hyper-V flag hv_bogus")
+    assert_clean_error(pykvmm("run", "hello", "--cpu", "kvm64,hv_stimer"), 2, "hv_stimer needs hv_synic")
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_kut_hyperv_tests_pass(kut_suite, kvm_available, planes):
+    res = pykvmm("kut", "--suite", str(kut_suite), *FAST, "--planes", str(planes), "-j", "2", timeout=600)
+    out = res.stdout.splitlines()
+    assert "PASS hyperv_synic (1 tests)" in out, res.stdout + res.stderr
+    assert "PASS hyperv_stimer (12 tests)" in out, res.stdout + res.stderr
+    assert "PASS hyperv_clock" in out, res.stdout + res.stderr
+    assert res.returncode == 0
+
+
+@pytest.mark.slow
+def test_kut_hyperv_connections_passes(kut_suite, kvm_available):
+    """Eight 10M-iteration pause loops: minutes on this host (guest code runs slowly here),
+    more than run_tests.sh's 90 s, so `make test-all` only."""
+    res = pykvmm("kut", "--suite", str(kut_suite), "hyperv_connections", timeout=1800)
+    assert "PASS hyperv_connections (7 tests)" in res.stdout.splitlines(), res.stdout + res.stderr

@@ -25,11 +25,16 @@ def test_parse_flags_props_and_order():
     ("qemu64,+frobnicate", "'frobnicate' is not something pykvmm can honour"),
     ("max,phys-bits=36", "phys-bits=36 is not something pykvmm can honour"),
     ("qemu64,vendor=Intel", "12 characters"),
-    ("kvm64,hv_vpindex", "'hv_vpindex'"),
 ])
 def test_errors_name_what_cannot_be_honoured(text, phrase):
     with pytest.raises(M.CpuModelError, match=phrase.replace("(", r"\(")):
         M.parse_cpu_spec(text)
+
+
+def test_flag_family_without_an_owner_is_an_error(monkeypatch):
+    monkeypatch.setattr(M, "_EXTENSIONS", [])
+    with pytest.raises(M.CpuModelError, match="'hv_vpindex'"):
+        M.parse_cpu_spec("kvm64,hv_vpindex")
 
 
 def test_registered_flag_family_is_handed_to_its_owner(monkeypatch):

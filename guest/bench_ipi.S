@@ -30,15 +30,7 @@
 .text
 .globl main
 main:
-    mov rax, [rdx + BI_ARG]
-    mov ecx, eax
-    test ecx, ecx
-    jnz 1f
-    mov ecx, BENCH_IPI_DEFAULT_ROUNDS
-1:  mov [rip + rounds], rcx
-    mov rcx, rax
-    shr rcx, 32
-    movzx ecx, cl
+    BENCH_ARGS BENCH_IPI_DEFAULT_ROUNDS
     mov r8, rcx
     and ecx, 3
     mov [rip + mode], rcx

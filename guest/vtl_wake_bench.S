@@ -26,15 +26,7 @@
 .text
 .globl main
 main:
-    mov rax, [rdx + BI_ARG]
-    mov ecx, eax
-    test ecx, ecx
-    jnz 1f
-    mov ecx, DEFAULT_ROUNDS
-1:  mov [rip + rounds], rcx
-    mov rcx, rax
-    shr rcx, 32
-    movzx ecx, cl
+    BENCH_ARGS DEFAULT_ROUNDS
     mov [rip + source], rcx
     shr rax, 40
     jnz 2f

@@ -177,6 +177,8 @@ def test_acpi_tables_are_linked_and_checksummed():
         off += madt[off + 1]
     assert [e[1][1] for e in entries if e[0] == 0] == [0, 1, 2]          # one LAPIC per vCPU
     assert [struct.unpack_from("<I", e[1], 2)[0] for e in entries if e[0] == 1] == [A.IOAPIC_ADDR]
+    overrides = [struct.unpack_from("<BBIH", e[1]) for e in entries if e[0] == 2]   # bus, IRQ, GSI, flags
+    assert overrides == [(0, 0, 2, 0)] + [(0, irq, irq, 0xD) for irq in (5, 9, 10, 11)]   # as QEMU's pc
 
 
 # ---- ACPI PM registers ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
+from ...uapi import constants as C
 from ...x86 import protmode
 from ..console import Console
 from . import acpi
@@ -27,6 +28,16 @@ from .rtc import RTC_PORT, RTC_PORTS, Rtc
 from .uart import COM1_BASE, UART_PORTS, Uart16550
 
 RTC_IRQ = 8
+
+
+def pc_gsi_routes() -> list[tuple[int, int, int]]:
+    """QEMU's GSI routing for the pc machine (kvm_pc_setup_irq_routing): ISA IRQs 0-15 to the
+    8259s, GSIs 0-23 to the IOAPIC pin of the same number except IRQ0 (the PIT), which goes
+    to pin 2, as the MADT's interrupt source override says; GSI 2 (the cascade) goes nowhere."""
+    routes = [(i, C.KVM_IRQCHIP_PIC_MASTER, i) for i in range(8) if i != 2]
+    routes += [(i, C.KVM_IRQCHIP_PIC_SLAVE, i - 8) for i in range(8, 16)]
+    routes += [(i, C.KVM_IRQCHIP_IOAPIC, acpi.PIT_GSI if i == 0 else i) for i in range(24) if i != 2]
+    return routes
 
 
 def plane0_vm(pvm):
@@ -70,6 +81,7 @@ class PcPlatform:
     # -- after the VM and its irqchip exist ---------------------------------------------------
     def create_kvm_devices(self, pvm) -> None:
         self.vm = plane0_vm(pvm)
+        self.vm.set_gsi_routing(pc_gsi_routes())
         if self.machine.config.pit:
             self.vm.create_pit2()
 

@@ -276,6 +276,96 @@ def test_timeout_holds_while_stdout_is_blocked(kvm_available):
     assert "timed out" in err and "while the output was blocked, still blocked at the end" in err
 
 
+def blocked_run(*args, backlog: int | None = None):
+    """`pykvmm run ARGS` with stdout and stderr on pipes nobody reads, shrunk to one page each
+    (F_SETPIPE_SZ) so they are full after a few lines; ``backlog``: a smaller output backlog
+    than CONSOLE_BACKLOG_MAX, so little output fills it."""
+    import fcntl
+    start = "import sys, pykvmm.vmm.console as c, pykvmm.cli as cli; "
+    if backlog is not None:
+        start += f"c.CONSOLE_BACKLOG_MAX = {backlog}; "
+    p = subprocess.Popen([sys.executable, "-c", start + "sys.argv[0] = 'pykvmm'; cli.main()", "run", *args],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    for pipe in (p.stdout, p.stderr):
+        fcntl.fcntl(pipe, 1031, 4096)                 # F_SETPIPE_SZ
+    return p
+
+
+def exit_after_guest_started(p, what: str, signal_to_send=None) -> float:
+    """Seconds from the vCPU thread's start to the exit of ``p`` (which nobody reads)."""
+    from conftest import thread_states
+    wait_until(lambda: p.poll() is not None or "vcpu0" in thread_states(p.pid), "the vCPU thread", timeout=300)
+    assert p.poll() is None, f"ended before its guest ran: {p.returncode}"
+    t0 = time.monotonic()
+    if signal_to_send is not None:
+        p.send_signal(signal_to_send)
+    try:
+        p.wait(120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"{what} did not end the run while stdout and stderr were blocked")
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("how", ["timeout", "signal"])
+def test_blocked_stderr_holds_neither_timeout_nor_signal(kvm_available, how):
+    """`--trace-exits` prints a line per exit on stderr; nobody reads stderr or stdout. The run
+    still ends at its timeout (or at SIGINT): before, a vCPU thread waited in the write."""
+    args = ["hostile", "--arg", hostile(HOSTILE_CONSOLE), "--trace-exits"]
+    p = blocked_run(*args, *(["--timeout", "2"] if how == "timeout" else []))
+    took = exit_after_guest_started(p, how, None if how == "timeout" else signal.SIGINT)
+    print(f"{how}: exit {took:.1f} s after the guest started")
+    assert p.returncode == (ExitStatus.TIMEOUT if how == "timeout" else ExitStatus.INTERRUPTED)
+    # 2 s of timeout, the vCPUs' stop, and at most StdStreams.FINAL_DRAIN_LIMIT for the readers:
+    # bounded whatever the terminal does (generous for a machine 10x slower)
+    assert took < 60
+    assert p.stderr.read(200).startswith(b"[")          # what fitted: the first --trace-exits lines
+
+
+def test_blocked_stderr_output_is_dropped_and_counted(kvm_available, tmp_path):
+    """stderr blocked while the guest runs: what does not fit in the backlog is dropped and the
+    summary says how much, once a reader comes back (here: when the trace is complete)."""
+    trace = tmp_path / "t.jsonl"
+    p = blocked_run("hostile", "--arg", hostile(HOSTILE_SYNC), "--quiet", "--trace-exits", "--timeout", "2",
+                    "--trace", str(trace), backlog=4096)
+
+    def trace_complete():
+        try:
+            return '"what":"end"' in trace.read_text()[-300:]
+        except FileNotFoundError:
+            return False
+    wait_until(trace_complete, "the trace's end event", timeout=300)
+    err = p.stderr.read().decode()                      # the reader comes back: EOF at the exit
+    assert p.wait(60) == ExitStatus.TIMEOUT, err[-2000:]
+    assert "--- timeout after" in err, err[-2000:]
+    dropped = re.search(r"stderr not shown: (\d+) bytes dropped while stderr was blocked", err)
+    assert dropped and int(dropped.group(1)) > 0, err[-2000:]
+
+
+def test_bounded_writer_never_waits_for_its_reader():
+    """The writer under pykvmm run's stdout and stderr, on a pipe nobody reads."""
+    from pykvmm.vmm.console import CONSOLE_BACKLOG_MAX, BoundedWriter
+    r, w = os.pipe()
+    try:
+        writer = BoundedWriter(w)
+        t0 = time.monotonic()
+        chunk = b"x" * 999 + b"\n"
+        total = 3 * CONSOLE_BACKLOG_MAX // len(chunk) * len(chunk)
+        for _ in range(total // len(chunk)):
+            writer.put_bytes(chunk)
+        assert time.monotonic() - t0 < 30                # never blocked (a blocked write is forever)
+        assert writer.dropped >= total - CONSOLE_BACKLOG_MAX - (1 << 20) and writer.dropped % len(chunk) == 0
+        lost = writer.finish(time.monotonic() + 30, stall=0.2)
+        assert lost > writer.dropped                     # what was queued and never taken, too
+        os.set_blocking(r, False)
+        got = os.read(r, 1 << 20)
+        assert got and got == chunk * (len(got) // len(chunk)) + chunk[:len(got) % len(chunk)]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_trace_streams_to_the_file_and_survives_sigkill(kvm_available, tmp_path):
     from pykvmm.debug import trace as tr
     path = tmp_path / "t.jsonl"

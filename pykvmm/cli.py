@@ -400,14 +400,25 @@ def _trace_filters(f):
     return f
 
 
-def _load_trace(file, vcpu, plane, start, end, kind):
-    """(events, filter) of a trace FILE, or exit 2 with a one-line error."""
+def _trace_filter(file, vcpu, plane, start, end, kind):
+    """The filter of the trace commands' options, once FILE is known to be a regular file; or
+    exit 2 with a one-line error."""
     from .debug.query import TraceFilter, parse_ids, parse_kinds
-    from .debug.trace import TraceFormatError, load
 
     try:
         os.close(loader.open_regular_file(file, "trace file"))
-        flt = TraceFilter(parse_ids(vcpu, "vcpu"), parse_ids(plane, "plane"), start, end, parse_kinds(kind))
+        return TraceFilter(parse_ids(vcpu, "vcpu"), parse_ids(plane, "plane"), start, end, parse_kinds(kind))
+    except ValueError as e:
+        _err(str(e))
+        sys.exit(ExitStatus.USAGE)
+
+
+def _load_trace(file, **filters):
+    """(events, filter) of a trace FILE, or exit 2 with a one-line error."""
+    from .debug.trace import TraceFormatError, load
+
+    flt = _trace_filter(file, **filters)
+    try:
         return load(file), flt
     except (TraceFormatError, UnicodeDecodeError, ValueError) as e:
         _err(str(e))
@@ -448,17 +459,32 @@ def trace_show(file, **filters):
 @_trace_filters
 def trace_export(file, output, fmt, **filters):
     """Convert a trace FILE (e.g. the JSON lines a run streamed) to a Chrome trace for Perfetto,
-    or to JSON lines, keeping the selected events."""
-    from .debug.trace import write_trace
+    or to JSON lines, keeping the selected events. JSON lines are converted as they are read
+    (memory does not grow with the trace)."""
+    from .debug.trace import JsonlSource, ListSource, TraceFormatError, is_jsonl, write_trace_from
 
-    events, flt = _load_trace(file, **filters)
-    selected = flt.apply(events)
+    flt = _trace_filter(file, **filters)
     try:
-        written = write_trace(selected, output, fmt)
+        streamed = is_jsonl(file)
     except OSError as e:
-        _err(f"cannot write {output}: {e.strerror or e}")
+        _err(f"cannot read {file}: {e.strerror or e}")
         sys.exit(ExitStatus.USAGE)
-    _err(f"trace: {len(selected)} of {len(events)} events written to {output} ({written})")
+    if streamed:
+        source = JsonlSource(file, keep=flt)
+    else:
+        events, _ = _load_trace(file, **filters)
+        source = ListSource(flt.apply(events))
+    try:
+        written = write_trace_from(source, output, fmt)
+    except (TraceFormatError, UnicodeDecodeError, OSError) as e:
+        _err(f"cannot write {output}: {e.strerror or e}" if isinstance(e, OSError) else str(e))
+        try:
+            os.unlink(output)
+        except OSError:
+            pass
+        sys.exit(ExitStatus.USAGE)
+    kept, read = (source.kept, source.read) if streamed else (len(source.events), len(events))
+    _err(f"trace: {kept} of {read} events written to {output} ({written})")
 
 
 @trace.command("plot")

@@ -26,6 +26,17 @@ def require(feature: str, available: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def pytest_runtest_logreport(report):
+    """PYKVMM_FAILURE_LOG=FILE: append each failure's report to FILE as soon as it happens
+    (scripts/nested-kvm.sh: a run hours long shows why a test failed while it goes on)."""
+    path = os.environ.get("PYKVMM_FAILURE_LOG")
+    if path and report.failed:
+        import time
+        with open(path, "a") as f:
+            f.write(f"==== {time.strftime('%H:%M:%S')} {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
+                    f"{report.longreprtext}\n{report.capstdout}{report.capstderr}\n")
+
+
 def _kvm_status() -> tuple[bool, str]:
     try:
         Kvm(DEFAULT_KVM_DEVICE).close()

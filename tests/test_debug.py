@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from conftest import LAST_RESORT
 from pykvmm import exits as X
 from pykvmm.debug import export, summary as sm
 from pykvmm.debug import trace as tr
@@ -28,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 4
 
 
-def pykvmm(*args, timeout=60):
+def pykvmm(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-m", "pykvmm", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
@@ -46,7 +47,7 @@ def traced_run(name="dbg_planes", **config):
     config.setdefault("quiet", True)
     with Machine(loader.load_image(guest(name)), MachineConfig(trace=rec, **config)) as m:
         m.trace = tr.Fanout(ExitAnnotator(m, Symbols.for_image(guest(name))), tr.IpiAnnotator(m), rec)
-        result = m.run(20)
+        result = m.run(LAST_RESORT)
     assert result.ok, (result.status, result.crash, result.failure)
     return result, rec
 
@@ -222,7 +223,7 @@ def test_cli_dump_on_exit_shows_each_planes_own_system_state(kvm_available):
 def test_tracing_off_installs_nothing(kvm_available):
     with Machine(loader.load_image(guest("hello")), MachineConfig(quiet=True)) as m:
         assert m.trace is None and m.debugger is None
-        assert m.run(10).ok
+        assert m.run(LAST_RESORT).ok
 
 
 def test_dumps_and_crash_reasons_use_symbols(kvm_available, tmp_path):

@@ -68,6 +68,7 @@ class HyperV:
         self.msr_names: dict[int, str] = {}
         self.table = HypercallTable(self)
         self.on_continuation = None      # test hook: callable(call, next_rep) at each continuation
+        self.tlb_flush_gate = None       # VSM TLB locks: callable(call, vps) before a flush (vsm/tlb.py)
         self.stats = {"msr_exits": 0, "gp_injected": 0, "ud_injected": 0}
         self.gp_reasons: list[str] = []
         self.stopped_why: str | None = None

@@ -10,6 +10,7 @@ Modules, by TLFS section:
 | ``registers`` | VP register interface: HvCallGetVpRegisters / HvCallSetVpRegisters |
 | ``translate`` | Virtual MMU: HvCallTranslateVirtualAddress |
 | ``enable`` | Enabling VTLs (the two boot modes, HvCallEnablePartitionVtl / EnableVpVtl), the VSM registers |
+| ``tlb`` | Configuring Lower VTLs: TlbLocked and the address-space flushes it holds back |
 
 The VTL switch itself (VtlCall/VtlReturn, shared and private state, interrupts) is the VTL
 personality (vmm/vtl.py); this package adds what a VSM guest reaches through hypercalls and
@@ -36,6 +37,7 @@ from .enable import VINA_AUTO_EOI, VINA_AUTO_RESET, VtlEnables
 from .intercept import deliver, memory_intercept_message
 from .protections import VtlProtections
 from .registers import check_header
+from .tlb import TlbLocks
 
 
 class Vsm:
@@ -45,6 +47,7 @@ class Vsm:
         self.machine = machine
         self.policy = policy
         self.protections = VtlProtections(machine)
+        self.tlb = TlbLocks(self)
         self.enables = VtlEnables(self)
         self.stats = Counter()
         self.intercepts: Counter = Counter()     # (vcpu, from VTL, to VTL, access) -> count
@@ -59,6 +62,7 @@ class Vsm:
         t.add(CallSpec(abi.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
                        header_size=16, rep_size=32))
         self.enables.install(t)
+        hv.tlb_flush_gate = lambda call, vps: self.tlb.wait_unlocked(hv, call, vps)
         from .translate import install as install_translate
         install_translate(self, t)
 
@@ -121,6 +125,19 @@ class Vsm:
         self.stats["vina_asserted"] += 1
         return True
 
+    @property
+    def return_armed(self) -> bool:
+        """Whether a VtlReturn has VSM work to do (the switch path asks only then)."""
+        return bool(self.enables.vina_enabled or self.tlb.held)
+
+    def returned(self, vcpu: int, plane: int) -> None:
+        """A VtlReturn from ``plane``: VINA's AutoReset; the TLB locks the VTL held are released."""
+        self.vina_returned(vcpu, plane)
+        if self.tlb.held:
+            hv = self.machine.hyperv
+            with hv.lock:
+                self.enables.release_tlb_locks(vcpu, plane)
+
     def vina_returned(self, vcpu: int, plane: int) -> None:
         """A VtlReturn from ``plane``: AutoReset clears its VinaAsserted."""
         vina = self.enables.vina_config(vcpu, plane)
@@ -175,6 +192,8 @@ class Vsm:
         """The VSM counters, when the guest used VSM at all (nothing for a plain VTL guest)."""
         out = dict(self.stats)
         out.update(self.protections.summary())
+        out["flushes_held"] = self.tlb.held_calls
+        out["flushes_suspended"] = self.tlb.suspended
         return {"vsm": out} if any(out.values()) else {}
 
 

@@ -9,6 +9,7 @@ Modules, by TLFS section:
 | ``intercept`` | Secure Intercepts (GPA intercept messages, entry reason Intercept) |
 | ``registers`` | VP register interface: HvCallGetVpRegisters / HvCallSetVpRegisters |
 | ``translate`` | Virtual MMU: HvCallTranslateVirtualAddress |
+| ``remote`` | the VP-register and translation calls aimed at another VP |
 | ``enable`` | Enabling VTLs (the two boot modes, HvCallEnablePartitionVtl / EnableVpVtl), the VSM registers |
 | ``tlb`` | Configuring Lower VTLs: TlbLocked and the address-space flushes it holds back |
 
@@ -37,6 +38,7 @@ from .enable import VINA_AUTO_EOI, VINA_AUTO_RESET, VtlEnables
 from .intercept import deliver, memory_intercept_message
 from .protections import VtlProtections
 from .registers import check_header
+from .remote import RemoteVps
 from .tlb import TlbLocks
 
 
@@ -48,6 +50,7 @@ class Vsm:
         self.policy = policy
         self.protections = VtlProtections(machine)
         self.tlb = TlbLocks(self)
+        self.remote = RemoteVps(self)
         self.enables = VtlEnables(self)
         self.stats = Counter()
         self.intercepts: Counter = Counter()     # (vcpu, from VTL, to VTL, access) -> count
@@ -63,6 +66,7 @@ class Vsm:
                        header_size=16, rep_size=32))
         self.enables.install(t)
         hv.tlb_flush_gate = lambda call, vps: self.tlb.wait_unlocked(hv, call, vps)
+        hv.vp_requests = self.remote
         from .translate import install as install_translate
         install_translate(self, t)
 
@@ -70,11 +74,24 @@ class Vsm:
         self.protections.modify_element(call.plane, header, element)
 
     def _get(self, call, header, index, element):
-        return check_header(self, call.thread, call.plane, header).get(int.from_bytes(element, "little"))
+        name = int.from_bytes(element, "little")
+        return self.on_vp(call, check_header(self, call.thread, call.plane, header), name,
+                          lambda access: access.get(name))
 
     def _set(self, call, header, index, element):
         name = int.from_bytes(element[0:4], "little")
-        check_header(self, call.thread, call.plane, header).set(name, element[16:32])
+        self.on_vp(call, check_header(self, call.thread, call.plane, header), name,
+                   lambda access: access.set(name, element[16:32]))
+
+    def on_vp(self, call, access, name: int, fn):
+        """``fn(access)`` on the thread of the VP the access is for (remote.py)."""
+        if access.cpu is call.thread:
+            return fn(access)
+
+        def there(thread):
+            access.check_idle(name)
+            return fn(access)
+        return self.remote.run(call.thread, access.cpu, there)
 
     def forget(self, vcpu: int, plane: int) -> None:
         """Registers of a plane changed behind the personality's back (its copy elision)."""
@@ -193,6 +210,7 @@ class Vsm:
         out = dict(self.stats)
         out.update(self.protections.summary())
         out["flushes_held"] = self.tlb.held_calls
+        out["remote_vp_accesses"] = self.remote.count
         out["flushes_suspended"] = self.tlb.suspended
         return {"vsm": out} if any(out.values()) else {}
 

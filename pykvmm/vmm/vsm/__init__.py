@@ -167,12 +167,10 @@ class Vsm:
         return bool(self.machine.memory.read(self.policy.vtl_control(vcpu, plane) + abi.VTL_VINA_STATUS, 1)[0] & 1)
 
     def interrupt_refusal(self, caller: int, target: int) -> tuple[int, str] | None:
-        """TLFS VTL interrupt rules for the synthetic IPIs (SendSyntheticClusterIpi/Ex): with
-        ``--vtl-boot tlfs`` a VTL may interrupt its own and lower VTLs only, and only enabled
-        ones (ACCESS_DENIED / INVALID_VTL_STATE). pykvmm's boot mode keeps its cross-VTL
-        upward IPIs (its demo and VTL guests use them). (status, why), or None if allowed."""
-        if not self.enables.tlfs:
-            return None
+        """TLFS VTL interrupt rules for the synthetic IPIs (SendSyntheticClusterIpi/Ex), in
+        both boot modes: a VTL may interrupt its own and lower VTLs only (ACCESS_DENIED: a
+        lower VTL reaches a higher one by VtlCall, never by an interrupt), and only enabled
+        ones (INVALID_VTL_STATE). (status, why), or None if allowed."""
         if target > caller:
             return H.ACCESS_DENIED, f"VTL{caller} cannot interrupt the higher VTL{target}"
         if not self.enables.partition >> target & 1:

@@ -55,30 +55,6 @@ apic_send_ipi:
     ret
 .size apic_send_ipi, . - apic_send_ipi
 
-/* apic_timer_oneshot(rdi = vector, rsi = initial count (bus clocks, divide by 1)): the LAPIC
- * timer fires `vector` once. */
-.globl apic_timer_oneshot
-.type apic_timer_oneshot, @function
-apic_timer_oneshot:
-    push rax
-    push rcx
-    push rdx
-    xor edx, edx
-    mov ecx, X2APIC_TIMER_DIVIDE
-    mov eax, 0xB
-    wrmsr
-    mov ecx, X2APIC_LVT_TIMER
-    movzx eax, dil
-    wrmsr
-    mov ecx, X2APIC_TIMER_INITIAL
-    mov eax, esi
-    wrmsr
-    pop rdx
-    pop rcx
-    pop rax
-    ret
-.size apic_timer_oneshot, . - apic_timer_oneshot
-
 /* apic_eoi: EOI = 0. */
 .globl apic_eoi
 .type apic_eoi, @function

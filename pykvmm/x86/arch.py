@@ -62,9 +62,6 @@ X2APIC_EOI = 0x80B
 X2APIC_SVR = 0x80F
 X2APIC_ISR0 = 0x810         # ISR bits 0-31; 0x811 bits 32-63; ... 0x817
 X2APIC_ICR = 0x830
-X2APIC_LVT_TIMER = 0x832      # vector 7:0, mask 16, mode 18:17 (0 one-shot)
-X2APIC_TIMER_INITIAL = 0x838
-X2APIC_TIMER_DIVIDE = 0x83E   # 0xB: divide by 1
 
 # exception vectors
 VEC_DE, VEC_DB, VEC_NMI, VEC_BP, VEC_OF, VEC_BR, VEC_UD, VEC_NM, VEC_DF = range(9)

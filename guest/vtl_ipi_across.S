@@ -29,7 +29,7 @@
 .set V_OWN, 0x52
 .set TO_VTL1, HV_INPUT_VTL_USE_TARGET | 1
 .set CTL_IPI, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI
-.set CTL_IPI_FAST, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_HYPERCALL_FAST
+.set CTL_IPI_FAST, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_CONTROL_FAST
 
 /* SEND_FAST vector, input_vtl, mask: rax = status (vtl_send_ipi; clobbers rdi, rsi, rdx). */
 .macro SEND_FAST vector:req, input_vtl:req, mask:req
@@ -116,7 +116,7 @@ vcpu0:
     RAW CTL_IPI, rdx, 0
     GUEST_SYNC 0x16, rax
     mov rdx, V_FAST | (TO_VTL1 << 32)
-    RAW CTL_IPI_FAST | (1 << HV_HYPERCALL_REP_COUNT_SHIFT), rdx, 1 << 1
+    RAW CTL_IPI_FAST | (1 << HV_CONTROL_REP_COUNT_SHIFT), rdx, 1 << 1
     GUEST_SYNC 0x17, rax
     mov rdx, V_FAST | (TO_VTL1 << 32)
     RAW CTL_IPI_FAST | (1 << 17), rdx, 1 << 1

@@ -58,17 +58,17 @@ main:
 
 vp0:
     WAIT_EQ locked, 1
-    FLUSH HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, 1
+    FLUSH HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, 1
     GUEST_SYNC 0x01, rax
     mov rbx, CMD_FLUSH
     call vtl_call
     mov qword ptr [rip + flush_started], 1
-    FLUSH HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, 2
+    FLUSH HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, 2
     mov qword ptr [rip + flush_done], 1
     GUEST_SYNC 0x03, rax
     WAIT_EQ locked, 2
     mov qword ptr [rip + flush_started], 2
-    FLUSH HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST | 1 << HV_HYPERCALL_REP_COUNT_SHIFT, 2
+    FLUSH HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST | 1 << HV_CONTROL_REP_COUNT_SHIFT, 2
     mov qword ptr [rip + flush_done], 2
     GUEST_SYNC 0x04, rax
 .Ldone:
@@ -149,7 +149,7 @@ vtl1_call:
     je vtl1_lock
     cmp rbx, CMD_READ
     je vtl1_read
-    FLUSH HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, 2     /* CMD_FLUSH, from VP0's VTL1 */
+    FLUSH HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, 2     /* CMD_FLUSH, from VP0's VTL1 */
     GUEST_SYNC 0x21, rax
     clc
     ret

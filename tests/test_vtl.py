@@ -10,6 +10,7 @@ import pytest
 
 from pykvmm.uapi import ffi
 from pykvmm.vmm import abi, vtl
+from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.hypercalls import hypercall_page
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 from pykvmm.vmm.outcomes import Fault, Switch, SwitchReason
@@ -116,17 +117,17 @@ def test_vtl_ipi_across_synthetic_cluster_ipi(run_guest, backend):
     s = abi
     assert syncs(r) == {
         (0, 0, 1): 0, (0, 0, 2): 0, (0, 0, 3): 0,
-        (0, 0, 0x10): s.HV_STATUS_INVALID_PARAMETER,        # vector 0x0f
-        (0, 0, 0x11): s.HV_STATUS_INVALID_PARAMETER,        # vector 0x100
-        (0, 0, 0x12): s.HV_STATUS_INVALID_PARAMETER,        # reserved HV_INPUT_VTL bits
-        (0, 0, 0x13): s.HV_STATUS_INVALID_PARAMETER,        # VTL2 of 2 planes
-        (0, 0, 0x14): s.HV_STATUS_INVALID_PARAMETER,        # vCPU2 of 2
-        (0, 0, 0x15): s.HV_STATUS_INVALID_ALIGNMENT,        # GPA not 8-aligned
-        (0, 0, 0x16): s.HV_STATUS_INVALID_PARAMETER,        # GPA outside guest memory
-        (0, 0, 0x17): s.HV_STATUS_INVALID_HYPERCALL_INPUT,  # rep count
-        (0, 0, 0x18): s.HV_STATUS_INVALID_HYPERCALL_INPUT,  # variable header size
-        (0, 0, 0x19): s.HV_STATUS_SUCCESS,                  # empty mask: nothing sent
-        (0, 0, 0x1a): s.HV_STATUS_ACCESS_DENIED,            # VTL0 cannot interrupt VTL1
+        (0, 0, 0x10): tlfs.INVALID_PARAMETER,        # vector 0x0f
+        (0, 0, 0x11): tlfs.INVALID_PARAMETER,        # vector 0x100
+        (0, 0, 0x12): tlfs.INVALID_PARAMETER,        # reserved HV_INPUT_VTL bits
+        (0, 0, 0x13): tlfs.INVALID_PARAMETER,        # VTL2 of 2 planes
+        (0, 0, 0x14): tlfs.INVALID_PARAMETER,        # vCPU2 of 2
+        (0, 0, 0x15): tlfs.INVALID_ALIGNMENT,        # GPA not 8-aligned
+        (0, 0, 0x16): tlfs.INVALID_PARAMETER,        # GPA outside guest memory
+        (0, 0, 0x17): tlfs.INVALID_HYPERCALL_INPUT,  # rep count
+        (0, 0, 0x18): tlfs.INVALID_HYPERCALL_INPUT,  # variable header size
+        (0, 0, 0x19): tlfs.SUCCESS,                  # empty mask: nothing sent
+        (0, 0, 0x1a): tlfs.ACCESS_DENIED,            # VTL0 cannot interrupt VTL1
         (1, 0, 1): 0x50, (1, 0, 2): 0x51, (1, 0, 3): 0x22, (1, 0, 4): 2,
         (1, 0, 5): 0x52, (1, 0, 6): 1, (1, 0, 7): 1,
     }
@@ -252,7 +253,7 @@ def test_vtl_return_with_nothing_suspended_is_ud(kvm_available):
         t = m.threads[0]
         t.plane, t.started_planes = 1, {0, 1}
         regs = t.plane_vcpu(1).regs
-        regs.rax, regs.rcx = 0, abi.HVCALL_VTL_RETURN
+        regs.rax, regs.rcx = 0, tlfs.HVCALL_VTL_RETURN
         _, outcome = m.dispatcher.dispatch(t, 1, regs)
         assert type(outcome) is Fault and outcome.vector == UD
         assert m.policy.summary()["ud_reasons"] == {"return-nothing-suspended": 1}
@@ -265,7 +266,7 @@ def test_vtl_hypercalls_above_cpl0_are_ud(kvm_available):
         v.sregs.cs.dpl = 3
         regs = v.regs
         regs.rax = 0
-        for code in (abi.HVCALL_VTL_CALL, abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI):
+        for code in (tlfs.HVCALL_VTL_CALL, tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI):
             regs.rcx = code
             _, outcome = m.dispatcher.dispatch(t, 0, regs)
             assert type(outcome) is Fault and outcome.vector == UD and "CPL 3" in outcome.why
@@ -282,7 +283,7 @@ def test_vmpl_shares_nothing_and_never_preempts(run_guest, backend):
         (0, 1, 0x102): 0,           # nor VTL0's CR2
         (0, 1, 0x103): abi.VTL_ENTRY_VTL_CALL,
         (0, 0, 1): 0x0A13,          # VTL0 keeps its r13 (VTL1 set its own to 0x1b13)
-        (0, 0, 2): 0, (0, 0, 3): abi.HVCALL_VTL_CALL,   # rax/rcx as VTL0's own stub left them
+        (0, 0, 2): 0, (0, 0, 3): tlfs.HVCALL_VTL_CALL,   # rax/rcx as VTL0's own stub left them
         (0, 0, 4): 0,               # a normal return loads nothing from the control page
         (0, 0, 5): 0, (0, 0, 6): 0,  # the IPI for VTL1 did not preempt VTL0 ...
         (0, 0, 7): 1,               # ... VTL1 took it when next called

@@ -60,7 +60,7 @@ vsm_protect:
     cmp rax, rsi
     jb 1b
     mov rcx, rsi
-    shl rcx, HV_HYPERCALL_REP_COUNT_SHIFT
+    shl rcx, HV_CONTROL_REP_COUNT_SHIFT
     or rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK
     mov rdx, rbx
     xor r8d, r8d
@@ -93,7 +93,7 @@ vsm_get_vp_register:
     VSM_HEADER rbx, edx, sil
     mov [rbx + 16], edi
     mov qword ptr [rbx + VSM_OUT], 0
-    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, rbx
     lea r8, [rbx + VSM_OUT]
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
@@ -131,7 +131,7 @@ vsm_set_vp_register:
     mov [rbx + 16], edi
     mov [rbx + 32], rsi
     mov qword ptr [rbx + 40], 0
-    mov rcx, HVCALL_SET_VP_REGISTERS | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_SET_VP_REGISTERS | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, rbx
     xor r8d, r8d
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
@@ -315,10 +315,10 @@ vsm_skip_intercepted:
     push rdi
     push rsi
     push rdx
-    movzx esi, byte ptr [rdi + HVMSG_PAYLOAD + IH_INSN_LENGTH_CR8]
+    movzx esi, byte ptr [rdi + HV_MSG_PAYLOAD + IH_INSN_LENGTH_CR8]
     and esi, 0xF
-    add rsi, [rdi + HVMSG_PAYLOAD + IH_RIP]
-    movzx edx, word ptr [rdi + HVMSG_PAYLOAD + IH_EXECUTION_STATE]
+    add rsi, [rdi + HV_MSG_PAYLOAD + IH_RIP]
+    movzx edx, word ptr [rdi + HV_MSG_PAYLOAD + IH_EXECUTION_STATE]
     shr edx, 7
     and edx, 0xF
     or edx, HV_INPUT_VTL_USE_TARGET

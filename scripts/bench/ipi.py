@@ -16,6 +16,7 @@ import os
 
 from pykvmm.debug.summary import percentile
 from pykvmm.vmm import abi, events as ev
+from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.outcomes import Answer
 from pykvmm.x86 import apic
 
@@ -84,7 +85,7 @@ def bench_ipi(P, mode: int, kick_interval: float, delay_max: int) -> dict:
     def setup(m):
         def send(thread, plane, control, regs):
             m.pvm.planes[1].signal_msi(*apic.msi_message(regs.rdx, regs.r8))
-            return Answer(abi.HV_STATUS_SUCCESS)
+            return Answer(tlfs.SUCCESS)
         m.dispatcher.register(BENCH_SEND_IPI, send)
 
     dt, r, m = run_machine(image("bench_ipi"), vcpus=2, planes=2, personality="none", arg=arg,
@@ -112,7 +113,7 @@ def bench_pingpong(P) -> dict:
                            trace=events.append)
     s = _streams(events)
     one_way, to_switch, rtt_half = [], [], []
-    ipi = {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI}
+    ipi = {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI}
     steps = collections.defaultdict(list)
     for v in (0, 1):
         other = 1 - v
@@ -154,7 +155,7 @@ def bench_halted_wake(P, source: str, delay_max: int) -> dict:
     def setup(m):
         def host_msi(thread, plane, control, regs):
             m.pvm.planes[regs.r8 >> 8 & 0xF].signal_msi(*apic.msi_message(regs.rdx, regs.r8 & 0xFF))
-            return Answer(abi.HV_STATUS_SUCCESS)
+            return Answer(tlfs.SUCCESS)
         m.dispatcher.register(WAKE_HOST_MSI, host_msi)
 
     dt, r, m = run_machine(image("vtl_wake_bench"), vcpus=2, planes=2, personality="vtl", arg=arg,
@@ -165,7 +166,7 @@ def bench_halted_wake(P, source: str, delay_max: int) -> dict:
     elif source == "host_msi":
         sends = _marker_exits(s[0], 0, {WAKE_HOST_MSI})
     else:
-        sends = _marker_exits(s[0], 1, {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI})   # from vCPU 0's VTL1
+        sends = _marker_exits(s[0], 1, {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI})   # from vCPU 0's VTL1
     switches, handlers = _interrupt_entries(s[1], 1)
     nxt = sends[1:] + [float("inf")]
     return {"rounds": rounds, "delay_max_exits": delay_max, "sends_seen": len(sends),

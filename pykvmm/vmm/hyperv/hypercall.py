@@ -38,7 +38,7 @@ from ...uapi import ffi
 from ...x86 import arch
 from ...x86.xsave import fpu_image
 from .. import abi
-from ..hypercalls import NAMES, STUB_OUT_OFFSETS, HvInputVtl, hypercall_page
+from ..hypercalls import CONTROL_RESERVED_MASK as CONTROL_RESERVED, NAMES, STUB_OUT_OFFSETS, HvInputVtl, hypercall_page
 from ..memory import GuestMemoryError
 from ..outcomes import Answer, Outcome
 from . import tlfs as T
@@ -51,7 +51,6 @@ CONTINUE_STUB = bytes([0xE6, abi.PORT_HYPERCALL,      # out PORT_HYPERCALL, al
 REP_BUDGET = 16        # reps per guest entry before a continuation
 FAST_REGS_SIZE = 112   # RDX, R8, XMM0-5
 _XMM_LEGACY_OFFSET = 160
-CONTROL_RESERVED = T.CONTROL_RSVD0 | T.CONTROL_NESTED | T.CONTROL_RSVD1 | T.CONTROL_RSVD2
 
 
 def page_bytes() -> bytes:

@@ -58,11 +58,11 @@ class Vsm:
     # -- calls (CallSpec functions: one rep each) --------------------------------------------------
     def install(self, hv) -> None:
         t = hv.table
-        t.add(CallSpec(abi.HVCALL_MODIFY_VTL_PROTECTION_MASK, "HvCallModifyVtlProtectionMask", "vsm",
+        t.add(CallSpec(H.HVCALL_MODIFY_VTL_PROTECTION_MASK, "HvCallModifyVtlProtectionMask", "vsm",
                        self._modify, header_size=16, rep_size=8))
-        t.add(CallSpec(abi.HVCALL_GET_VP_REGISTERS, "HvCallGetVpRegisters", "vsm", self._get,
+        t.add(CallSpec(H.HVCALL_GET_VP_REGISTERS, "HvCallGetVpRegisters", "vsm", self._get,
                        header_size=16, rep_size=4, out_rep_size=16))
-        t.add(CallSpec(abi.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
+        t.add(CallSpec(H.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
                        header_size=16, rep_size=32))
         self.enables.install(t)
         hv.tlb_flush_gate = lambda call, vps: self.tlb.wait_unlocked(hv, call, vps)

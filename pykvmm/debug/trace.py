@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..vmm import abi
 from ..vmm import events as ev
+from ..vmm.hyperv import tlfs
 from ..vmm.hypercalls import HvInputVtl
 
 JSONL, CHROME = "jsonl", "chrome"
@@ -31,7 +32,7 @@ FORMATS = (JSONL, CHROME)
 
 PORT_NAMES = {abi.PORT_UCALL: "ucall", abi.PORT_CONSOLE: "console", abi.PORT_HYPERCALL: "hypercall",
               abi.PORT_NULL: "null"}
-IPI_CODES = {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, 0x0015}   # ...ClusterIpi, ...ClusterIpiEx
+IPI_CODES = {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX}
 
 
 def format_for(path: str, flag: str | None = None) -> str:
@@ -100,7 +101,7 @@ class IpiAnnotator:
         d = event.details
         if event.kind != ev.HYPERCALL or d.get("code") not in IPI_CODES or "targets" in d:
             return
-        if d.get("code") != abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI:
+        if d.get("code") != tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI:
             return
         try:
             v = self.machine.threads[event.vcpu].planes_vcpu.plane_vcpu(event.plane)

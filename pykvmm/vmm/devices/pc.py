@@ -82,6 +82,10 @@ class PcPlatform:
     def create_kvm_devices(self, pvm) -> None:
         self.vm = plane0_vm(pvm)
         self.vm.set_gsi_routing(pc_gsi_routes())
+        self.pci_testdev.ioeventfd = self.vm.ioeventfd
+
+    def close(self) -> None:
+        self.pci_testdev.close()
         if self.machine.config.pit:
             self.vm.create_pit2()
 

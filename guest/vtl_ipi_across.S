@@ -66,7 +66,10 @@ main:
     call apic_enable
     sti
     mov qword ptr [rip + vcpu1_ready], 1
-    WAIT_EQ finished, 1
+    lea rdi, [rip + finished]
+    mov esi, 1
+    lea rdx, [rip + heartbeat]
+    call beat_until_eq                  /* the heartbeat moves only while VTL0 runs */
     cli
     GUEST_SYNC 1, [rip + vtl1_vectors]
     GUEST_SYNC 2, [rip + vtl1_vectors + 8]
@@ -88,6 +91,8 @@ vcpu0:
     call vtl_call
     GUEST_SYNC 1, [rip + vtl1_status]
     WAIT_EQ vtl1_count, 1
+    lea rdi, [rip + heartbeat]          /* vCPU1 is back in VTL0: 0x51 makes an entry of its own */
+    call wait_beat
     mov rbx, CMD_MEM                    /* VTL1 sends (memory form) */
     call vtl_call
     GUEST_SYNC 2, [rip + vtl1_status]
@@ -189,6 +194,7 @@ vtl0_handler:
 .balign 64
 ipi_input:      .space 16
 vcpu1_ready:    .space 8
+heartbeat:      .space 8
 finished:       .space 8
 vtl1_count:     .space 8
 vtl1_vectors:   .space 16

@@ -40,7 +40,10 @@ main:
 
     /* vCPU1/VTL0 */
     mov qword ptr [rip + vcpu1_ready], 1
-    WAIT_EQ finished, 1
+    lea rdi, [rip + finished]
+    mov esi, 1
+    lea rdx, [rip + heartbeat]
+    call beat_until_eq                  /* the heartbeat moves only while VTL0 runs */
     GUEST_SYNC 1, [rip + count + 0 * 8]       /* VTL0, 0x44 */
     GUEST_SYNC 2, [rip + vtl1_a_after_step2]
     GUEST_SYNC 3, [rip + count + 3 * 8]       /* VTL1, 0x45 */
@@ -64,6 +67,8 @@ vcpu0:
     lea rdi, [rip + count + 3 * 8]
     mov esi, 1
     call pause_until_eq
+    lea rdi, [rip + heartbeat]          /* vCPU1 is back in VTL0: step 3 makes an entry of its own */
+    call wait_beat
     mov rax, [rip + count + 2 * 8]
     mov [rip + vtl1_a_after_step2], rax
     /* 3 */
@@ -125,6 +130,7 @@ handler_common:
 vtl0_apic_id:       .space 16
 vtl1_apic_id:       .space 16
 vcpu1_ready:        .space 8
+heartbeat:          .space 8
 finished:           .space 8
 count:              .space 4 * 8
 vtl1_a_after_step2: .space 8

@@ -1,13 +1,18 @@
 /*
  * demo (what `pykvmm run` runs with no argument; best with 2 vCPUs and 2 planes, personality
- * vtl): a cross-VTL IPI story told through GUEST_PRINT.
+ * vtl): a cross-VTL story told through GUEST_PRINT, within the TLFS rule that a lower VTL can
+ * never raise an interrupt in a higher VTL: VTL0 asks its own VTL1 with a VtlCall, and only
+ * VTL1 (the secure kernel) sends interrupts to VTL1 of another vCPU.
  *   Each vCPU's VTL0 starts its VTL1 with a VtlCall (first entry, reason VtlCall).
- *   vCPU1's VTL0 then works (spins). vCPU0's VTL0 asks VTL1 on vCPU1 for help with
- *   HvCallSendSyntheticClusterIpi (vector 0x50, target VTL1): VTL1 preempts vCPU1's VTL0
- *   (entry reason Interrupt), answers VTL0 on vCPU0 with vector 0x51 and VtlReturns;
- *   vCPU1's VTL0 resumes where it was; vCPU0's VTL0 takes the answer.
- * With 1 vCPU, VTL1 of vCPU0 itself answers. With 1 plane it says it needs two.
+ *   vCPU1's VTL0 then works (spins). vCPU0's VTL0 asks its VTL1 to wake VTL1 on vCPU1 with a
+ *   VtlCall; that VTL1 sends HvCallSendSyntheticClusterIpi (vector 0x50, its own VTL) to vCPU1
+ *   and returns. VTL1 preempts vCPU1's VTL0 (entry reason Interrupt), answers VTL0 on vCPU0
+ *   with vector 0x51 (a higher VTL may interrupt a lower one) and VtlReturns; vCPU1's VTL0
+ *   resumes where it was; vCPU0's VTL0 takes the answer.
+ * With 1 vCPU, VTL1 of vCPU0 itself takes 0x50 (during the VtlCall) and answers. With 1 plane
+ * it says it needs two.
  * Reports: the PRINTs; SYNC 1, 0x51 (the answer vCPU0's VTL0 took); DONE on every vCPU.
+ * The guest checks every status and entry reason itself (GUEST_ASSERT_*).
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -56,16 +61,8 @@ main:
     cmp qword ptr [rip + helper_vcpu], 0
     je 1f
     WAIT_EQ vcpu1_working, 1
-    SAY "VTL0: asking VTL1 on vCPU1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)"
-    jmp 2f
-1:  SAY "VTL0: asking my own VTL1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)"
-2:  mov edi, V_HELP
-    mov esi, HV_INPUT_VTL_USE_TARGET | 1
-    mov ecx, [rip + helper_vcpu]
-    mov edx, 1
-    shl edx, cl
-    call vtl_send_ipi
-    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "SendSyntheticClusterIpi failed"
+1:  SAY "VTL0: I may not interrupt VTL1, so I ask my own VTL1 for help with a VtlCall"
+    call vtl_call
 3:  cli
     cmp qword ptr [rip + answer], 0
     jne 4f
@@ -106,7 +103,33 @@ vtl1_main:
     SAY "VTL1: secure kernel up (entered by VtlCall, entry reason 1); VtlReturn to VTL0"
     call idt_install
     SET_HANDLER V_HELP, help_handler
-    VTL1_SERVE 0
+    VTL1_SERVE ask_helper
+
+/* VTL0's request (a VtlCall on vCPU0): wake VTL1 on the helper vCPU. Returns fast (CF clear)
+ * with VTL0's registers as they were (but rax, rcx: the stubs'). */
+ask_helper:
+    push rdx
+    push rsi
+    push rdi
+    call vtl_entry_reason
+    GUEST_ASSERT_EQ rax, VTL_ENTRY_VTL_CALL, "VTL0's request must enter VTL1 by VtlCall"
+    cmp qword ptr [rip + helper_vcpu], 0
+    je 1f
+    SAY "VTL1: VTL0 asked (entry reason 1: VtlCall): SendSyntheticClusterIpi(0x50) to VTL1 on vCPU1"
+    jmp 2f
+1:  SAY "VTL1: VTL0 asked (entry reason 1: VtlCall): SendSyntheticClusterIpi(0x50) to myself"
+2:  mov edi, V_HELP
+    xor esi, esi                        /* HV_INPUT_VTL 0: the caller's own VTL */
+    mov ecx, [rip + helper_vcpu]
+    mov edx, 1
+    shl edx, cl
+    call vtl_send_ipi
+    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "SendSyntheticClusterIpi within VTL1"
+    pop rdi
+    pop rsi
+    pop rdx
+    clc
+    ret
 
 help_handler:
     push rax
@@ -118,11 +141,14 @@ help_handler:
     cmp eax, VTL_ENTRY_INTERRUPT
     jne 1f
     SAY "VTL1: interrupt 0x50 preempted VTL0 (entry reason 2: Interrupt)"
-1:  SAY "VTL1: answering VTL0 on vCPU0 with interrupt 0x51, then VtlReturn"
+    jmp 2f
+1:  SAY "VTL1: interrupt 0x50 arrived while VTL1 ran"
+2:  SAY "VTL1: answering VTL0 on vCPU0 with interrupt 0x51, then VtlReturn"
     mov edi, V_ANSWER
     mov esi, HV_INPUT_VTL_USE_TARGET | 0
     mov edx, 1
     call vtl_send_ipi
+    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "SendSyntheticClusterIpi down to VTL0"
     call apic_eoi
     mov qword ptr [rip + helped], 1
     pop rdi

@@ -196,12 +196,15 @@ def test_vtl_pingpong_pairs_none_lost(run_guest, backend, vcpus, n):
 # ---- 7. the demo --------------------------------------------------------------------------------
 
 def test_demo_story(run_guest, backend):
+    """VTL0 never interrupts VTL1 (TLFS): it VtlCalls its own VTL1, which interrupts VTL1 of
+    the other vCPU; that VTL1 preempts its VTL0 and answers vCPU0's VTL0 downwards."""
     r = run_vtl(run_guest, "demo", backend, vcpus=2)
     by_vcpu = {v: [u.message for u in r.ucalls if u.verb == abi.UCALL_PRINT and u.vcpu == v] for v in (0, 1)}
     assert by_vcpu[0] == [
         "vCPU0/VTL0: hello! starting the secure kernel in VTL1 with a VtlCall",
         "vCPU0/VTL1: secure kernel up (entered by VtlCall, entry reason 1); VtlReturn to VTL0",
-        "vCPU0/VTL0: asking VTL1 on vCPU1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)",
+        "vCPU0/VTL0: I may not interrupt VTL1, so I ask my own VTL1 for help with a VtlCall",
+        "vCPU0/VTL1: VTL0 asked (entry reason 1: VtlCall): SendSyntheticClusterIpi(0x50) to VTL1 on vCPU1",
         "vCPU0/VTL0: VTL1 answered with interrupt 0x51. The end.",
     ]
     assert by_vcpu[1] == [
@@ -213,14 +216,18 @@ def test_demo_story(run_guest, backend):
         "vCPU1/VTL0: ...resumed right where VTL1 preempted me",
     ]
     assert syncs(r) == {(0, 0, 1): 0x51}
-    assert r.entry_reasons == {"call": 2, "interrupt": 1, "return": 3}
+    assert r.entry_reasons == {"call": 3, "interrupt": 1, "return": 4}
+    # one IPI inside VTL1 (vCPU0 -> vCPU1), one down to VTL0: none from VTL0 upwards
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 1, "synthetic_cross_vtl": 1}
 
 
 def test_demo_one_vcpu_and_one_plane(run_guest):
     r = run_guest("demo", vcpus=1, planes=2)
     assert_done(r)
     assert syncs(r) == {(0, 0, 1): 0x51}
-    assert "vCPU0/VTL1: interrupt 0x50 preempted VTL0 (entry reason 2: Interrupt)" in r.prints()
+    assert r.prints()[3:6] == ["vCPU0/VTL1: VTL0 asked (entry reason 1: VtlCall): SendSyntheticClusterIpi(0x50) to myself",
+                               "vCPU0/VTL1: interrupt 0x50 arrived while VTL1 ran",
+                               "vCPU0/VTL1: answering VTL0 on vCPU0 with interrupt 0x51, then VtlReturn"]
     r = run_guest("demo", vcpus=1, planes=1)
     assert_done(r)
     assert r.prints() == ["demo: this story needs two planes (run with --planes 2)"]

@@ -17,6 +17,7 @@ ROWS = {
     "4_startup": ["probe_median_s", "machine_build_ms", "cli_process_exit_median_s"],
     "5_scaling": ["switch_rate", "rss_per_plane"],
     "6_tracing": ["trace_off_us", "trace_on_us", "overhead_us"],
+    "9_hyperv": ["hypercall", "msr", "message", "pio", "c_exit_us"],
 }
 
 

@@ -106,22 +106,23 @@ def test_vtl_ipi_across_synthetic_cluster_ipi(run_guest, backend):
         (0, 0, 0x17): tlfs.INVALID_HYPERCALL_INPUT,  # rep count
         (0, 0, 0x18): tlfs.INVALID_HYPERCALL_INPUT,  # variable header size
         (0, 0, 0x19): tlfs.SUCCESS,                  # empty mask: nothing sent
+        (0, 0, 0x1a): tlfs.ACCESS_DENIED,            # VTL0 cannot interrupt VTL1
         (1, 0, 1): 0x50, (1, 0, 2): 0x51, (1, 0, 3): 0x22, (1, 0, 4): 2,
         (1, 0, 5): 0x52, (1, 0, 6): 1, (1, 0, 7): 1,
     }
-    assert r.switches == {(0, 1): 4, (1, 0): 4}
-    assert r.entry_reasons == {"call": 2, "interrupt": 2, "return": 4}
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 1, "synthetic_cross_vtl": 2}
+    assert r.switches == {(0, 1): 6, (1, 0): 6}
+    assert r.entry_reasons == {"call": 4, "interrupt": 2, "return": 6}
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 3, "synthetic_cross_vtl": 0}
     assert r.stats["ipis_dropped"] == 0
-    assert r.hypercalls["HvCallSendSyntheticClusterIpi"] == 13
+    assert r.hypercalls["HvCallSendSyntheticClusterIpi"] == 14
 
 
 def test_vtl_isolation_icr_ipis_stay_in_their_vtl(run_guest, backend):
     r = run_vtl(run_guest, "vtl_isolation", backend, vcpus=2)
     assert syncs(r) == {(1, 0, 1): 1, (1, 0, 2): 0, (1, 0, 3): 1, (1, 0, 4): 0, (1, 0, 5): 1}
     # preemptions: 0x45 (VTL1's own ICR) and the synthetic control; never the VTL0 ICR IPI
-    assert r.entry_reasons == {"call": 3, "interrupt": 2, "return": 5}
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 0, "synthetic_cross_vtl": 1}
+    assert r.entry_reasons == {"call": 4, "interrupt": 2, "return": 6}
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 1, "synthetic_cross_vtl": 0}
 
 
 def test_vtl_lower_pending_until_vtl_return(run_guest, backend):
@@ -136,8 +137,8 @@ def test_vtl_lower_pending_until_vtl_return(run_guest, backend):
 def test_vtl_tpr_masks_preemption(run_guest, backend):
     r = run_vtl(run_guest, "vtl_tpr", backend)
     assert syncs(r) == {(0, 0, 1): 0, (0, 0, 2): 0, (0, 0, 3): 1, (0, 0, 4): 0, (0, 0, 5): 1,
-                        (0, 0, 6): 0x68}
-    assert r.entry_reasons == {"call": 2, "interrupt": 1, "return": 3}
+                        (0, 0, 6): 0x68, (0, 0, 7): abi.VTL_ENTRY_INTERRUPT}
+    assert r.entry_reasons == {"call": 4, "interrupt": 1, "return": 5}
     assert r.stats["preemptions"] == 1
     assert r.stats["interrupts_masked"] >= 1
 
@@ -149,16 +150,16 @@ def test_vtl_pingpong_counts_every_ipi(run_guest, backend):
     r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=2, arg=n, timeout=60)
     assert syncs(r) == {(v, 0, stage): value for v in (0, 1)
                         for stage, value in ((1, n), (2, n), (3, 0), (4, n))}
-    # n pings + n pongs from each vCPU, all cross-VTL, none dropped
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 0, "synthetic_cross_vtl": 4 * n}
+    # n pings (VTL1 to VTL1, asked for by a VtlCall) + n pongs (VTL1 to VTL0) from each vCPU
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 2 * n, "synthetic_cross_vtl": 2 * n}
     assert r.stats["ipis_dropped"] == 0
     assert r.hypercalls["HvCallSendSyntheticClusterIpi"] == 4 * n
     # a ping either preempts VTL0 or reaches a VTL1 that is already running
     preempt = r.entry_reasons["interrupt"]
     assert 0 < preempt <= 2 * n and r.stats["preemptions"] == preempt
-    assert r.entry_reasons["call"] == 2
-    assert r.switches == {(0, 1): 2 + preempt, (1, 0): 2 + preempt}
-    assert r.entry_reasons["return"] == 2 + preempt
+    assert r.entry_reasons["call"] == 2 + 2 * n
+    assert r.switches == {(0, 1): 2 + 2 * n + preempt, (1, 0): 2 + 2 * n + preempt}
+    assert r.entry_reasons["return"] == 2 + 2 * n + preempt
 
 
 @pytest.mark.parametrize("vcpus, n", [(4, 500), pytest.param(8, 100_000 // 8, marks=pytest.mark.slow)])
@@ -168,7 +169,7 @@ def test_vtl_pingpong_pairs_none_lost(run_guest, backend, vcpus, n):
     r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=vcpus, arg=n, timeout=1800)
     assert syncs(r) == {(v, 0, stage): value for v in range(vcpus)
                         for stage, value in ((1, n), (2, n), (3, 0), (4, n))}
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 0, "synthetic_cross_vtl": 2 * vcpus * n}
+    assert r.stats["ipis"] == {"synthetic_same_vtl": vcpus * n, "synthetic_cross_vtl": vcpus * n}
     assert r.stats["ipis_dropped"] == 0
 
 

@@ -171,8 +171,8 @@ class VtlPolicy(PlanePolicy):
         code = ENTRY_REASONS.get(reason)
         if code is not None:
             self.machine.memory.write_u32(self.vtl_control(thread.index, dst) + abi.VTL_ENTRY_REASON, code)
-        if reason is SwitchReason.RETURN and self.vsm is not None and self.vsm.vina_armed:
-            self.vsm.vina_returned(thread.index, src)
+        if reason is SwitchReason.RETURN and self.vsm is not None and self.vsm.return_armed:
+            self.vsm.returned(thread.index, src)       # VINA AutoReset, TLB locks released
 
     def vtl_control(self, vcpu: int, plane: int) -> int:
         """The page holding this VTL's HV_VP_VTL_CONTROL (EntryReason, VtlReturnX64Rax/Rcx):

@@ -35,14 +35,16 @@ def _streams(events):
     return by_vcpu
 
 
-def _marker_exits(stream, plane: int, codes: set[int]) -> list[float]:
-    """Times of the exits that were hypercalls with one of ``codes`` made by ``plane``: the EXIT
-    event just before each such HYPERCALL event in the vCPU's own (ordered) stream."""
+def _marker_exits(stream, plane: int, codes: set[int], vector: int | None = None) -> list[float]:
+    """Times of the exits that were hypercalls with one of ``codes`` made by ``plane`` (with
+    ``vector``: fast SendSyntheticClusterIpi calls of that vector only): the EXIT event just
+    before each such HYPERCALL event in the vCPU's own (ordered) stream."""
     out, last_exit = [], None
     for e in stream:
         if e.kind == ev.EXIT:
             last_exit = e
-        elif e.kind == ev.HYPERCALL and e.plane == plane and e.details.get("code") in codes:
+        elif e.kind == ev.HYPERCALL and e.plane == plane and e.details.get("code") in codes and (
+                vector is None or e.details.get("rdx", 0) & 0xFFFFFFFF == vector):
             if last_exit is not None and last_exit.plane == plane:
                 out.append(last_exit.t)
             last_exit = None
@@ -101,6 +103,9 @@ def bench_ipi(P, mode: int, kick_interval: float, delay_max: int) -> dict:
             "irr_scans": m.threads[1].planes_vcpu.irr_scans, "elapsed_s": dt}
 
 
+PING, PONG = 0x70, 0x71         # guest/vtl_pingpong's vectors
+
+
 def bench_pingpong(P) -> dict:
     n = P["pingpong_n"]
     events: list = []
@@ -112,8 +117,8 @@ def bench_pingpong(P) -> dict:
     steps = collections.defaultdict(list)
     for v in (0, 1):
         other = 1 - v
-        pings = _marker_exits(s[v], 0, ipi)              # VTL0 of v sends PING to VTL1 of other
-        pongs = _marker_exits(s[other], 1, ipi)          # VTL1 of other answers: its handler's first exit
+        pings = _marker_exits(s[v], 1, ipi, PING)        # VTL1 of v (VtlCalled by its VTL0) sends PING
+        pongs = _marker_exits(s[other], 1, ipi, PONG)    # VTL1 of other answers: its handler's first exit
         switches, _ = _interrupt_entries(s[other], 1)
         one_way += [b - a for a, b in zip(pings, pongs)]     # one pong per ping, in order
         to_switch += _pair(pings, switches, pongs)         # a ping taken while VTL1 still ran has no switch
@@ -161,7 +166,7 @@ def bench_halted_wake(P, source: str, delay_max: int) -> dict:
     elif source == "host_msi":
         sends = _marker_exits(s[0], 0, {WAKE_HOST_MSI})
     else:
-        sends = _marker_exits(s[0], 0, {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI})
+        sends = _marker_exits(s[0], 1, {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI})   # from vCPU 0's VTL1
     switches, handlers = _interrupt_entries(s[1], 1)
     nxt = sends[1:] + [float("inf")]
     return {"rounds": rounds, "delay_max_exits": delay_max, "sends_seen": len(sends),

@@ -73,6 +73,12 @@ class HvUndefined(Exception):
     """The call raises #UD in the caller."""
 
 
+class HvSuspend(Exception):
+    """The caller's VP is suspended before the call completes (e.g. a flush of a TLB a higher
+    VTL locked, vsm/tlb.py): return to the guest with nothing done and RAX all-ones, so that
+    the page's stub re-issues the call, as the TLFS re-issues it when the VP is unsuspended."""
+
+
 @dataclass
 class CallSpec:
     code: int
@@ -179,6 +185,8 @@ class HypercallTable:
                 return Answer(self._run(spec, call))
         except HvUndefined as e:
             return hv.undefined(call, str(e))
+        except HvSuspend:
+            return Answer(CONTINUE)
         except HvError as e:
             return Answer(e.status | (getattr(e, "reps", 0) << T.RESULT_REP_SHIFT))
 
@@ -262,7 +270,7 @@ def is_cpl0(v) -> bool:
     return v.sregs.cs.dpl == 0 and bool(v.sregs.cr0 & arch.CR0_PE)
 
 
-__all__ = ["Call", "CallSpec", "HvError", "HvUndefined", "HypercallTable", "page_bytes", "GuestMemoryError"]
+__all__ = ["Call", "CallSpec", "HvError", "HvSuspend", "HvUndefined", "HypercallTable", "page_bytes", "GuestMemoryError"]
 
 
 def target_vtl(input_vtl: int, plane: int, plane_count: int) -> int:

@@ -11,7 +11,6 @@ import pytest
 from pykvmm.uapi import ffi
 from pykvmm.vmm import abi, vtl
 from pykvmm.vmm.hyperv import tlfs
-from pykvmm.vmm.hypercalls import hypercall_page
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 from pykvmm.vmm.outcomes import Fault, Switch, SwitchReason
 from pykvmm.vmm.personalities import POLICIES, make_policy
@@ -39,15 +38,6 @@ def run_vtl(run_guest, name, backend, vcpus=1, personality="vtl", **kw):
     assert_done(r)
     assert r.stats["personality"] == personality
     return r
-
-
-def stub_out_offsets() -> tuple[int, int, int]:
-    """Offsets in the hypercall page of the hypercall instruction of the generic, VtlCall and
-    VtlReturn stubs: where the VMM points RIP for a #UD."""
-    page = hypercall_page("port")
-    insn = bytes([0xE6, abi.PORT_HYPERCALL])
-    return tuple(page.index(insn, off) for off in (abi.HCPAGE_HYPERCALL, abi.HCPAGE_VTL_CALL,
-                                                     abi.HCPAGE_VTL_RETURN))
 
 
 # ---- registry -----------------------------------------------------------------------------
@@ -216,14 +206,10 @@ def test_demo_one_vcpu_and_one_plane(run_guest):
 # ---- 8. malformed calls --------------------------------------------------------------------------
 
 def test_vtl_bad_calls_get_ud_and_the_vmm_carries_on(run_guest, backend):
+    """The guest checks each #UD itself: exactly one per case, at a RIP inside the stub it
+    called (see vtl_bad.S)."""
     r = run_vtl(run_guest, "vtl_bad", backend)
-    generic, call, ret = stub_out_offsets()
-    assert syncs(r) == {
-        (0, 0, 1): generic, (0, 0, 2): generic, (0, 0, 3): call, (0, 0, 4): ret, (0, 0, 5): generic,
-        (0, 1, 0x106): call, (0, 1, 0x107): ret, (0, 1, 0x108): ret,
-        (0, 0, 0x20): 0x1235,                       # a valid VtlCall afterwards still works
-        (0, 0, 0x30): 5, (0, 0, 0x31): 3,           # #UDs the guest's handlers counted per VTL
-    }
+    assert syncs(r) == {}
     assert r.status == ExitStatus.DONE
     assert r.stats["faults_injected"] == 8 and r.stats["ud_injected"] == 8
     assert r.stats["ud_reasons"] == {"call-control": 2, "call-input": 1, "return-from-vtl0": 1,

@@ -191,6 +191,25 @@ def test_demo_story(run_guest, backend):
     assert r.stats["ipis"] == {"synthetic_same_vtl": 1, "synthetic_cross_vtl": 1}
 
 
+def test_demo_on_a_vsm_partition(run_guest):
+    """With --hyperv (hv_vsm) and TLFS boot the demo first brings VTL1 up as a VSM guest does
+    (CPUID, HV_X64_MSR_HYPERCALL, VsmCodePageOffsets, EnablePartitionVtl, EnableVpVtl; entry
+    reasons from VTL1's own VP assist page), then tells the same story."""
+    from pykvmm.vmm.hyperv import HvConfig
+    r = run_guest("demo", vcpus=2, planes=2, personality="vtl", hyperv=HvConfig.everything(), vtl_boot="tlfs")
+    assert_done(r)
+    prints = r.prints()
+    assert prints[:2] == ["vCPU0/VTL0: Hyper-V with VSM (CPUID AccessVsm): HvCallEnablePartitionVtl(VTL1)",
+                          "vCPU0/VTL0: HvCallEnableVpVtl(VTL1) with my own registers as its initial context"]
+    assert prints.count("vCPU1/VTL0: HvCallEnableVpVtl(VTL1) with my own registers as its initial context") == 1
+    assert "vCPU1/VTL1: interrupt 0x50 preempted VTL0 (entry reason 2: Interrupt)" in prints
+    assert prints.index("vCPU1/VTL0: HvCallEnableVpVtl(VTL1) with my own registers as its initial context") \
+        < prints.index("vCPU1/VTL1: secure kernel up (entered by VtlCall, entry reason 1); VtlReturn to VTL0")
+    assert syncs(r) == {(0, 0, 1): 0x51}
+    assert r.hypercalls["HvCallEnablePartitionVtl"] == 1 and r.hypercalls["HvCallEnableVpVtl"] == 2
+    assert r.entry_reasons == {"call": 3, "interrupt": 1, "return": 4}
+
+
 def test_demo_one_vcpu_and_one_plane(run_guest):
     r = run_guest("demo", vcpus=1, planes=2)
     assert_done(r)

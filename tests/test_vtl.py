@@ -82,24 +82,9 @@ def test_vtl_ipi_within_vtl1_preempts_vtl0(run_guest, backend):
 
 
 def test_vtl_ipi_across_synthetic_cluster_ipi(run_guest, backend):
+    """The guest checks each status and what each handler saw itself (see vtl_ipi_across.S)."""
     r = run_vtl(run_guest, "vtl_ipi_across", backend, vcpus=2)
-    s = abi
-    assert syncs(r) == {
-        (0, 0, 1): 0, (0, 0, 2): 0, (0, 0, 3): 0,
-        (0, 0, 0x10): tlfs.INVALID_PARAMETER,        # vector 0x0f
-        (0, 0, 0x11): tlfs.INVALID_PARAMETER,        # vector 0x100
-        (0, 0, 0x12): tlfs.INVALID_PARAMETER,        # reserved HV_INPUT_VTL bits
-        (0, 0, 0x13): tlfs.INVALID_PARAMETER,        # VTL2 of 2 planes
-        (0, 0, 0x14): tlfs.INVALID_PARAMETER,        # vCPU2 of 2
-        (0, 0, 0x15): tlfs.INVALID_ALIGNMENT,        # GPA not 8-aligned
-        (0, 0, 0x16): tlfs.INVALID_PARAMETER,        # GPA outside guest memory
-        (0, 0, 0x17): tlfs.INVALID_HYPERCALL_INPUT,  # rep count
-        (0, 0, 0x18): tlfs.INVALID_HYPERCALL_INPUT,  # variable header size
-        (0, 0, 0x19): tlfs.SUCCESS,                  # empty mask: nothing sent
-        (0, 0, 0x1a): tlfs.ACCESS_DENIED,            # VTL0 cannot interrupt VTL1
-        (1, 0, 1): 0x50, (1, 0, 2): 0x51, (1, 0, 3): 0x22, (1, 0, 4): 2,
-        (1, 0, 5): 0x52, (1, 0, 6): 1, (1, 0, 7): 1,
-    }
+    assert syncs(r) == {}
     assert r.switches == {(0, 1): 6, (1, 0): 6}
     assert r.entry_reasons == {"call": 4, "interrupt": 2, "return": 6}
     assert r.stats["ipis"] == {"synthetic_same_vtl": 3, "synthetic_cross_vtl": 0}
@@ -108,8 +93,9 @@ def test_vtl_ipi_across_synthetic_cluster_ipi(run_guest, backend):
 
 
 def test_vtl_isolation_icr_ipis_stay_in_their_vtl(run_guest, backend):
+    """The guest checks the per-VTL counts itself (see vtl_isolation.S)."""
     r = run_vtl(run_guest, "vtl_isolation", backend, vcpus=2)
-    assert syncs(r) == {(1, 0, 1): 1, (1, 0, 2): 0, (1, 0, 3): 1, (1, 0, 4): 0, (1, 0, 5): 1}
+    assert syncs(r) == {}
     # preemptions: 0x45 (VTL1's own ICR) and the synthetic control; never the VTL0 ICR IPI
     assert r.entry_reasons == {"call": 4, "interrupt": 2, "return": 6}
     assert r.stats["ipis"] == {"synthetic_same_vtl": 1, "synthetic_cross_vtl": 0}

@@ -73,9 +73,9 @@ def test_vtl_call_same_without_set_elision(run_guest, backend, monkeypatch):
 # ---- 2.-5. interrupts -----------------------------------------------------------------------
 
 def test_vtl_ipi_within_vtl1_preempts_vtl0(run_guest, backend):
+    """The guest checks what VTL1's handler saw and VTL0's state itself (see vtl_ipi_within.S)."""
     r = run_vtl(run_guest, "vtl_ipi_within", backend, vcpus=2)
-    assert syncs(r) == {(0, 0, 1): 0, (1, 0, 1): 0x60, (1, 0, 2): abi.VTL_ENTRY_INTERRUPT,
-                        (1, 0, 3): 1, (1, 0, 4): 1, (1, 0, 5): 1}
+    assert syncs(r) == {}
     assert r.switches == {(0, 1): 4, (1, 0): 4}
     assert r.entry_reasons == {"call": 3, "interrupt": 1, "return": 4}
     assert r.stats["preemptions"] == 1
@@ -102,18 +102,18 @@ def test_vtl_isolation_icr_ipis_stay_in_their_vtl(run_guest, backend):
 
 
 def test_vtl_lower_pending_until_vtl_return(run_guest, backend):
+    """The guest checks when and in which order VTL0 takes them itself (see vtl_lower_pending.S)."""
     r = run_vtl(run_guest, "vtl_lower_pending", backend, vcpus=2)
-    assert syncs(r) == {(0, 1, 0x101): 0, (0, 1, 0x102): 0, (0, 1, 0x103): 0,
-                        (0, 0, 4): 1, (0, 0, 1): 1, (0, 0, 2): 1, (0, 0, 3): 0x4746}
+    assert syncs(r) == {}
     assert r.entry_reasons == {"call": 3, "return": 3}        # no preemption of VTL1
     assert r.switches == {(0, 1): 3, (1, 0): 3}
     assert r.stats["preemptions"] == 0
 
 
 def test_vtl_tpr_masks_preemption(run_guest, backend):
+    """The guest checks each step itself (see vtl_tpr.S)."""
     r = run_vtl(run_guest, "vtl_tpr", backend)
-    assert syncs(r) == {(0, 0, 1): 0, (0, 0, 2): 0, (0, 0, 3): 1, (0, 0, 4): 0, (0, 0, 5): 1,
-                        (0, 0, 6): 0x68, (0, 0, 7): abi.VTL_ENTRY_INTERRUPT}
+    assert syncs(r) == {}
     assert r.entry_reasons == {"call": 4, "interrupt": 1, "return": 5}
     assert r.stats["preemptions"] == 1
     assert r.stats["interrupts_masked"] >= 1

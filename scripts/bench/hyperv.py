@@ -1,4 +1,4 @@
-"""Row 9, the Hyper-V personality (issue 13; guest/hv_bench with --hyperv, 1 vCPU, 1 plane):
+"""Row 10, the Hyper-V personality (issue 13; guest/hv_bench with --hyperv, 1 vCPU, 1 plane):
 a hypercall round trip through the page HV_X64_MSR_HYPERCALL names (HvCallGetPartitionId,
 memory output), a synthetic MSR read (HV_X64_MSR_VP_INDEX: an MSR-filter exit to pykvmm), and a
 SynIC message from HvCallPostMessage to the guest's SINT handler taking it from its message page
@@ -14,14 +14,14 @@ import collections
 
 from .common import fmt, image, log, median, paired, per, run_machine, spread
 
-KEYS = ("9_hyperv",)
+KEYS = ("10_hyperv",)
 MODES = {"hypercall": 1, "msr": 2, "message": 3, "pio": 4}     # guest/hv_bench: --arg = N | mode << 32
 
 
 def run(ctx) -> dict:
     from pykvmm.vmm.hyperv import HvConfig
     P = ctx.P
-    log("row 9: Hyper-V personality")
+    log("row 10: Hyper-V personality")
     hv = dict(vcpus=1, planes=1, hyperv=HvConfig.everything())
     n = P["vtl_n"]
     samples = collections.defaultdict(list)
@@ -51,7 +51,7 @@ def run(ctx) -> dict:
                      "exits_per_op": round(r.exits / n, 3), "ioctls_per_op": round(sum(counts.values()) / n, 3),
                      "ioctls_by_name": per(counts, n)}
     out["raw_exit_us"], out["c_exit_us"] = median(samples["raw_exit"]), median(samples["c_exit"])
-    return {"9_hyperv": out}
+    return {"10_hyperv": out}
 
 
 def verdicts(rows: dict, add) -> None:
@@ -59,7 +59,7 @@ def verdicts(rows: dict, add) -> None:
 
 
 def table(rows: dict, L) -> None:
-    r = rows.get("9_hyperv")
+    r = rows.get("10_hyperv")
     if not r:
         return
     for key, label in (("hypercall", "hypercall via the HV_X64_MSR_HYPERCALL page (GetPartitionId)"),
@@ -67,7 +67,7 @@ def table(rows: dict, L) -> None:
                        ("message", "SynIC message: PostMessage -> SINT handler, slot freed"),
                        ("pio", "  reference: bare PIO exit, same guest")):
         d = r[key]
-        L("9", label, f"{fmt(d['us'])} us",
+        L("10", label, f"{fmt(d['us'])} us",
           f"{fmt(d['x_pio'], 2)}x PIO exit, {fmt(d['x_c_exit'], 2)}x C exit; {fmt(d['exits_per_op'], 2)} exits, "
           f"{fmt(d['ioctls_per_op'], 2)} ioctls: " + ", ".join(f"{k} {v}" for k, v in d["ioctls_by_name"].items()))
-    L("9", "  floors: raw cffi exit / C exit", f"{fmt(r['raw_exit_us'])} / {fmt(r['c_exit_us'])} us", "")
+    L("10", "  floors: raw cffi exit / C exit", f"{fmt(r['raw_exit_us'])} / {fmt(r['c_exit_us'])} us", "")

@@ -17,33 +17,6 @@ pause_until_eq:
 2:  ret
 .size pause_until_eq, . - pause_until_eq
 
-/* beat_until_eq(rdi = address of a u64, rsi = value, rdx = address of a heartbeat u64): as
- * pause_until_eq, incrementing the heartbeat at every turn: another vCPU sees it move only
- * while this code runs (e.g. not while a higher VTL preempted it). */
-.globl beat_until_eq
-.type beat_until_eq, @function
-beat_until_eq:
-1:  cmp [rdi], rsi
-    je 2f
-    inc qword ptr [rdx]
-    pause
-    jmp 1b
-2:  ret
-.size beat_until_eq, . - beat_until_eq
-
-/* wait_beat(rdi = address of a heartbeat u64): spin until it moves (beat_until_eq runs). */
-.globl wait_beat
-.type wait_beat, @function
-wait_beat:
-    push rax
-    mov rax, [rdi]
-1:  pause
-    cmp [rdi], rax
-    je 1b
-    pop rax
-    ret
-.size wait_beat, . - wait_beat
-
 /* atomic_inc(rdi = address of a u64): lock inc. */
 .globl atomic_inc
 .type atomic_inc, @function

@@ -29,6 +29,7 @@ class ApicGroupsPlane(Plane):
         if vcpu.cpuid is not None:
             v.set_cpuid2(vcpu.cpuid)
         self.vcpus[vcpu.id] = v
+        vcpu.add_plane_vcpu(self.id, v)
         return v
 
     def signal_msi(self, address: int, data: int) -> int:

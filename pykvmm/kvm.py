@@ -314,6 +314,8 @@ _STATE = {
     "mp_state": ("KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "struct kvm_mp_state"),
 }
 
+# name: (get Ioctl, set Ioctl, pointer ctype), resolved once (a string type costs a lookup per use)
+_STATE_IOCTLS = {name: (IOCTLS[g], IOCTLS[s], ffi.typeof(ctype + " *")) for name, (g, s, ctype) in _STATE.items()}
 _SYNC_BITS = {"regs": C.KVM_SYNC_X86_REGS, "sregs": C.KVM_SYNC_X86_SREGS, "vcpu_events": C.KVM_SYNC_X86_EVENTS}
 _SYNC_REGS, _SYNC_SREGS = C.KVM_SYNC_X86_REGS, C.KVM_SYNC_X86_SREGS
 _KVM_RUN = IOCTLS["KVM_RUN"].code
@@ -323,13 +325,14 @@ _SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
 
 
 def _exit_header() -> struct.Struct:
-    """What Vcpu.run reads of kvm_run after every KVM_RUN, in one unpack: exit_reason, the io
-    member (direction, size, port, count, data_offset) and kvm_valid_regs. One C call instead
-    of a cffi attribute lookup per field (each builds a cdata for the nested struct)."""
-    reason, io, valid = (ffi.offsetof("struct kvm_run", f) for f in ("exit_reason", "io", "kvm_valid_regs"))
+    """What Vcpu.run reads of kvm_run after every KVM_RUN, in one unpack: exit_reason, if_flag,
+    the io member (direction, size, port, count, data_offset) and kvm_valid_regs. One C call
+    instead of a cffi attribute lookup per field (each builds a cdata for the nested struct)."""
+    reason, if_flag, io, valid = (ffi.offsetof("struct kvm_run", f)
+                                  for f in ("exit_reason", "if_flag", "io", "kvm_valid_regs"))
     io_size = struct.calcsize("<BBHIQ")
-    assert reason + 4 <= io and io + io_size <= valid
-    return struct.Struct(f"<{reason}xI{io - reason - 4}xBBHIQ{valid - io - io_size}xQ")
+    assert reason + 4 <= if_flag < io and io + io_size <= valid
+    return struct.Struct(f"<{reason}xI{if_flag - reason - 4}xB{io - if_flag - 1}xBBHIQ{valid - io - io_size}xQ")
 
 
 _EXIT_HEADER = _exit_header()
@@ -356,6 +359,7 @@ class Vcpu(FdObject):
         self._sync_supported = 0
         self._valid = 0       # sync-area classes currently holding this vCPU's state
         self._detached = {}   # without a kvm_run: name -> the live copy last read, for mark_dirty
+        self._area_buffers = {}   # name -> ffi.buffer over its sync area (live_buffer)
         self._mapped = None
         if mmap_size:
             # libc's mmap, not Python's: mmap.mmap keeps a dup of the fd, one more open file
@@ -373,6 +377,7 @@ class Vcpu(FdObject):
             areas = self.run_struct.s.regs
             self._areas = {"regs": areas.regs, "sregs": areas.sregs, "vcpu_events": areas.events}
             self._regs_area, self._sregs_area = areas.regs, areas.sregs
+        self.if_flag = 0            # RFLAGS.IF at the guest's last exit (0 after a kick: unknown)
         self._entry_state = None    # see keep_entry_state
         self.entry_state_exit = -1
         self._decoders = dict(DECODERS)
@@ -421,11 +426,13 @@ class Vcpu(FdObject):
             self._keep_entry_state()
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
         self.exit_count += 1
-        reason, direction, size, port, count, data_offset, self._valid = _EXIT_HEADER.unpack_from(self.run_mmap)
+        reason, self.if_flag, direction, size, port, count, data_offset, self._valid = \
+            _EXIT_HEADER.unpack_from(self.run_mmap)
         if ret < 0:
             err = ffi.errno
             if err == _errno.EINTR or err == _errno.EAGAIN:
                 self.run_struct.immediate_exit = 0
+                self.if_flag = 0        # not the guest's own exit: its IF is not known
                 return Interrupted()
             raise KvmError("KVM_RUN", self.label, err)
         if reason == _EXIT_IO:          # the common userspace exit: decoded here, without a call
@@ -472,11 +479,13 @@ class Vcpu(FdObject):
                            f"completing the pending I/O produced another exit: {ex.describe()}")
 
     # -- state: plain ioctls ------------------------------------------------------------
-    def _get(self, name):
-        g, _, ctype = _STATE[name]
+    def _get(self, name, into=None):
+        """GET ``name`` into a new struct, or into ``into`` (a struct of that type, reused)."""
+        get, _, ptype = _STATE_IOCTLS[name]
         self._flush(name)
-        obj = ffi.new(ctype + " *")
-        self.ioctl(g, obj)
+        obj = ffi.new(ptype) if into is None else into
+        if _ioctl(self.fd, get.code, obj) < 0:
+            raise KvmError(get.name, self.label, ffi.errno)
         return obj
 
     def _set(self, name, obj):
@@ -493,11 +502,11 @@ class Vcpu(FdObject):
     def set_sregs(self, v): self._set("sregs", v)
     def get_fpu(self): return self._get("fpu")
     def set_fpu(self, v): self._set("fpu", v)
-    def get_xsave(self): return self._get("xsave")
+    def get_xsave(self, into=None): return self._get("xsave", into)
     def set_xsave(self, v): self._set("xsave", v)
     def get_xcrs(self): return self._get("xcrs")
     def set_xcrs(self, v): self._set("xcrs", v)
-    def get_debugregs(self): return self._get("debugregs")
+    def get_debugregs(self, into=None): return self._get("debugregs", into)
     def set_debugregs(self, v): self._set("debugregs", v)
     def get_lapic(self): return self._get("lapic")
     def set_lapic(self, v): self._set("lapic", v)
@@ -582,11 +591,24 @@ class Vcpu(FdObject):
         else:
             self.ioctl(_STATE[name][1], ffi.addressof(self._areas[name]))
 
+    def live_buffer(self, name: str):
+        """The bytes of the live copy of ``name`` (as ``regs``/``sregs``), writable; call
+        mark_dirty after writing. For copying ranges of registers without a field access each."""
+        obj = self._live(name)
+        if self.run_struct is None:
+            return ffi.buffer(obj)
+        buf = self._area_buffers.get(name)
+        if buf is None:
+            buf = self._area_buffers[name] = ffi.buffer(ffi.addressof(obj))
+        return buf
+
     def _flush(self, name):
         """Before a plain GET ioctl: push a pending sync-area write so it is not lost."""
-        run = self.run_struct
         bit = _SYNC_BITS.get(name)
-        if bit and run is not None and run.kvm_dirty_regs & bit:
+        if not bit:
+            return
+        run = self.run_struct
+        if run is not None and run.kvm_dirty_regs & bit:
             self.ioctl(_STATE[name][1], ffi.addressof(self._areas[name]))
             run.kvm_dirty_regs &= ~bit
 

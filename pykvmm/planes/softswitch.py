@@ -11,7 +11,11 @@ When a run ends with a plane event
 
 When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
     * on entry to run(): the planes of ``_hint``, always; every requested plane when entering
-      a different plane than last time or when ``scan_gap`` has passed since the last scan;
+      a different plane than last time or when ``scan_gap`` has passed since the last scan.
+      Entering another plane, the plane just left is not read when its last exit was the
+      guest's own with interrupts enabled (kvm_run.if_flag): an interrupt its LAPIC would
+      deliver was delivered to it at its last entry, and one that came after that arrived
+      while it was not running, the case the bound below covers. It counts as scanned then.
     * after every exit of the running plane: the same rule (rate-limited by ``scan_gap``);
     * after a kick (KVM_RUN ended by the signal): every requested plane.
     A vCPU whose run has planes requested is kicked by the VM's ticker every
@@ -168,9 +172,16 @@ class SoftSwitchVcpu(PlanesVcpu):
             self._masked_seen[plane] = vector
             self.masked_interrupts += 1
 
-    def _look(self, req: int, force: bool) -> int:
-        """Scan what is due (see the module docstring); the planes of ``req`` found deliverable."""
-        due = req if force or time.monotonic() - self._last_scan >= self.scan_gap else self._hint & req
+    def _look(self, req: int, force: bool, fresh: int = 0) -> int:
+        """Scan what is due (see the module docstring); the planes of ``req`` found deliverable.
+        ``fresh``: planes known to have nothing deliverable now without reading them."""
+        if force or time.monotonic() - self._last_scan >= self.scan_gap:
+            due = req & ~fresh | self._hint & req
+            if not due:
+                self._last_scan = time.monotonic()
+                return 0
+        else:
+            due = self._hint & req
         return self._scan(due) if due else 0
 
     # -- running -------------------------------------------------------------------------
@@ -211,7 +222,9 @@ class SoftSwitchVcpu(PlanesVcpu):
         if req:
             if self.vm._ticker is None:
                 self.vm.start_ticker()
-            found = self._look(req, force=switching)
+            left = self.last_plane
+            fresh = 1 << left if switching and self._vcpu_of[left].if_flag else 0
+            found = self._look(req, force=switching, fresh=fresh)
             if found:
                 return found
         if switching:

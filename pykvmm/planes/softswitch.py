@@ -38,7 +38,9 @@ The pending state kept, its one owner and the one place each is cleared
     ``_apic_off`` (planes not to scan; owner: this vCPU, under ``_lock``): a plane whose scan
     found its LAPIC software-disabled (SVR bit 8 clear) and that has not run since: KVM drops
     fixed interrupts to such a LAPIC, so nothing can become deliverable there until the plane
-    runs (and may enable it) or note_pending() says otherwise; both clear the bit. Planes a
+    runs (and may enable it) or note_pending() says otherwise; both clear the bit (an entry
+    only notes the plane in ``_entered``, which the vCPU thread alone touches, and the next
+    scan folds it in under the lock: no lock taken per switch). Planes a
     guest never enters cost one scan, not one per exit and kick (a KVM_GET_LAPIC of a plane
     VM's vCPU that is not running costs ~150 us on kvm_pvm: 64 vCPUs x 16 planes took minutes).
     Nothing else: a plane event is computed from the scan of that moment and not stored
@@ -105,6 +107,7 @@ class SoftSwitchVcpu(PlanesVcpu):
         self._v0 = v0
         self._vcpu_of: dict[int, Vcpu] = {}   # plane id -> this vCPU's KVM vCPU in it
         self._apic_off = 0          # see the module docstring
+        self._entered = 0           # planes entered since the last scan (vCPU thread only)
         self._last_scan = 0.0
         self.scan_gap = vm.scan_gap
         self.irr_scans = 0          # KVM_GET_LAPIC reads of planes that were not running
@@ -140,12 +143,14 @@ class SoftSwitchVcpu(PlanesVcpu):
 
     def needs_scan_kick(self) -> bool:
         """In KVM_RUN with planes requested: only a kick lets it look at their LAPICs."""
-        return bool(self._running_req & ~self._apic_off) and self._in_run is not None
+        return bool(self._running_req & ~(self._apic_off & ~self._entered)) and self._in_run is not None
 
     def _scan(self, planes_mask: int) -> int:
         """Planes of ``planes_mask`` whose LAPIC would deliver an interrupt now."""
         with self._lock:
             self._hint &= ~planes_mask
+            self._apic_off &= ~self._entered    # they may have enabled their LAPIC meanwhile
+            self._entered = 0
             planes_mask &= ~self._apic_off
         found = off = 0
         self._last_scan = time.monotonic()
@@ -231,8 +236,7 @@ class SoftSwitchVcpu(PlanesVcpu):
             if self.vm.shared_fpu:
                 copy_fpu_state(self.plane_vcpu(self.last_plane), v, self.vm.pkru_offset)
             self.last_plane = plane
-            with self._lock:
-                self._apic_off &= ~(1 << plane)     # the plane may enable its LAPIC while it runs
+            self._entered |= 1 << plane     # it may enable its LAPIC while it runs (see _scan)
         return 0
 
     def _event(self, found: int, req: int):

@@ -23,7 +23,7 @@ from .outcomes import Answer, Outcome
 CONTROL_RESERVED_MASK = (0x1F << 27) | (0xF << 44) | (0xF << 60)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Control:
     value: int
 

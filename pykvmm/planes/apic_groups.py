@@ -33,7 +33,7 @@ class ApicGroupsPlane(Plane):
         return v
 
     def signal_msi(self, address: int, data: int) -> int:
-        dest = (address >> 12) & 0xFF
+        dest = apic.msi_destination(address)
         addr, _ = apic.msi_message(self.vm.kvm_vcpu_id(self.id, dest), 0)
         ret = self.vm.vm0.signal_msi(addr, data)
         if dest in self.vm.vcpus:

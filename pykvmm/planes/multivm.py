@@ -22,7 +22,7 @@ import time
 from .. import exits as X
 from ..kvm import KvmError, Vcpu, Vm
 from ..uapi import ffi
-from ..x86 import insn
+from ..x86 import apic, insn
 from ..x86.xsave import pkru_xsave_offset
 from .api import MAX_PLANES, Plane, PlanesVm
 from .memview import (MEMORY_FAULT_EXEC, MEMORY_FAULT_READ, MEMORY_FAULT_WRITE, Access,
@@ -50,10 +50,12 @@ class MultiVmPlane(Plane):
 
     def signal_msi(self, address: int, data: int) -> int:
         ret = self.kvm_vm.signal_msi(address, data)
-        dest = (address >> 12) & 0xFF | ((address >> 5) & 0x7F) << 8
-        for vid, pv in self.vm.vcpus.items():
-            if vid == dest or dest == 0xFF:
+        dest = apic.msi_destination(address)
+        if dest in apic.MSI_BROADCAST:
+            for pv in self.vm.vcpus.values():
                 pv.note_pending(self.id)
+        elif dest in self.vm.vcpus:
+            self.vm.vcpus[dest].note_pending(self.id)
         return ret
 
 

@@ -72,6 +72,10 @@ from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Switch, SwitchReason
 from .policy import PlanePolicy, higher_planes
 
+# code: (name, kind for the #UD statistics, RAX bits allowed, what RAX must be)
+_SWITCH_CALLS = {abi.HVCALL_VTL_CALL: ("HvCallVtlCall", "call", 0, "it must be 0"),
+                 abi.HVCALL_VTL_RETURN: ("HvCallVtlReturn", "return", 1, "only bit 0 (fast return) may be set")}
+
 ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRUPT: abi.VTL_ENTRY_INTERRUPT,
                  SwitchReason.INTERCEPT: abi.VTL_ENTRY_INTERCEPT}
 
@@ -279,14 +283,22 @@ class VtlPolicy(PlanePolicy):
             return self._ud_fault(thread, "cpl", f"{name} at CPL {cs.dpl} (hypercalls need CPL 0)")
         return None
 
-    def vtl_call(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._cpl_fault(thread, plane, "HvCallVtlCall"):
+    def _malformed_switch_call(self, thread, plane, control, regs) -> Fault | None:
+        """#UD for a VtlCall/VtlReturn above CPL 0, with control bits other than its code, or
+        with RAX (the VTL input) bits it does not allow."""
+        name, kind, rax_allowed, rax_rule = _SWITCH_CALLS[control.code]
+        if fault := self._cpl_fault(thread, plane, name):
             return fault
-        if control.value != abi.HVCALL_VTL_CALL:
-            return self._ud_fault(thread, "call-control", f"HvCallVtlCall control word {control.value:#x} "
-                                                    f"has bits other than the call code 0x11")
-        if regs.rax != 0:
-            return self._ud_fault(thread, "call-input", f"HvCallVtlCall with VTL input (RAX) {regs.rax:#x}; it must be 0")
+        if control.value != control.code:
+            return self._ud_fault(thread, f"{kind}-control", f"{name} control word {control.value:#x} "
+                                                            f"has bits other than the call code {control.code:#x}")
+        if regs.rax & ~rax_allowed:
+            return self._ud_fault(thread, f"{kind}-input", f"{name} with VTL input (RAX) {regs.rax:#x}; {rax_rule}")
+        return None
+
+    def vtl_call(self, thread, plane, control, regs) -> Outcome:
+        if fault := self._malformed_switch_call(thread, plane, control, regs):
+            return fault
         above = higher_planes(plane, self.plane_count) & self.enabled[thread.index]
         if not above:
             return self._ud_fault(thread, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
@@ -294,14 +306,8 @@ class VtlPolicy(PlanePolicy):
         return Switch((above & -above).bit_length() - 1, SwitchReason.CALL, suspend=True)
 
     def vtl_return(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._cpl_fault(thread, plane, "HvCallVtlReturn"):
+        if fault := self._malformed_switch_call(thread, plane, control, regs):
             return fault
-        if control.value != abi.HVCALL_VTL_RETURN:
-            return self._ud_fault(thread, "return-control", f"HvCallVtlReturn control word {control.value:#x} "
-                                                      f"has bits other than the call code 0x12")
-        if regs.rax & ~1:
-            return self._ud_fault(thread, "return-input", f"HvCallVtlReturn with VTL input (RAX) {regs.rax:#x}; "
-                                                    f"only bit 0 (fast return) may be set")
         if plane == 0:
             return self._ud_fault(thread, "return-from-vtl0", "HvCallVtlReturn from VTL0 (no lower VTL)")
         if not thread.suspended or thread.suspended[-1] >= plane:

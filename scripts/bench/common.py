@@ -11,6 +11,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,15 +67,32 @@ def image(name: str) -> bytes:
     return loader.load_image(loader.bundled_guest(name))
 
 
-def run_machine(img: bytes, timeout: float = 120.0, setup=None, counts=None, **config):
+@contextlib.contextmanager
+def counting_python_calls(calls: collections.Counter):
+    """Count the Python and builtin function calls of each thread started while the block runs
+    (the vCPU threads), by thread id: the load-independent measure of per-exit work."""
+    def hook(frame, event, arg):
+        if event == "call" or event == "c_call":
+            calls[threading.get_ident()] += 1
+    threading.setprofile(hook)
+    try:
+        yield calls
+    finally:
+        threading.setprofile(None)
+
+
+def run_machine(img: bytes, timeout: float = 120.0, setup=None, counts=None, calls=None, **config):
     """Build (untimed), run (timed with perf_counter around Machine.run), close.
-    ``counts``: a Counter that receives the ioctls made during the run (not the build).
+    ``counts``: a Counter that receives the ioctls made during the run (not the build);
+    ``calls``: one that receives the function calls of the threads the run starts, by thread
+    (counting them slows the run down: time such a run for nothing else).
     Returns (seconds, RunResult, machine)."""
     config.setdefault("quiet", True)
     with Machine(img, MachineConfig(**config)) as m:
         if setup is not None:
             setup(m)
-        with K.counting_ioctls(counts) if counts is not None else contextlib.nullcontext():
+        with K.counting_ioctls(counts) if counts is not None else contextlib.nullcontext(), \
+                counting_python_calls(calls) if calls is not None else contextlib.nullcontext():
             t0 = time.perf_counter()
             r = m.run(timeout)
             dt = time.perf_counter() - t0

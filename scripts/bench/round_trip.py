@@ -58,6 +58,8 @@ def run(ctx) -> dict:
     for k, (g, pers, n) in kinds.items():
         counts = collections.Counter()
         _, r, _ = run_machine(image(g), vcpus=1, planes=2, personality=pers, arg=n, counts=counts)
+        calls = collections.Counter()
+        run_machine(image(g), vcpus=1, planes=2, personality=pers, arg=n, calls=calls)
         out[k] = {"guest": g, "personality": pers, "round_trips": n, "us": median(samples[k]),
                   "raw_driver_us": median(samples[k + "_raw_driver"]),
                   "over_raw_driver_us": paired(samples, k, k + "_raw_driver", lambda x, y: x - y),
@@ -66,6 +68,7 @@ def run(ctx) -> dict:
                   "c_exits": paired(samples, k, "c_exit", div),
                   "ioctls_per_round_trip": round(sum(counts.values()) / n, 3),
                   "ioctls_by_name": per(counts, n), "exits_per_round_trip": round(r.exits / n, 3),
+                  "python_calls_per_round_trip": round(max(calls.values()) / n, 1) if calls else None,
                   "stats": {key: r.stats.get(key) for key in ("state_ioctls", "shared_state_copies")
                             if key in r.stats}}
     for k in c_variants:
@@ -93,7 +96,8 @@ def table(rows: dict, L) -> None:
                 d = r2[key]
                 L("2", f"plane round trip, {label}", f"{fmt(d['us'])} us",
                   f"{fmt(d['raw_exits'], 2)} raw exits ({fmt(d['c_exits'], 2)} C exits); "
-                  f"{fmt(d['ioctls_per_round_trip'], 2)} ioctls: " + ", ".join(f"{k} {v}" for k, v in d["ioctls_by_name"].items()))
+                  f"{fmt(d['ioctls_per_round_trip'], 2)} ioctls: " + ", ".join(f"{k} {v}" for k, v in d["ioctls_by_name"].items())
+                  + f"; Python calls {fmt(d.get('python_calls_per_round_trip'))}")
                 L("2", f"  same guest, bare 2-KVM_RUN Python driver ({d['guest']})", f"{fmt(d['raw_driver_us'])} us",
                   f"pykvmm adds {fmt(d['over_raw_driver_us'])} us ({fmt(d['over_raw_driver'], 2)}x the driver)")
         L("2", "floor: two raw cffi exits / two C exits", f"{fmt(r2['floor_two_raw_exits_us'])} us",

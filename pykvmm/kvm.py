@@ -457,8 +457,10 @@ class Vcpu(FdObject):
     def complete_io_in(self, exit_: IoIn, data: bytes) -> None:
         """Provide the bytes an IN instruction reads (applied on the next KVM_RUN)."""
         need = exit_.size * exit_.count
-        data = bytes(data[:need]).ljust(need, b"\0")
-        self.run_mmap[exit_.data_offset:exit_.data_offset + need] = data
+        if len(data) != need:
+            data = bytes(data[:need]).ljust(need, b"\0")
+        off = exit_.data_offset
+        self.run_mmap[off:off + need] = data
 
     def complete_mmio_read(self, data: bytes) -> None:
         """Provide the bytes an MMIO read gets (applied on the next KVM_RUN)."""

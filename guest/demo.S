@@ -2,11 +2,14 @@
  * demo (what `pykvmm run` runs with no argument; best with 2 vCPUs and 2 planes, personality
  * vtl): a cross-VTL IPI story told through GUEST_PRINT.
  *   Each vCPU's VTL0 starts its VTL1 with a VtlCall (first entry, reason VtlCall).
- *   vCPU1's VTL0 then works (spins). vCPU0's VTL0 asks VTL1 on vCPU1 for help with
- *   HvCallSendSyntheticClusterIpi (vector 0x50, target VTL1): VTL1 preempts vCPU1's VTL0
- *   (entry reason Interrupt), answers VTL0 on vCPU0 with vector 0x51 and VtlReturns;
- *   vCPU1's VTL0 resumes where it was; vCPU0's VTL0 takes the answer.
- * With 1 vCPU, VTL1 of vCPU0 itself answers. With 1 plane it says it needs two.
+ *   vCPU1's VTL0 then works (spins). vCPU0's VTL0 asks for help with a VtlCall (a lower VTL
+ *   cannot interrupt a higher one); its VTL1 passes the request on to VTL1 on vCPU1 with
+ *   HvCallSendSyntheticClusterIpi (vector 0x50, target VTL1) and returns: VTL1 preempts
+ *   vCPU1's VTL0 (entry reason Interrupt), answers VTL0 on vCPU0 with vector 0x51 and
+ *   VtlReturns; vCPU1's VTL0 resumes where it was; vCPU0's VTL0 takes the answer.
+ * With 1 vCPU, VTL1 of vCPU0 sends 0x50 to itself with interrupts off: its return to VTL0
+ * bounces straight back (entry reason Interrupt) and it answers. With 1 plane it says it
+ * needs two.
  * Reports: the PRINTs; SYNC 1, 0x51 (the answer vCPU0's VTL0 took); DONE on every vCPU.
  */
 .include "guest.inc"
@@ -14,6 +17,7 @@
 
 .set V_HELP, 0x50
 .set V_ANSWER, 0x51
+.set CMD_HELP, 0x4e1f
 
 /* SAY "VTLn: text": GUEST_PRINT "vCPU<this vCPU>/VTLn: text" (vCPU 0 or 1). Changes RFLAGS. */
 .macro SAY text:req
@@ -56,16 +60,9 @@ main:
     cmp qword ptr [rip + helper_vcpu], 0
     je 1f
     WAIT_EQ vcpu1_working, 1
-    SAY "VTL0: asking VTL1 on vCPU1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)"
-    jmp 2f
-1:  SAY "VTL0: asking my own VTL1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)"
-2:  mov edi, V_HELP
-    mov esi, HV_INPUT_VTL_USE_TARGET | 1
-    mov ecx, [rip + helper_vcpu]
-    mov edx, 1
-    shl edx, cl
-    call vtl_send_ipi
-    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "SendSyntheticClusterIpi failed"
+1:  SAY "VTL0: asking VTL1 for help with a VtlCall"
+    mov rbx, CMD_HELP
+    call vtl_call
 3:  cli
     cmp qword ptr [rip + answer], 0
     jne 4f
@@ -106,7 +103,30 @@ vtl1_main:
     SAY "VTL1: secure kernel up (entered by VtlCall, entry reason 1); VtlReturn to VTL0"
     call idt_install
     SET_HANDLER V_HELP, help_handler
-    VTL1_SERVE 0
+    VTL1_SERVE ask_helper
+
+/* VtlCall CMD_HELP (vCPU0's VTL1): pass the request to the helper vCPU's VTL1, with interrupts
+ * off, so that with one vCPU 0x50 waits for the return to VTL0 and preempts it at once. */
+ask_helper:
+    cmp qword ptr [rip + helper_vcpu], 0
+    je 1f
+    SAY "VTL1: passing it to VTL1 on vCPU1: SendSyntheticClusterIpi(vector 0x50, VTL1)"
+    jmp 2f
+1:  SAY "VTL1: sending it to myself: SendSyntheticClusterIpi(vector 0x50, VTL1)"
+2:  cli
+    mov edi, V_HELP
+    xor esi, esi                        /* its own VTL */
+    mov ecx, [rip + helper_vcpu]
+    mov edx, 1
+    shl edx, cl
+    call vtl_send_ipi
+    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "SendSyntheticClusterIpi failed"
+    mov ecx, HV_VTL_RETURN_FAST
+    call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
+    sti                                 /* back (one vCPU: by 0x50, at once): take it */
+    WAIT_EQ helped, 1
+    clc
+    ret
 
 help_handler:
     push rax

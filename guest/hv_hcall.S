@@ -49,58 +49,58 @@ main:
     lea rdi, [rip + hcpage]
     call hv_enable
 
-    CHECK 0x7777, 0, 0, HV_INVALID_HYPERCALL_CODE, "unknown call code"
-    CHECK HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 27), 0, 0, HV_INVALID_HYPERCALL_INPUT, "RsvdZ bit 27"
-    CHECK HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 31), 0, 0, HV_INVALID_HYPERCALL_INPUT, "nested bit"
-    CHECK HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 32), 0, 0, HV_INVALID_HYPERCALL_INPUT, "rep count on a simple call"
-    CHECK HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 17), 0, 0, HV_INVALID_HYPERCALL_INPUT, "variable header"
-    CHECK HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST, 0x1234, 0, HV_INVALID_CONNECTION_ID, "SignalEvent: no connection"
-    CHECK HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST, (1 << 48), 0, HV_INVALID_HYPERCALL_INPUT, "SignalEvent RsvdZ"
-    CHECK HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST, (1 << 24), 0, HV_INVALID_HYPERCALL_INPUT, "connection id bits 31:24"
+    CHECK 0x7777, 0, 0, HV_STATUS_INVALID_HYPERCALL_CODE, "unknown call code"
+    CHECK HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 27), 0, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "RsvdZ bit 27"
+    CHECK HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 31), 0, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "nested bit"
+    CHECK HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 32), 0, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "rep count on a simple call"
+    CHECK HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST | (1 << 17), 0, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "variable header"
+    CHECK HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST, 0x1234, 0, HV_STATUS_INVALID_CONNECTION_ID, "SignalEvent: no connection"
+    CHECK HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST, (1 << 48), 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "SignalEvent RsvdZ"
+    CHECK HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST, (1 << 24), 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "connection id bits 31:24"
 
     /* PostMessage input block errors. */
     lea rbx, [rip + postbuf]
     mov dword ptr [rbx + 0], 0x4321         /* no such connection */
     mov dword ptr [rbx + 8], 0x1234
     mov dword ptr [rbx + 12], 8
-    CHECK HV_HVCALL_POST_MESSAGE, rbx, 0, HV_INVALID_CONNECTION_ID, "PostMessage: no connection"
+    CHECK HVCALL_POST_MESSAGE, rbx, 0, HV_STATUS_INVALID_CONNECTION_ID, "PostMessage: no connection"
     lea rax, [rbx + 4]
-    CHECK HV_HVCALL_POST_MESSAGE, rax, 0, HV_INVALID_ALIGNMENT, "PostMessage: input not 8-byte aligned"
+    CHECK HVCALL_POST_MESSAGE, rax, 0, HV_STATUS_INVALID_ALIGNMENT, "PostMessage: input not 8-byte aligned"
     lea rax, [rbx + 4096 - 8]
-    CHECK HV_HVCALL_POST_MESSAGE, rax, 0, HV_INVALID_ALIGNMENT, "PostMessage: input crosses a page"
-    CHECK HV_HVCALL_POST_MESSAGE, 0x7FFFFFF000, 0, HV_INVALID_PARAMETER, "PostMessage: input outside memory"
-    CHECK HV_HVCALL_POST_MESSAGE | HV_CONTROL_FAST, 0, 0, HV_INVALID_HYPERCALL_INPUT, "PostMessage fast: 256 bytes do not fit"
+    CHECK HVCALL_POST_MESSAGE, rax, 0, HV_STATUS_INVALID_ALIGNMENT, "PostMessage: input crosses a page"
+    CHECK HVCALL_POST_MESSAGE, 0x7FFFFFF000, 0, HV_STATUS_INVALID_PARAMETER, "PostMessage: input outside memory"
+    CHECK HVCALL_POST_MESSAGE | HV_CONTROL_FAST, 0, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "PostMessage fast: 256 bytes do not fit"
     mov dword ptr [rbx + 12], 241
-    CHECK HV_HVCALL_POST_MESSAGE, rbx, 0, HV_INVALID_PARAMETER, "PostMessage: payload > 240"
+    CHECK HVCALL_POST_MESSAGE, rbx, 0, HV_STATUS_INVALID_PARAMETER, "PostMessage: payload > 240"
     mov dword ptr [rbx + 12], 8
     mov dword ptr [rbx + 8], 0x80000001
-    CHECK HV_HVCALL_POST_MESSAGE, rbx, 0, HV_INVALID_PARAMETER, "PostMessage: hypervisor message type"
+    CHECK HVCALL_POST_MESSAGE, rbx, 0, HV_STATUS_INVALID_PARAMETER, "PostMessage: hypervisor message type"
 
     /* SendIpi (= SendSyntheticClusterIpi) and the Ex form. */
-    CHECK HV_HVCALL_SEND_IPI | HV_CONTROL_FAST, 0x0F, 1, HV_INVALID_PARAMETER, "SendIpi: vector < 0x10"
-    CHECK HV_HVCALL_SEND_IPI | HV_CONTROL_FAST, VEC_IPI, 2, HV_INVALID_PARAMETER, "SendIpi: VP 1 does not exist"
-    CHECK HV_HVCALL_SEND_IPI | HV_CONTROL_FAST, VEC_IPI | (0x20 << 32), 1, HV_INVALID_PARAMETER, "SendIpi: HV_INPUT_VTL reserved bits"
-    CHECK HV_HVCALL_SEND_IPI | HV_CONTROL_FAST, VEC_IPI | (0x11 << 32), 1, HV_INVALID_PARAMETER, "SendIpi: VTL 1 does not exist"
+    CHECK HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_CONTROL_FAST, 0x0F, 1, HV_STATUS_INVALID_PARAMETER, "SendIpi: vector < 0x10"
+    CHECK HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_CONTROL_FAST, VEC_IPI, 2, HV_STATUS_INVALID_PARAMETER, "SendIpi: VP 1 does not exist"
+    CHECK HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_CONTROL_FAST, VEC_IPI | (0x20 << 32), 1, HV_STATUS_INVALID_PARAMETER, "SendIpi: HV_INPUT_VTL reserved bits"
+    CHECK HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_CONTROL_FAST, VEC_IPI | (0x11 << 32), 1, HV_STATUS_INVALID_PARAMETER, "SendIpi: VTL 1 does not exist"
     lea rbx, [rip + ipibuf]
     mov qword ptr [rbx + 0], VEC_IPI
     mov qword ptr [rbx + 8], HV_GENERIC_SET_SPARSE_4K
     mov qword ptr [rbx + 16], 1             /* bank 0 valid ... */
-    CHECK HV_HVCALL_SEND_IPI_EX, rbx, 0, HV_INVALID_HYPERCALL_INPUT, "SendIpiEx: 1 bank but no variable header"
+    CHECK HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX, rbx, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "SendIpiEx: 1 bank but no variable header"
     mov qword ptr [rbx + 8], 2
-    CHECK HV_HVCALL_SEND_IPI_EX, rbx, 0, HV_INVALID_PARAMETER, "SendIpiEx: unknown VP set format"
+    CHECK HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX, rbx, 0, HV_STATUS_INVALID_PARAMETER, "SendIpiEx: unknown VP set format"
 
-    CHECK HV_HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_CONTROL_FAST, 0x1000, 0, HV_SUCCESS, "NotifyLongSpinWait"
-    CHECK HV_HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_CONTROL_FAST, 1 << 32, 0, HV_INVALID_HYPERCALL_INPUT, "NotifyLongSpinWait RsvdZ"
+    CHECK HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_CONTROL_FAST, 0x1000, 0, HV_STATUS_SUCCESS, "NotifyLongSpinWait"
+    CHECK HVCALL_NOTIFY_LONG_SPIN_WAIT | HV_CONTROL_FAST, 1 << 32, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "NotifyLongSpinWait RsvdZ"
 
     /* Flushes. */
     lea rbx, [rip + flushbuf]
     mov qword ptr [rbx + 8], 1 << 4         /* reserved flag */
     mov qword ptr [rbx + 16], 1
-    CHECK HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, rbx, 0, HV_INVALID_PARAMETER, "Flush: reserved flags"
+    CHECK HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, rbx, 0, HV_STATUS_INVALID_PARAMETER, "Flush: reserved flags"
     mov qword ptr [rbx + 8], 0
-    CHECK HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, rbx, 0, HV_SUCCESS, "FlushVirtualAddressSpace"
-    CHECK HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST | (2 << 32) | (2 << 48), rbx, 0, HV_INVALID_HYPERCALL_INPUT, "FlushList: rep start >= rep count"
-    mov rdi, HV_HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST | (3 << 32)
+    CHECK HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, rbx, 0, HV_STATUS_SUCCESS, "FlushVirtualAddressSpace"
+    CHECK HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST | (2 << 32) | (2 << 48), rbx, 0, HV_STATUS_INVALID_HYPERCALL_INPUT, "FlushList: rep start >= rep count"
+    mov rdi, HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST | (3 << 32)
     mov rsi, rbx
     xor edx, edx
     call hv_call
@@ -109,9 +109,9 @@ main:
 
     /* GetPartitionId: memory output, then fast output (RDX). */
     lea rbx, [rip + outbuf]
-    CHECK HV_HVCALL_GET_PARTITION_ID, 0, rbx, HV_SUCCESS, "GetPartitionId"
+    CHECK HVCALL_GET_PARTITION_ID, 0, rbx, HV_STATUS_SUCCESS, "GetPartitionId"
     GUEST_ASSERT_EQ "qword ptr [rbx]", 1, "partition id (memory output)"
-    mov rdi, HV_HVCALL_GET_PARTITION_ID | HV_CONTROL_FAST
+    mov rdi, HVCALL_GET_PARTITION_ID | HV_CONTROL_FAST
     xor esi, esi
     xor edx, edx
     call hv_call
@@ -167,7 +167,7 @@ main:
     mov qword ptr [rbx + 160], 1            /* ValidBankMask = bank 0 */
     mov qword ptr [rbx + 168], 1            /* bank 0 = VP 0 */
     fxrstor [rbx]
-    mov rdi, HV_HVCALL_SEND_IPI_EX | HV_CONTROL_FAST | (1 << 17)
+    mov rdi, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX | HV_CONTROL_FAST | (1 << 17)
     mov esi, VEC_IPI
     mov edx, HV_GENERIC_SET_SPARSE_4K
     call hv_call

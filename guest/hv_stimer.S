@@ -114,7 +114,7 @@ sint_handler:
     push rdx
     lea rdx, [rip + simp]
     add rdx, SLOT
-    cmp dword ptr [rdx], HV_HVMSG_TIMER_EXPIRED
+    cmp dword ptr [rdx], HVMSG_TIMER_EXPIRED
     jne 1f
     mov rax, [rdx + HV_MSG_PAYLOAD + 8]
     mov [rip + msg_expiration], rax

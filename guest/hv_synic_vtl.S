@@ -55,7 +55,7 @@ main:
     mov dword ptr [rbx + 8], MSG_TYPE
     mov dword ptr [rbx + 12], 8
     mov qword ptr [rbx + 16], 0x1111
-    mov rdi, HV_HVCALL_POST_MESSAGE
+    mov rdi, HVCALL_POST_MESSAGE
     mov rsi, rbx
     xor edx, edx
     call hv_call
@@ -68,7 +68,7 @@ main:
 
     /* Post to our own connection. */
     mov dword ptr [rbx], CONN0
-    mov rdi, HV_HVCALL_POST_MESSAGE
+    mov rdi, HVCALL_POST_MESSAGE
     mov rsi, rbx
     xor edx, edx
     call hv_call
@@ -82,7 +82,7 @@ main:
 2:  GUEST_SYNC 4, [rip + vtl0_msgs]
 
     /* SignalEvent to VTL1's event port. */
-    mov rdi, HV_HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST
+    mov rdi, HVCALL_SIGNAL_EVENT | HV_CONTROL_FAST
     mov esi, CONN1_EVT
     xor edx, edx
     call hv_call
@@ -131,7 +131,7 @@ main:
     jne 1f
     lock inc qword ptr [rip + \msgs]
     jmp 3f
-1:  cmp eax, HV_HVMSG_TIMER_EXPIRED
+1:  cmp eax, HVMSG_TIMER_EXPIRED
     jne 4f
     cmp dword ptr [rdx + HV_MSG_PAYLOAD], \timer
     je 2f

@@ -118,13 +118,13 @@ vtl1_main:
  * execute intercept, emulate `ret` in VTL0 instead (RIP = [RSP], RSP += 8). */
 vtl1_intercept:
     inc qword ptr [rip + intercepts]
-    mov eax, [rdi + HVMSG_TYPE]
+    mov eax, [rdi + HV_MSG_HEADER_TYPE]
     GUEST_ASSERT_EQ rax, HVMSG_GPA_INTERCEPT, "message type"
-    movzx eax, byte ptr [rdi + HVMSG_PAYLOAD + IH_ACCESS_TYPE]
+    movzx eax, byte ptr [rdi + HV_MSG_PAYLOAD + IH_ACCESS_TYPE]
     mov [rip + last_access], rax
-    mov rax, [rdi + HVMSG_PAYLOAD + MI_GPA]
+    mov rax, [rdi + HV_MSG_PAYLOAD + MI_GPA]
     mov [rip + last_gpa], rax
-    cmp byte ptr [rdi + HVMSG_PAYLOAD + IH_ACCESS_TYPE], HV_ACCESS_EXECUTE
+    cmp byte ptr [rdi + HV_MSG_PAYLOAD + IH_ACCESS_TYPE], HV_ACCESS_EXECUTE
     je 1f
     jmp vsm_skip_intercepted
 1:  mov edi, HV_INPUT_VTL_USE_TARGET | 0

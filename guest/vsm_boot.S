@@ -135,7 +135,7 @@ main:
     mov dword ptr [rax + 16], HV_REG_RSP
     mov rdx, rax
     lea r8, [rip + guarded]
-    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_CONTROL_REP_COUNT_SHIFT
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
     GUEST_SYNC 0x14, rax
     /* a synthetic IPI from VTL0 into VTL1 */
@@ -215,19 +215,19 @@ vtl1_entry:
     mov eax, [rax + VTL_ENTRY_REASON]
     GUEST_SYNC 0x38, rax
     lea rbx, [rip + vtl1_simp]
-    mov eax, [rbx + HVMSG_TYPE]
+    mov eax, [rbx + HV_MSG_HEADER_TYPE]
     GUEST_SYNC 0x39, rax
-    mov rax, [rbx + HVMSG_PAYLOAD + MI_GPA]
+    mov rax, [rbx + HV_MSG_PAYLOAD + MI_GPA]
     lea rcx, [rip + guarded]
     sub rax, rcx
     GUEST_SYNC 0x3a, rax
-    movzx eax, byte ptr [rbx + HVMSG_PAYLOAD + IH_ACCESS_TYPE]
+    movzx eax, byte ptr [rbx + HV_MSG_PAYLOAD + IH_ACCESS_TYPE]
     GUEST_SYNC 0x3b, rax
     GUEST_SYNC 0x3c, [rip + guarded]    /* the write did not land */
     mov rdi, rbx
     call vsm_skip_intercepted
     GUEST_ASSERT_EQ rax, 1 << 32, "SetVpRegisters RIP"
-    mov dword ptr [rbx + HVMSG_TYPE], 0 /* free the slot, then EOM */
+    mov dword ptr [rbx + HV_MSG_HEADER_TYPE], 0 /* free the slot, then EOM */
     WRMSR_OK HV_MSR_EOM, 0
     mov edi, 1
     call vtl_return

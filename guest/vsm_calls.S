@@ -124,12 +124,12 @@ vtl1_tests:
     mov qword ptr [rbx], 7              /* PartitionId 7 */
     mov dword ptr [rbx + 8], HV_MAP_GPA_ALL
     mov dword ptr [rbx + 12], HV_INPUT_VTL_USE_TARGET | 0
-    mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | 1 << HV_CONTROL_REP_COUNT_SHIFT
     call modify_raw
     GUEST_SYNC 0x15, rax
     mov qword ptr [rbx], -1
     mov dword ptr [rbx + 12], 0x80 | HV_INPUT_VTL_USE_TARGET
-    mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | 1 << HV_CONTROL_REP_COUNT_SHIFT
     call modify_raw
     GUEST_SYNC 0x16, rax
     mov dword ptr [rbx + 12], HV_INPUT_VTL_USE_TARGET
@@ -140,7 +140,7 @@ vtl1_tests:
     shr rax, 12
     mov [r12 + 160], rax
     fxrstor [r12]
-    mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | HV_HYPERCALL_FAST | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | HV_CONTROL_FAST | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, -1
     mov r8, HV_MAP_GPA_ALL | (HV_INPUT_VTL_USE_TARGET << 32)
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
@@ -148,7 +148,7 @@ vtl1_tests:
     /* fast GetVpRegisters with XMM output: VTL0's RSP lands in XMM1 */
     mov dword ptr [r12 + 160], HV_REG_RSP
     fxrstor [r12]
-    mov rcx, HVCALL_GET_VP_REGISTERS | HV_HYPERCALL_FAST | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_GET_VP_REGISTERS | HV_CONTROL_FAST | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, -1
     mov r8, HV_VP_INDEX_SELF | (HV_INPUT_VTL_USE_TARGET << 32)
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
@@ -160,7 +160,7 @@ vtl1_tests:
     sub rax, rdx
     GUEST_SYNC 0x21, rax
     /* 30 names do not fit the fast registers (16 + 30 * 4 > 112 bytes) */
-    mov rcx, HVCALL_GET_VP_REGISTERS | HV_HYPERCALL_FAST | 30 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_GET_VP_REGISTERS | HV_CONTROL_FAST | 30 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, -1
     mov r8, HV_VP_INDEX_SELF | (HV_INPUT_VTL_USE_TARGET << 32)
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
@@ -179,7 +179,7 @@ vtl1_tests:
     mov dword ptr [rbx + 8], 5
     mov dword ptr [rbx + 12], 0
     mov dword ptr [rbx + 16], HV_REG_RIP
-    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, rbx
     lea r8, [rbx + 2048]
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL

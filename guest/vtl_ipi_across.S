@@ -1,20 +1,22 @@
 /*
- * vtl_ipi_across (2 vCPUs, 2 planes, personality vtl): HvCallSendSyntheticClusterIpi from VTL0
- * of vCPU0 to VTL1 of vCPU1 (fast and memory forms), to VTL0 of vCPU1 (UseTargetVtl = 0: the
- * caller's own VTL), and every error status.
+ * vtl_ipi_across (2 vCPUs, 2 planes, personality vtl): HvCallSendSyntheticClusterIpi from VTL1
+ * of vCPU0 to VTL1 of vCPU1 (fast and memory forms; vCPU0's VTL0 asks for them with a VtlCall:
+ * a lower VTL cannot interrupt a higher one, ACCESS_DENIED), from VTL0 of vCPU0 to VTL0 of
+ * vCPU1 (UseTargetVtl = 0: the caller's own VTL), and every error status.
  * VTL1 (both vCPUs): IDT with handlers for 0x50 and 0x51 that record the vector and the
  * EntryReason they see, APIC on, interrupts on, vtl_serve. vCPU1/VTL0: handler for 0x52,
  * APIC on, interrupts on, spins until vCPU0 finished.
  * Reports:
- *   vCPU0/VTL0: SYNC 1, status of the fast send of 0x50 to VTL1 of vCPU1 (0)
- *               SYNC 2, status of the memory-form send of 0x51 (0)
+ *   vCPU0/VTL0: SYNC 1, status of VTL1's fast send of 0x50 to VTL1 of vCPU1 (0)
+ *               SYNC 2, status of VTL1's memory-form send of 0x51 (0)
  *               SYNC 3, status of the send of 0x52 with TargetVtl = 0 (0)
  *               SYNC 0x10.. 0x19: statuses of the bad calls, in order:
  *                 0x10 vector 0x0f (5), 0x11 vector 0x100 (5), 0x12 TargetVtl 0x31 reserved
  *                 bit (5), 0x13 TargetVtl 0x12 = VTL2 (5), 0x14 mask bit 2 = vCPU2 (5),
  *                 0x15 memory form, GPA not 8-aligned (4), 0x16 memory form, GPA past the end
  *                 of memory (5), 0x17 rep count 1 (3), 0x18 variable header size 1 (3),
- *                 0x19 empty processor mask (0: nothing sent)
+ *                 0x19 empty processor mask (0: nothing sent), 0x1a TargetVtl 1 from VTL0
+ *                 (6: a lower VTL cannot interrupt a higher one)
  *   vCPU1/VTL0: SYNC 1, first vector VTL1 handled (0x50); SYNC 2, second (0x51);
  *               SYNC 3, EntryReason seen by VTL1's handler both times (2 and 2 -> 0x22);
  *               SYNC 4, VTL1 handler count (2); SYNC 5, vector VTL0's handler saw (0x52);
@@ -29,7 +31,9 @@
 .set V_OWN, 0x52
 .set TO_VTL1, HV_INPUT_VTL_USE_TARGET | 1
 .set CTL_IPI, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI
-.set CTL_IPI_FAST, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_HYPERCALL_FAST
+.set CTL_IPI_FAST, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_CONTROL_FAST
+.set CMD_FAST, 0x1f01
+.set CMD_MEM, 0x1f02
 
 /* SEND_FAST vector, input_vtl, mask: rax = status (vtl_send_ipi; clobbers rdi, rsi, rdx). */
 .macro SEND_FAST vector:req, input_vtl:req, mask:req
@@ -80,17 +84,13 @@ main:
 vcpu0:
     WAIT_EQ vcpu1_ready, 1
 
-    SEND_FAST V_FAST, TO_VTL1, 1 << 1
-    GUEST_SYNC 1, rax
+    mov rbx, CMD_FAST                   /* VTL1 sends (fast form) */
+    call vtl_call
+    GUEST_SYNC 1, [rip + vtl1_status]
     WAIT_EQ vtl1_count, 1
-
-    /* memory form: RDX = GPA of the 16-byte input */
-    lea rdx, [rip + ipi_input]
-    mov dword ptr [rdx], V_MEM
-    mov byte ptr [rdx + 4], TO_VTL1
-    mov qword ptr [rdx + 8], 1 << 1
-    RAW CTL_IPI, rdx, 0
-    GUEST_SYNC 2, rax
+    mov rbx, CMD_MEM                    /* VTL1 sends (memory form) */
+    call vtl_call
+    GUEST_SYNC 2, [rip + vtl1_status]
     WAIT_EQ vtl1_count, 2
 
     SEND_FAST V_OWN, 0, 1 << 1          /* UseTargetVtl = 0: VTL0, the caller's own */
@@ -116,13 +116,15 @@ vcpu0:
     RAW CTL_IPI, rdx, 0
     GUEST_SYNC 0x16, rax
     mov rdx, V_FAST | (TO_VTL1 << 32)
-    RAW CTL_IPI_FAST | (1 << HV_HYPERCALL_REP_COUNT_SHIFT), rdx, 1 << 1
+    RAW CTL_IPI_FAST | (1 << HV_CONTROL_REP_COUNT_SHIFT), rdx, 1 << 1
     GUEST_SYNC 0x17, rax
     mov rdx, V_FAST | (TO_VTL1 << 32)
     RAW CTL_IPI_FAST | (1 << 17), rdx, 1 << 1
     GUEST_SYNC 0x18, rax
-    SEND_FAST V_FAST, TO_VTL1, 0
+    SEND_FAST V_FAST, 0, 0
     GUEST_SYNC 0x19, rax
+    SEND_FAST V_FAST, TO_VTL1, 1 << 1
+    GUEST_SYNC 0x1a, rax
 
     mov qword ptr [rip + finished], 1
     GUEST_DONE
@@ -132,7 +134,23 @@ vtl1_main:
     call idt_install
     SET_HANDLER V_FAST, vtl1_handler_fast
     SET_HANDLER V_MEM, vtl1_handler_mem
-    VTL1_SERVE 0
+    VTL1_SERVE vtl1_call
+
+/* VtlCall (vCPU0's VTL1): rbx = CMD_FAST or CMD_MEM: send 0x50 / 0x51 to VTL1 of vCPU1 (its
+ * own VTL, named explicitly); the status in vtl1_status. */
+vtl1_call:
+    cmp rbx, CMD_FAST
+    jne 1f
+    SEND_FAST V_FAST, TO_VTL1, 1 << 1
+    jmp 2f
+1:  lea rdx, [rip + ipi_input]          /* memory form: RDX = GPA of the 16-byte input */
+    mov dword ptr [rdx], V_MEM
+    mov byte ptr [rdx + 4], TO_VTL1
+    mov qword ptr [rdx + 8], 1 << 1
+    RAW CTL_IPI, rdx, 0
+2:  mov [rip + vtl1_status], rax
+    clc
+    ret
 
 vtl1_handler_fast:
     push rax
@@ -178,3 +196,4 @@ vtl1_reasons:   .space 16
 vtl1_vcpu:      .space 8
 vtl0_count:     .space 8
 vtl0_vector:    .space 8
+vtl1_status:    .space 8

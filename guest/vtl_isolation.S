@@ -6,7 +6,8 @@
  *   2. VtlCalls its VTL1 with rbx = CMD_ICR: VTL1 of vCPU0 sends 0x45 through ITS ICR to
  *      vCPU1's VTL1 x2APIC ID: only vCPU1/VTL1 takes it (preempting vCPU1/VTL0). VTL1 of vCPU1
  *      has now run with interrupts on, so a leaked 0x44 would have been taken;
- *   3. positive control: HvCallSendSyntheticClusterIpi 0x44 to VTL1 of vCPU1: VTL1 takes it.
+ *   3. positive control: VtlCall with rbx = CMD_SYN: VTL1 of vCPU0 sends 0x44 to VTL1 of vCPU1
+ *      with HvCallSendSyntheticClusterIpi: VTL1 takes it.
  * Reports from vCPU1/VTL0 at the end:
  *   SYNC 1, VTL0 count of 0x44 (1); SYNC 2, VTL1 count of 0x44 after step 2 (0);
  *   SYNC 3, VTL1 count of 0x45 (1); SYNC 4, VTL0 count of 0x45 (0);
@@ -18,6 +19,7 @@
 .set V_A, 0x44
 .set V_B, 0x45
 .set CMD_ICR, 0x1c1c
+.set CMD_SYN, 0x1c1d
 
 .text
 .globl main
@@ -65,11 +67,8 @@ vcpu0:
     mov rax, [rip + count + 2 * 8]
     mov [rip + vtl1_a_after_step2], rax
     /* 3 */
-    mov edi, V_A
-    mov esi, HV_INPUT_VTL_USE_TARGET | 1
-    mov edx, 1 << 1
-    call vtl_send_ipi
-    GUEST_ASSERT_EQ rax, 0, "SendSyntheticClusterIpi to VTL1"
+    mov rbx, CMD_SYN
+    call vtl_call
     lea rdi, [rip + count + 2 * 8]
     mov esi, 1
     call pause_until_eq
@@ -90,7 +89,16 @@ vtl1_call:
     mov rdi, [rip + vtl1_apic_id + 8]
     mov esi, V_B
     call apic_send_ipi
-1:  clc
+    jmp 2f
+1:  mov rax, CMD_SYN
+    cmp rbx, rax
+    jne 2f
+    mov edi, V_A
+    mov esi, HV_INPUT_VTL_USE_TARGET | 1
+    mov edx, 1 << 1
+    call vtl_send_ipi
+    GUEST_ASSERT_EQ rax, 0, "SendSyntheticClusterIpi to VTL1"
+2:  clc
     ret
 
 /* count[plane * 2 + (vector - V_A)] += 1 (the IDT is per plane, the handlers shared) */

@@ -2,12 +2,14 @@
  * vtl_pingpong (an even number of vCPUs, 2 planes, personality vtl): N round trips of
  * cross-VTL IPIs in both directions at once between the vCPU pairs (0,1), (2,3), ...;
  * N = BI_ARG (0 means 1000). With an odd vCPU count the last vCPU just reports DONE.
- * On each vCPU v (other = v ^ 1), VTL0 sends N pings, one at a time: PING (0x70) to VTL1 of the
- * other vCPU with HvCallSendSyntheticClusterIpi, then waits (cli; check; sti; hlt) for the pong.
+ * On each vCPU v (other = v ^ 1), VTL0 sends N pings, one at a time: it asks its own VTL1 with a
+ * VtlCall (a lower VTL cannot interrupt a higher one), which sends PING (0x70) to VTL1 of the
+ * other vCPU with HvCallSendSyntheticClusterIpi; then VTL0 waits (cli; check; sti; hlt) for the pong.
  * VTL1's PING handler (preempting the other vCPU's VTL0, halted or not) counts the ping, checks
  * it is the one the sender announced (seq), and answers PONG (0x71) to VTL0 of the sender with
  * SendSyntheticClusterIpi (TargetVtl 0). VTL0's PONG handler counts and checks it too.
- * So every round trip is two cross-VTL IPIs, one preemption of a VTL0 and one VtlReturn.
+ * So every round trip is a VtlCall, one VTL1-to-VTL1 IPI, one preemption of a VTL0, one
+ * VTL1-to-VTL0 IPI and two VtlReturns.
  * Reports, per vCPU v from VTL0 at the end (after both vCPUs finished sending):
  *   SYNC 1, pongs VTL0 of v received (N); SYNC 2, pings VTL1 of v received (N);
  *   SYNC 3, sequence errors (a ping or pong that was not the next one, or a failed send) (0);
@@ -56,16 +58,11 @@ main:
 .Lround:
     inc rbx
     mov [r13 + r15 * 8], rbx            /* the ping the other VTL1 will see */
-    mov edi, PING
-    mov esi, HV_INPUT_VTL_USE_TARGET | 1
     mov ecx, r15d
     xor ecx, 1
     mov edx, 1
-    shl edx, cl                         /* mask: the other vCPU */
-    call vtl_send_ipi
-    test eax, eax
-    jz 2f
-    lock inc qword ptr [rip + errors]
+    shl edx, cl                         /* mask: the other vCPU (rdx is shared with VTL1) */
+    call vtl_call                       /* VTL1 sends the ping */
 2:  cli
     cmp [r12 + r15 * 8], rbx
     jae 3f
@@ -113,7 +110,18 @@ pong_handler:
 vtl1_main:
     call idt_install
     SET_HANDLER PING, ping_handler
-    VTL1_SERVE 0
+    VTL1_SERVE send_ping
+
+/* VtlCall from this vCPU's VTL0: PING to VTL1 of the vCPUs in rdx. */
+send_ping:
+    mov edi, PING
+    mov esi, HV_INPUT_VTL_USE_TARGET | 1
+    call vtl_send_ipi
+    test eax, eax
+    jz 1f
+    lock inc qword ptr [rip + errors]
+1:  clc
+    ret
 
 /* VTL1: ping from the other vCPU's VTL0; answer with a pong to it. */
 ping_handler:

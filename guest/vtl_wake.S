@@ -6,14 +6,16 @@
  *   source   0: x2APIC IPI (ICR write, in the kernel) from vCPU 0's target VTL
  *            1: an MSI from the host (hypercall WAKE_HOST_MSI, registered by the test:
  *               RDX = vCPU, R8 = vector | VTL << 8; Plane.signal_msi)
- *            2: SendSyntheticClusterIpi from vCPU 0's VTL0
+ *            2: SendSyntheticClusterIpi from vCPU 0's target VTL (asked by its VTL0 with a
+ *               VtlCall: a lower VTL cannot interrupt a higher one)
  *   receiver 0: vCPU 1's VTL0 waits in `cli; check; sti; hlt`   1: spins (pause)
  *            2: makes PORT_NULL exits
  *   before   0: nothing
  *            1: vCPU 1's VTL0 VtlCalls the target VTL, which spins (interrupts on) until a
- *               SendSyntheticClusterIpi V_PRE from vCPU 0 arrives, takes it there and returns
- *            2: the target VTL of vCPU 1 keeps TPR = 0x70; vCPU 0 first sends V_MASKED (class 5)
- *               by SendSyntheticClusterIpi, which must stay pending
+ *               SendSyntheticClusterIpi V_PRE from vCPU 0's target VTL arrives, takes it there
+ *               and returns
+ *            2: the target VTL of vCPU 1 keeps TPR = 0x70; vCPU 0's target VTL first sends
+ *               V_MASKED (class 5) by SendSyntheticClusterIpi, which must stay pending
  *   target   the VTL the interrupts are for; 0 = the highest.
  * Every VTL >= 1 (both vCPUs): handlers for V_WAKE, V_PRE, V_MASKED, APIC on, publishes its
  * x2APIC ID, initialises the next VTL (VtlCall), vtl_serve. Its V_WAKE handler counts, records
@@ -39,6 +41,7 @@
 .set CMD_SPIN, 1
 .set CMD_ICR, 2
 .set CMD_TPR0, 3
+.set CMD_SYN, 4
 .set RECEIVER, 1
 .set SENDER, 0
 
@@ -158,13 +161,16 @@ sender:
     WAIT_EQ woke, 1
     GUEST_DONE
 
-/* send_synthetic(rdi = vector): SendSyntheticClusterIpi to the target VTL of the receiver. */
+/* send_synthetic(rdi = vector) -> rax = status: this vCPU's target VTL (VtlCall) sends a
+ * SendSyntheticClusterIpi to the target VTL of the receiver. */
 send_synthetic:
-    mov rsi, [rip + target]
-    or rsi, HV_INPUT_VTL_USE_TARGET
-    mov edx, 1 << RECEIVER
-    call vtl_send_ipi
-    and eax, 0xffff
+    push rbx
+    push r12
+    mov rsi, rdi
+    VTL_CMD CMD_SYN
+    mov rax, [rip + syn_status]
+    pop r12
+    pop rbx
     ret
 
 /* parse_arg: BI_ARG and the plane count into source, receiver, before, target. */
@@ -249,7 +255,17 @@ vtl_command:
     call apic_send_ipi                  /* rdi = destination, rsi = vector */
     clc
     ret
-3:  cmp ebx, CMD_TPR0
+3:  cmp ebx, CMD_SYN
+    jne 5f
+    mov edi, esi                        /* the vector */
+    xor esi, esi                        /* to its own VTL */
+    mov edx, 1 << RECEIVER
+    call vtl_send_ipi
+    and eax, 0xffff
+    mov [rip + syn_status], rax
+    clc
+    ret
+5:  cmp ebx, CMD_TPR0
     jne 4f
     xor edi, edi
     call apic_set_tpr
@@ -310,4 +326,5 @@ pre_count:      .space 8
 masked_count:   .space 8
 masked_at_wake: .space 8
 door_count:     .space 8
+syn_status:     .space 8
 apic_ids:       .space 8 * MAX_VCPUS * MAX_PLANES

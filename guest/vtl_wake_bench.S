@@ -6,7 +6,8 @@
  *             hypercall right before the write: the host's timestamp of the send)
  *          1: an MSI from the host (hypercall WAKE_HOST_MSI, registered by the bench: RDX = vCPU,
  *             R8 = vector | VTL << 8)
- *          2: SendSyntheticClusterIpi from vCPU 0's VTL0
+ *          2: SendSyntheticClusterIpi from vCPU 0's VTL1 (a VtlCall: a lower VTL cannot
+ *             interrupt a higher one; the send's own hypercall exit is the timestamp)
  * vCPU 1's VTL0 sits in `sti; hlt` for the whole run (a preemption does not wake it). Each round
  * vCPU 0's VTL0 makes a pseudo-random number (0..delay_max-1) of PORT_NULL exits, so that sends
  * are spread over the kick period, sends V_WAKE to vCPU 1's VTL1, and waits for the
@@ -66,24 +67,16 @@ main:
     mov rax, [rip + source]
     cmp rax, 1
     je .Lmsi
-    cmp rax, 2
-    je .Lsynthetic
     mov rdi, [rip + receiver_vtl1_id]
     mov esi, V_WAKE
     xor eax, eax
-    call vtl_call                       /* VTL1 marks the time and writes the ICR */
+    call vtl_call                       /* VTL1 sends: ICR (after a timestamp) or synthetic */
     jmp .Lwait
 .Lmsi:
     mov edi, WAKE_HOST_MSI
     mov esi, RECEIVER
     mov edx, V_WAKE | 1 << 8
     call hypercall
-    jmp .Lwait
-.Lsynthetic:
-    mov edi, V_WAKE
-    mov esi, HV_INPUT_VTL_USE_TARGET | 1
-    mov edx, 1 << RECEIVER
-    call vtl_send_ipi
 .Lwait:
     lea rdi, [rip + acks]
     mov rsi, r14
@@ -124,9 +117,18 @@ vtl1_main:
     lea rdi, [rip + vtl1_send]
     call vtl_serve                      /* never returns */
 
-/* VtlCall handler (vCPU 0): rdi = destination x2APIC ID, rsi = vector. */
+/* VtlCall handler (vCPU 0): rdi = destination x2APIC ID, rsi = vector; with source 2 a
+ * SendSyntheticClusterIpi of the vector to VTL1 of the receiver instead. */
 vtl1_send:
-    push rdi
+    cmp qword ptr [rip + source], 2
+    jne 1f
+    mov edi, esi
+    mov esi, HV_INPUT_VTL_USE_TARGET | 1
+    mov edx, 1 << RECEIVER
+    call vtl_send_ipi
+    clc
+    ret
+1:  push rdi
     push rsi
     mov edi, HVCALL_PYKVMM_NOP          /* the host's timestamp of the send */
     xor esi, esi

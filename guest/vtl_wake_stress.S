@@ -6,7 +6,8 @@
  * seeded with seed and v. Each round VTL0 of v picks one of:
  *   - a deliverable interrupt (vector 0x90 + v) for VTL1 of another vCPU t, sent as an x2APIC
  *     IPI from v's own VTL1 (VtlCall), an MSI from the host (hypercall WAKE_HOST_MSI, registered
- *     by the test) or a SendSyntheticClusterIpi; then it waits for t's VTL1 to count it, in one
+ *     by the test) or a SendSyntheticClusterIpi from v's own VTL1 (VtlCall: a lower VTL cannot
+ *     interrupt a higher one); then it waits for t's VTL1 to count it, in one
  *     of three ways: halted (`cli; check; sti; hlt`, woken by t's VTL1 ringing v's VTL0 with
  *     V_DOOR), spinning, or making exits;
  *   - a masked interrupt (vector 0x50 + v: every VTL1 keeps TPR = 0x70) for VTL1 of another vCPU,
@@ -34,6 +35,7 @@
 .set CMD_FLUSH, 2
 .set CMD_SPIN, 3
 .set CMD_FINAL_FLUSH, 4
+.set CMD_SYN, 5
 
 /* this (vCPU, plane)'s private variables in the per-CPU scratch area */
 .set RNG, PCPU_SCRATCH
@@ -233,19 +235,16 @@ random_other:
     ret
 
 /* send_from_random_source(r12 = target vCPU, rsi = vector) for VTL1 of the target:
- * x2APIC IPI from this vCPU's VTL1, a host MSI, or SendSyntheticClusterIpi. */
+ * x2APIC IPI from this vCPU's VTL1, a host MSI, or SendSyntheticClusterIpi from this vCPU's
+ * VTL1 (which counts a failed send itself). */
 send_from_random_source:
     mov edi, 3
     call rand_below
     cmp eax, 1
     jb .Lsrc_x2apic
     je .Lsrc_msi
-    mov rdi, rsi
-    mov esi, HV_INPUT_VTL_USE_TARGET | 1
-    mov edx, 1
-    mov ecx, r12d
-    shl edx, cl
-    call vtl_send_ipi
+    CMD CMD_SYN                         /* r12 = target vCPU, rsi = vector */
+    xor eax, eax
     jmp .Lsrc_check
 .Lsrc_msi:
     mov edi, WAKE_HOST_MSI
@@ -321,6 +320,19 @@ vtl1_command:
     jne 1f
     call apic_send_ipi
     clc
+    ret
+1:  cmp ebx, CMD_SYN
+    jne 1f
+    mov rdi, rsi
+    xor esi, esi                        /* to its own VTL */
+    mov edx, 1
+    mov ecx, r12d
+    shl edx, cl
+    call vtl_send_ipi
+    test ax, ax
+    jz 2f
+    lock inc qword ptr [rip + send_errors]
+2:  clc
     ret
 1:  cmp ebx, CMD_SPIN
     jne 3f

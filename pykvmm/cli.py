@@ -14,6 +14,7 @@ import click
 from . import __version__
 from .kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError, open_files_hint as _open_files_hint
 from .vmm import abi, boot, loader
+from .vmm.console import StdStreams, write_if_ready
 from .vmm.hyperv.features import HvConfig
 from .vmm.machine import ExitStatus, Machine, MachineConfig
 from .vmm.personalities import POLICIES
@@ -59,7 +60,7 @@ def _plane_label(personality: str, planes: int) -> str:
     return "VTL" if personality in ("vtl", "auto") and planes > 1 else "plane"
 
 
-def _print_summary(result, planes: int, label: str) -> None:
+def _print_summary(result, planes: int, label: str, stderr_dropped: int = 0) -> None:
     out = []
     if result.exit_code is not None:
         from .vmm.devices.debug_exit import qemu_status
@@ -83,6 +84,8 @@ def _print_summary(result, planes: int, label: str) -> None:
         out.append(f"{key.replace('_', ' ')}: {value}")
     for w in result.stats.get("warnings", []):
         out.append(f"warning: {w}")
+    if stderr_dropped:
+        out.append(f"stderr not shown: {stderr_dropped} bytes dropped while stderr was blocked")
     click.echo("\n".join(out), err=True)
 
 
@@ -154,16 +157,19 @@ def run(guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_d
     written, 130 interrupted, 141 stdout was closed.
     """
     interrupts = _Interrupts()
+    streams = StdStreams.install()      # from here on no print can hold the timeout or a signal
     try:
         interrupts.install()
-        _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
-             raw_console, hyperv, vtl_boot, cpu, no_pit, cmdline, initrd, debug)
+        _run(interrupts, streams, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device,
+             quiet, raw_console, hyperv, vtl_boot, cpu, no_pit, cmdline, initrd, debug)
     except KeyboardInterrupt:                       # the first signal, before the guest ran
         _err("interrupted before the guest ran")
         sys.exit(ExitStatus.INTERRUPTED)
+    finally:
+        streams.finish()
 
 
-def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
+def _run(interrupts, streams, guest, vcpus, planes, backend, personality, timeout, arg, mem_mib, kvm_device, quiet,
          raw_console, hyperv, vtl_boot, cpu, no_pit, cmdline, initrd, debug):
     if mem_mib % 2:
         raise click.BadParameter("must be a multiple of 2", param_hint="--mem")
@@ -214,7 +220,7 @@ def _run(interrupts, guest, vcpus, planes, backend, personality, timeout, arg, m
     if result.status == ExitStatus.STDOUT_CLOSED:
         _detach_stdout()              # quietly: the reader left; nothing more to say on it
         sys.exit(result.status)
-    _report(result, planes, label, symbols)
+    _report(result, planes, label, symbols, streams)
     sys.exit(result.status)
 
 
@@ -245,14 +251,14 @@ class _Interrupts:
     def _on_signal(self, signum, frame) -> None:
         self.count += 1
         if self.count > 1:
-            os.write(2, b"pykvmm: second signal: exiting now\n")
+            write_if_ready(2, b"pykvmm: second signal: exiting now\n")
             os._exit(ExitStatus.INTERRUPTED)
         if self.machine is None:
             raise KeyboardInterrupt
         self.machine.interrupt()      # the run loop sees it within Machine.POLL_INTERVAL
 
 
-def _report(result, planes: int, label: str, symbols) -> None:
+def _report(result, planes: int, label: str, symbols, streams) -> None:
     from .debug.dump import explain_crash, format_cpu_report, where
 
     if result.status == ExitStatus.ASSERT_FAILED and result.failure is None:
@@ -276,7 +282,7 @@ def _report(result, planes: int, label: str, symbols) -> None:
             click.echo("  " + where(rep, symbols), err=True)
         for rep in result.timeout_reports:
             click.echo(format_cpu_report(rep, label, symbols), err=True)
-    _print_summary(result, planes, label)
+    _print_summary(result, planes, label, streams.err.dropped)
 
 
 @main.command()
@@ -394,14 +400,25 @@ def _trace_filters(f):
     return f
 
 
-def _load_trace(file, vcpu, plane, start, end, kind):
-    """(events, filter) of a trace FILE, or exit 2 with a one-line error."""
+def _trace_filter(file, vcpu, plane, start, end, kind):
+    """The filter of the trace commands' options, once FILE is known to be a regular file; or
+    exit 2 with a one-line error."""
     from .debug.query import TraceFilter, parse_ids, parse_kinds
-    from .debug.trace import TraceFormatError, load
 
     try:
         os.close(loader.open_regular_file(file, "trace file"))
-        flt = TraceFilter(parse_ids(vcpu, "vcpu"), parse_ids(plane, "plane"), start, end, parse_kinds(kind))
+        return TraceFilter(parse_ids(vcpu, "vcpu"), parse_ids(plane, "plane"), start, end, parse_kinds(kind))
+    except ValueError as e:
+        _err(str(e))
+        sys.exit(ExitStatus.USAGE)
+
+
+def _load_trace(file, **filters):
+    """(events, filter) of a trace FILE, or exit 2 with a one-line error."""
+    from .debug.trace import TraceFormatError, load
+
+    flt = _trace_filter(file, **filters)
+    try:
         return load(file), flt
     except (TraceFormatError, UnicodeDecodeError, ValueError) as e:
         _err(str(e))
@@ -442,17 +459,32 @@ def trace_show(file, **filters):
 @_trace_filters
 def trace_export(file, output, fmt, **filters):
     """Convert a trace FILE (e.g. the JSON lines a run streamed) to a Chrome trace for Perfetto,
-    or to JSON lines, keeping the selected events."""
-    from .debug.trace import write_trace
+    or to JSON lines, keeping the selected events. JSON lines are converted as they are read
+    (memory does not grow with the trace)."""
+    from .debug.trace import JsonlSource, ListSource, TraceFormatError, is_jsonl, write_trace_from
 
-    events, flt = _load_trace(file, **filters)
-    selected = flt.apply(events)
+    flt = _trace_filter(file, **filters)
     try:
-        written = write_trace(selected, output, fmt)
+        streamed = is_jsonl(file)
     except OSError as e:
-        _err(f"cannot write {output}: {e.strerror or e}")
+        _err(f"cannot read {file}: {e.strerror or e}")
         sys.exit(ExitStatus.USAGE)
-    _err(f"trace: {len(selected)} of {len(events)} events written to {output} ({written})")
+    if streamed:
+        source = JsonlSource(file, keep=flt)
+    else:
+        events, _ = _load_trace(file, **filters)
+        source = ListSource(flt.apply(events))
+    try:
+        written = write_trace_from(source, output, fmt)
+    except (TraceFormatError, UnicodeDecodeError, OSError) as e:
+        _err(f"cannot write {output}: {e.strerror or e}" if isinstance(e, OSError) else str(e))
+        try:
+            os.unlink(output)
+        except OSError:
+            pass
+        sys.exit(ExitStatus.USAGE)
+    kept, read = (source.kept, source.read) if streamed else (len(source.events), len(events))
+    _err(f"trace: {kept} of {read} events written to {output} ({written})")
 
 
 @trace.command("plot")

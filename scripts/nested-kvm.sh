@@ -10,6 +10,7 @@
 # overlay (so the checkout is writable inside and nothing leaks out), and runs pytest in the
 # checkout. It prints pytest's result line; the logs stay in the run directory it names:
 #   pytest.log   pytest's output          console.log  the VM's serial console (kernel, init)
+#   failures.log each failure's report as it happens (pytest.log has them only at the end)
 #   status       pytest's exit status     cmdline      what ran
 # Exit status: pytest's, or 124 when the watchdog ended QEMU, 2 for bad use, 5 when the VM
 # did not get as far as running pytest.
@@ -129,13 +130,17 @@ fi
 # ---- the run ---------------------------------------------------------------------------------
 [ $# -gt 0 ] || set -- tests/
 make -s -C "$ROOT" setup guests >/dev/null || die "make setup guests failed in $ROOT"
+# Bytecode compiled here (seconds) is read through 9p there: every `python -m pykvmm` a test
+# starts in the VM would otherwise compile pykvmm again under TCG (several seconds each).
+"$ROOT/.venv/bin/python" -m compileall -q "$ROOT/pykvmm" "$ROOT/tests" "$ROOT/scripts" >/dev/null \
+    || die "python -m compileall failed in $ROOT"
 RUN="$WORK/runs/$(date -u +%Y%m%dT%H%M%S)-$$"
 mkdir -p "$RUN"
 printf '%s\n' "$*" > "$RUN/cmdline"
 {
     echo "cd '$ROOT' || exit 5"
     echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8"
-    echo "export PYTHONDONTWRITEBYTECODE=1 PYKVMM_NESTED=1"
+    echo "export PYKVMM_NESTED=1 PYKVMM_FAILURE_LOG=/run/nested-results/failures.log"
     printf '.venv/bin/python -m pytest -p no:cacheprovider'
     for a in "$@"; do printf " '%s'" "$(printf '%s' "$a" | sed "s/'/'\\\\''/g")"; done
     echo " > /run/nested-results/pytest.log 2>&1"

@@ -14,6 +14,11 @@ from pykvmm.kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
 from pykvmm.vmm import loader
 from pykvmm.vmm.machine import Machine, MachineConfig
 
+# The run timeout of a guest expected to finish, and the limit of waits for what must happen:
+# only a test that already fails meets it. Generous: the suite runs ~10x slower under nested
+# KVM in QEMU TCG (scripts/nested-kvm.sh), and a loaded machine can be slower still.
+LAST_RESORT = 300.0
+
 REQUIRED = {f.strip() for f in os.environ.get("PYKVMM_REQUIRE", "").split(",") if f.strip()}
 
 
@@ -24,6 +29,17 @@ def require(feature: str, available: bool, reason: str) -> None:
     if feature in REQUIRED:
         pytest.fail(f"PYKVMM_REQUIRE={feature}: {reason}")
     pytest.skip(reason)
+
+
+def pytest_runtest_logreport(report):
+    """PYKVMM_FAILURE_LOG=FILE: append each failure's report to FILE as soon as it happens
+    (scripts/nested-kvm.sh: a run hours long shows why a test failed while it goes on)."""
+    path = os.environ.get("PYKVMM_FAILURE_LOG")
+    if path and report.failed:
+        import time
+        with open(path, "a") as f:
+            f.write(f"==== {time.strftime('%H:%M:%S')} {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
+                    f"{report.longreprtext}\n{report.capstdout}{report.capstderr}\n")
 
 
 def _kvm_status() -> tuple[bool, str]:
@@ -84,7 +100,7 @@ def guest_image(name: str) -> bytes:
 def run_guest(kvm_available):
     """run_guest("hello", vcpus=2, planes=2, backend=..., timeout=10) -> RunResult."""
 
-    def run(name: str, timeout: float = 20.0, **config):
+    def run(name: str, timeout: float = LAST_RESORT, **config):
         config.setdefault("quiet", True)
         with Machine(guest_image(name), MachineConfig(**config)) as m:
             return m.run(timeout)
@@ -101,7 +117,7 @@ def assert_done(result) -> None:
                 + "\n".join(u.describe() for u in result.ucalls[-20:]))
 
 
-def wait_for(condition, what: str, timeout: float = 120.0, poll: float = 0.01):
+def wait_for(condition, what: str, timeout: float = LAST_RESORT, poll: float = 0.01):
     """Poll ``condition`` until it returns something true (returned), or fail saying ``what``.
 
     Tests wait for conditions, never fixed times: the same test must pass on a machine 10x
@@ -148,7 +164,7 @@ def run_kut(kvm_available, kut_suite):
     """run_kut("smptest", vcpus=2, cmdline="...") -> RunResult of x86/<name>.flat under pykvmm."""
     from pykvmm.vmm import boot
 
-    def run(name: str, timeout: float = 60.0, cmdline: str = "", initrd: str | None = None, **config):
+    def run(name: str, timeout: float = LAST_RESORT, cmdline: str = "", initrd: str | None = None, **config):
         config.setdefault("quiet", True)
         image = boot.open_guest(kut_suite / "x86" / f"{name}.flat", cmdline=cmdline, initrd=initrd)
         with Machine(image, MachineConfig(**config)) as m:

@@ -12,14 +12,15 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not install
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from pykvmm.vmm import abi  # noqa: E402
-from pykvmm.vmm.hypercalls import STATUS_NAMES, Control  # noqa: E402
+from pykvmm.vmm.hyperv import tlfs  # noqa: E402
+from pykvmm.vmm.hypercalls import Control  # noqa: E402
 from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
 
 from conftest import assert_done, guest_image  # noqa: E402
 
 UD_MARK = 0xFFFFFFFF00000006
 MEM = abi.DEFAULT_MEM_SIZE
-CODES = [abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, abi.HVCALL_VTL_CALL, abi.HVCALL_VTL_RETURN,
+CODES = [tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, tlfs.HVCALL_VTL_CALL, tlfs.HVCALL_VTL_RETURN,
          abi.HVCALL_PYKVMM_NOP, abi.HVCALL_PYKVMM_SWITCH_PLANE, 0x0000, 0x000C, 0x0050, 0xFFFF]
 GPAS = [0, 1, 7, abi.HYPERCALL_PAGE_ADDR, abi.BOOT_INFO_ADDR, abi.control_page(0, 0), abi.control_page(0, 1),
         abi.control_page(3, 15), MEM - 8, MEM - 1, MEM, MEM + 0x1000, 1 << 40, 2**64 - 1, 2**63]
@@ -64,7 +65,7 @@ def check(table, planes, personality):
         if s == UD_MARK:
             continue
         # an HV status in bits 15:0 (reps completed above it), or a VTL switch's shared RAX
-        assert s & 0xFFFF in STATUS_NAMES or (c & 0xFFFF) in (abi.HVCALL_VTL_CALL, abi.HVCALL_VTL_RETURN,
+        assert s & 0xFFFF in tlfs.STATUS or (c & 0xFFFF) in (tlfs.HVCALL_VTL_CALL, tlfs.HVCALL_VTL_RETURN,
                                                               abi.HVCALL_PYKVMM_SWITCH_PLANE), hex(s)
     TRIED["calls"] += len(table)
 

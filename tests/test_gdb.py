@@ -324,7 +324,7 @@ def test_step_over_a_switch_with_stop_on_switch_then_stops_at_the_switch(kvm_ava
     call_out, _ = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")
     v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock,
-            "--gdb-stop-on-switch", "--timeout", "60")
+            "--gdb-stop-on-switch", "--timeout", RUN_LIMIT)
     v.wait_listening()
     out = gdb(sock, f"hbreak *{call_out:#x}", "continue", "continue", "p/x $pc", "info threads", "kill",
               elf=built("vtl_call", "elf"))
@@ -392,7 +392,7 @@ def test_system_state_per_plane_and_physical_memory(kvm_available, vmm, tmp_path
     from pykvmm.vmm import hypercalls
     call_out, _ = hypercall_outs()
     sock = str(tmp_path / "gdb.sock")
-    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", "60")
+    v = vmm(built("vtl_call"), "--planes", "2", "--personality", "vtl", "--quiet", "--gdb", sock, "--timeout", RUN_LIMIT)
     v.wait_listening()
     out = gdb(sock, f"hbreak *{call_out:#x}", "continue", "continue",
               "p/x $dr0", "p/x $dr3", "p/x $lstar", "p/x $efer", "thread 2", "p/x $lstar", "thread 1",

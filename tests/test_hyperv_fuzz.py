@@ -34,8 +34,8 @@ msr_value = st.one_of(page_values, st.sampled_from([0, 1, 0x10, 0x30 | T.SINT_AU
                                                     T.STIMER_ENABLE | T.STIMER_DIRECT_MODE | (0x40 << 4)]),
                       st.integers(0, 2**20), u64)
 CODES = [T.HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE, T.HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST, T.HVCALL_NOTIFY_LONG_SPIN_WAIT,
-         T.HVCALL_SEND_IPI, T.HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE_EX, T.HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX,
-         T.HVCALL_SEND_IPI_EX, T.HVCALL_GET_PARTITION_ID, T.HVCALL_POST_MESSAGE, T.HVCALL_SIGNAL_EVENT,
+         T.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, T.HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE_EX, T.HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX,
+         T.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX, T.HVCALL_GET_PARTITION_ID, T.HVCALL_POST_MESSAGE, T.HVCALL_SIGNAL_EVENT,
          abi.HVCALL_PYKVMM_ECHO, abi.HVCALL_PYKVMM_NOP, 0x0000, 0xFFFF]
 control = st.one_of(
     st.builds(lambda code, fast, var, reps, start: code | fast << 16 | var << 17 | reps << 32 | start << 48,
@@ -106,7 +106,7 @@ def test_fuzz_edge_table(kvm_available):
              (1, T.MSR_STIMER0_COUNT + 2, 1, 0),
              (0, abi.HVCALL_PYKVMM_ECHO | 4095 << 32, SCRATCH + 0x2000, SCRATCH + 0x3000),
              (0, T.HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX | 0x3FF << 17 | 4095 << 32, SCRATCH, 0),
-             (0, T.HVCALL_SEND_IPI_EX | 1 << 16 | 0x3FF << 17, 0x40, 0),
+             (0, T.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX | 1 << 16 | 0x3FF << 17, 0x40, 0),
              (1, T.MSR_HYPERCALL, SCRATCH + 0x5000 | 3, 0), (0, T.HVCALL_GET_PARTITION_ID, 0, SCRATCH),
              (1, T.MSR_STIMER0_CONFIG, 0, 0), (1, T.MSR_STIMER0_CONFIG + 2, 0, 0),
              (1, T.MSR_GUEST_OS_ID, 0, 0), (0, T.HVCALL_GET_PARTITION_ID, 0, SCRATCH)]

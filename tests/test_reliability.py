@@ -17,7 +17,7 @@ from pykvmm.planes import open_planes_vm
 from pykvmm.vmm import abi
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 
-from conftest import guest_image
+from conftest import LAST_RESORT, guest_image, thread_states, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def test_crash_leaves_no_threads_or_fds(kvm_available):
     before_fds, before_threads = open_fds(), threading.active_count()
     for _ in range(3):
         with Machine(guest_image("fault"), MachineConfig(vcpus=2, planes=2, quiet=True)) as m:
-            assert m.run(10).status == ExitStatus.CRASHED
+            assert m.run(LAST_RESORT).status == ExitStatus.CRASHED
     assert threading.active_count() == before_threads
     assert open_fds() == before_fds
 
@@ -56,19 +56,12 @@ def test_handler_exception_stops_every_vcpu_with_a_dump(kvm_available, monkeypat
             raise RuntimeError("injected handler bug")
         t = m.threads[1]
         t.set_port_handler(abi.PORT_UCALL, broken)       # vCPU 1's ucall port
-        r = m.run(10)
+        r = m.run(LAST_RESORT)
     assert r.status == ExitStatus.CRASHED
     assert r.crash.vcpu == 1 and "injected handler bug" in r.crash.reason
     assert r.crash.report is not None and r.crash.report.planes[0].regs
     assert threading.active_count() == before_threads
     assert open_fds() == before_fds
-
-
-def wait_until(cond, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def catches(pid: int, sig: int) -> bool:
@@ -79,13 +72,6 @@ def catches(pid: int, sig: int) -> bool:
     except (FileNotFoundError, StopIteration):
         return False
     return bool(mask >> (sig - 1) & 1)
-
-
-def threads(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
-        return 0
 
 
 def start_run(*args):
@@ -100,9 +86,9 @@ def test_signal_stops_a_running_guest(kvm_available, sig, tmp_path):
     not, 3 runs of 3). Status 130, where each vCPU was, the summary and the trace."""
     trace = tmp_path / "t.jsonl"
     p = start_run("hang", "--vcpus", "2", "--trace", str(trace))
-    wait_until(lambda: catches(p.pid, signal.SIGTERM) and threads(p.pid) >= 3, "the vCPU threads")
+    wait_for(lambda: catches(p.pid, signal.SIGTERM) and "vcpu1" in thread_states(p.pid), "the vCPU threads")
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=600)
     assert p.returncode == ExitStatus.INTERRUPTED, err
     assert "interrupted" in err and "Traceback" not in err
     assert "RIP=" in err and "--- interrupted after" in err
@@ -115,10 +101,10 @@ def test_signal_stops_a_running_guest(kvm_available, sig, tmp_path):
 def test_signal_while_the_machine_is_built(kvm_available, sig):
     """A signal before the run loop (building 64 vCPUs x 16 planes) gave "Aborted!" (1) or 143."""
     p = start_run("hello", "--vcpus", "64", "--planes", "16")
-    wait_until(lambda: catches(p.pid, signal.SIGTERM), "pykvmm's handler (Python catches SIGINT itself from the start)")
+    wait_for(lambda: catches(p.pid, signal.SIGTERM), "pykvmm's handler (Python catches SIGINT itself from the start)")
     t0 = time.monotonic()
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=600)
     print(f"signal during start-up: exit after {time.monotonic() - t0:.2f} s")
     assert p.returncode == ExitStatus.INTERRUPTED, err
     assert "interrupted" in err and "Traceback" not in err and "Aborted" not in err
@@ -126,10 +112,10 @@ def test_signal_while_the_machine_is_built(kvm_available, sig):
 
 def test_second_signal_forces_the_exit(kvm_available):
     p = start_run("hang", "--vcpus", "2")
-    wait_until(lambda: catches(p.pid, signal.SIGTERM) and threads(p.pid) >= 3, "the vCPU threads")
+    wait_for(lambda: catches(p.pid, signal.SIGTERM) and "vcpu1" in thread_states(p.pid), "the vCPU threads")
     p.send_signal(signal.SIGINT)
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=600)
     assert p.returncode == ExitStatus.INTERRUPTED, err
     assert "Traceback" not in err and "race condition" not in err
 
@@ -182,7 +168,7 @@ def hostile(mode: int, count: int = 0) -> str:
 
 def cli(*args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT, **kw.pop("env", {}))
-    return subprocess.run([sys.executable, "-m", "pykvmm", *args], capture_output=True, timeout=kw.pop("timeout", 120),
+    return subprocess.run([sys.executable, "-m", "pykvmm", *args], capture_output=True, timeout=kw.pop("timeout", 600),
                           env=env, cwd=ROOT, **kw)
 
 
@@ -190,7 +176,7 @@ def test_console_history_is_bounded(run_guest):
     """Rule: nothing a guest repeats grows host memory. The console keeps its newest lines."""
     from pykvmm.vmm.console import CONSOLE_HISTORY_LINES
     n = CONSOLE_HISTORY_LINES + 200
-    r = run_guest("hostile", arg=int(hostile(HOSTILE_CONSOLE, n)), timeout=120)
+    r = run_guest("hostile", arg=int(hostile(HOSTILE_CONSOLE, n)), timeout=600)
     assert r.ok
     assert len(r.console) == CONSOLE_HISTORY_LINES and r.console[-1][2] == "spam spam spam spam"
     assert r.stats["console_lines"] == n
@@ -257,7 +243,7 @@ def test_closed_stdout_ends_the_run_quietly(kvm_available):
     assert p.stdout.readline() == b"spam spam spam spam\n"
     p.stdout.close()
     err = p.stderr.read()
-    assert p.wait(60) == ExitStatus.STDOUT_CLOSED, err
+    assert p.wait(600) == ExitStatus.STDOUT_CLOSED, err
     assert err == b""
 
 
@@ -269,11 +255,100 @@ def test_timeout_holds_while_stdout_is_blocked(kvm_available):
     import fcntl
     fcntl.fcntl(p.stdout, 1031, 4096)                  # F_SETPIPE_SZ: full after ~200 lines
     try:
-        assert p.wait(60) == ExitStatus.TIMEOUT       # stdout never read
+        assert p.wait(600) == ExitStatus.TIMEOUT       # stdout never read
     finally:
         p.kill()
     err = p.stderr.read().decode()
     assert "timed out" in err and "while the output was blocked, still blocked at the end" in err
+
+
+def blocked_run(*args, backlog: int | None = None):
+    """`pykvmm run ARGS` with stdout and stderr on pipes nobody reads, shrunk to one page each
+    (F_SETPIPE_SZ) so they are full after a few lines; ``backlog``: a smaller output backlog
+    than CONSOLE_BACKLOG_MAX, so little output fills it."""
+    import fcntl
+    start = "import sys, pykvmm.vmm.console as c, pykvmm.cli as cli; "
+    if backlog is not None:
+        start += f"c.CONSOLE_BACKLOG_MAX = {backlog}; "
+    p = subprocess.Popen([sys.executable, "-c", start + "sys.argv[0] = 'pykvmm'; cli.main()", "run", *args],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    for pipe in (p.stdout, p.stderr):
+        fcntl.fcntl(pipe, 1031, 4096)                 # F_SETPIPE_SZ
+    return p
+
+
+def exit_after_guest_started(p, what: str, signal_to_send=None) -> float:
+    """Seconds from the vCPU thread's start to the exit of ``p`` (which nobody reads)."""
+    wait_for(lambda: p.poll() is not None or "vcpu0" in thread_states(p.pid), "the vCPU thread")
+    assert p.poll() is None, f"ended before its guest ran: {p.returncode}"
+    t0 = time.monotonic()
+    if signal_to_send is not None:
+        p.send_signal(signal_to_send)
+    try:
+        p.wait(600)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"{what} did not end the run while stdout and stderr were blocked")
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("how", ["timeout", "signal"])
+def test_blocked_stderr_holds_neither_timeout_nor_signal(kvm_available, how):
+    """`--trace-exits` prints a line per exit on stderr; nobody reads stderr or stdout. The run
+    still ends at its timeout (or at SIGINT): before, a vCPU thread waited in the write."""
+    args = ["hostile", "--arg", hostile(HOSTILE_CONSOLE), "--trace-exits"]
+    p = blocked_run(*args, *(["--timeout", "2"] if how == "timeout" else []))
+    took = exit_after_guest_started(p, how, None if how == "timeout" else signal.SIGINT)
+    print(f"{how}: exit {took:.1f} s after the guest started")
+    assert p.returncode == (ExitStatus.TIMEOUT if how == "timeout" else ExitStatus.INTERRUPTED)
+    # 2 s of timeout, the vCPUs' stop, and at most StdStreams.FINAL_DRAIN_LIMIT for the readers:
+    # bounded whatever the terminal does (generous for a machine 10x slower)
+    assert took < 60
+    assert p.stderr.read(200).startswith(b"[")          # what fitted: the first --trace-exits lines
+
+
+def test_blocked_stderr_output_is_dropped_and_counted(kvm_available, tmp_path):
+    """stderr blocked while the guest runs: what does not fit in the backlog is dropped and the
+    summary says how much, once a reader comes back (here: when the trace is complete)."""
+    trace = tmp_path / "t.jsonl"
+    p = blocked_run("hostile", "--arg", hostile(HOSTILE_SYNC), "--quiet", "--trace-exits", "--timeout", "2",
+                    "--trace", str(trace), backlog=4096)
+
+    def trace_complete():
+        try:
+            return '"what":"end"' in trace.read_text()[-300:]
+        except FileNotFoundError:
+            return False
+    wait_for(trace_complete, "the trace's end event")
+    err = p.stderr.read().decode()                      # the reader comes back: EOF at the exit
+    assert p.wait(600) == ExitStatus.TIMEOUT, err[-2000:]
+    assert "--- timeout after" in err, err[-2000:]
+    dropped = re.search(r"stderr not shown: (\d+) bytes dropped while stderr was blocked", err)
+    assert dropped and int(dropped.group(1)) > 0, err[-2000:]
+
+
+def test_bounded_writer_never_waits_for_its_reader():
+    """The writer under pykvmm run's stdout and stderr, on a pipe nobody reads."""
+    from pykvmm.vmm.console import CONSOLE_BACKLOG_MAX, BoundedWriter
+    r, w = os.pipe()
+    try:
+        writer = BoundedWriter(w)
+        t0 = time.monotonic()
+        chunk = b"x" * 999 + b"\n"
+        total = 3 * CONSOLE_BACKLOG_MAX // len(chunk) * len(chunk)
+        for _ in range(total // len(chunk)):
+            writer.put_bytes(chunk)
+        assert time.monotonic() - t0 < 30                # never blocked (a blocked write is forever)
+        assert writer.dropped >= total - CONSOLE_BACKLOG_MAX - (1 << 20) and writer.dropped % len(chunk) == 0
+        lost = writer.finish(time.monotonic() + 30, stall=0.2)
+        assert lost > writer.dropped                     # what was queued and never taken, too
+        os.set_blocking(r, False)
+        got = os.read(r, 1 << 20)
+        assert got and got == chunk * (len(got) // len(chunk)) + chunk[:len(got) % len(chunk)]
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_trace_streams_to_the_file_and_survives_sigkill(kvm_available, tmp_path):
@@ -283,7 +358,7 @@ def test_trace_streams_to_the_file_and_survives_sigkill(kvm_available, tmp_path)
                           "--quiet", "--trace", str(path)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600
         while (not path.exists() or path.stat().st_size < 4096) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
@@ -310,7 +385,7 @@ def test_incomplete_trace_file_is_set_aside(kvm_available, tmp_path):
     path = tmp_path / "t.jsonl"
     res = subprocess.run([sys.executable, "-m", "pykvmm", "run", "hostile", "--arg", hostile(HOSTILE_SYNC, 2000),
                           "--quiet", "--trace", str(path)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                         capture_output=True, preexec_fn=limit, timeout=120)
+                         capture_output=True, preexec_fn=limit, timeout=600)
     assert res.returncode == ExitStatus.OUTPUT_FAILED, res.stderr
     assert b"File too large" in res.stderr and b"t.jsonl.incomplete" in res.stderr
     assert not path.exists() and (tmp_path / "t.jsonl.incomplete").stat().st_size > 0

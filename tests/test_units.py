@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from pykvmm.vmm import abi
+from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.console import Console
 from pykvmm.vmm.devices import BadUcall, decode_ucall
 from pykvmm.vmm.hypercalls import CONTROL_RESERVED_MASK, Control, Dispatcher, hypercall_page
@@ -144,8 +145,8 @@ def test_irr_ignores_bytes_between_irr_registers():
 def test_control_known_value():
     c = Control(0x0001_0003_0001_0011)
     assert (c.code, c.fast, c.rep_count, c.rep_start, c.var_header_size, c.reserved_bits) == \
-        (abi.HVCALL_VTL_CALL, True, 3, 1, 0, 0)
-    assert Control.encode(abi.HVCALL_VTL_CALL, fast=True, rep_count=3, rep_start=1) == c.value
+        (tlfs.HVCALL_VTL_CALL, True, 3, 1, 0, 0)
+    assert Control.encode(tlfs.HVCALL_VTL_CALL, fast=True, rep_count=3, rep_start=1) == c.value
 
 
 @pytest.mark.parametrize("bit", [27, 30, 31, 44, 47, 60, 63])
@@ -178,11 +179,11 @@ def test_control_reserved_mask_is_the_tlfs_gaps():
 def test_dispatcher_nop_and_errors():
     d = Dispatcher()
     regs = SimpleNamespace(rcx=Control.encode(abi.HVCALL_PYKVMM_NOP), rdx=U64, r8=2)
-    assert d.dispatch(None, 0, regs)[1] == Answer(abi.HV_STATUS_SUCCESS, (("rdx", 1),))
+    assert d.dispatch(None, 0, regs)[1] == Answer(tlfs.SUCCESS, (("rdx", 1),))
     regs.rcx |= 1 << 27
-    assert d.dispatch(None, 0, regs)[1] == Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
+    assert d.dispatch(None, 0, regs)[1] == Answer(tlfs.INVALID_HYPERCALL_INPUT)
     regs.rcx = Control.encode(0x7777)
-    assert d.dispatch(None, 0, regs)[1] == Answer(abi.HV_STATUS_INVALID_HYPERCALL_CODE)
+    assert d.dispatch(None, 0, regs)[1] == Answer(tlfs.INVALID_HYPERCALL_CODE)
     assert d.counts == {abi.HVCALL_PYKVMM_NOP: 2, 0x7777: 1}
 
 

@@ -171,3 +171,44 @@ def test_vina_notifies_the_higher_vtl_of_a_lower_vtls_interrupt(run_vsm):
     assert s[0x14] == 0x360 and s[0x15] == INVALID_PARAMETER
     assert s[1] == 1 and s[0x16] == 0
     assert r.stats["vsm"]["vina_asserted"] == 1
+
+
+def test_tlb_locked_holds_back_lower_vtl_flushes(run_vsm):
+    """HvRegisterVsmVpSecureVtlConfig.TlbLocked: VTL0's flushes aimed at a VP whose VTL1 locked
+    VTL0's TLB do not complete until VTL1 clears the bit or returns to VTL0; flushes of other
+    VPs and VTL1's own flushes are not held; a VtlReturn releases the lock (the bit reads 0)."""
+    r = run_vsm("vsm_tlb", planes=2, vcpus=2)
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[0x11] == 1 << REPS and s[0x12] == 2                   # locked, reads back TlbLocked
+    assert s[0x01] == 0 and s[0x21] == 0                           # own VP; VTL1's own TLB
+    assert s[0x13] == 0                                            # held while locked
+    assert s[0x14] == 1 << REPS and s[0x03] == 0                   # unlocked: the flush completed
+    assert s[0x15] == 1                                            # the list flush held too
+    assert s[0x04] == 1 << REPS and s[0x02] == 2                   # ... until VTL1 returned
+    assert s[0x16] == 0                                            # the return released the lock
+    assert r.stats["vsm"]["flushes_held"] >= 2
+    assert r.stats["vsm"]["flushes_suspended"] >= 1                # re-issued through the page's stub
+
+
+INVALID_VP_STATE = 0x15
+VP1_LSTAR, NEW_LSTAR = 0x11110000, 0x22220000
+
+
+def test_registers_of_another_vp(run_vsm):
+    """HvCallGet/SetVpRegisters and HvCallTranslateVirtualAddress with another VP's index:
+    a VTL reaches its own and lower VTLs of any VP while that VP does not execute with those
+    registers (INVALID_VP_STATE while it does), never a higher VTL (ACCESS_DENIED), never a VP
+    that does not exist (INVALID_VP_INDEX)."""
+    r = run_vsm("vsm_remote", planes=2, vcpus=2)
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[0x01] == 1 << REPS and s[0x03] == VP1_LSTAR            # VTL0 reads VTL0 of the parked VP1
+    assert s[0x04] == ACCESS_DENIED and s[0x05] == INVALID_VP_INDEX
+    assert s[0x11] == 1 << REPS and s[0x12] == VP1_LSTAR            # VTL1 reads VP1's VTL0 ...
+    assert s[0x13] == 1 << REPS and s[0x02] == NEW_LSTAR            # ... and sets it: VP1's VTL0 sees it
+    assert s[0x14] == INVALID_VP_STATE and s[0x15] == INVALID_VP_STATE   # VP1 runs VTL1 (and the shared set)
+    assert s[0x16] == 0 and s[0x17] == 0                            # a translation through VP1's VTL0
+    assert s[0x18] == 0x301                                         # VP1's VsmVpStatus: VTL1 active
+    assert s[0x06] == INVALID_VP_STATE                              # VP1 runs VTL0 now
+    assert r.stats["vsm"]["remote_vp_accesses"] >= 7

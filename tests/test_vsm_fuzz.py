@@ -20,8 +20,8 @@ from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
 
 SCRATCH = abi.free_memory_start(1) + (1 << 20)
 ENTRY = 48
-CODES = [abi.HVCALL_MODIFY_VTL_PROTECTION_MASK, abi.HVCALL_ENABLE_PARTITION_VTL, abi.HVCALL_ENABLE_VP_VTL,
-         abi.HVCALL_GET_VP_REGISTERS, abi.HVCALL_SET_VP_REGISTERS, abi.HVCALL_TRANSLATE_VIRTUAL_ADDRESS]
+CODES = [T.HVCALL_MODIFY_VTL_PROTECTION_MASK, T.HVCALL_ENABLE_PARTITION_VTL, T.HVCALL_ENABLE_VP_VTL,
+         T.HVCALL_GET_VP_REGISTERS, T.HVCALL_SET_VP_REGISTERS, T.HVCALL_TRANSLATE_VIRTUAL_ADDRESS]
 REGISTER_NAMES = [0x20000 + i for i in range(18)] + [0x40000, 0x40002, 0x40003, 0x40004, 0x50000, 0x50005,
                                                       0x60001, 0x70000, 0x80001, 0x80004, 0x90013,
                                                       *range(0xD0002, 0xD0008), 0xD0010, 0xD0011, 0x1234]
@@ -32,15 +32,15 @@ partition = st.sampled_from([2**64 - 1, 2**64 - 1, 1, 7])
 
 def header(code):
     """A plausible header for ``code``, fuzzed field by field (16 bytes; 240 for EnableVpVtl)."""
-    if code == abi.HVCALL_ENABLE_VP_VTL:
+    if code == T.HVCALL_ENABLE_VP_VTL:
         return st.builds(lambda p, vp, vtl, ctx: struct.pack("<QIB3x", p, vp, vtl) + ctx,
                          partition, st.sampled_from([0, 1, 0xFFFFFFFE]), st.integers(0, 3),
                          st.binary(min_size=224, max_size=224))
-    if code == abi.HVCALL_TRANSLATE_VIRTUAL_ADDRESS:
+    if code == T.HVCALL_TRANSLATE_VIRTUAL_ADDRESS:
         return st.builds(lambda p, vp, flags, vtl, gva: struct.pack("<QIIQQ", p, vp, 0, flags | vtl << 56, gva),
                          partition, st.sampled_from([0xFFFFFFFE, 0, 3]), st.integers(0, 0x7F), vtl_byte,
                          st.one_of(st.integers(0, 0x4000), u64))
-    if code == abi.HVCALL_SET_VP_REGISTERS:         # never VTL0's own registers
+    if code == T.HVCALL_SET_VP_REGISTERS:         # never VTL0's own registers
         return st.builds(lambda p, vtl: struct.pack("<QIB3x", p, 0xFFFFFFFE, vtl), partition,
                          st.sampled_from([0x11, 0x1F, 0x30]))
     return st.builds(lambda p, second, vtl: struct.pack("<QIB3x", p, second, vtl), partition,
@@ -48,12 +48,12 @@ def header(code):
 
 
 def elements(code):
-    if code == abi.HVCALL_GET_VP_REGISTERS:
+    if code == T.HVCALL_GET_VP_REGISTERS:
         return st.lists(st.sampled_from(REGISTER_NAMES), min_size=1, max_size=6).map(lambda ns: b"".join(struct.pack("<I", n) for n in ns))
-    if code == abi.HVCALL_SET_VP_REGISTERS:
+    if code == T.HVCALL_SET_VP_REGISTERS:
         return st.lists(st.tuples(st.sampled_from(REGISTER_NAMES), u64), min_size=1, max_size=4).map(
             lambda xs: b"".join(struct.pack("<I12xQQ", n, v, 0) for n, v in xs))
-    if code == abi.HVCALL_MODIFY_VTL_PROTECTION_MASK:
+    if code == T.HVCALL_MODIFY_VTL_PROTECTION_MASK:
         return st.lists(st.one_of(st.integers(0, 0x4000), u64), min_size=1, max_size=6).map(
             lambda ps: b"".join(struct.pack("<Q", p) for p in ps))
     return st.just(b"")
@@ -63,8 +63,8 @@ def elements(code):
 def call(draw):
     code = draw(st.sampled_from(CODES))
     head, elems = draw(header(code)), draw(elements(code))
-    size = {abi.HVCALL_GET_VP_REGISTERS: 4, abi.HVCALL_SET_VP_REGISTERS: 32,
-            abi.HVCALL_MODIFY_VTL_PROTECTION_MASK: 8}.get(code)
+    size = {T.HVCALL_GET_VP_REGISTERS: 4, T.HVCALL_SET_VP_REGISTERS: 32,
+            T.HVCALL_MODIFY_VTL_PROTECTION_MASK: 8}.get(code)
     n = len(elems) // size if size else 0
     block = head + elems
     reps = draw(st.sampled_from([n, n, n, 0, 1, 4095]))     # mostly the count the elements make

@@ -10,6 +10,7 @@ import pytest
 
 from pykvmm.uapi import ffi
 from pykvmm.vmm import abi, vtl
+from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.hypercalls import hypercall_page
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 from pykvmm.vmm.outcomes import Fault, Switch, SwitchReason
@@ -116,32 +117,33 @@ def test_vtl_ipi_across_synthetic_cluster_ipi(run_guest, backend):
     s = abi
     assert syncs(r) == {
         (0, 0, 1): 0, (0, 0, 2): 0, (0, 0, 3): 0,
-        (0, 0, 0x10): s.HV_STATUS_INVALID_PARAMETER,        # vector 0x0f
-        (0, 0, 0x11): s.HV_STATUS_INVALID_PARAMETER,        # vector 0x100
-        (0, 0, 0x12): s.HV_STATUS_INVALID_PARAMETER,        # reserved HV_INPUT_VTL bits
-        (0, 0, 0x13): s.HV_STATUS_INVALID_PARAMETER,        # VTL2 of 2 planes
-        (0, 0, 0x14): s.HV_STATUS_INVALID_PARAMETER,        # vCPU2 of 2
-        (0, 0, 0x15): s.HV_STATUS_INVALID_ALIGNMENT,        # GPA not 8-aligned
-        (0, 0, 0x16): s.HV_STATUS_INVALID_PARAMETER,        # GPA outside guest memory
-        (0, 0, 0x17): s.HV_STATUS_INVALID_HYPERCALL_INPUT,  # rep count
-        (0, 0, 0x18): s.HV_STATUS_INVALID_HYPERCALL_INPUT,  # variable header size
-        (0, 0, 0x19): s.HV_STATUS_SUCCESS,                  # empty mask: nothing sent
+        (0, 0, 0x10): tlfs.INVALID_PARAMETER,        # vector 0x0f
+        (0, 0, 0x11): tlfs.INVALID_PARAMETER,        # vector 0x100
+        (0, 0, 0x12): tlfs.INVALID_PARAMETER,        # reserved HV_INPUT_VTL bits
+        (0, 0, 0x13): tlfs.INVALID_PARAMETER,        # VTL2 of 2 planes
+        (0, 0, 0x14): tlfs.INVALID_PARAMETER,        # vCPU2 of 2
+        (0, 0, 0x15): tlfs.INVALID_ALIGNMENT,        # GPA not 8-aligned
+        (0, 0, 0x16): tlfs.INVALID_PARAMETER,        # GPA outside guest memory
+        (0, 0, 0x17): tlfs.INVALID_HYPERCALL_INPUT,  # rep count
+        (0, 0, 0x18): tlfs.INVALID_HYPERCALL_INPUT,  # variable header size
+        (0, 0, 0x19): tlfs.SUCCESS,                  # empty mask: nothing sent
+        (0, 0, 0x1a): tlfs.ACCESS_DENIED,            # VTL0 cannot interrupt VTL1
         (1, 0, 1): 0x50, (1, 0, 2): 0x51, (1, 0, 3): 0x22, (1, 0, 4): 2,
         (1, 0, 5): 0x52, (1, 0, 6): 1, (1, 0, 7): 1,
     }
-    assert r.switches == {(0, 1): 4, (1, 0): 4}
-    assert r.entry_reasons == {"call": 2, "interrupt": 2, "return": 4}
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 1, "synthetic_cross_vtl": 2}
+    assert r.switches == {(0, 1): 6, (1, 0): 6}
+    assert r.entry_reasons == {"call": 4, "interrupt": 2, "return": 6}
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 3, "synthetic_cross_vtl": 0}
     assert r.stats["ipis_dropped"] == 0
-    assert r.hypercalls["HvCallSendSyntheticClusterIpi"] == 13
+    assert r.hypercalls["HvCallSendSyntheticClusterIpi"] == 14
 
 
 def test_vtl_isolation_icr_ipis_stay_in_their_vtl(run_guest, backend):
     r = run_vtl(run_guest, "vtl_isolation", backend, vcpus=2)
     assert syncs(r) == {(1, 0, 1): 1, (1, 0, 2): 0, (1, 0, 3): 1, (1, 0, 4): 0, (1, 0, 5): 1}
     # preemptions: 0x45 (VTL1's own ICR) and the synthetic control; never the VTL0 ICR IPI
-    assert r.entry_reasons == {"call": 3, "interrupt": 2, "return": 5}
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 0, "synthetic_cross_vtl": 1}
+    assert r.entry_reasons == {"call": 4, "interrupt": 2, "return": 6}
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 1, "synthetic_cross_vtl": 0}
 
 
 def test_vtl_lower_pending_until_vtl_return(run_guest, backend):
@@ -156,8 +158,8 @@ def test_vtl_lower_pending_until_vtl_return(run_guest, backend):
 def test_vtl_tpr_masks_preemption(run_guest, backend):
     r = run_vtl(run_guest, "vtl_tpr", backend)
     assert syncs(r) == {(0, 0, 1): 0, (0, 0, 2): 0, (0, 0, 3): 1, (0, 0, 4): 0, (0, 0, 5): 1,
-                        (0, 0, 6): 0x68}
-    assert r.entry_reasons == {"call": 2, "interrupt": 1, "return": 3}
+                        (0, 0, 6): 0x68, (0, 0, 7): abi.VTL_ENTRY_INTERRUPT}
+    assert r.entry_reasons == {"call": 4, "interrupt": 1, "return": 5}
     assert r.stats["preemptions"] == 1
     assert r.stats["interrupts_masked"] >= 1
 
@@ -169,16 +171,16 @@ def test_vtl_pingpong_counts_every_ipi(run_guest, backend):
     r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=2, arg=n, timeout=60)
     assert syncs(r) == {(v, 0, stage): value for v in (0, 1)
                         for stage, value in ((1, n), (2, n), (3, 0), (4, n))}
-    # n pings + n pongs from each vCPU, all cross-VTL, none dropped
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 0, "synthetic_cross_vtl": 4 * n}
+    # n pings (VTL1 to VTL1, asked for by a VtlCall) + n pongs (VTL1 to VTL0) from each vCPU
+    assert r.stats["ipis"] == {"synthetic_same_vtl": 2 * n, "synthetic_cross_vtl": 2 * n}
     assert r.stats["ipis_dropped"] == 0
     assert r.hypercalls["HvCallSendSyntheticClusterIpi"] == 4 * n
     # a ping either preempts VTL0 or reaches a VTL1 that is already running
     preempt = r.entry_reasons["interrupt"]
     assert 0 < preempt <= 2 * n and r.stats["preemptions"] == preempt
-    assert r.entry_reasons["call"] == 2
-    assert r.switches == {(0, 1): 2 + preempt, (1, 0): 2 + preempt}
-    assert r.entry_reasons["return"] == 2 + preempt
+    assert r.entry_reasons["call"] == 2 + 2 * n
+    assert r.switches == {(0, 1): 2 + 2 * n + preempt, (1, 0): 2 + 2 * n + preempt}
+    assert r.entry_reasons["return"] == 2 + 2 * n + preempt
 
 
 @pytest.mark.parametrize("vcpus, n", [(4, 500), pytest.param(8, 100_000 // 8, marks=pytest.mark.slow)])
@@ -188,7 +190,7 @@ def test_vtl_pingpong_pairs_none_lost(run_guest, backend, vcpus, n):
     r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=vcpus, arg=n, timeout=1800)
     assert syncs(r) == {(v, 0, stage): value for v in range(vcpus)
                         for stage, value in ((1, n), (2, n), (3, 0), (4, n))}
-    assert r.stats["ipis"] == {"synthetic_same_vtl": 0, "synthetic_cross_vtl": 2 * vcpus * n}
+    assert r.stats["ipis"] == {"synthetic_same_vtl": vcpus * n, "synthetic_cross_vtl": vcpus * n}
     assert r.stats["ipis_dropped"] == 0
 
 
@@ -200,7 +202,8 @@ def test_demo_story(run_guest, backend):
     assert by_vcpu[0] == [
         "vCPU0/VTL0: hello! starting the secure kernel in VTL1 with a VtlCall",
         "vCPU0/VTL1: secure kernel up (entered by VtlCall, entry reason 1); VtlReturn to VTL0",
-        "vCPU0/VTL0: asking VTL1 on vCPU1 for help: SendSyntheticClusterIpi(vector 0x50, VTL1)",
+        "vCPU0/VTL0: asking VTL1 for help with a VtlCall",
+        "vCPU0/VTL1: passing it to VTL1 on vCPU1: SendSyntheticClusterIpi(vector 0x50, VTL1)",
         "vCPU0/VTL0: VTL1 answered with interrupt 0x51. The end.",
     ]
     assert by_vcpu[1] == [
@@ -212,7 +215,7 @@ def test_demo_story(run_guest, backend):
         "vCPU1/VTL0: ...resumed right where VTL1 preempted me",
     ]
     assert syncs(r) == {(0, 0, 1): 0x51}
-    assert r.entry_reasons == {"call": 2, "interrupt": 1, "return": 3}
+    assert r.entry_reasons == {"call": 3, "interrupt": 1, "return": 4}
 
 
 def test_demo_one_vcpu_and_one_plane(run_guest):
@@ -250,7 +253,7 @@ def test_vtl_return_with_nothing_suspended_is_ud(kvm_available):
         t = m.threads[0]
         t.plane, t.started_planes = 1, {0, 1}
         regs = t.plane_vcpu(1).regs
-        regs.rax, regs.rcx = 0, abi.HVCALL_VTL_RETURN
+        regs.rax, regs.rcx = 0, tlfs.HVCALL_VTL_RETURN
         _, outcome = m.dispatcher.dispatch(t, 1, regs)
         assert type(outcome) is Fault and outcome.vector == UD
         assert m.policy.summary()["ud_reasons"] == {"return-nothing-suspended": 1}
@@ -263,7 +266,7 @@ def test_vtl_hypercalls_above_cpl0_are_ud(kvm_available):
         v.sregs.cs.dpl = 3
         regs = v.regs
         regs.rax = 0
-        for code in (abi.HVCALL_VTL_CALL, abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI):
+        for code in (tlfs.HVCALL_VTL_CALL, tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI):
             regs.rcx = code
             _, outcome = m.dispatcher.dispatch(t, 0, regs)
             assert type(outcome) is Fault and outcome.vector == UD and "CPL 3" in outcome.why
@@ -280,7 +283,7 @@ def test_vmpl_shares_nothing_and_never_preempts(run_guest, backend):
         (0, 1, 0x102): 0,           # nor VTL0's CR2
         (0, 1, 0x103): abi.VTL_ENTRY_VTL_CALL,
         (0, 0, 1): 0x0A13,          # VTL0 keeps its r13 (VTL1 set its own to 0x1b13)
-        (0, 0, 2): 0, (0, 0, 3): abi.HVCALL_VTL_CALL,   # rax/rcx as VTL0's own stub left them
+        (0, 0, 2): 0, (0, 0, 3): tlfs.HVCALL_VTL_CALL,   # rax/rcx as VTL0's own stub left them
         (0, 0, 4): 0,               # a normal return loads nothing from the control page
         (0, 0, 5): 0, (0, 0, 6): 0,  # the IPI for VTL1 did not preempt VTL0 ...
         (0, 0, 7): 1,               # ... VTL1 took it when next called

@@ -19,6 +19,7 @@ from pykvmm import exits as X
 from pykvmm.planes import KVM_PLANE_EVENT_INTERRUPT
 from pykvmm.uapi import ffi
 from pykvmm.vmm import abi
+from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.machine import Machine, MachineConfig
 from pykvmm.vmm.outcomes import Answer
 from pykvmm.x86 import apic
@@ -238,7 +239,7 @@ BEFORE = {"nothing": 0, "delivered-while-running": 1, "masked": 2}
 def register_host_msi(m: Machine) -> None:
     def host_msi(thread, plane, control, regs):
         m.pvm.planes[regs.r8 >> 8 & 0xF].signal_msi(*apic.msi_message(regs.rdx, regs.r8 & 0xFF))
-        return Answer(abi.HV_STATUS_SUCCESS)
+        return Answer(tlfs.SUCCESS)
     m.dispatcher.register(WAKE_HOST_MSI, host_msi)
 
 

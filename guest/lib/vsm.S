@@ -60,7 +60,7 @@ vsm_protect:
     cmp rax, rsi
     jb 1b
     mov rcx, rsi
-    shl rcx, HV_HYPERCALL_REP_COUNT_SHIFT
+    shl rcx, HV_CONTROL_REP_COUNT_SHIFT
     or rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK
     mov rdx, rbx
     xor r8d, r8d
@@ -76,19 +76,24 @@ vsm_protect:
 
 /*
  * vsm_get_register(rdi = HV_REGISTER_NAME, rsi = HV_INPUT_VTL) -> rax = result,
- * rdx = the value's low 64 bits (rdx is clobbered).
+ * rdx = the value's low 64 bits (rdx is clobbered); of this VP.
+ * vsm_get_vp_register: the same with rdx = the VP index.
  */
 .globl vsm_get_register
 .type vsm_get_register, @function
 vsm_get_register:
+    mov edx, HV_VP_INDEX_SELF
+.globl vsm_get_vp_register
+.type vsm_get_vp_register, @function
+vsm_get_vp_register:
     push rbx
     push rcx
     push r8
     VSM_BUF rbx
-    VSM_HEADER rbx, HV_VP_INDEX_SELF, sil
+    VSM_HEADER rbx, edx, sil
     mov [rbx + 16], edi
     mov qword ptr [rbx + VSM_OUT], 0
-    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_GET_VP_REGISTERS | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, rbx
     lea r8, [rbx + VSM_OUT]
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
@@ -97,25 +102,36 @@ vsm_get_register:
     pop rcx
     pop rbx
     ret
+.size vsm_get_vp_register, . - vsm_get_vp_register
 .size vsm_get_register, . - vsm_get_register
 
 /* vsm_set_register(rdi = HV_REGISTER_NAME, rsi = value (low 64 bits), rdx = HV_INPUT_VTL)
- * -> rax = result. */
+ * -> rax = result, for this VP; vsm_set_vp_register: the same with rcx = the VP index. */
 .globl vsm_set_register
 .type vsm_set_register, @function
 vsm_set_register:
+    push rcx
+    mov ecx, HV_VP_INDEX_SELF
+    call vsm_set_vp_register
+    pop rcx
+    ret
+.size vsm_set_register, . - vsm_set_register
+
+.globl vsm_set_vp_register
+.type vsm_set_vp_register, @function
+vsm_set_vp_register:
     push rbx
     push rcx
     push rdx
     push r8
     VSM_BUF rbx
-    VSM_HEADER rbx, HV_VP_INDEX_SELF, dl
+    VSM_HEADER rbx, ecx, dl
     mov qword ptr [rbx + 16], 0
     mov qword ptr [rbx + 24], 0
     mov [rbx + 16], edi
     mov [rbx + 32], rsi
     mov qword ptr [rbx + 40], 0
-    mov rcx, HVCALL_SET_VP_REGISTERS | 1 << HV_HYPERCALL_REP_COUNT_SHIFT
+    mov rcx, HVCALL_SET_VP_REGISTERS | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, rbx
     xor r8d, r8d
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
@@ -124,20 +140,25 @@ vsm_set_register:
     pop rcx
     pop rbx
     ret
-.size vsm_set_register, . - vsm_set_register
+.size vsm_set_vp_register, . - vsm_set_vp_register
 
 /*
  * vsm_translate(rdi = GVA, rsi = control flags, InputVtl in bits 63:56) -> rax = result of
- * HvCallTranslateVirtualAddress, rdx = TranslationResult, rcx = GpaPage (rdx, rcx clobbered).
+ * HvCallTranslateVirtualAddress, rdx = TranslationResult, rcx = GpaPage (rdx, rcx clobbered),
+ * on this VP; vsm_translate_vp: the same with rdx = the VP index.
  */
 .globl vsm_translate
 .type vsm_translate, @function
 vsm_translate:
+    mov edx, HV_VP_INDEX_SELF
+.globl vsm_translate_vp
+.type vsm_translate_vp, @function
+vsm_translate_vp:
     push rbx
     push r8
     VSM_BUF rbx
     mov qword ptr [rbx], -1
-    mov dword ptr [rbx + 8], HV_VP_INDEX_SELF
+    mov dword ptr [rbx + 8], edx
     mov dword ptr [rbx + 12], 0
     mov [rbx + 16], rsi
     mov rax, rdi
@@ -154,6 +175,7 @@ vsm_translate:
     pop r8
     pop rbx
     ret
+.size vsm_translate_vp, . - vsm_translate_vp
 .size vsm_translate, . - vsm_translate
 
 /*
@@ -293,10 +315,10 @@ vsm_skip_intercepted:
     push rdi
     push rsi
     push rdx
-    movzx esi, byte ptr [rdi + HVMSG_PAYLOAD + IH_INSN_LENGTH_CR8]
+    movzx esi, byte ptr [rdi + HV_MSG_PAYLOAD + IH_INSN_LENGTH_CR8]
     and esi, 0xF
-    add rsi, [rdi + HVMSG_PAYLOAD + IH_RIP]
-    movzx edx, word ptr [rdi + HVMSG_PAYLOAD + IH_EXECUTION_STATE]
+    add rsi, [rdi + HV_MSG_PAYLOAD + IH_RIP]
+    movzx edx, word ptr [rdi + HV_MSG_PAYLOAD + IH_EXECUTION_STATE]
     shr edx, 7
     and edx, 0xF
     or edx, HV_INPUT_VTL_USE_TARGET

@@ -94,7 +94,7 @@ vtl_send_ipi:
     shl rdx, 32                         /* TargetVtl @4 */
     mov eax, edi
     or rdx, rax                         /* Vector @0 */
-    mov ecx, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_HYPERCALL_FAST
+    mov ecx, HVCALL_SEND_SYNTHETIC_CLUSTER_IPI | HV_CONTROL_FAST
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
     pop r8
     pop rdx

@@ -4,7 +4,7 @@ Host memory stays flat however long the run: each event is normalised (trace.nor
 and written as one JSON line at once; the file is flushed at least every FLUSH_INTERVAL
 seconds of events, so a run killed with SIGKILL leaves its trace up to the last flush.
 A Chrome trace (``.json``) is written as JSON lines during the run and converted in place
-at the end (the conversion reads the whole trace back; JSON lines never do).
+at the end, streamed from the file (trace.JsonlSource): memory stays flat there too.
 
 A write that fails (ENOSPC, EFBIG, EIO...) stops the recording; ``close()`` then says so and
 an incomplete regular file is renamed to FILE.incomplete, so nothing mistakes it for a
@@ -82,10 +82,9 @@ class TraceStream:
         return self.format
 
     def _to_chrome(self) -> None:
-        events = tr.load(self.path)
         tmp = f"{self.path}.tmp"
         try:
-            tr.write_chrome(events, tmp)
+            tr.write_trace_from(tr.JsonlSource(self.path), tmp, tr.CHROME)
             os.replace(tmp, self.path)
         except OSError:
             try:

@@ -16,12 +16,15 @@ The Chrome trace-event export (layout, IPI flows) is export.py; queries query.py
 
 from __future__ import annotations
 
+import heapq
 import json
+import os
 import time
 from pathlib import Path
 
 from ..vmm import abi
 from ..vmm import events as ev
+from ..vmm.hyperv import tlfs
 from ..vmm.hypercalls import HvInputVtl
 
 JSONL, CHROME = "jsonl", "chrome"
@@ -29,7 +32,7 @@ FORMATS = (JSONL, CHROME)
 
 PORT_NAMES = {abi.PORT_UCALL: "ucall", abi.PORT_CONSOLE: "console", abi.PORT_HYPERCALL: "hypercall",
               abi.PORT_NULL: "null"}
-IPI_CODES = {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, 0x0015}   # ...ClusterIpi, ...ClusterIpiEx
+IPI_CODES = {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX}
 
 
 def format_for(path: str, flag: str | None = None) -> str:
@@ -98,7 +101,7 @@ class IpiAnnotator:
         d = event.details
         if event.kind != ev.HYPERCALL or d.get("code") not in IPI_CODES or "targets" in d:
             return
-        if d.get("code") != abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI:
+        if d.get("code") != tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI:
             return
         try:
             v = self.machine.threads[event.vcpu].planes_vcpu.plane_vcpu(event.plane)
@@ -177,22 +180,27 @@ def write_jsonl(events: list[dict], f) -> None:
 
 def write_trace(events: list[dict], path: str, fmt: str | None = None) -> str:
     """Write normalised events as JSON lines or Chrome JSON (format_for); returns the format."""
+    return write_trace_from(ListSource(events), path, fmt)
+
+
+def write_trace_from(source, path: str, fmt: str | None = None) -> str:
+    """Write the events of ``source`` (a ListSource or JsonlSource) to ``path``, streamed:
+    memory does not grow with the number of events. Returns the format written."""
     fmt = format_for(path, fmt)
     if fmt == JSONL:
         with open(path, "w") as f:
-            write_jsonl(events, f)
+            for _, e in source.forward():
+                f.write(jsonl_line(e))
     else:
-        write_chrome(events, path)
+        from .export import write_chrome_from     # export.py builds on this module
+        write_chrome_from(source, path)
     return fmt
 
 
 def write_chrome(events: list[dict], path: str) -> None:
-    from .export import chrome_trace     # export.py builds on this module
+    from .export import write_chrome_from
 
-    text = json.dumps(chrome_trace(events), separators=(",", ":"))   # one shot: 3x json.dump's speed
-    with open(path, "w") as f:
-        f.write(text)
-        f.write("\n")
+    write_chrome_from(ListSource(events), path)
 
 
 # ---- reading back -----------------------------------------------------------------------------
@@ -274,6 +282,142 @@ def from_chrome(doc: dict, where: str = "trace") -> list[dict]:
     return out
 
 
+class ListSource:
+    """Normalised, time-ordered events in memory, as an event source for the streamed writers:
+    ``forward()`` and ``backward()`` give (position, event) in time order and in reverse."""
+
+    def __init__(self, events: list[dict]):
+        self.events = events
+        self.info = run_info(events)
+
+    def forward(self):
+        return enumerate(self.events)
+
+    def backward(self, kinds=None):
+        events = self.events
+        return ((k, events[k]) for k in range(len(events) - 1, -1, -1)
+                if not kinds or events[k].get("kind") in kinds)
+
+
+class JsonlSource:
+    """A JSON-lines trace file as an event source, read in constant memory: every pass reads
+    the file again (forward from the start, backward from the end, a block at a time). The
+    position of an event is its line's byte offset. Lines are written by several vCPU threads,
+    so the file is only nearly in time order: each pass sorts through a window of
+    REORDER_WINDOW events (one thread's events are in order in the file, whatever the window).
+    ``keep``: a predicate selecting events (e.g. a query.TraceFilter); ``read`` and ``kept``
+    count the events of the last forward pass. A last line cut short (a killed run) is skipped."""
+
+    REORDER_WINDOW = 4096
+    BLOCK = 1 << 16
+
+    def __init__(self, path: str, keep=None):
+        self.path = path
+        self.keep = keep
+        self.read = self.kept = 0
+        self._info = None
+
+    @property
+    def info(self) -> dict:
+        """The run's start event (normally the first line), {} if there is none."""
+        if self._info is None:
+            self._info = next((e for _, e in self._lines_forward(select=False)
+                               if e.get("kind") == ev.LIFECYCLE and e.get("what") == "start"), {})
+        return self._info
+
+    def _event(self, offset: int, line: bytes, last: bool):
+        """The checked event of one line, None for a blank line or a cut-short last line."""
+        if not line.strip():
+            return None
+        try:
+            d = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as e:
+            if last and not line.endswith(b"\n"):
+                return None              # the line being written when the run was killed
+            raise TraceFormatError(f"{self.path}: the line at byte {offset} is not a JSON line: {e}") from None
+        return _checked(d, f"{self.path}: byte {offset}")
+
+    def _lines_forward(self, select: bool):
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            for line in f:
+                e = self._event(offset, line, offset + len(line) >= size)
+                start, offset = offset, offset + len(line)
+                if e is not None and (not select or self.keep is None or self.keep(e)):
+                    yield start, e
+
+    def _lines_backward(self, kinds):
+        marks = tuple(json.dumps(k).encode() for k in kinds) if kinds else ()    # "switch", quoted
+        with open(self.path, "rb") as f:
+            pos = size = os.fstat(f.fileno()).st_size
+            tail = b""
+            while pos > 0:
+                step = min(self.BLOCK, pos)
+                pos -= step
+                f.seek(pos)
+                block = f.read(step) + tail
+                lines = block.split(b"\n")
+                end = pos + len(block)
+                for k in range(len(lines) - 1, 0, -1):
+                    line = lines[k]
+                    start = end - len(line)
+                    end = start - 1
+                    if marks and not any(m in line for m in marks):
+                        continue                 # cannot be of those kinds: not even parsed
+                    full = line + b"\n" if start + len(line) < size else line
+                    e = self._event(start, full, start + len(full) >= size)
+                    if e is not None and (not kinds or e.get("kind") in kinds) and (self.keep is None or self.keep(e)):
+                        yield start, e
+                tail = lines[0]
+            if tail and (not marks or any(m in tail for m in marks)):
+                e = self._event(0, tail + (b"\n" if len(tail) < size else b""), len(tail) >= size)
+                if e is not None and (not kinds or e.get("kind") in kinds) and (self.keep is None or self.keep(e)):
+                    yield 0, e
+
+    def forward(self):
+        self.read = self.kept = 0
+        heap: list = []
+        for offset, e in self._lines_forward(select=False):
+            self.read += 1
+            if self.keep is not None and not self.keep(e):
+                continue
+            self.kept += 1
+            heapq.heappush(heap, (e["ts"], offset, e))
+            if len(heap) > self.REORDER_WINDOW:
+                ts, offset, e = heapq.heappop(heap)
+                yield offset, e
+        while heap:
+            ts, offset, e = heapq.heappop(heap)
+            yield offset, e
+
+    def backward(self, kinds=None):
+        """(offset, event) newest first; ``kinds``: only events of these kinds are needed (the
+        others are skipped unparsed where the line cannot be one of them)."""
+        heap: list = []
+        for offset, e in self._lines_backward(kinds):
+            heapq.heappush(heap, (-e["ts"], -offset, e))
+            if len(heap) > self.REORDER_WINDOW:
+                _, offset, e = heapq.heappop(heap)
+                yield -offset, e
+        while heap:
+            _, offset, e = heapq.heappop(heap)
+            yield -offset, e
+
+
+def is_jsonl(path: str) -> bool:
+    """Whether ``path`` starts with a pykvmm JSON-lines event (a Chrome trace does not)."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
+                    return False
+                return isinstance(d, dict) and "kind" in d and "ts" in d
+    return False
+
+
 # ---- derived views (shared with the summary) ---------------------------------------------------
 
 def run_info(events: list[dict]) -> dict:
@@ -292,43 +436,102 @@ def vcpu_ids(events: list[dict]) -> list[int]:
 
 
 def plane_label(events: list[dict]) -> str:
-    return "VTL" if run_info(events).get("personality") == "vtl" else "plane "
+    return label_of(run_info(events))
 
 
-def residency(events: list[dict]) -> dict[int, list[dict]]:
-    """Per vCPU, the plane it was in over time: [{"plane", "start", "end", "why"}] (µs).
+def label_of(info: dict) -> str:
+    """How planes are named, from the run's start event: "VTL1" under the vtl personality."""
+    return "VTL" if info.get("personality") == "vtl" else "plane "
+
+
+class Residency:
+    """Plane residencies built event by event, in time order, in memory that grows with the
+    vCPUs, not the events: ``feed(e)`` returns the residency a switch closed (or None),
+    ``finish()`` the last one of every vCPU. Each is ``{"vcpu", "plane", "start", "end", "why"}`` (µs).
 
     Every vCPU starts in plane 0 at the run's start; a switch event ends one residency and
     begins the next; the last ends at the vCPU's DONE ucall if it has one, else at the end of
     the run (the lifecycle end, or the last event)."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        self.t_start = info.get("ts")
+        self.current: dict[int, dict] = {}      # vCPU -> its open residency
+        self.previous: dict[int, dict] = {}     # vCPU -> the one before it
+        self.done: dict[int, float] = {}
+        self.t_end = self.t_last = None
+        self._started = False
+        n = info.get("vcpus")
+        self._declared = range(n) if isinstance(n, int) and not isinstance(n, bool) else range(0)
+
+    def _open(self, v: int) -> dict:
+        seg = self.current[v] = {"vcpu": v, "plane": 0, "start": self.t_start, "end": None, "why": "start"}
+        return seg
+
+    def feed(self, e: dict) -> dict | None:
+        if self.t_start is None:
+            self.t_start = e["ts"]
+        if not self._started:
+            self._started = True
+            for v in self._declared:
+                self._open(v)
+        self.t_last = e["ts"]
+        k = e.get("kind")
+        if k == ev.LIFECYCLE and e.get("what") == "end":
+            self.t_end = e["ts"]
+        v = e.get("vcpu")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return None
+        cur = self.current.get(v) or self._open(v)
+        if k == ev.SWITCH:
+            cur["end"] = e["ts"]
+            self.previous[v] = cur
+            self.current[v] = {"vcpu": v, "plane": e.get("to", e.get("plane", 0)), "start": e["ts"], "end": None,
+                               "why": e.get("why", "")}
+            return cur
+        if k == ev.UCALL and e.get("verb") in ("DONE", "done") and v not in self.done:
+            self.done[v] = e["ts"]
+        return None
+
+    def at(self, v) -> tuple[dict | None, dict | None]:
+        """(the open residency of vCPU ``v``, the one before it) at this point of the feed."""
+        return self.current.get(v), self.previous.get(v)
+
+    @property
+    def vcpus(self) -> list[int]:
+        return sorted(set(self.current) | set(self._declared))
+
+    def finish(self) -> list[dict]:
+        if self.t_start is None:
+            return []
+        for v in self._declared:
+            if v not in self.current:
+                self._open(v)
+        end = self.t_end if self.t_end is not None else self.t_last
+        out = []
+        for v in sorted(self.current):
+            seg = self.current[v]
+            seg["end"] = max(self.done.get(v, end), seg["start"])
+            out.append(seg)
+        return out
+
+
+_SEGMENT_KEYS = ("plane", "start", "end", "why")
+
+
+def residency(events: list[dict]) -> dict[int, list[dict]]:
+    """Per vCPU, the plane it was in over time: [{"plane", "start", "end", "why"}] (see Residency)."""
     if not events:
         return {}
-    info = run_info(events)
-    t_start = info.get("ts", events[0]["ts"])
-    ends = [e["ts"] for e in events if e.get("kind") == ev.LIFECYCLE and e.get("what") == "end"]
-    t_end = ends[-1] if ends else events[-1]["ts"]
+    lanes = Residency(run_info(events))
     out: dict[int, list[dict]] = {}
-    for v in vcpu_ids(events):
-        out[v] = [{"plane": 0, "start": t_start, "end": None, "why": "start"}]
-    done: dict[int, float] = {}
     for e in events:
-        v = e.get("vcpu")
-        if not isinstance(v, int) or v < 0:
-            continue
-        if v not in out:
-            out[v] = [{"plane": 0, "start": t_start, "end": None, "why": "start"}]
-        k = e.get("kind")
-        if k == ev.SWITCH:
-            cur = out[v][-1]
-            cur["end"] = e["ts"]
-            out[v].append({"plane": e.get("to", e.get("plane", 0)), "start": e["ts"], "end": None,
-                           "why": e.get("why", "")})
-        elif k == ev.UCALL and e.get("verb") in ("DONE", "done") and v not in done:
-            done[v] = e["ts"]
-    for v, segs in out.items():
-        last = done.get(v, t_end)
-        segs[-1]["end"] = max(last, segs[-1]["start"])
-    return out
+        closed = lanes.feed(e)
+        if closed is not None:
+            out.setdefault(closed["vcpu"], []).append({k: closed[k] for k in _SEGMENT_KEYS})
+    for seg in lanes.finish():
+        out.setdefault(seg["vcpu"], []).append({k: seg[k] for k in _SEGMENT_KEYS})
+    return dict(sorted(out.items()))
 
 
 def ipi_targets(e: dict) -> tuple[list[int], int | None]:

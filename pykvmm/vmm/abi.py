@@ -75,22 +75,11 @@ HCPAGE_HYPERCALL = 0x00  # call with RCX = control word, RDX/R8 = inputs; RAX = 
 HCPAGE_VTL_CALL = 0x0F
 HCPAGE_VTL_RETURN = 0x26
 
-# ---- hypercall codes (Hyper-V's where one exists) ----------------------------------------
-HVCALL_SEND_SYNTHETIC_CLUSTER_IPI = 0x000B
-HVCALL_VTL_CALL = 0x0011
-HVCALL_VTL_RETURN = 0x0012
-HVCALL_PYKVMM_NOP = 0x8001       # pykvmm-only: returns RDX + R8 in RDX, status success
-HVCALL_PYKVMM_SWITCH_PLANE = 0x8002  # pykvmm-only (bare policy): RDX = target plane
-HVCALL_PYKVMM_ECHO = 0x8003          # pykvmm-only (--hyperv): rep call, out[i] = in[i] + header; exercises rep/fast/XMM I/O
-
-HV_STATUS_SUCCESS = 0x0000
-HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002
-HV_STATUS_INVALID_HYPERCALL_INPUT = 0x0003
-HV_STATUS_INVALID_ALIGNMENT = 0x0004
-HV_STATUS_INVALID_PARAMETER = 0x0005
-HV_STATUS_ACCESS_DENIED = 0x0006
-HV_STATUS_INVALID_VP_INDEX = 0x000E
-HV_STATUS_INVALID_VTL_STATE = 0x0014  # not in TLFS lists we rely on; used for bad VTL targets
+# ---- hypercall codes: pykvmm's own, outside Hyper-V's range (the TLFS codes and statuses
+# are in hyperv/tlfs.py, and in guest/build/hvtlfs.inc for the guests) -------------------------
+HVCALL_PYKVMM_NOP = 0x8001       # returns RDX + R8 in RDX, status success
+HVCALL_PYKVMM_SWITCH_PLANE = 0x8002  # bare policy: RDX = target plane
+HVCALL_PYKVMM_ECHO = 0x8003          # --hyperv: rep call, out[i] = in[i] + header; exercises rep/fast/XMM I/O
 
 # ---- VTL control page (VP-assist layout, at the (vCPU, plane) control page) ---------------
 VTL_ENTRY_REASON = 0x08          # u32
@@ -103,15 +92,6 @@ VTL_ENTRY_INTERRUPT = 2
 VTL_ENTRY_INTERCEPT = 3
 VTL_INTERCEPT_MESSAGE = 0x100    # HvMessage (256 B) of the latest secure intercept, when the VTL
                                  # has no SynIC message page (pykvmm ABI; vmm/vsm/intercept.py)
-
-# ---- VSM hypercalls (TLFS codes; vmm/vsm/) -------------------------------------------------
-HVCALL_MODIFY_VTL_PROTECTION_MASK = 0x000C
-HVCALL_ENABLE_PARTITION_VTL = 0x000D
-HVCALL_ENABLE_VP_VTL = 0x000F
-HVCALL_TRANSLATE_VIRTUAL_ADDRESS = 0x0052
-HVCALL_GET_VP_REGISTERS = 0x0050
-HVCALL_SET_VP_REGISTERS = 0x0051
-
 
 if __name__ == "__main__":
     from ..asminc import asm_include

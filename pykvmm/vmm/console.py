@@ -9,18 +9,23 @@ Rules (README "Guest console"):
   as ``\\xff``, and the text is encoded for the output with backslash escapes, so any byte
   prints under any PYTHONIOENCODING. ``raw=True`` (``--raw-console``) passes bytes unchanged.
 * The guest never waits for the terminal: output to a file descriptor is written by one
-  writer thread from a backlog of at most CONSOLE_BACKLOG_MAX bytes; what does not fit while
-  the output is blocked is dropped and counted (``dropped``), so a timeout or a signal still
-  ends the run on time. A closed output (EPIPE) calls ``on_closed`` once and output stops.
+  writer thread from a backlog of at most CONSOLE_BACKLOG_MAX bytes (BoundedWriter); what does
+  not fit while the output is blocked is dropped and counted (``dropped``), so a timeout or a
+  signal still ends the run on time. A closed output (EPIPE) calls ``on_closed`` once and
+  output stops.
+* pykvmm's own output during ``pykvmm run`` (``--trace-exits``, dumps, the final report)
+  goes the same way: StdStreams puts both sys.stdout and sys.stderr on BoundedWriters.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import select
 import sys
 import threading
+import time
 from collections import deque
 
 CONSOLE_HISTORY_LINES = 1000
@@ -113,12 +118,16 @@ class Console:
 
 
 def _output_for(out, on_closed):
+    writer = getattr(out, "bounded_writer", None)      # pykvmm run's own stdout (StdStreams)
+    if writer is not None:
+        writer.on_close(on_closed)
+        return writer
     try:
         fd = out.fileno()
         out.flush()
     except (AttributeError, OSError, ValueError):
         return _StreamOutput(out, on_closed)
-    return _FdOutput(fd, getattr(out, "encoding", None) or "utf-8", on_closed)
+    return BoundedWriter(fd, getattr(out, "encoding", None) or "utf-8", on_closed)
 
 
 class _StreamOutput:
@@ -155,18 +164,35 @@ class _StreamOutput:
         return True
 
 
-class _FdOutput:
-    """A file descriptor written by one daemon thread from a bounded backlog."""
+class BoundedWriter:
+    """A file descriptor written by one daemon thread from a backlog of at most
+    CONSOLE_BACKLOG_MAX bytes: ``put_bytes`` never waits for the reader. A write that does
+    not fit while the reader is not reading is dropped whole and counted (``dropped``). A
+    closed reader (EPIPE, EBADF, EIO) calls the ``on_close`` callbacks once; everything after
+    that is dropped and counted too."""
 
-    def __init__(self, fd: int, encoding: str, on_closed):
-        self.fd, self.encoding, self.on_closed = fd, encoding, on_closed
+    def __init__(self, fd: int, encoding: str = "utf-8", on_closed=None):
+        self.fd, self.encoding = fd, encoding
         self.dropped = 0
+        self.written = 0
         self.closed = False
+        self._on_closed = [on_closed] if on_closed else []
         self._chunks: list[bytes] = []
         self._size = 0
         self._busy = False
+        self._in_flight = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+
+    def on_close(self, callback) -> None:
+        """Call ``callback()`` when the reader goes away (at once if it already has)."""
+        if callback is None:
+            return
+        with self._cond:
+            self._on_closed.append(callback)
+            already = self.closed
+        if already:
+            callback()
 
     def put_text(self, text: str) -> None:
         self.put_bytes(text.encode(self.encoding, "backslashreplace"))
@@ -179,7 +205,7 @@ class _FdOutput:
             self._chunks.append(data)
             self._size += len(data)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="console-writer", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=f"writer-fd{self.fd}", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
@@ -194,24 +220,141 @@ class _FdOutput:
                 self._chunks.clear()
                 self._size = 0
                 self._busy = True
+                self._in_flight = len(data)
             view = memoryview(data)
             try:
                 while view:
                     try:
-                        view = view[os.write(self.fd, view):]
+                        n = os.write(self.fd, view)
                     except BlockingIOError:          # someone made the fd non-blocking
                         select.select([], [self.fd], [], 1.0)
+                        continue
+                    view = view[n:]
+                    with self._cond:
+                        self.written += n
+                        self._in_flight = len(view)
+                        self._cond.notify_all()
             except OSError as e:
                 with self._cond:
                     self.closed = True
                     self.dropped += len(view) + self._size
                     self._chunks.clear()
+                    self._size = 0
                     self._busy = False
                     self._cond.notify_all()
-                if e.errno in (errno.EPIPE, errno.EBADF, errno.EIO) and self.on_closed:
-                    self.on_closed()
+                    callbacks = list(self._on_closed) if e.errno in (errno.EPIPE, errno.EBADF, errno.EIO) else []
+                for callback in callbacks:
+                    callback()
                 return
 
+    def _idle(self) -> bool:
+        return self.closed or not (self._chunks or self._busy)
+
     def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the reader to take everything. False: it did not."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.closed or not (self._chunks or self._busy), timeout)
+            return self._cond.wait_for(self._idle, timeout)
+
+    def finish(self, deadline: float, stall: float) -> int:
+        """Wait for the reader while it takes output, until ``deadline`` (time.monotonic) and at
+        most ``stall`` s without progress. Returns the bytes it never took (dropped before, or
+        left now)."""
+        with self._cond:
+            while not self._idle():
+                seen = self.written
+                wait = min(stall, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                self._cond.wait_for(lambda: self._idle() or self.written != seen, wait)
+                if not self._idle() and self.written == seen:
+                    break                           # no progress for ``stall`` s
+            left = 0 if self._idle() else self._size + self._in_flight
+        return self.dropped + left
+
+
+class _WriterRaw(io.RawIOBase):
+    """The raw layer under a text stream whose bytes go to a BoundedWriter."""
+
+    def __init__(self, writer: BoundedWriter):
+        super().__init__()
+        self.writer = writer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.writer.put_bytes(bytes(data))
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.writer.fd
+
+    def isatty(self) -> bool:
+        try:
+            return os.isatty(self.writer.fd)
+        except OSError:
+            return False
+
+
+def bounded_text_stream(writer: BoundedWriter, like) -> io.TextIOWrapper:
+    """A text stream like ``like`` (its encoding and errors) whose writes never wait."""
+    stream = io.TextIOWrapper(_WriterRaw(writer), encoding=getattr(like, "encoding", None) or "utf-8",
+                              errors=getattr(like, "errors", None) or "backslashreplace", write_through=True)
+    stream.bounded_writer = writer
+    return stream
+
+
+def write_if_ready(fd: int, data: bytes) -> bool:
+    """Write a short message (under PIPE_BUF) now if ``fd`` takes it without waiting (for a
+    signal handler); False: it would have waited, nothing was written."""
+    try:
+        if not select.select([], [fd], [], 0)[1]:
+            return False
+        os.write(fd, data[:select.PIPE_BUF])
+        return True
+    except OSError:
+        return False
+
+
+class StdStreams:
+    """``pykvmm run``'s stdout and stderr: nothing pykvmm prints can hold the run's timeout or
+    its signal handling, whatever the terminal does (README "What a guest cannot do").
+
+    ``install()`` replaces sys.stdout and sys.stderr with text streams over a BoundedWriter
+    each (fd 1, fd 2): every print, click.echo, traceback, ``--trace-exits`` line and the
+    final report is queued (up to CONSOLE_BACKLOG_MAX bytes per stream; beyond that a write
+    is dropped whole and counted). ``finish()`` waits for the readers while they take output,
+    at most FINAL_DRAIN_LIMIT s in all and FINAL_DRAIN_STALL s without progress, then puts the
+    original streams back; what a reader never took is lost (and counted in ``dropped``)."""
+
+    FINAL_DRAIN_LIMIT = 5.0
+    FINAL_DRAIN_STALL = 2.0
+
+    def __init__(self):
+        self._saved = (sys.stdout, sys.stderr)
+        self.out = BoundedWriter(1, getattr(sys.stdout, "encoding", None) or "utf-8")
+        self.err = BoundedWriter(2, getattr(sys.stderr, "encoding", None) or "utf-8")
+
+    @classmethod
+    def install(cls) -> "StdStreams":
+        self = cls()
+        for stream in self._saved:
+            try:
+                stream.flush()                 # what the interpreter had buffered goes first
+            except (OSError, ValueError):
+                pass
+        sys.stdout = bounded_text_stream(self.out, self._saved[0])
+        sys.stderr = bounded_text_stream(self.err, self._saved[1])
+        return self
+
+    def finish(self) -> tuple[int, int]:
+        """(stdout, stderr) bytes the readers never took. Restores the original streams."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + self.FINAL_DRAIN_LIMIT
+        lost = (self.out.finish(deadline, self.FINAL_DRAIN_STALL), self.err.finish(deadline, self.FINAL_DRAIN_STALL))
+        sys.stdout, sys.stderr = self._saved
+        return lost

@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import abi
+from .hyperv import tlfs
 from .outcomes import Answer, Outcome
 
 # ---- control word -------------------------------------------------------------------------
-CONTROL_RESERVED_MASK = (0x1F << 27) | (0xF << 44) | (0xF << 60)
+CONTROL_RESERVED_MASK = tlfs.CONTROL_RSVD0 | tlfs.CONTROL_NESTED | tlfs.CONTROL_RSVD1 | tlfs.CONTROL_RSVD2
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,30 +66,19 @@ class HvInputVtl:
 
     @property
     def reserved(self) -> int:
-        return self.value & 0xE0
+        return self.value & tlfs.INPUT_VTL_RESERVED
 
     def target(self, caller_vtl: int) -> int:
         """The VTL meant: the named one if UseTargetVtl is set, else the caller's own."""
-        return self.value & 0x0F if self.value & 0x10 else caller_vtl
+        return self.value & tlfs.INPUT_VTL_TARGET if self.value & tlfs.INPUT_VTL_USE_TARGET else caller_vtl
 
 
 NAMES = {
-    abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI: "HvCallSendSyntheticClusterIpi",
-    abi.HVCALL_VTL_CALL: "HvCallVtlCall",
-    abi.HVCALL_VTL_RETURN: "HvCallVtlReturn",
+    tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI: "HvCallSendSyntheticClusterIpi",
+    tlfs.HVCALL_VTL_CALL: "HvCallVtlCall",
+    tlfs.HVCALL_VTL_RETURN: "HvCallVtlReturn",
     abi.HVCALL_PYKVMM_NOP: "PykvmmNop",
     abi.HVCALL_PYKVMM_SWITCH_PLANE: "PykvmmSwitchPlane",
-}
-
-STATUS_NAMES = {
-    abi.HV_STATUS_SUCCESS: "SUCCESS",
-    abi.HV_STATUS_INVALID_HYPERCALL_CODE: "INVALID_HYPERCALL_CODE",
-    abi.HV_STATUS_INVALID_HYPERCALL_INPUT: "INVALID_HYPERCALL_INPUT",
-    abi.HV_STATUS_INVALID_ALIGNMENT: "INVALID_ALIGNMENT",
-    abi.HV_STATUS_INVALID_PARAMETER: "INVALID_PARAMETER",
-    abi.HV_STATUS_ACCESS_DENIED: "ACCESS_DENIED",
-    abi.HV_STATUS_INVALID_VP_INDEX: "INVALID_VP_INDEX",
-    abi.HV_STATUS_INVALID_VTL_STATE: "INVALID_VTL_STATE",
 }
 
 
@@ -119,8 +109,8 @@ def hypercall_page(transport: str = "port") -> bytes:
     if transport != "port":
         raise ValueError(f"hypercall transport {transport!r} is not available on this build; use 'port'")
     page = bytearray(b"\xCC" * 4096)  # int3 everywhere else: a stray call traps visibly
-    for off, code in ((abi.HCPAGE_HYPERCALL, None), (abi.HCPAGE_VTL_CALL, abi.HVCALL_VTL_CALL),
-                      (abi.HCPAGE_VTL_RETURN, abi.HVCALL_VTL_RETURN)):
+    for off, code in ((abi.HCPAGE_HYPERCALL, None), (abi.HCPAGE_VTL_CALL, tlfs.HVCALL_VTL_CALL),
+                      (abi.HCPAGE_VTL_RETURN, tlfs.HVCALL_VTL_RETURN)):
         stub = _port_stub(code)
         page[off:off + len(stub)] = stub
     return bytes(page)
@@ -145,11 +135,11 @@ class Dispatcher:
         self.counts[code] = self.counts.get(code, 0) + 1
         handler = self.handlers.get(code)
         if handler is None:
-            return control, Answer(abi.HV_STATUS_INVALID_HYPERCALL_CODE)
+            return control, Answer(tlfs.INVALID_HYPERCALL_CODE)
         return control, handler(thread, plane, control, regs)
 
 
 def _nop(thread, plane, control, regs) -> Answer:
     if control.reserved_bits or control.rep_count:
-        return Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
-    return Answer(abi.HV_STATUS_SUCCESS, (("rdx", (regs.rdx + regs.r8) & 0xFFFFFFFFFFFFFFFF),))
+        return Answer(tlfs.INVALID_HYPERCALL_INPUT)
+    return Answer(tlfs.SUCCESS, (("rdx", (regs.rdx + regs.r8) & 0xFFFFFFFFFFFFFFFF),))

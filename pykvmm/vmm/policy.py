@@ -19,6 +19,7 @@ registry of policies by name is :mod:`pykvmm.vmm.personalities`.
 from __future__ import annotations
 
 from . import abi
+from .hyperv import tlfs
 from .outcomes import Answer, Outcome, Stop, StopKind, Switch, SwitchReason
 
 RESUME_SUSPENDED = 0xFFFFFFFFFFFFFFFF
@@ -68,12 +69,12 @@ class PlanePolicy:
         """PykvmmSwitchPlane: RDX = target plane, or all-ones to resume the suspended plane.
         The caller's RAX is SUCCESS when it runs again."""
         if control.reserved_bits or control.rep_count:
-            return Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
+            return Answer(tlfs.INVALID_HYPERCALL_INPUT)
         target = regs.rdx
         if target == RESUME_SUSPENDED:
             if not thread.suspended:
-                return Answer(abi.HV_STATUS_INVALID_VTL_STATE)      # no suspended plane to resume
-            return Switch(None, SwitchReason.RETURN, status=abi.HV_STATUS_SUCCESS)
+                return Answer(tlfs.INVALID_VTL_STATE)      # no suspended plane to resume
+            return Switch(None, SwitchReason.RETURN, status=tlfs.SUCCESS)
         if target >= self.machine.plane_count or target == plane:
-            return Answer(abi.HV_STATUS_INVALID_PARAMETER)
-        return Switch(target, SwitchReason.CALL, suspend=True, status=abi.HV_STATUS_SUCCESS)
+            return Answer(tlfs.INVALID_PARAMETER)
+        return Switch(target, SwitchReason.CALL, suspend=True, status=tlfs.SUCCESS)

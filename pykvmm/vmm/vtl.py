@@ -67,14 +67,15 @@ from ..uapi import constants as C, ffi
 from ..x86 import apic, arch
 from ..x86.xsave import merge_pkru, pkru_xsave_offset
 from . import abi
+from .hyperv import tlfs
 from .hypercalls import HvInputVtl
 from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Switch, SwitchReason
 from .policy import PlanePolicy, higher_planes
 
 # code: (name, kind for the #UD statistics, RAX bits allowed, what RAX must be)
-_SWITCH_CALLS = {abi.HVCALL_VTL_CALL: ("HvCallVtlCall", "call", 0, "it must be 0"),
-                 abi.HVCALL_VTL_RETURN: ("HvCallVtlReturn", "return", 1, "only bit 0 (fast return) may be set")}
+_SWITCH_CALLS = {tlfs.HVCALL_VTL_CALL: ("HvCallVtlCall", "call", 0, "it must be 0"),
+                 tlfs.HVCALL_VTL_RETURN: ("HvCallVtlReturn", "return", 1, "only bit 0 (fast return) may be set")}
 
 ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRUPT: abi.VTL_ENTRY_INTERRUPT,
                  SwitchReason.INTERCEPT: abi.VTL_ENTRY_INTERCEPT}
@@ -139,9 +140,9 @@ class VtlPolicy(PlanePolicy):
         self.copy_xcr0 = bool(getattr(machine, "osxsave", False))
         self.pkru_offset = pkru_xsave_offset(machine.kvm.supported_cpuid()) if self.copy_xcr0 else None
         d = machine.dispatcher
-        d.register(abi.HVCALL_VTL_CALL, self.vtl_call)
-        d.register(abi.HVCALL_VTL_RETURN, self.vtl_return)
-        d.register(abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, self.send_synthetic_cluster_ipi)
+        d.register(tlfs.HVCALL_VTL_CALL, self.vtl_call)
+        d.register(tlfs.HVCALL_VTL_RETURN, self.vtl_return)
+        d.register(tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, self.send_synthetic_cluster_ipi)
         if self.name == "vtl":
             from .vsm import Vsm
             self.vsm = Vsm(machine, self)
@@ -182,8 +183,8 @@ class VtlPolicy(PlanePolicy):
         code = ENTRY_REASONS.get(reason)
         if code is not None:
             self.machine.memory.write_u32(self.vtl_control(thread.index, dst) + abi.VTL_ENTRY_REASON, code)
-        if reason is SwitchReason.RETURN and self.vsm is not None and self.vsm.vina_armed:
-            self.vsm.vina_returned(thread.index, src)
+        if reason is SwitchReason.RETURN and self.vsm is not None and self.vsm.return_armed:
+            self.vsm.returned(thread.index, src)       # VINA AutoReset, TLB locks released
 
     def vtl_control(self, vcpu: int, plane: int) -> int:
         """The page holding this VTL's HV_VP_VTL_CONTROL (EntryReason, VtlReturnX64Rax/Rcx):
@@ -324,26 +325,26 @@ class VtlPolicy(PlanePolicy):
         if fault := self._cpl_fault(thread, plane, "HvCallSendSyntheticClusterIpi"):
             return fault
         if control.value >> 17:   # var-header size, rep count/start, reserved bits: a simple call has none
-            return Answer(abi.HV_STATUS_INVALID_HYPERCALL_INPUT)
+            return Answer(tlfs.INVALID_HYPERCALL_INPUT)
         if control.fast:
             head, mask = regs.rdx, regs.r8
         else:
             gpa = regs.rdx
             if gpa & 7:
-                return Answer(abi.HV_STATUS_INVALID_ALIGNMENT)
+                return Answer(tlfs.INVALID_ALIGNMENT)
             try:
                 data = self.machine.memory.read(gpa, 16)
             except GuestMemoryError:
-                return Answer(abi.HV_STATUS_INVALID_PARAMETER)      # the input is not in guest memory
+                return Answer(tlfs.INVALID_PARAMETER)      # the input is not in guest memory
             head = int.from_bytes(data[0:8], "little")
             mask = int.from_bytes(data[8:16], "little")
         vector = head & 0xFFFFFFFF
         target_vtl = HvInputVtl((head >> 32) & 0xFF)
         if not 0x10 <= vector <= 0xFF or target_vtl.reserved:
-            return Answer(abi.HV_STATUS_INVALID_PARAMETER)
+            return Answer(tlfs.INVALID_PARAMETER)
         target = target_vtl.target(plane)
         if target >= self.plane_count or mask >> self.vcpu_count:   # no such VTL, or vCPUs
-            return Answer(abi.HV_STATUS_INVALID_PARAMETER)
+            return Answer(tlfs.INVALID_PARAMETER)
         refused = self.vsm.interrupt_refusal(plane, target) if self.vsm is not None else None
         if refused:
             return Answer(refused[0])
@@ -357,7 +358,7 @@ class VtlPolicy(PlanePolicy):
             if to_plane.signal_msi(*apic.msi_message(v, vector)) <= 0:
                 stats["ipi_dropped"] += 1
             stats[kind] += 1
-        return Answer(abi.HV_STATUS_SUCCESS)
+        return Answer(tlfs.SUCCESS)
 
     # -- the summary ---------------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -16,6 +16,7 @@ import os
 
 from pykvmm.debug.summary import percentile
 from pykvmm.vmm import abi, events as ev
+from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.outcomes import Answer
 from pykvmm.x86 import apic
 
@@ -34,14 +35,16 @@ def _streams(events):
     return by_vcpu
 
 
-def _marker_exits(stream, plane: int, codes: set[int]) -> list[float]:
-    """Times of the exits that were hypercalls with one of ``codes`` made by ``plane``: the EXIT
-    event just before each such HYPERCALL event in the vCPU's own (ordered) stream."""
+def _marker_exits(stream, plane: int, codes: set[int], vector: int | None = None) -> list[float]:
+    """Times of the exits that were hypercalls with one of ``codes`` made by ``plane`` (with
+    ``vector``: fast SendSyntheticClusterIpi calls of that vector only): the EXIT event just
+    before each such HYPERCALL event in the vCPU's own (ordered) stream."""
     out, last_exit = [], None
     for e in stream:
         if e.kind == ev.EXIT:
             last_exit = e
-        elif e.kind == ev.HYPERCALL and e.plane == plane and e.details.get("code") in codes:
+        elif e.kind == ev.HYPERCALL and e.plane == plane and e.details.get("code") in codes and (
+                vector is None or e.details.get("rdx", 0) & 0xFFFFFFFF == vector):
             if last_exit is not None and last_exit.plane == plane:
                 out.append(last_exit.t)
             last_exit = None
@@ -82,7 +85,7 @@ def bench_ipi(P, mode: int, kick_interval: float, delay_max: int) -> dict:
     def setup(m):
         def send(thread, plane, control, regs):
             m.pvm.planes[1].signal_msi(*apic.msi_message(regs.rdx, regs.r8))
-            return Answer(abi.HV_STATUS_SUCCESS)
+            return Answer(tlfs.SUCCESS)
         m.dispatcher.register(BENCH_SEND_IPI, send)
 
     dt, r, m = run_machine(image("bench_ipi"), vcpus=2, planes=2, personality="none", arg=arg,
@@ -100,6 +103,9 @@ def bench_ipi(P, mode: int, kick_interval: float, delay_max: int) -> dict:
             "irr_scans": m.threads[1].planes_vcpu.irr_scans, "elapsed_s": dt}
 
 
+PING, PONG = 0x70, 0x71         # guest/vtl_pingpong's vectors
+
+
 def bench_pingpong(P) -> dict:
     n = P["pingpong_n"]
     events: list = []
@@ -107,12 +113,12 @@ def bench_pingpong(P) -> dict:
                            trace=events.append)
     s = _streams(events)
     one_way, to_switch, rtt_half = [], [], []
-    ipi = {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI}
+    ipi = {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI}
     steps = collections.defaultdict(list)
     for v in (0, 1):
         other = 1 - v
-        pings = _marker_exits(s[v], 0, ipi)              # VTL0 of v sends PING to VTL1 of other
-        pongs = _marker_exits(s[other], 1, ipi)          # VTL1 of other answers: its handler's first exit
+        pings = _marker_exits(s[v], 1, ipi, PING)        # VTL1 of v (VtlCalled by its VTL0) sends PING
+        pongs = _marker_exits(s[other], 1, ipi, PONG)    # VTL1 of other answers: its handler's first exit
         switches, _ = _interrupt_entries(s[other], 1)
         one_way += [b - a for a, b in zip(pings, pongs)]     # one pong per ping, in order
         to_switch += _pair(pings, switches, pongs)         # a ping taken while VTL1 still ran has no switch
@@ -149,7 +155,7 @@ def bench_halted_wake(P, source: str, delay_max: int) -> dict:
     def setup(m):
         def host_msi(thread, plane, control, regs):
             m.pvm.planes[regs.r8 >> 8 & 0xF].signal_msi(*apic.msi_message(regs.rdx, regs.r8 & 0xFF))
-            return Answer(abi.HV_STATUS_SUCCESS)
+            return Answer(tlfs.SUCCESS)
         m.dispatcher.register(WAKE_HOST_MSI, host_msi)
 
     dt, r, m = run_machine(image("vtl_wake_bench"), vcpus=2, planes=2, personality="vtl", arg=arg,
@@ -160,7 +166,7 @@ def bench_halted_wake(P, source: str, delay_max: int) -> dict:
     elif source == "host_msi":
         sends = _marker_exits(s[0], 0, {WAKE_HOST_MSI})
     else:
-        sends = _marker_exits(s[0], 0, {abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI})
+        sends = _marker_exits(s[0], 1, {tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI})   # from vCPU 0's VTL1
     switches, handlers = _interrupt_entries(s[1], 1)
     nxt = sends[1:] + [float("inf")]
     return {"rounds": rounds, "delay_max_exits": delay_max, "sends_seen": len(sends),

@@ -12,6 +12,7 @@ import time
 
 from pykvmm.debug.trace import write_chrome, write_jsonl
 from pykvmm.vmm import abi
+from pykvmm.vmm.hyperv import tlfs
 
 from .common import fmt, log
 
@@ -34,7 +35,7 @@ def synthetic_trace(n: int, vcpus: int = 2) -> list[dict]:
         elif k % 16 == 1:
             target = (v + 1) % vcpus
             events.append({"ts": ts, "kind": "hypercall", "vcpu": v, "plane": plane[v],
-                           "name": "HvCallSendSyntheticClusterIpi", "code": abi.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI,
+                           "name": "HvCallSendSyntheticClusterIpi", "code": tlfs.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI,
                            "status": 0, "vector": 0x30, "targets": [target],
                            "target_plane": plane[target] if k % 32 == 1 else 1 - plane[target]})
         else:

@@ -38,7 +38,7 @@ from ...uapi import ffi
 from ...x86 import arch
 from ...x86.xsave import fpu_image
 from .. import abi
-from ..hypercalls import NAMES, STUB_OUT_OFFSETS, HvInputVtl, hypercall_page
+from ..hypercalls import CONTROL_RESERVED_MASK as CONTROL_RESERVED, NAMES, STUB_OUT_OFFSETS, HvInputVtl, hypercall_page
 from ..memory import GuestMemoryError
 from ..outcomes import Answer, Outcome
 from . import tlfs as T
@@ -51,7 +51,6 @@ CONTINUE_STUB = bytes([0xE6, abi.PORT_HYPERCALL,      # out PORT_HYPERCALL, al
 REP_BUDGET = 16        # reps per guest entry before a continuation
 FAST_REGS_SIZE = 112   # RDX, R8, XMM0-5
 _XMM_LEGACY_OFFSET = 160
-CONTROL_RESERVED = T.CONTROL_RSVD0 | T.CONTROL_NESTED | T.CONTROL_RSVD1 | T.CONTROL_RSVD2
 
 
 def page_bytes() -> bytes:
@@ -72,6 +71,12 @@ class HvError(Exception):
 
 class HvUndefined(Exception):
     """The call raises #UD in the caller."""
+
+
+class HvSuspend(Exception):
+    """The caller's VP is suspended before the call completes (e.g. a flush of a TLB a higher
+    VTL locked, vsm/tlb.py): return to the guest with nothing done and RAX all-ones, so that
+    the page's stub re-issues the call, as the TLFS re-issues it when the VP is unsuspended."""
 
 
 @dataclass
@@ -180,6 +185,8 @@ class HypercallTable:
                 return Answer(self._run(spec, call))
         except HvUndefined as e:
             return hv.undefined(call, str(e))
+        except HvSuspend:
+            return Answer(CONTINUE)
         except HvError as e:
             return Answer(e.status | (getattr(e, "reps", 0) << T.RESULT_REP_SHIFT))
 
@@ -263,7 +270,7 @@ def is_cpl0(v) -> bool:
     return v.sregs.cs.dpl == 0 and bool(v.sregs.cr0 & arch.CR0_PE)
 
 
-__all__ = ["Call", "CallSpec", "HvError", "HvUndefined", "HypercallTable", "page_bytes", "GuestMemoryError"]
+__all__ = ["Call", "CallSpec", "HvError", "HvSuspend", "HvUndefined", "HypercallTable", "page_bytes", "GuestMemoryError"]
 
 
 def target_vtl(input_vtl: int, plane: int, plane_count: int) -> int:

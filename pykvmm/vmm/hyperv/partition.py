@@ -68,6 +68,8 @@ class HyperV:
         self.msr_names: dict[int, str] = {}
         self.table = HypercallTable(self)
         self.on_continuation = None      # test hook: callable(call, next_rep) at each continuation
+        self.tlb_flush_gate = None       # VSM TLB locks: callable(call, vps) before a flush (vsm/tlb.py)
+        self.vp_requests = None          # VSM: other VPs' register accesses, served here (vsm/remote.py)
         self.stats = {"msr_exits": 0, "gp_injected": 0, "ud_injected": 0}
         self.gp_reasons: list[str] = []
         self.stopped_why: str | None = None
@@ -289,6 +291,10 @@ class HyperV:
         if flusher is not None and flusher.pending:
             with self.lock:
                 flusher.service(t)
+        requests = self.vp_requests
+        if requests is not None and requests.pending:
+            with self.lock:
+                requests.service(t)
         if not vp.auto_eoi:
             return
         v = t.plane_vcpu()

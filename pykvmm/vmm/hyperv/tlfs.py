@@ -1,6 +1,12 @@
 """Hyper-V TLFS numbers (the "Data Types" appendix): MSR indices, CPUID bits, call codes,
 status codes, message types. Values as in the TLFS and Linux's asm/hyperv-tlfs.h /
-include/hyperv/hvgdk*.h (this host's /usr/include has none of them). No behaviour here."""
+include/hyperv/hvgdk*.h (this host's /usr/include has none of them). No behaviour here.
+
+This is the one source of these numbers for the VMM (abi.py, the VTL personality, vsm/
+import them from here) and for the guests: ``python -m pykvmm.vmm.hyperv.tlfs`` writes
+guest/build/hvtlfs.inc, where each name gets the ``HV_`` prefix unless it already says
+Hyper-V (``HVCALL_*``, ``HVMSG_*``) and each status is ``HV_STATUS_<name>`` as the TLFS
+spells it."""
 
 # ---- synthetic MSRs -------------------------------------------------------------------------
 MSR_GUEST_OS_ID = 0x40000000
@@ -101,11 +107,19 @@ SPINLOCK_NEVER_NOTIFY = 0xFFFFFFFF
 HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE = 0x0002
 HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST = 0x0003
 HVCALL_NOTIFY_LONG_SPIN_WAIT = 0x0008
-HVCALL_SEND_IPI = 0x000B           # = HvCallSendSyntheticClusterIpi
+HVCALL_SEND_SYNTHETIC_CLUSTER_IPI = 0x000B   # Linux: HVCALL_SEND_IPI
+HVCALL_MODIFY_VTL_PROTECTION_MASK = 0x000C
+HVCALL_ENABLE_PARTITION_VTL = 0x000D
+HVCALL_ENABLE_VP_VTL = 0x000F
+HVCALL_VTL_CALL = 0x0011
+HVCALL_VTL_RETURN = 0x0012
 HVCALL_FLUSH_VIRTUAL_ADDRESS_SPACE_EX = 0x0013
 HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX = 0x0014
-HVCALL_SEND_IPI_EX = 0x0015        # = HvCallSendSyntheticClusterIpiEx
+HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX = 0x0015   # Linux: HVCALL_SEND_IPI_EX
 HVCALL_GET_PARTITION_ID = 0x0046
+HVCALL_GET_VP_REGISTERS = 0x0050
+HVCALL_SET_VP_REGISTERS = 0x0051
+HVCALL_TRANSLATE_VIRTUAL_ADDRESS = 0x0052
 HVCALL_POST_MESSAGE = 0x005C
 HVCALL_SIGNAL_EVENT = 0x005D
 
@@ -126,6 +140,9 @@ RESULT_REP_SHIFT = 32              # result value: bits 15:0 status, 43:32 reps 
 INPUT_VTL_TARGET = 0x0F
 INPUT_VTL_USE_TARGET = 0x10
 INPUT_VTL_RESERVED = 0xE0
+
+# HvCallVtlReturn's input (RAX)
+VTL_RETURN_FAST = 1 << 0
 
 # HV_VP_SET formats
 GENERIC_SET_SPARSE_4K = 0
@@ -202,6 +219,8 @@ MSG_HEADER_SENDER = 0x08           # u64 (port id for PostMessage)
 MSG_PAYLOAD = 0x10
 MSG_FLAG_PENDING = 1
 HVMSG_NONE = 0
+HVMSG_UNMAPPED_GPA = 0x80000000
+HVMSG_GPA_INTERCEPT = 0x80000001
 HVMSG_TIMER_EXPIRED = 0x80000010
 HVMSG_RESERVED_TYPES = 0x80000000  # types with the top bit are the hypervisor's
 EVENT_FLAGS_PER_SINT = 2048        # bits per SINT slot of the SIEF page (256 bytes)
@@ -214,6 +233,15 @@ TSC_PAGE_OFFSET = 0x10             # i64
 REF_TICKS_PER_SECOND = 10_000_000  # the reference counter counts 100 ns
 
 
-if __name__ == "__main__":      # the constants for guest/ (HV_ + name)
+def asm_names() -> dict[str, int]:
+    """The constants as guests spell them (see the module docstring)."""
+    statuses = set(_BY_NAME)
+    names = {(n if n.startswith("HV") else "HV_" + n): v for n, v in globals().items()
+             if n.isupper() and not n.startswith("_") and n not in statuses and isinstance(v, int)}
+    names.update({f"HV_STATUS_{name}": code for code, name in STATUS.items()})
+    return names
+
+
+if __name__ == "__main__":      # the constants for guest/
     from ...asminc import asm_include
-    print(asm_include("pykvmm/vmm/hyperv/tlfs.py", globals(), prefix="HV_"), end="")
+    print(asm_include("pykvmm/vmm/hyperv/tlfs.py", asm_names()), end="")

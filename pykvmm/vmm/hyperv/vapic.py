@@ -75,7 +75,7 @@ def install(hv) -> None:
         vector, vtl_byte, r0, r1, fmt, banks = struct.unpack("<IBBHQQ", header)
         return send(call, vector, vtl_byte, r0 | r1, vp_set(fmt, banks, call.var_header, hv.machine.config.vcpus))
 
-    hv.table.add(CallSpec(T.HVCALL_SEND_IPI, "HvCallSendSyntheticClusterIpi", "ipi", send_ipi, header_size=16),
+    hv.table.add(CallSpec(T.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI, "HvCallSendSyntheticClusterIpi", "ipi", send_ipi, header_size=16),
                  replace=False)
-    hv.table.add(CallSpec(T.HVCALL_SEND_IPI_EX, "HvCallSendSyntheticClusterIpiEx", "ipi", send_ipi_ex,
+    hv.table.add(CallSpec(T.HVCALL_SEND_SYNTHETIC_CLUSTER_IPI_EX, "HvCallSendSyntheticClusterIpiEx", "ipi", send_ipi_ex,
                           header_size=24, var_header=True))

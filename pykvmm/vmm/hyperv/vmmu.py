@@ -12,7 +12,8 @@ How a TLB is flushed from userspace: KVM_SET_SREGS with CR4.PGE toggled and rest
 makes KVM reset the vCPU's MMU context and flush. The caller's VP flushes at once; another VP
 is kicked and flushes at its next exit, before it runs more guest code in that VTL; the call
 returns when every target running that VTL has done so (a target in another VTL flushes when
-it next runs this one).
+it next runs this one). With VSM, a target whose TLB in the caller's VTL a higher VTL locked
+holds the call back (vsm/tlb.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Flusher:
     def flush(self, call, vps: list[int]) -> None:
         hv = self.hv
         plane = call.plane
+        if hv.tlb_flush_gate is not None:     # a higher VTL may have locked a target's TLB (VSM)
+            hv.tlb_flush_gate(call, vps)
         wait = []
         for i in vps:
             if i == call.thread.index:

@@ -9,7 +9,9 @@ Modules, by TLFS section:
 | ``intercept`` | Secure Intercepts (GPA intercept messages, entry reason Intercept) |
 | ``registers`` | VP register interface: HvCallGetVpRegisters / HvCallSetVpRegisters |
 | ``translate`` | Virtual MMU: HvCallTranslateVirtualAddress |
+| ``remote`` | the VP-register and translation calls aimed at another VP |
 | ``enable`` | Enabling VTLs (the two boot modes, HvCallEnablePartitionVtl / EnableVpVtl), the VSM registers |
+| ``tlb`` | Configuring Lower VTLs: TlbLocked and the address-space flushes it holds back |
 
 The VTL switch itself (VtlCall/VtlReturn, shared and private state, interrupts) is the VTL
 personality (vmm/vtl.py); this package adds what a VSM guest reaches through hypercalls and
@@ -36,6 +38,8 @@ from .enable import VINA_AUTO_EOI, VINA_AUTO_RESET, VtlEnables
 from .intercept import deliver, memory_intercept_message
 from .protections import VtlProtections
 from .registers import check_header
+from .remote import RemoteVps
+from .tlb import TlbLocks
 
 
 class Vsm:
@@ -45,6 +49,8 @@ class Vsm:
         self.machine = machine
         self.policy = policy
         self.protections = VtlProtections(machine)
+        self.tlb = TlbLocks(self)
+        self.remote = RemoteVps(self)
         self.enables = VtlEnables(self)
         self.stats = Counter()
         self.intercepts: Counter = Counter()     # (vcpu, from VTL, to VTL, access) -> count
@@ -52,13 +58,15 @@ class Vsm:
     # -- calls (CallSpec functions: one rep each) --------------------------------------------------
     def install(self, hv) -> None:
         t = hv.table
-        t.add(CallSpec(abi.HVCALL_MODIFY_VTL_PROTECTION_MASK, "HvCallModifyVtlProtectionMask", "vsm",
+        t.add(CallSpec(H.HVCALL_MODIFY_VTL_PROTECTION_MASK, "HvCallModifyVtlProtectionMask", "vsm",
                        self._modify, header_size=16, rep_size=8))
-        t.add(CallSpec(abi.HVCALL_GET_VP_REGISTERS, "HvCallGetVpRegisters", "vsm", self._get,
+        t.add(CallSpec(H.HVCALL_GET_VP_REGISTERS, "HvCallGetVpRegisters", "vsm", self._get,
                        header_size=16, rep_size=4, out_rep_size=16))
-        t.add(CallSpec(abi.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
+        t.add(CallSpec(H.HVCALL_SET_VP_REGISTERS, "HvCallSetVpRegisters", "vsm", self._set,
                        header_size=16, rep_size=32))
         self.enables.install(t)
+        hv.tlb_flush_gate = lambda call, vps: self.tlb.wait_unlocked(hv, call, vps)
+        hv.vp_requests = self.remote
         from .translate import install as install_translate
         install_translate(self, t)
 
@@ -66,11 +74,24 @@ class Vsm:
         self.protections.modify_element(call.plane, header, element)
 
     def _get(self, call, header, index, element):
-        return check_header(self, call.thread, call.plane, header).get(int.from_bytes(element, "little"))
+        name = int.from_bytes(element, "little")
+        return self.on_vp(call, check_header(self, call.thread, call.plane, header), name,
+                          lambda access: access.get(name))
 
     def _set(self, call, header, index, element):
         name = int.from_bytes(element[0:4], "little")
-        check_header(self, call.thread, call.plane, header).set(name, element[16:32])
+        self.on_vp(call, check_header(self, call.thread, call.plane, header), name,
+                   lambda access: access.set(name, element[16:32]))
+
+    def on_vp(self, call, access, name: int, fn):
+        """``fn(access)`` on the thread of the VP the access is for (remote.py)."""
+        if access.cpu is call.thread:
+            return fn(access)
+
+        def there(thread):
+            access.check_idle(name)
+            return fn(access)
+        return self.remote.run(call.thread, access.cpu, there)
 
     def forget(self, vcpu: int, plane: int) -> None:
         """Registers of a plane changed behind the personality's back (its copy elision)."""
@@ -121,6 +142,19 @@ class Vsm:
         self.stats["vina_asserted"] += 1
         return True
 
+    @property
+    def return_armed(self) -> bool:
+        """Whether a VtlReturn has VSM work to do (the switch path asks only then)."""
+        return bool(self.enables.vina_enabled or self.tlb.held)
+
+    def returned(self, vcpu: int, plane: int) -> None:
+        """A VtlReturn from ``plane``: VINA's AutoReset; the TLB locks the VTL held are released."""
+        self.vina_returned(vcpu, plane)
+        if self.tlb.held:
+            hv = self.machine.hyperv
+            with hv.lock:
+                self.enables.release_tlb_locks(vcpu, plane)
+
     def vina_returned(self, vcpu: int, plane: int) -> None:
         """A VtlReturn from ``plane``: AutoReset clears its VinaAsserted."""
         vina = self.enables.vina_config(vcpu, plane)
@@ -133,12 +167,10 @@ class Vsm:
         return bool(self.machine.memory.read(self.policy.vtl_control(vcpu, plane) + abi.VTL_VINA_STATUS, 1)[0] & 1)
 
     def interrupt_refusal(self, caller: int, target: int) -> tuple[int, str] | None:
-        """TLFS VTL interrupt rules for the synthetic IPIs (SendSyntheticClusterIpi/Ex): with
-        ``--vtl-boot tlfs`` a VTL may interrupt its own and lower VTLs only, and only enabled
-        ones (ACCESS_DENIED / INVALID_VTL_STATE). pykvmm's boot mode keeps its cross-VTL
-        upward IPIs (its demo and VTL guests use them). (status, why), or None if allowed."""
-        if not self.enables.tlfs:
-            return None
+        """TLFS VTL interrupt rules for the synthetic IPIs (SendSyntheticClusterIpi/Ex), in
+        both boot modes: a VTL may interrupt its own and lower VTLs only (ACCESS_DENIED: a
+        lower VTL reaches a higher one by VtlCall, never by an interrupt), and only enabled
+        ones (INVALID_VTL_STATE). (status, why), or None if allowed."""
         if target > caller:
             return H.ACCESS_DENIED, f"VTL{caller} cannot interrupt the higher VTL{target}"
         if not self.enables.partition >> target & 1:
@@ -175,6 +207,9 @@ class Vsm:
         """The VSM counters, when the guest used VSM at all (nothing for a plain VTL guest)."""
         out = dict(self.stats)
         out.update(self.protections.summary())
+        out["flushes_held"] = self.tlb.held_calls
+        out["remote_vp_accesses"] = self.remote.count
+        out["flushes_suspended"] = self.tlb.suspended
         return {"vsm": out} if any(out.values()) else {}
 
 

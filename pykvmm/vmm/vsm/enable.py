@@ -35,9 +35,9 @@ VSM registers (through HvCallGet/SetVpRegisters):
       INVALID_PARAMETER. EnableVtlProtection is write-once: once set it cannot be cleared and
       the default mask cannot change (INVALID_PARAMETER); setting it applies the default mask
       to every page of every lower VTL this VTL has not named.
-  VsmVpSecureVtlConfig (0xD0010 + n, for a VTL n below the caller): MbecEnabled 0 (refused: no
-      MBEC), TlbLocked 1 (kept; pykvmm keeps no TLB, so nothing to lock); other bits
-      INVALID_PARAMETER.
+  VsmVpSecureVtlConfig (0xD0010 + n, the target VTL's instance for a VTL n below it, per VP):
+      MbecEnabled 0 (refused: no MBEC), TlbLocked 1 (locks VTL n's TLB on the VP: vsm/tlb.py);
+      other bits INVALID_PARAMETER. A VtlReturn from the VTL clears its TlbLocked bits.
   VsmVina (0xD0005, the VTL's own, per VP): Vector 7:0, Enabled 8, AutoReset 9, AutoEoi 10
       (other bits, or an enabled vector below 16 -> INVALID_PARAMETER). With Enabled, an
       interrupt that becomes deliverable in a lower VTL of the VP while this VTL runs latches
@@ -87,7 +87,7 @@ class VtlEnables:
         self.tlfs = m.config.vtl_boot == "tlfs"
         self.partition = 1 if self.tlfs else (1 << self.plane_count) - 1
         self.config = [0] * self.plane_count                        # VsmPartitionConfig per VTL
-        self.secure_config: dict[tuple[int, int], int] = {}         # (vp, lower VTL) -> value
+        self.secure_config: dict[tuple[int, int, int], int] = {}    # (vp, VTL, lower VTL) -> value
         self.vina: dict[tuple[int, int], int] = {}                  # (vp, VTL) -> HvRegisterVsmVina
         self.vina_enabled: set[tuple[int, int]] = set()
         policy = vsm.policy
@@ -154,6 +154,11 @@ class VtlEnables:
         self.vsm.policy.enabled[vp] |= 1 << target
         return None
 
+    def release_tlb_locks(self, vp: int, vtl: int) -> None:
+        """VP ``vp`` returned from ``vtl``: the TLB locks it held there are released."""
+        for lower in self.vsm.tlb.released_by_return(vp, vtl):
+            self.secure_config[(vp, vtl, lower)] &= ~SECURE_CONFIG_TLB_LOCKED
+
     def vina_config(self, vp: int, vtl: int) -> int:
         """HvRegisterVsmVina of (vp, vtl) if VINA is enabled there, else 0."""
         return self.vina.get((vp, vtl), 0) if (vp, vtl) in self.vina_enabled else 0
@@ -162,8 +167,8 @@ class VtlEnables:
     def get(self, cpu, caller: int, target: int, name: int) -> int | None:
         if name == REG_VSM_CODE_PAGE_OFFSETS:
             return abi.HCPAGE_VTL_CALL | abi.HCPAGE_VTL_RETURN << 12
-        if name == REG_VSM_VP_STATUS:
-            return (target & 0xF) | self.vp_enabled(cpu.index) << 8
+        if name == REG_VSM_VP_STATUS:       # the VP's, shared by its VTLs: ActiveVtl is the one running
+            return (cpu.plane & 0xF) | self.vp_enabled(cpu.index) << 8
         if name == REG_VSM_PARTITION_STATUS:
             return self.partition | (self.plane_count - 1) << 16
         if name == REG_VSM_CAPABILITIES:
@@ -177,7 +182,7 @@ class VtlEnables:
             return self.vina.get((cpu.index, target), 0)
         lower = name - REG_VSM_VP_SECURE_CONFIG_VTL0
         if 0 <= lower < 16 and lower < target:
-            return self.secure_config.get((cpu.index, lower), 0)
+            return self.secure_config.get((cpu.index, target, lower), 0)
         return None
 
     def set(self, cpu, caller: int, target: int, name: int, value: int) -> bool:
@@ -206,7 +211,8 @@ class VtlEnables:
                 raise HvError(H.INVALID_PARAMETER, f"VsmVpSecureVtlConfig {value:#x} has reserved bits")
             if value & SECURE_CONFIG_MBEC:
                 raise HvError(H.INVALID_PARAMETER, "MBEC is not available")
-            self.secure_config[(cpu.index, lower)] = value
+            self.secure_config[(cpu.index, target, lower)] = value
+            self.vsm.tlb.set(cpu.index, target, lower, bool(value & SECURE_CONFIG_TLB_LOCKED))
             return True
         return False
 

@@ -2,10 +2,10 @@
 register names, map flags, message layouts. Values as in the TLFS and Linux's
 include/hyperv/hvgdk*.h / hvhdk*.h. No behaviour here."""
 
-from ..abi import (HVCALL_ENABLE_PARTITION_VTL, HVCALL_ENABLE_VP_VTL,  # noqa: F401 (the guest ABI owns these)
-                   HVCALL_GET_VP_REGISTERS, HVCALL_MODIFY_VTL_PROTECTION_MASK, HVCALL_SET_VP_REGISTERS,
-                   HVCALL_TRANSLATE_VIRTUAL_ADDRESS, VTL_ENTRY_INTERCEPT, VTL_ENTRY_INTERRUPT,
-                   VTL_ENTRY_VTL_CALL)
+from ..abi import VTL_ENTRY_INTERCEPT, VTL_ENTRY_INTERRUPT, VTL_ENTRY_VTL_CALL  # noqa: F401 (the guest ABI owns these)
+from ..hyperv.tlfs import (HVCALL_ENABLE_PARTITION_VTL, HVCALL_ENABLE_VP_VTL,  # noqa: F401 (one source: hyperv/tlfs.py)
+                           HVCALL_GET_VP_REGISTERS, HVCALL_MODIFY_VTL_PROTECTION_MASK, HVCALL_SET_VP_REGISTERS,
+                           HVCALL_TRANSLATE_VIRTUAL_ADDRESS)
 
 HV_PARTITION_ID_SELF = 0xFFFFFFFFFFFFFFFF
 HV_VP_INDEX_SELF = 0xFFFFFFFE
@@ -23,14 +23,9 @@ MAP_GPA_USER_EXECUTABLE = 1 << 3
 MAP_GPA_MASK = 0xF
 
 # ---- messages ---------------------------------------------------------------------------------------
-HVMSG_UNMAPPED_GPA = 0x80000000
-HVMSG_GPA_INTERCEPT = 0x80000001
-MESSAGE_SIZE = 256
-MSG_TYPE = 0x00            # u32
-MSG_PAYLOAD_SIZE = 0x04    # u8
-MSG_FLAGS = 0x05           # u8
-MSG_SENDER = 0x08          # u64
-MSG_PAYLOAD = 0x10
+from ..hyperv.tlfs import (HVMSG_GPA_INTERCEPT, HVMSG_UNMAPPED_GPA, MESSAGE_SIZE,  # noqa: E402,F401
+                           MSG_HEADER_FLAGS as MSG_FLAGS, MSG_HEADER_PAYLOAD_SIZE as MSG_PAYLOAD_SIZE,
+                           MSG_HEADER_SENDER as MSG_SENDER, MSG_HEADER_TYPE as MSG_TYPE, MSG_PAYLOAD)
 # HV_X64_INTERCEPT_MESSAGE_HEADER (0x28 bytes)
 IH_VP_INDEX = 0x00         # u32
 IH_INSN_LENGTH_CR8 = 0x04  # u8: InstructionLength 3:0, Cr8 7:4

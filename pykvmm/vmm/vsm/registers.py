@@ -7,14 +7,16 @@ HV_REGISTER_VALUE. Set: each element is HV_REGISTER_ASSOC: name u32, 12 reserved
 the 16-byte value.
 
 VTL rule: a VTL reads and writes its own and lower VTLs' registers, never a higher VTL's
-(ACCESS_DENIED). VpIndex: HV_VP_INDEX_SELF or the caller's own VP; another existing VP ->
-INVALID_VP_STATE (pykvmm's vCPU threads own their planes' state; reaching into another
-vCPU's running state is not supported), a VP that does not exist -> INVALID_VP_INDEX.
-An unknown name -> INVALID_PARAMETER; a read-only register in a Set -> INVALID_PARAMETER.
+(ACCESS_DENIED), and only of VTLs enabled on the VP (INVALID_VTL_STATE). VpIndex:
+HV_VP_INDEX_SELF, the caller's own VP, or another VP (remote.py: done by that VP's thread;
+INVALID_VP_STATE while that VP executes with the registers asked for); a VP that does not
+exist -> INVALID_VP_INDEX. An unknown name -> INVALID_PARAMETER; a read-only register in a
+Set -> INVALID_PARAMETER.
 
 Shared registers (TLFS "VP State Isolation": RAX..R15 but RSP, CR2, DR0-DR3, XCR0) are one
-value for all VTLs of a VP: they are read from and written to the caller's own state, which
-the VTL personality hands on at the next switch. Everything else is the target VTL's own.
+value for all VTLs of a VP: they are read from and written to the state of the VTL the VP
+runs (the caller's, on its own VP), which the VTL personality hands on at the next switch.
+Everything else is the target VTL's own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ...x86 import arch
 from . import hvdef as H
 from ..hyperv.hypercall import target_vtl
 from .protections import VsmError, check_partition
+from .remote import check_idle, vp_thread
 
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -97,14 +100,19 @@ def set_table(dt, value: bytes) -> None:
 
 
 class RegisterAccess:
-    """Registers of VTL ``target`` of the caller's VP (the caller is VTL ``caller``)."""
+    """Registers of VTL ``target`` of the VP whose thread is ``cpu`` (the caller is VTL
+    ``caller``). Used on ``cpu``'s own thread (remote.py for another VP's)."""
 
     def __init__(self, vsm, cpu, caller: int, target: int):
         self.vsm, self.cpu, self.caller, self.target = vsm, cpu, caller, target
 
     def _vcpu(self, name: int):
-        plane = self.caller if name in SHARED else self.target
+        plane = self.cpu.plane if name in SHARED else self.target
         return self.cpu.plane_vcpu(plane)
+
+    def check_idle(self, name: int) -> None:
+        """Another VP's registers: only while it does not execute with them (remote.py)."""
+        check_idle(self.cpu, self.target, name in SHARED, "reaching")
 
     def get(self, name: int) -> bytes:
         v = self._vcpu(name)
@@ -170,12 +178,7 @@ class RegisterAccess:
 
 def check_header(vsm, cpu, caller: int, header: bytes) -> RegisterAccess:
     check_partition(header)
-    vp = int.from_bytes(header[8:12], "little")
-    if vp != H.HV_VP_INDEX_SELF and vp != cpu.index:
-        if vp >= vsm.machine.config.vcpus:
-            raise VsmError(H.INVALID_VP_INDEX, f"VP {vp} does not exist")
-        raise VsmError(H.INVALID_VP_STATE, f"VP {vp} is not the caller's VP ({cpu.index}): pykvmm reaches "
-                                           f"only the calling VP's registers")
+    cpu = vp_thread(vsm, cpu, int.from_bytes(header[8:12], "little"))
     target = target_vtl(header[12], caller, vsm.machine.plane_count)
     if target > caller:
         raise VsmError(H.ACCESS_DENIED, f"VTL{caller} cannot reach the registers of the higher VTL{target}")

@@ -14,8 +14,9 @@ GpaNoWriteAccess 6 (a higher VTL's protection forbids the validated access to th
 Intercept 8 (pykvmm's answer for a validated execute that a higher VTL's protection forbids [U]).
 SetPageTableBits sets Accessed on every level walked, and Dirty on the leaf for a validated write,
 after a successful translation. TlbFlushInhibit is accepted (pykvmm keeps no TLB of its own).
-Statuses: INVALID_PARTITION_ID, INVALID_VP_INDEX / INVALID_VP_STATE (only the caller's VP),
-INVALID_PARAMETER (reserved control bits or HV_INPUT_VTL bits), ACCESS_DENIED (a higher VTL).
+Statuses: INVALID_PARTITION_ID, INVALID_VP_INDEX, INVALID_VP_STATE (another VP that runs the
+VTL asked for: remote.py), INVALID_PARAMETER (reserved control bits or HV_INPUT_VTL bits),
+ACCESS_DENIED (a higher VTL), INVALID_VTL_STATE (a VTL not enabled on that VP).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..hyperv.hypercall import CallSpec, HvError, target_vtl
 from ..memory import GuestMemoryError
 from . import hvdef as H
 from .protections import check_partition
+from .remote import check_idle, vp_thread
 
 VALIDATE_READ, VALIDATE_WRITE, VALIDATE_EXECUTE = 1 << 0, 1 << 1, 1 << 2
 PRIVILEGE_EXEMPT, SET_PAGE_TABLE_BITS, TLB_FLUSH_INHIBIT = 1 << 3, 1 << 4, 1 << 5
@@ -45,13 +47,9 @@ def install(vsm, table) -> None:
                        header_size=32, out_size=16))
 
 
-def translate_gva(vsm, cpu, caller: int, header: bytes) -> bytes:
+def translate_gva(vsm, caller_cpu, caller: int, header: bytes) -> bytes:
     check_partition(header)
-    vp = int.from_bytes(header[8:12], "little")
-    if vp not in (H.HV_VP_INDEX_SELF, cpu.index):
-        if vp >= vsm.machine.config.vcpus:
-            raise HvError(H.INVALID_VP_INDEX, f"VP {vp} does not exist")
-        raise HvError(H.INVALID_VP_STATE, f"VP {vp} is not the caller's VP: pykvmm translates for the calling VP")
+    cpu = vp_thread(vsm, caller_cpu, int.from_bytes(header[8:12], "little"))
     flags, gva_page = struct.unpack_from("<QQ", header, 16)
     if flags & ~CONTROL_MASK & ((1 << INPUT_VTL_SHIFT) - 1):
         raise HvError(H.INVALID_PARAMETER, f"TranslateVirtualAddress control flags {flags:#x} have reserved bits")
@@ -59,7 +57,12 @@ def translate_gva(vsm, cpu, caller: int, header: bytes) -> bytes:
     if target > caller:
         raise HvError(H.ACCESS_DENIED, f"VTL{caller} cannot translate for the higher VTL{target}")
     vsm.check_vtl_enabled(cpu, target)
-    code, gpa = _translate(vsm, cpu.plane_vcpu(target), target, flags, gva_page << 12)
+
+    def walk(thread):
+        if thread is not caller_cpu:
+            check_idle(thread, target, False, "translating with")
+        return _translate(vsm, thread.plane_vcpu(target), target, flags, gva_page << 12)
+    code, gpa = vsm.remote.run(caller_cpu, cpu, walk)
     result = code | (CACHE_WRITE_BACK << 32 if code == RESULT_SUCCESS else 0)
     return struct.pack("<QQ", result, gpa >> 12 if gpa is not None else 0)
 

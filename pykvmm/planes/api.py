@@ -116,10 +116,13 @@ class PlanesVcpu(ABC):
         self.last_plane = 0
         self.cpuid = None
         self.thread_id: int | None = None   # the thread of the latest run(): where kicks go
-        self._lock = threading.Lock()       # guards the four fields below (see kick())
+        self._lock = threading.Lock()       # guards the fields below (see kick() and run_kvm())
         self._in_run: Vcpu | None = None    # the KVM vCPU inside KVM_RUN, if any
         self._running_req = 0               # req_exit_planes of that run
         self._kicked = False                # a kick not yet seen by a run
+        self._hint = 0                      # planes a soft-switching backend must look at before
+                                            # an entry that requests them (softswitch.py)
+        self._entries_held = False          # no entry at all for now (multivm re-lays memslots)
 
     @property
     @abstractmethod
@@ -170,15 +173,27 @@ class PlanesVcpu(ABC):
         """Whether only a kick lets the backend look for interrupts of this vCPU's run."""
         return False
 
-    # -- for the backends' run() -----------------------------------------------------------
-    def _hold_entry(self, req: int) -> bool:
-        """Called under the lock just before KVM_RUN: True to return Interrupted instead."""
-        return False
-
-    def run_kvm(self, v: Vcpu, req: int):
-        """KVM_RUN of ``v`` (a plane of this vCPU) as the run of this vCPU, kickable."""
+    def hold_entries(self, on: bool) -> None:
+        """While held, run() enters no plane (it returns Interrupted); with the lock run_kvm()
+        commits under, so once this returns, a vCPU seen outside KVM_RUN stays outside."""
         with self._lock:
-            if self._kicked or self._hold_entry(req):
+            self._entries_held = on
+
+    # -- for the backends' run() -----------------------------------------------------------
+    def run_kvm(self, v: Vcpu, req: int):
+        """KVM_RUN of ``v`` (a plane of this vCPU) as the run of this vCPU, kickable. Returns
+        Interrupted without entering, as for a kick, while a plane of ``req`` is in ``_hint`` or
+        entries are held (both checked under the lock, where the backends set them).
+
+        One lock pair per run. Entering is committed under the lock: a kick before it makes
+        this return Interrupted without entering; a kick after it finds ``_in_run`` and sets
+        ``v``'s immediate_exit, so KVM_RUN returns at once even if the signal came before the
+        ioctl. Leaving takes no lock: ``_kicked`` is cleared before ``_in_run``, so a kick that
+        still finds ``_in_run`` came during this run (which is returning: what it asked for)
+        and may at worst make the next run return Interrupted once; a kick that finds it
+        cleared is kept for the next run, as a kick between two runs must be."""
+        with self._lock:
+            if self._kicked or self._hint & req or self._entries_held:
                 self._kicked = False
                 return Interrupted()
             self.thread_id = threading.get_ident()
@@ -187,14 +202,12 @@ class PlanesVcpu(ABC):
         try:
             return v.run()
         finally:
-            with self._lock:
-                self._in_run = None
-                self._running_req = 0
-                self._kicked = False
-                v.request_immediate_exit(False)
+            self._kicked = False
+            self._in_run = None
+            self._running_req = 0
 
     def _signal_thread(self) -> None:
-        """KICK_SIGNAL to the thread in run_kvm() (alive: called under the lock while it runs)."""
+        """KICK_SIGNAL to the thread in run_kvm() (called under the lock, while ``_in_run`` is set)."""
         tid = self.thread_id
         if tid is None or tid == threading.get_ident():
             return      # our own run: immediate_exit is enough
@@ -203,7 +216,10 @@ class PlanesVcpu(ABC):
                            f"signal {KICK_SIGNAL.name} has no handler, so it cannot interrupt KVM_RUN: "
                            f"create the planes VM on the main thread or call "
                            f"pykvmm.planes.install_kick_handler() there first")
-        signal.pthread_kill(tid, KICK_SIGNAL)
+        try:
+            signal.pthread_kill(tid, KICK_SIGNAL)
+        except ProcessLookupError:
+            pass        # the thread left run() and ended meanwhile (run_kvm leaves without the lock)
 
 
 class PlanesVm(ABC):

@@ -101,6 +101,15 @@ def test_msi_message_mid_range_ids_under_x2apic_32bit_ids(dest):
     assert _kvm_x2apic_destination(address) == dest
 
 
+@pytest.mark.parametrize("dest", [0, 1, 0xFE, 0xFF, 0x100, 0x101, 0x1FF, 0x7FFF, 0x8000, 0x1234_5678,
+                                  0x1000_0002, 0xFFFF_FFFE, 0xFFFF_FFFF])
+def test_msi_destination_decodes_what_msi_message_encodes(dest):
+    """One decoder beside the encoder; above APIC ID 255 (x2APIC destinations) too, and as KVM
+    reads the address with 32-bit x2APIC IDs (the backends tell the target vCPU with it)."""
+    address, _ = apic.msi_message(dest, 0x40)
+    assert apic.msi_destination(address) == dest == _kvm_x2apic_destination(address)
+
+
 def _lapic_page(irr=(), isr=()) -> bytes:
     regs = bytearray(1024)
     for base, vectors in ((apic.APIC_IRR, irr), (apic.APIC_ISR, isr)):

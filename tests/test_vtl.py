@@ -123,7 +123,7 @@ def test_vtl_tpr_masks_preemption(run_guest, backend):
 
 def test_vtl_pingpong_counts_every_ipi(run_guest, backend):
     n = 2000
-    r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=2, arg=n, timeout=60)
+    r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=2, arg=n)
     assert syncs(r) == {(v, 0, 1): n for v in (0, 1)}           # each checked its own counts
     # n pings (VTL1 to VTL1, asked for by a VtlCall) + n pongs (VTL1 to VTL0) from each vCPU
     assert r.stats["ipis"] == {"synthetic_same_vtl": 2 * n, "synthetic_cross_vtl": 2 * n}

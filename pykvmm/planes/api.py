@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from ..exits import Interrupted
 from ..kvm import KvmError, Vcpu
 from ..x86.arch import MAX_PLANES
-from .memview import Access, MemoryView, check_range, refuse
+from .memview import PAGE, Access, MemoryView, check_range, refuse, refuse_cover
 
 KVM_PLANE_EVENT_INTERRUPT = 1
 KICK_SIGNAL = signal.SIGUSR1
@@ -76,6 +76,20 @@ class Plane(ABC):
         self.vm.check_protection(access)
         self.view.set(gpa, size, access)
         self.vm._apply_view(self, gpa, gpa + size)
+
+    def cover(self, gpa: int, hva: int | None) -> None:
+        """This plane alone sees the 4 KiB host page at ``hva`` at guest page ``gpa`` instead
+        of guest RAM (None: RAM again): a per-plane overlay page (memview.py); the plane's
+        protections still apply to the page. ProtectionUnsupported where the planes share one
+        memory layout."""
+        check_range(gpa, PAGE)
+        if not self.vm.per_plane_layouts:
+            raise refuse_cover(self.vm.backend)
+        if hva is None:
+            self.view.covers.pop(gpa, None)
+        else:
+            self.view.covers[gpa] = hva
+        self.vm._apply_view(self, gpa, gpa + PAGE)
 
     @abstractmethod
     def create_vcpu_plane(self, vcpu: "PlanesVcpu") -> Vcpu:
@@ -260,6 +274,7 @@ class PlanesVm(ABC):
         """In-kernel LAPICs for every plane. As in the RFC: only before extra planes exist."""
 
     # -- memory views (memview.py) ---------------------------------------------------------
+    per_plane_layouts = False     # each plane its own memslots (Plane.cover): multivm
     protection_limit = ("it has no per-plane memory permissions: per-plane KVM_SET_MEMORY_ATTRIBUTES "
                         "with read/write/execute attributes would be needed")
 

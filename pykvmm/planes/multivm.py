@@ -222,6 +222,7 @@ class MultiVmPlanesVm(SoftSwitchVm, PlanesVm):
                 plane.layout.add_region(slot, gpa, size, hva, flags, plane.view)
 
     # -- memory views: one memslot layout per plane VM (memview.py) -------------------------
+    per_plane_layouts = True
     protection_limit = "multivm enforces rwx, r-x and ---"
 
     def check_protection(self, access: Access) -> None:

@@ -196,7 +196,7 @@ def test_every_port_warnings_are_summarised(run_guest):
     """OUT to every port: one warning per port was kept in a list searched under a lock (quadratic);
     now the summary shows a few and counts the rest."""
     from pykvmm.vmm.machine import WARNING_EXAMPLES
-    r = run_guest("hostile", arg=int(hostile(HOSTILE_PORTS)), timeout=300)
+    r = run_guest("hostile", arg=int(hostile(HOSTILE_PORTS)), timeout=1800)
     assert r.ok
     warnings = r.stats["warnings"]
     assert len(warnings) == WARNING_EXAMPLES + 1
@@ -330,7 +330,7 @@ def test_blocked_stderr_output_is_dropped_and_counted(kvm_available, tmp_path):
 
 def test_bounded_writer_never_waits_for_its_reader():
     """The writer under pykvmm run's stdout and stderr, on a pipe nobody reads."""
-    from pykvmm.vmm.console import CONSOLE_BACKLOG_MAX, BoundedWriter
+    from pykvmm.vmm.console import CONSOLE_BACKLOG_MAX, BoundedWriter, finish_writers
     r, w = os.pipe()
     try:
         writer = BoundedWriter(w)
@@ -341,7 +341,7 @@ def test_bounded_writer_never_waits_for_its_reader():
             writer.put_bytes(chunk)
         assert time.monotonic() - t0 < 30                # never blocked (a blocked write is forever)
         assert writer.dropped >= total - CONSOLE_BACKLOG_MAX - (1 << 20) and writer.dropped % len(chunk) == 0
-        lost = writer.finish(time.monotonic() + 30, stall=0.2)
+        lost, = finish_writers([writer], time.monotonic() + 30, stall=0.2)
         assert lost > writer.dropped                     # what was queued and never taken, too
         os.set_blocking(r, False)
         got = os.read(r, 1 << 20)

@@ -194,12 +194,13 @@ class BoundedWriter:
         if already:
             callback()
 
-    def put_text(self, text: str) -> None:
-        self.put_bytes(text.encode(self.encoding, "backslashreplace"))
+    def put_text(self, text: str, always: bool = False) -> None:
+        self.put_bytes(text.encode(self.encoding, "backslashreplace"), always)
 
-    def put_bytes(self, data: bytes) -> None:
+    def put_bytes(self, data: bytes, always: bool = False) -> None:
+        """Queue ``data``; ``always``: even past the backlog limit (a run's last words, once)."""
         with self._cond:
-            if self.closed or self._size + len(data) > CONSOLE_BACKLOG_MAX:
+            if self.closed or (self._size + len(data) > CONSOLE_BACKLOG_MAX and not always):
                 self.dropped += len(data)
                 return
             self._chunks.append(data)
@@ -330,7 +331,7 @@ class StdStreams:
     ``install()`` replaces sys.stdout and sys.stderr with text streams over a BoundedWriter
     each (fd 1, fd 2): every print, click.echo, traceback, ``--trace-exits`` line and the
     final report is queued (up to CONSOLE_BACKLOG_MAX bytes per stream; beyond that a write
-    is dropped whole and counted). ``finish()`` waits for the readers while they take output,
+    is dropped whole and counted; ``last_words`` always goes in). ``finish()`` waits for the readers while they take output,
     at most FINAL_DRAIN_LIMIT s in all and FINAL_DRAIN_STALL s without progress, then puts the
     original streams back; what a reader never took is lost (and counted in ``dropped``)."""
 
@@ -353,6 +354,12 @@ class StdStreams:
         sys.stdout = bounded_text_stream(self.out, self._saved[0])
         sys.stderr = bounded_text_stream(self.err, self._saved[1])
         return self
+
+    def last_words(self, text: str) -> None:
+        """``text`` on stderr after everything written so far, past the backlog limit if need
+        be (the run's summary: a reader that comes back gets it)."""
+        sys.stderr.flush()
+        self.err.put_text(text, always=True)
 
     def finish(self) -> tuple[int, int]:
         """(stdout, stderr) bytes the readers never took. Restores the original streams."""

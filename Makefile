@@ -36,7 +36,6 @@ test-nested: setup guests
 
 bench: setup guests
 	$(PY) scripts/bench
-	$(PY) scripts/bench_kut.py
 
 # kvm-unit-tests (../shared/kvm-unit-tests or KUT_DIR), every test, beside QEMU/KVM's results
 KUT_REFERENCE ?= ../shared/kvm-unit-tests-qemu-kvm.txt

@@ -260,6 +260,20 @@ class Vm(FdObject):
         arg.irq, arg.level = irq, level
         self.ioctl("KVM_IRQ_LINE", arg)
 
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+        """Replace the GSI routing table with irqchip routes (gsi, KVM_IRQCHIP_*, pin)."""
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for e, (gsi, chip, pin) in zip(table.entries, routes):
+            e.gsi, e.type = gsi, C.KVM_IRQ_ROUTING_IRQCHIP
+            e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
+        self.ioctl("KVM_SET_GSI_ROUTING", table)
+
+    def get_irqchip(self, chip_id: int):
+        """The in-kernel PIC (KVM_IRQCHIP_PIC_*) or IOAPIC state (struct kvm_irqchip)."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        self.ioctl("KVM_GET_IRQCHIP", chip)
+        return chip
+
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         self.ioctl("KVM_ENABLE_CAP", _enable_cap_struct(cap, args, flags))
 

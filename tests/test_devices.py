@@ -177,6 +177,8 @@ def test_acpi_tables_are_linked_and_checksummed():
         off += madt[off + 1]
     assert [e[1][1] for e in entries if e[0] == 0] == [0, 1, 2]          # one LAPIC per vCPU
     assert [struct.unpack_from("<I", e[1], 2)[0] for e in entries if e[0] == 1] == [A.IOAPIC_ADDR]
+    overrides = [struct.unpack_from("<BBIH", e[1]) for e in entries if e[0] == 2]   # bus, IRQ, GSI, flags
+    assert overrides == [(0, 0, 2, 0)] + [(0, irq, irq, 0xD) for irq in (5, 9, 10, 11)]   # as QEMU's pc
 
 
 # ---- ACPI PM registers ----------------------------------------------------------------------
@@ -269,3 +271,114 @@ def test_pc_testdev_ioport_iomem_and_irq_lines():
     assert lines == [(11, 1), (11, 0)]
     dev.mmio_write(0x10, 8, 0x1122334455667788)
     assert dev.mmio_read(0x14, 4) == 0x11223344
+
+
+# ---- PCI configuration space and pci-testdev ----------------------------------------------
+from pykvmm.vmm.devices import pci as P                # noqa: E402
+from pykvmm.vmm.devices import pci_testdev as PT       # noqa: E402
+
+
+def pci_machine():
+    ports, mmio = PortBus(), MmioBus()
+    warnings = []
+    bus = P.PciBus(ports, mmio, warn=warnings.append)
+    bus.register_ports()
+    bus.attach(P.devfn(0), P.I440fxHost())
+    bus.attach(P.devfn(1), P.Piix3Isa())
+    dev = PT.PciTestDev()
+    bus.attach(PT.SLOT, dev)
+    return ports, mmio, dev, warnings
+
+
+def cfg_read(ports, slot, reg, size):
+    # as lib/x86/asm/pci.h: the register's full offset in CONFIG_ADDRESS, the data at 0xcfc
+    ports.write(P.CONFIG_ADDRESS, 4, P.CONFIG_ENABLE | slot << 8 | reg)
+    return ports.read(P.CONFIG_DATA, size)
+
+
+def cfg_write(ports, slot, reg, size, value):
+    ports.write(P.CONFIG_ADDRESS, 4, P.CONFIG_ENABLE | slot << 8 | reg)
+    ports.write(P.CONFIG_DATA, size, value)
+
+
+def test_pci_config_reads_ids_and_absent_functions_are_all_ones():
+    ports, _, _, _ = pci_machine()
+    assert cfg_read(ports, 0, P.VENDOR_ID, 2) == 0x8086 and cfg_read(ports, 0, P.DEVICE_ID, 2) == 0x1237
+    assert cfg_read(ports, P.devfn(1), P.HEADER_TYPE, 1) == P.HEADER_MULTIFUNCTION
+    assert cfg_read(ports, 0, P.REVISION, 4) == 0x06000002               # host bridge, revision 2
+    assert cfg_read(ports, P.devfn(1), P.CLASS_PROG + 1, 2) == 0x0601     # ISA bridge
+    assert cfg_read(ports, PT.SLOT, P.VENDOR_ID, 4) == PT.DEVICE_TEST << 16 | PT.VENDOR_REDHAT
+    assert cfg_read(ports, P.devfn(5), P.VENDOR_ID, 2) == 0xFFFF
+    ports.write(P.CONFIG_ADDRESS, 4, P.CONFIG_ENABLE | 1 << 16)          # bus 1: nothing there
+    assert ports.read(P.CONFIG_DATA, 4) == 0xFFFFFFFF
+    ports.write(P.CONFIG_ADDRESS, 4, 0)                                  # enable bit clear
+    assert ports.read(P.CONFIG_DATA, 2) == 0xFFFF
+    ports.write(P.CONFIG_ADDRESS + 1, 1, 0x55)                           # not a dword: not the address
+    assert ports.read(P.CONFIG_ADDRESS, 4) == 0
+
+
+def test_pci_read_only_fields_ignore_writes():
+    ports, _, _, _ = pci_machine()
+    cfg_write(ports, PT.SLOT, P.VENDOR_ID, 4, 0)
+    assert cfg_read(ports, PT.SLOT, P.VENDOR_ID, 2) == PT.VENDOR_REDHAT
+    cfg_write(ports, PT.SLOT, P.INTERRUPT_LINE, 1, 11)
+    assert cfg_read(ports, PT.SLOT, P.INTERRUPT_LINE, 1) == 11
+
+
+def test_pci_bar_sizing_protocol_and_decoding():
+    ports, mmio, dev, _ = pci_machine()
+    bar0 = P.BAR0
+    assert cfg_read(ports, PT.SLOT, bar0, 4) == PT.MEM_ADDR
+    assert cfg_read(ports, PT.SLOT, bar0 + 4, 4) == PT.IO_ADDR | P.BAR_IO
+    assert mmio.find(PT.MEM_ADDR, 1) is not None and ports.owner(PT.IO_ADDR + 0xFF) is not None
+    cfg_write(ports, PT.SLOT, bar0, 4, 0xFFFFFFFF)                       # size it
+    assert cfg_read(ports, PT.SLOT, bar0, 4) == ~(PT.MEM_SIZE - 1) & 0xFFFFFFFF
+    assert mmio.find(PT.MEM_ADDR, 1) is None and mmio.find(0xFFFFF000, 1) is None   # the pattern is not decoded
+    cfg_write(ports, PT.SLOT, bar0 + 4, 4, 0xFFFFFFFF)
+    assert cfg_read(ports, PT.SLOT, bar0 + 4, 4) == (~(PT.IO_SIZE - 1) & 0xFFFFFFFF) | P.BAR_IO
+    assert ports.owner(PT.IO_ADDR) is None
+    cfg_write(ports, PT.SLOT, bar0, 4, 0xE0000000)                       # moved by the guest
+    cfg_write(ports, PT.SLOT, bar0 + 4, 4, 0xD000)
+    assert mmio.find(0xE0000000, 4)[0] == 0 and ports.owner(0xD000) is not None
+    cfg_write(ports, PT.SLOT, P.COMMAND, 2, 0)                           # decoding off: gone
+    assert mmio.find(0xE0000000, 4) is None and ports.owner(0xD000) is None
+    cfg_write(ports, PT.SLOT, P.COMMAND, 2, P.CMD_IO | P.CMD_MEMORY)
+    assert dev.mem_bar.address == 0xE0000000 and dev.io_bar.address == 0xD000
+
+
+def test_pci_bar_moved_onto_another_device_stays_off():
+    ports, mmio, dev, warnings = pci_machine()
+    ports.register(0x3F8, 8, Recorder("uart"))
+    cfg_write(ports, PT.SLOT, P.BAR0 + 4, 4, 0x300)                      # 0x300-0x3ff covers the uart
+    assert dev.io_bar.address is None and ports.owner(0x3F8).name == "uart"
+    assert "not decoded" in warnings[0]
+
+
+def read_testdev_header(read, base):
+    raw = bytes(read(base + i, 1) for i in range(64))
+    test, width, offset, data, count = struct.unpack_from("<BBxxIBxxxI", raw)
+    return test, width, offset, data, count, raw[16:raw.index(b"\0", 16)].decode()
+
+
+def test_pci_testdev_tests_count_matching_writes():
+    ports, mmio, dev, _ = pci_machine()
+    mem = lambda addr, size: mmio.read(addr, size)           # noqa: E731
+    assert mem(PT.MEM_ADDR, 4) == 0                          # no test selected
+    mmio.write(PT.MEM_ADDR, 1, 0)                            # mmio-no-eventfd
+    _, width, offset, data, count, name = read_testdev_header(mem, PT.MEM_ADDR)
+    assert (width, offset, data, count, name) == (1, 0x800, PT.DATAMATCH, 0, "mmio-no-eventfd")
+    mmio.write(PT.MEM_ADDR + offset, 1, data)
+    mmio.write(PT.MEM_ADDR + offset, 1, 0x11)                 # wrong value: not counted
+    mmio.write(PT.MEM_ADDR + offset + 1, 1, data)             # wrong place: not counted
+    assert read_testdev_header(mem, PT.MEM_ADDR)[4] == 1
+    ports.write(PT.IO_ADDR, 1, 1)                             # portio-wildcard-eventfd
+    io = lambda port, size: ports.read(port, size)            # noqa: E731
+    _, _, offset, data, _, name = read_testdev_header(io, PT.IO_ADDR)
+    assert (name, offset, data) == ("portio-wildcard-eventfd", 0x80 + 4, PT.NOMATCH)
+    ports.write(PT.IO_ADDR + offset, 1, 0x99)                 # any value counts
+    assert read_testdev_header(io, PT.IO_ADDR)[4] == 1
+    ports.write(PT.IO_ADDR, 1, 3)                             # no such test: reads 0 again
+    assert io(PT.IO_ADDR + 1, 1) == 0
+    mmio.write(PT.MEM_ADDR, 1, 2)
+    assert read_testdev_header(mem, PT.MEM_ADDR)[5] == "mmio-datamatch-eventfd"
+    assert mem(PT.MEM_ADDR + 16 + len("mmio-datamatch-eventfd"), 1) == 0   # the terminator reads 0

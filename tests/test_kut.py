@@ -76,6 +76,24 @@ def test_vmexit_rows_take_their_name_from_the_command_line(run_kut, row):
         assert "PM timer port is 608" in out      # found through the ACPI FADT
 
 
+def test_vmexit_pci_rows_find_pci_testdev_and_its_writes_arrive(kvm_available, kut_suite):
+    # lib/pci.c scans bus 0 through 0xcf8/0xcfc, sizes the BARs, and vmexit writes each test's
+    # value at its offset in the memory BAR (pci-mem); the device counts the writes it matched.
+    from pykvmm.vmm import boot
+    from pykvmm.vmm.machine import Machine, MachineConfig
+
+    image = boot.open_guest(kut_suite / "x86" / "vmexit.flat", cmdline="pci-mem")
+    with Machine(image, MachineConfig(cpu="qemu64", quiet=True)) as m:
+        r = m.run(120)
+        counts = [t.count for t in m.platform.pci_testdev.tests[:3]]
+    out = serial(r)
+    assert r.exit_code == 0, out[-5:]
+    assert "pci-testdev at 0x10 membar febff000 iobar c000" in out       # where QEMU's guest finds it
+    rows = [line.split()[0] for line in out if len(line.split()) == 2 and line.split()[1].isdigit()]
+    assert rows == ["mmio-no-eventfd:pci-mem", "mmio-wildcard-eventfd:pci-mem", "mmio-datamatch-eventfd:pci-mem"]
+    assert min(counts) >= 64         # each row writes at least 64 times (vmexit doubles from 64)
+
+
 # The QEMU/KVM reference: every test that passes there must pass here (intel_iommu aside:
 # QEMU's emulated VT-d and edu device are out of scope).
 QEMU_PASSING = ["smptest", "smptest3", "vmexit_cpuid", "vmexit_mov_from_cr8", "vmexit_mov_to_cr8",

@@ -179,6 +179,46 @@ struct kvm_irq_routing {
     struct kvm_irq_routing_entry entries[];
 };
 
+struct kvm_pic_state {
+    __u8 last_irr;
+    __u8 irr;
+    __u8 imr;
+    __u8 isr;
+    __u8 priority_add;
+    __u8 irq_base;
+    __u8 read_reg_select;
+    __u8 poll;
+    __u8 special_mask;
+    __u8 init_state;
+    __u8 auto_eoi;
+    __u8 rotate_on_auto_eoi;
+    __u8 special_fully_nested_mode;
+    __u8 init4;
+    __u8 elcr;
+    __u8 elcr_mask;
+};
+
+struct kvm_ioapic_state {
+    __u64 base_address;
+    __u32 ioregsel;
+    __u32 id;
+    __u32 irr;
+    __u32 pad;
+    union {
+        __u64 bits;     /* the header's bitfield view ("fields") is left out: read the bits */
+    } redirtbl[24];
+};
+
+struct kvm_irqchip {
+    __u32 chip_id;
+    __u32 pad;
+    union {
+        char dummy[512];
+        struct kvm_pic_state pic;
+        struct kvm_ioapic_state ioapic;
+    } chip;
+};
+
 struct kvm_pit_config {
     __u32 flags;
     __u32 pad[15];

@@ -13,6 +13,7 @@ ratios (both sides measured back to back), always against a reference measured i
  5. scaling.py     switch rate by vCPUs x planes, memory per plane
  7. trace_export.py  Chrome export of a 100k-event trace vs JSON lines
  8. vsm.py         VSM on the TLFS path: VtlCall+VtlReturn and an intercepted write (issue 14)
+ 9. kut.py         kvm-unit-tests' vmexit rows, pykvmm / QEMU/KVM cycles per exit (issue 12)
 
 Everything runs on the real /dev/kvm. ``--quick`` uses tiny counts (the smoke test runs it);
 its numbers mean nothing. Internal modes (``--_rss-probe``) are used by the script itself.
@@ -37,11 +38,11 @@ if __package__ in (None, ""):       # `python scripts/bench`: make this director
     __package__ = "bench"
 
 from .common import FULL, QUICK, REPO, CRef, RawExit, fmt, image, log, median, rnd  # noqa: E402
-from . import ipi, pio, round_trip, scaling, startup, trace_export, vsm  # noqa: E402
+from . import ipi, kut, pio, round_trip, scaling, startup, trace_export, vsm  # noqa: E402
 
 from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
 
-ROWS = {1: pio, 2: round_trip, 3: ipi, 4: startup, 5: scaling, 6: pio, 7: trace_export, 8: vsm}
+ROWS = {1: pio, 2: round_trip, 3: ipi, 4: startup, 5: scaling, 6: pio, 7: trace_export, 8: vsm, 9: kut}
 
 
 @dataclass
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (smoke test); numbers mean nothing")
     ap.add_argument("--out", default="bench-results.json", help="JSON results file (default %(default)s)")
-    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="rows to run (comma-separated; 6 comes with 1)")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="rows to run (comma-separated; 6 comes with 1)")
     ap.add_argument("--repeats", type=int, help="override the number of interleaved repeats")
     ap.add_argument("--_rss-probe", nargs=3, type=int, metavar=("PLANES", "VCPUS", "COPIES"), help=argparse.SUPPRESS)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval() for the run (experiments)")
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             ctx.pio_us = ctx.pio_us or ctx.raw_exit_us * 1.3
         finally:
             ctx.raw.close()
-        for number in (3, 4, 5, 7):
+        for number in (3, 4, 5, 7, 9):
             if number in want:
                 rows.update(ROWS[number].run(ctx))
     if 6 not in want:

@@ -4,7 +4,8 @@ RSDP (revision 2) at ACPI_BASE, in the 0xE0000-0xFFFFF range the OS scans; RSDT 
 listing the FADT, the MADT; the FADT (revision 3) points at the FACS, the DSDT and the
 ACPI PM registers of acpi_pm.py (PM1a event and control blocks, the PM timer); the DSDT
 holds only the sleep-type packages (_S3 = SLP_TYP 1 and _S5 = 0, as QEMU's PIIX4); the
-MADT lists one local APIC per vCPU, the IOAPIC and the LINT1 NMI. ACPI 6.5, chapter 5.
+MADT lists one local APIC per vCPU, the IOAPIC, QEMU's interrupt source overrides (ISA IRQ0
+to GSI 2; the PCI IRQs 5, 9, 10, 11 level-triggered, active high) and the LINT1 NMI. ACPI 6.5, chapter 5.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ ACPI_SIZE = 0x2000
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000
 SCI_IRQ = 9
+PIT_GSI = 2            # ISA IRQ0 (the PIT) arrives at IOAPIC pin 2, as on QEMU's pc machine
+PCI_IRQS = (5, 9, 10, 11)   # QEMU's PCI interrupt lines: level-triggered, active high
+ISO_ACTIVE_HIGH, ISO_LEVEL = 0x1, 0xC
 OEM_ID = b"PYKVMM"
 OEM_TABLE_ID = b"PYKVMMPC"
 
@@ -94,6 +98,10 @@ def madt(vcpus: int, ioapic_id: int) -> bytes:
     for i in range(vcpus):
         body += struct.pack("<BBBBI", 0, 8, i, i, 1)  # processor local APIC, enabled
     body += struct.pack("<BBBBII", 1, 12, ioapic_id, 0, IOAPIC_ADDR, 0)
+    # interrupt source overrides as QEMU's build_madt: IRQ0 -> GSI 2 (conforming), the PCI lines level/high
+    body += struct.pack("<BBBBIH", 2, 10, 0, 0, PIT_GSI, 0)
+    for irq in PCI_IRQS:
+        body += struct.pack("<BBBBIH", 2, 10, 0, irq, irq, ISO_ACTIVE_HIGH | ISO_LEVEL)
     body += struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1)  # local APIC NMI on LINT1, all processors
     return _table(b"APIC", 1, body)
 

@@ -50,6 +50,12 @@ class PortBus:
         for port in range(base, base + count):
             self._ports[port] = device
 
+    def unregister(self, base: int, count: int, device: PortDevice) -> None:
+        """Remove ``device`` from the ports it holds in base..base+count (a PCI BAR moving)."""
+        for port in range(base, base + count):
+            if self._ports.get(port) is device:
+                del self._ports[port]
+
     def owner(self, port: int) -> PortDevice | None:
         return self._ports.get(port)
 
@@ -82,6 +88,15 @@ class MmioBus:
         entry = (base, base + length, device)
         for page in pages:
             self._pages.setdefault(page, []).append(entry)
+
+    def unregister(self, base: int, length: int, device: MmioDevice) -> None:
+        """Remove the range ``device`` registered at ``base`` (a PCI BAR moving)."""
+        for page in range(base >> PAGE_SHIFT, ((base + length - 1) >> PAGE_SHIFT) + 1):
+            kept = [e for e in self._pages.get(page, ()) if not (e[0] == base and e[2] is device)]
+            if kept:
+                self._pages[page] = kept
+            else:
+                self._pages.pop(page, None)
 
     def find(self, addr: int, size: int) -> tuple[int, MmioDevice] | None:
         """(offset, device) for an access of ``size`` bytes at ``addr``, or None."""

@@ -3,7 +3,8 @@ and the firmware's part (ACPI tables, S3 resume) that QEMU's SeaBIOS would play.
 
 Every machine gets them (pykvmm's own guests simply never touch these ports); a multiboot
 guest such as kvm-unit-tests finds what it expects from QEMU's `pc` machine with
-`-device pc-testdev -device isa-debug-exit,iobase=0xf4,iosize=0x4`. The PIC, IOAPIC, LAPICs
+`-device pc-testdev -device isa-debug-exit,iobase=0xf4,iosize=0x4 -device pci-testdev`
+(PCI bus 0: the i440FX host bridge, the PIIX3 ISA bridge and pci-testdev at 00:02.0). The PIC, IOAPIC, LAPICs
 and (unless disabled) the PIT are KVM's in-kernel models; devices belong to plane 0.
 """
 
@@ -12,18 +13,31 @@ from __future__ import annotations
 import threading
 import time
 
+from ...uapi import constants as C
 from ...x86 import protmode
 from ..console import Console
 from . import acpi
 from .acpi_pm import PM_BASE, PM_PORTS, STS_RTC, STS_WAK, EN_RTC, AcpiPm
 from .debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, IsaDebugExit
 from .fw_cfg import FW_CFG_PORT_SEL, FW_CFG_PORTS, FwCfg
+from .pci import I440fxHost, PciBus, Piix3Isa, devfn
+from .pci_testdev import SLOT as PCI_TESTDEV_SLOT, PciTestDev
 from .pc_testdev import (FLUSHPAGE, FLUSHPAGE_SIZE, IOMEM_ADDR, IOMEM_SIZE, IOPORT, IOPORT_SIZE, IRQ_LINES,
                          IRQ_PORT, PcTestDev)
 from .rtc import RTC_PORT, RTC_PORTS, Rtc
 from .uart import COM1_BASE, UART_PORTS, Uart16550
 
 RTC_IRQ = 8
+
+
+def pc_gsi_routes() -> list[tuple[int, int, int]]:
+    """QEMU's GSI routing for the pc machine (kvm_pc_setup_irq_routing): ISA IRQs 0-15 to the
+    8259s, GSIs 0-23 to the IOAPIC pin of the same number except IRQ0 (the PIT), which goes
+    to pin 2, as the MADT's interrupt source override says; GSI 2 (the cascade) goes nowhere."""
+    routes = [(i, C.KVM_IRQCHIP_PIC_MASTER, i) for i in range(8) if i != 2]
+    routes += [(i, C.KVM_IRQCHIP_PIC_SLAVE, i - 8) for i in range(8, 16)]
+    routes += [(i, C.KVM_IRQCHIP_IOAPIC, acpi.PIT_GSI if i == 0 else i) for i in range(24) if i != 2]
+    return routes
 
 
 def plane0_vm(pvm):
@@ -52,6 +66,12 @@ class PcPlatform:
         ports.register(FLUSHPAGE, FLUSHPAGE_SIZE, self.testdev)
         ports.register(IRQ_PORT, IRQ_LINES, self.testdev)
         machine.mmio.register(IOMEM_ADDR, IOMEM_SIZE, self.testdev)
+        self.pci = PciBus(ports, machine.mmio, warn=machine.warn)
+        self.pci.register_ports()
+        self.pci.attach(devfn(0), I440fxHost())
+        self.pci.attach(devfn(1), Piix3Isa())
+        self.pci_testdev = PciTestDev()
+        self.pci.attach(PCI_TESTDEV_SLOT, self.pci_testdev)
         reserve = getattr(machine.boot, "reserve", None)
         if reserve is not None:
             reserve(acpi.ACPI_BASE, acpi.ACPI_END, "the ACPI tables")
@@ -61,6 +81,7 @@ class PcPlatform:
     # -- after the VM and its irqchip exist ---------------------------------------------------
     def create_kvm_devices(self, pvm) -> None:
         self.vm = plane0_vm(pvm)
+        self.vm.set_gsi_routing(pc_gsi_routes())
         if self.machine.config.pit:
             self.vm.create_pit2()
 

@@ -1,0 +1,98 @@
+"""QEMU's pci-testdev (hw/misc/pci-testdev.c): the device kvm-unit-tests' vmexit test times
+MMIO and port writes against (its pci-mem and pci-io rows).
+
+Red Hat's vendor id 0x1b36, device 0x0005, class "other" (0xff). BAR0 is 4 KiB of memory,
+BAR1 256 I/O ports; both windows hold the same register file, one accessed byte by byte:
+
+    offset 0   test    u8   writing N selects test N of this window (N >= 3: none)
+           1   width   u8   the access width the test counts (1)
+           4   offset  u32  where in the window the test's writes go
+           8   data    u8   the value a write must carry (0xFA "datamatch", else 0xCE)
+          12   count   u32  writes seen at ``offset`` since the test was selected
+          16   name    the test's name, NUL-terminated
+
+The tests of each window are "no-eventfd", "wildcard-eventfd" (any value counts) and
+"datamatch-eventfd" (only ``data`` counts); their name is "<mmio|portio>-<test>" and their
+``offset`` is the window's half size plus the test's global index (0-2 memory, 3-5 I/O).
+Reads with no test selected, and reads at or past the name's terminator, return 0. QEMU
+hands the eventfd tests' writes to KVM ioeventfds, which count nothing; pykvmm answers
+them in userspace like the first test (the count goes up), so those rows time an exit to
+pykvmm where QEMU's time the kernel alone.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+from .pci import CMD_IO, CMD_MEMORY, COMMAND, QEMU_SUBSYSTEM, QEMU_SUBSYSTEM_VENDOR, Bar, PciFunction
+
+VENDOR_REDHAT, DEVICE_TEST = 0x1B36, 0x0005
+CLASS_OTHER = 0xFF0000
+MEM_SIZE, IO_SIZE = 0x1000, 0x100
+# where SeaBIOS puts them with QEMU's `-nodefaults -device pci-testdev` (seen in vmexit's output)
+MEM_ADDR, IO_ADDR = 0xFEBFF000, 0xC000
+SLOT = 2 << 3                         # 00:02.0
+
+TESTS = ("no-eventfd", "wildcard-eventfd", "datamatch-eventfd")
+DATAMATCH, NOMATCH = 0xFA, 0xCE
+HDR_TEST, HDR_WIDTH, HDR_OFFSET, HDR_DATA, HDR_COUNT, HDR_NAME = 0, 1, 4, 8, 12, 16
+
+
+class _Test:
+    def __init__(self, index: int, io: bool):
+        kind = TESTS[index % len(TESTS)]
+        name = f"{'portio' if io else 'mmio'}-{kind}".encode() + b"\0"
+        self.match_data = kind != "wildcard-eventfd"
+        self.offset = (IO_SIZE if io else MEM_SIZE) // 2 + index
+        self.data = DATAMATCH if self.match_data else NOMATCH
+        self.count = 0
+        self.header = bytearray(HDR_NAME + len(name))
+        self.header[HDR_NAME:] = name
+        self.header[HDR_WIDTH] = 1
+
+    def snapshot(self) -> bytes:
+        struct.pack_into("<IBxxxI", self.header, HDR_OFFSET, self.offset, self.data, self.count)
+        return bytes(self.header)
+
+
+class PciTestDev(PciFunction):
+    name = "pci-testdev"
+
+    def __init__(self, mem_addr: int = MEM_ADDR, io_addr: int = IO_ADDR):
+        super().__init__(VENDOR_REDHAT, DEVICE_TEST, CLASS_OTHER,
+                         subsystem=(QEMU_SUBSYSTEM_VENDOR, QEMU_SUBSYSTEM))
+        self.mem_bar = self.add_bar(0, MEM_SIZE, io=False, address=mem_addr)
+        self.io_bar = self.add_bar(1, IO_SIZE, io=True, address=io_addr)
+        struct.pack_into("<H", self.config, COMMAND, CMD_IO | CMD_MEMORY)   # as the firmware left it
+        self.tests = [_Test(i, io=i >= len(TESTS)) for i in range(2 * len(TESTS))]
+        self.current: _Test | None = None
+        self._lock = threading.Lock()
+
+    def bar_read(self, bar: Bar, offset: int, size: int) -> int:
+        with self._lock:
+            test = self.current
+            if test is None:
+                return 0
+            buf = test.snapshot()
+        # byte by byte, as QEMU's 1-byte implementation: bytes at or past the terminator read 0
+        return sum((buf[offset + i] if offset + i + 1 < len(buf) else 0) << (8 * i) for i in range(size))
+
+    def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
+        io = bar is self.io_bar
+        with self._lock:
+            for i in range(size):          # QEMU splits wider accesses into byte writes
+                self._write_byte(io, offset + i, value >> (8 * i) & 0xFF)
+
+    def _write_byte(self, io: bool, offset: int, byte: int) -> None:
+        if offset == HDR_TEST:
+            self.current = self.tests[(len(TESTS) if io else 0) + byte] if byte < len(TESTS) else None
+            if self.current is not None:
+                self.current.count = 0
+            return
+        test = self.current
+        if test is None or offset != test.offset:
+            return
+        if test.match_data and byte != test.data:
+            return
+        test.count += 1

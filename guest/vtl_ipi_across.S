@@ -66,7 +66,7 @@ main:
     call apic_enable
     sti
     mov qword ptr [rip + vcpu1_ready], 1
-    WAIT_EQ finished, 1
+    WAIT_EQ_BEATING finished, 1, vcpu1_beat   /* vCPU0 sees VTL0 run again after each preemption */
     cli
     GUEST_SYNC 1, [rip + vtl1_vectors]
     GUEST_SYNC 2, [rip + vtl1_vectors + 8]
@@ -88,6 +88,7 @@ vcpu0:
     call vtl_call
     GUEST_SYNC 1, [rip + vtl1_status]
     WAIT_EQ vtl1_count, 1
+    WAIT_MOVED vcpu1_beat               /* vCPU1 is back in VTL0: the next IPI is a new entry */
     mov rbx, CMD_MEM                    /* VTL1 sends (memory form) */
     call vtl_call
     GUEST_SYNC 2, [rip + vtl1_status]
@@ -190,6 +191,7 @@ vtl0_handler:
 ipi_input:      .space 16
 vcpu1_ready:    .space 8
 finished:       .space 8
+vcpu1_beat:     .space 8
 vtl1_count:     .space 8
 vtl1_vectors:   .space 16
 vtl1_reasons:   .space 16

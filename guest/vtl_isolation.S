@@ -40,7 +40,7 @@ main:
 
     /* vCPU1/VTL0 */
     mov qword ptr [rip + vcpu1_ready], 1
-    WAIT_EQ finished, 1
+    WAIT_EQ_BEATING finished, 1, vcpu1_beat   /* vCPU0 sees VTL0 run again after each preemption */
     GUEST_SYNC 1, [rip + count + 0 * 8]       /* VTL0, 0x44 */
     GUEST_SYNC 2, [rip + vtl1_a_after_step2]
     GUEST_SYNC 3, [rip + count + 3 * 8]       /* VTL1, 0x45 */
@@ -66,6 +66,7 @@ vcpu0:
     call pause_until_eq
     mov rax, [rip + count + 2 * 8]
     mov [rip + vtl1_a_after_step2], rax
+    WAIT_MOVED vcpu1_beat               /* vCPU1 is back in VTL0: step 3 is a new entry */
     /* 3 */
     mov rbx, CMD_SYN
     call vtl_call
@@ -126,5 +127,6 @@ vtl0_apic_id:       .space 16
 vtl1_apic_id:       .space 16
 vcpu1_ready:        .space 8
 finished:           .space 8
+vcpu1_beat:         .space 8
 count:              .space 4 * 8
 vtl1_a_after_step2: .space 8

@@ -78,7 +78,7 @@ class TraceStream:
                     self.error = e
         if self.error is not None:
             raise TraceWriteError(f"could not write the trace to {self.path}: "
-                                  f"{self.error.strerror or self.error}; {self._set_aside()}")
+                                  f"{getattr(self.error, 'strerror', None) or self.error}; {self._set_aside()}")
         return self.format
 
     def _to_chrome(self) -> None:

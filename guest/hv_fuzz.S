@@ -27,6 +27,12 @@ main:
     call apic_enable
     lea rdi, [rip + hcpage]
     call hv_enable
+    lea rsi, [rip + hcpage]             /* the calls go through a copy of the stub: the fuzzed */
+    lea rdi, [rip + stub_copy]          /* MSRs move and disable the page (an overlay: its RAM */
+    mov ecx, 16                         /* comes back), the copy stays */
+    rep movsb
+    lea rax, [rip + stub_copy]
+    mov [rip + hv_page_of], rax
     sti
     mov rbx, [r15 + BI_FREE_START]
     mov r13, [rbx]                      /* count */
@@ -71,3 +77,4 @@ irq_handler:
 .balign 4096
 hcpage: .space 4096
 irq_count: .space 8
+stub_copy: .space 16

@@ -37,12 +37,19 @@ main:
     call apic_enable
     xor r12d, r12d
 
-    /* #UD: page enabled, then GUEST_OS_ID = 0 disables it. */
+    /* #UD: page enabled, then GUEST_OS_ID = 0 disables it. The page is an overlay: its RAM
+     * is back, so the call goes through a copy of its stub (as a guest that kept one). */
     lea rdi, [rip + hcpage]
     call hv_enable
+    lea rsi, [rip + hcpage]
+    lea rdi, [rip + stub_copy]
+    mov ecx, 16
+    rep movsb
     mov edi, HV_MSR_GUEST_OS_ID
     xor esi, esi
     call wrmsr_safe
+    lea rax, [rip + stub_copy]
+    mov [rip + hv_page_of], rax         /* this plane (0) calls the copy */
     mov rdi, HVCALL_PYKVMM_ECHO
     call hv_call_safe
     GUEST_ASSERT_EQ rcx, 6, "hypercall with the page disabled: #UD"
@@ -220,3 +227,4 @@ fxbuf: .space 512
 ipi_count: .space 8
 cont_seen: .space 8
 cont_progress: .space 8
+stub_copy: .space 16

@@ -9,7 +9,8 @@
  *   SYNC 3, messages VTL1's handler received (1, preempting VTL0)
  *   SYNC 4, messages VTL0's handler received after posting to its own connection (1)
  *   SYNC 5, VTL0's SIEF page, first qword of SINT3 (0)
- *   SYNC 6, VTL1's SINT3 event flag 0x23 after SignalEvent (1) and VTL1's SINT3 count (1)
+ *   SYNC 6, VTL1's SINT3 event flag 0x23 after SignalEvent, as VTL1's handler read it in its
+ *   SIEF page (an overlay VTL0 does not see) (1), and VTL1's SINT3 count (1)
  *   SYNC 7/8, timer expirations each VTL handled (>= 20: VTL0 STIMER0 and VTL1 STIMER1
  *   periodic, 1 ms, at the same time); SYNC 9, expirations with the wrong timer index (0)
  */
@@ -90,10 +91,7 @@ main:
     WAIT_EQ vtl1_evts, 1
     lea rax, [rip + siefp0]
     GUEST_SYNC 5, "qword ptr [rax + 3 * 256]"
-    lea rax, [rip + siefp1]
-    mov rax, [rax + 3 * 256]
-    shr rax, CONN1_EVT
-    and eax, 1
+    mov rax, [rip + vtl1_flag]          /* VTL1's SIEF page is its overlay: VTL1 read it */
     shl rax, 4
     or rax, [rip + vtl1_evts]
     GUEST_SYNC 6, rax
@@ -162,6 +160,13 @@ vtl0_sint:
 vtl1_sint:
     HANDLE simp1, vtl1_msgs, vtl1_ticks, 1
 vtl1_evt:                               /* auto-EOI: no EOI here */
+    push rax
+    lea rax, [rip + siefp1]
+    mov rax, [rax + 3 * 256]
+    shr rax, CONN1_EVT
+    and eax, 1
+    mov [rip + vtl1_flag], rax
+    pop rax
     lock inc qword ptr [rip + vtl1_evts]
     iretq
 
@@ -211,6 +216,7 @@ post: .space 4096
 vtl0_msgs: .space 8
 vtl1_msgs: .space 8
 vtl1_evts: .space 8
+vtl1_flag: .space 8
 vtl0_ticks: .space 8
 vtl1_ticks: .space 8
 wrong_index: .space 8

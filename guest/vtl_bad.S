@@ -17,10 +17,10 @@
  *   8. VtlReturn stub with RCX = 0x100                                        -> #UD in VTL1
  *   and returns normally; 9. a valid VtlCall (rbx = CMD_ECHO, rdx = 0x1234): VTL1 returns
  *   rdx + 1.
- * Reports: SYNC <case>, RIP of the #UD - HYPERCALL_PAGE_ADDR, for cases 1-5 (VTL0) and
- *   0x106-0x108 (VTL1); each case also asserts its VTL's #UD count went up by exactly one.
- *   SYNC 0x20, rdx after the valid VtlCall (0x1235); SYNC 0x30, #UDs in VTL0 (5);
- *   SYNC 0x31, #UDs in VTL1 (3). DONE.
+ * Each case asserts its VTL's #UD count went up by exactly one and that the #UD's RIP lies
+ * in the stub it called (the generic stub below VtlCall's offset, VtlCall's below VtlReturn's,
+ * VtlReturn's after it: the offsets VsmCodePageOffsets reports). Then the guest checks the
+ * valid VtlCall's answer (0x1235) and the #UDs per VTL (5 in VTL0, 3 in VTL1). Reports: DONE.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -28,7 +28,8 @@
 .set CMD_BAD, 0xbad
 .set CMD_ECHO, 0xec0
 
-/* BAD_BEGIN; <the bad call>; BAD_END stage: check exactly one #UD came, SYNC its RIP offset.
+/* BAD_BEGIN; <the bad call>; BAD_END lo, hi: check exactly one #UD came, at an offset of the
+ * hypercall page in [lo, hi) (the stub called).
  * rbx holds the expected count across the call (the #UD handler resumes after the call). */
 .macro BAD_BEGIN
     mov rax, gs:[PCPU_PLANE]
@@ -37,15 +38,19 @@
     inc rbx                             /* the count after this case */
 .endm
 
-.macro BAD_END stage:req
+.macro BAD_END lo:req, hi:req
     mov rax, gs:[PCPU_PLANE]
     lea rdx, [rip + ud_count]
     GUEST_ASSERT_EQ rbx, "qword ptr [rdx + rax * 8]", "expected exactly one #UD"
     lea rdx, [rip + ud_rip]
     mov rdx, [rdx + rax * 8]
-    sub rdx, HYPERCALL_PAGE_ADDR
-    GUEST_SYNC \stage, rdx
+    sub rdx, HYPERCALL_PAGE_ADDR + \lo
+    GUEST_ASSERT_LT rdx, "(\hi)-(\lo)", "the #UD's RIP is in the stub called"
 .endm
+.set STUB_GENERIC, HCPAGE_HYPERCALL
+.set STUB_CALL, HCPAGE_VTL_CALL
+.set STUB_RETURN, HCPAGE_VTL_RETURN
+.set PAGE_END, 0x1000
 
 .text
 .globl main
@@ -58,32 +63,32 @@ main:
     BAD_BEGIN
     mov rcx, 0x10011
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
-    BAD_END 1
+    BAD_END STUB_GENERIC, STUB_CALL
     BAD_BEGIN
     mov rcx, 0x11 | (1 << 40)
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
-    BAD_END 2
+    BAD_END STUB_GENERIC, STUB_CALL
     BAD_BEGIN
     mov ecx, 5
     call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_CALL
-    BAD_END 3
+    BAD_END STUB_CALL, STUB_RETURN
     BAD_BEGIN
     xor ecx, ecx
     call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
-    BAD_END 4
+    BAD_END STUB_RETURN, PAGE_END
     BAD_BEGIN
     mov rcx, 0x10012
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
-    BAD_END 5
+    BAD_END STUB_GENERIC, STUB_CALL
 
     mov rbx, CMD_BAD
     call vtl_call
     mov rbx, CMD_ECHO
     mov edx, 0x1234
     call vtl_call
-    GUEST_SYNC 0x20, rdx
-    GUEST_SYNC 0x30, [rip + ud_count]
-    GUEST_SYNC 0x31, [rip + ud_count + 8]
+    GUEST_ASSERT_EQ rdx, 0x1235, "a valid VtlCall after the bad ones"
+    GUEST_ASSERT_EQ [rip + ud_count], 5, "#UDs VTL0 took"
+    GUEST_ASSERT_EQ [rip + ud_count + 8], 3, "#UDs VTL1 took"
 .Ldone:
     GUEST_DONE
 
@@ -105,15 +110,15 @@ vtl1_call:
     jne 2f
     BAD_BEGIN
     call vtl_call
-    BAD_END 0x106
+    BAD_END STUB_CALL, STUB_RETURN
     BAD_BEGIN
     mov ecx, 3
     call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
-    BAD_END 0x107
+    BAD_END STUB_RETURN, PAGE_END
     BAD_BEGIN
     mov ecx, 0x100
     call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
-    BAD_END 0x108
+    BAD_END STUB_RETURN, PAGE_END
 2:  clc
     ret
 

@@ -6,22 +6,14 @@
  * VTL1 (both vCPUs): IDT with handlers for 0x50 and 0x51 that record the vector and the
  * EntryReason they see, APIC on, interrupts on, vtl_serve. vCPU1/VTL0: handler for 0x52,
  * APIC on, interrupts on, spins until vCPU0 finished.
- * Reports:
- *   vCPU0/VTL0: SYNC 1, status of VTL1's fast send of 0x50 to VTL1 of vCPU1 (0)
- *               SYNC 2, status of VTL1's memory-form send of 0x51 (0)
- *               SYNC 3, status of the send of 0x52 with TargetVtl = 0 (0)
- *               SYNC 0x10.. 0x19: statuses of the bad calls, in order:
- *                 0x10 vector 0x0f (5), 0x11 vector 0x100 (5), 0x12 TargetVtl 0x31 reserved
- *                 bit (5), 0x13 TargetVtl 0x12 = VTL2 (5), 0x14 mask bit 2 = vCPU2 (5),
- *                 0x15 memory form, GPA not 8-aligned (4), 0x16 memory form, GPA past the end
- *                 of memory (5), 0x17 rep count 1 (3), 0x18 variable header size 1 (3),
- *                 0x19 empty processor mask (0: nothing sent), 0x1a TargetVtl 1 from VTL0
- *                 (6: a lower VTL cannot interrupt a higher one)
- *   vCPU1/VTL0: SYNC 1, first vector VTL1 handled (0x50); SYNC 2, second (0x51);
- *               SYNC 3, EntryReason seen by VTL1's handler both times (2 and 2 -> 0x22);
- *               SYNC 4, VTL1 handler count (2); SYNC 5, vector VTL0's handler saw (0x52);
- *               SYNC 6, VTL0 handler count (1); SYNC 7, vCPU of VTL1's handler (1).
- *   DONE on both.
+ * The guest checks every status (the TLFS's, named) and what each handler saw itself
+ * (GUEST_ASSERT_*): the sends succeed; the bad calls answer INVALID_PARAMETER (vector 0x0f,
+ * 0x100, reserved HV_INPUT_VTL bits, VTL2 of 2, a mask naming vCPU2, a memory-form GPA past
+ * RAM), INVALID_ALIGNMENT (GPA not 8-aligned), INVALID_HYPERCALL_INPUT (a rep count, a variable
+ * header), SUCCESS for an empty mask (nothing sent) and ACCESS_DENIED for VTL0 -> VTL1;
+ * VTL1 of vCPU1 took 0x50 then 0x51, each preempting VTL0 (EntryReason Interrupt), VTL0 of
+ * vCPU1 took 0x52 once. vCPU0 sends the next interrupt only after vCPU1's VTL0 ran again
+ * (its heartbeat moved), so each interrupt has a preemption of its own. Reports: DONE on both.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -41,6 +33,15 @@
     mov esi, \input_vtl
     mov rdx, \mask
     call vtl_send_ipi
+.endm
+
+/* WAIT_VTL0_RAN: until vCPU1's VTL0 moves its heartbeat (its VTL1 returned). Clobbers rax. */
+.macro WAIT_VTL0_RAN
+    mov rax, [rip + heartbeat]
+.Lhb\@:
+    pause
+    cmp rax, [rip + heartbeat]
+    je .Lhb\@
 .endm
 
 /* RAW control, rdx, r8: the generic stub with RCX/RDX/R8 as given; rax = status. */
@@ -66,18 +67,19 @@ main:
     call apic_enable
     sti
     mov qword ptr [rip + vcpu1_ready], 1
-    WAIT_EQ_BEATING finished, 1, vcpu1_beat   /* vCPU0 sees VTL0 run again after each preemption */
+1:  lock inc qword ptr [rip + heartbeat]   /* VTL0 runs: VTL1 has returned */
+    pause
+    cmp qword ptr [rip + finished], 1
+    jne 1b
     cli
-    GUEST_SYNC 1, [rip + vtl1_vectors]
-    GUEST_SYNC 2, [rip + vtl1_vectors + 8]
-    mov rax, [rip + vtl1_reasons]
-    shl rax, 4
-    or rax, [rip + vtl1_reasons + 8]
-    GUEST_SYNC 3, rax
-    GUEST_SYNC 4, [rip + vtl1_count]
-    GUEST_SYNC 5, [rip + vtl0_vector]
-    GUEST_SYNC 6, [rip + vtl0_count]
-    GUEST_SYNC 7, [rip + vtl1_vcpu]
+    GUEST_ASSERT_EQ [rip + vtl1_vectors], V_FAST, "the first vector VTL1 took"
+    GUEST_ASSERT_EQ [rip + vtl1_vectors + 8], V_MEM, "the second vector VTL1 took"
+    GUEST_ASSERT_EQ [rip + vtl1_reasons], VTL_ENTRY_INTERRUPT, "VTL1's entry reason for 0x50"
+    GUEST_ASSERT_EQ [rip + vtl1_reasons + 8], VTL_ENTRY_INTERRUPT, "VTL1's entry reason for 0x51"
+    GUEST_ASSERT_EQ [rip + vtl1_count], 2, "interrupts VTL1 took"
+    GUEST_ASSERT_EQ [rip + vtl0_vector], V_OWN, "the vector VTL0 took"
+    GUEST_ASSERT_EQ [rip + vtl0_count], 1, "interrupts VTL0 took"
+    GUEST_ASSERT_EQ [rip + vtl1_vcpu], 1, "the vCPU whose VTL1 took them"
 .Ldone:
     GUEST_DONE
 
@@ -86,46 +88,47 @@ vcpu0:
 
     mov rbx, CMD_FAST                   /* VTL1 sends (fast form) */
     call vtl_call
-    GUEST_SYNC 1, [rip + vtl1_status]
+    GUEST_ASSERT_EQ [rip + vtl1_status], HV_STATUS_SUCCESS, "VTL1's fast send to VTL1 of vCPU1"
     WAIT_EQ vtl1_count, 1
-    WAIT_MOVED vcpu1_beat               /* vCPU1 is back in VTL0: the next IPI is a new entry */
+    WAIT_VTL0_RAN
     mov rbx, CMD_MEM                    /* VTL1 sends (memory form) */
     call vtl_call
-    GUEST_SYNC 2, [rip + vtl1_status]
+    GUEST_ASSERT_EQ [rip + vtl1_status], HV_STATUS_SUCCESS, "VTL1's memory-form send"
     WAIT_EQ vtl1_count, 2
+    WAIT_VTL0_RAN
 
     SEND_FAST V_OWN, 0, 1 << 1          /* UseTargetVtl = 0: VTL0, the caller's own */
-    GUEST_SYNC 3, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "send to VTL0 of vCPU1 (TargetVtl 0)"
     WAIT_EQ vtl0_count, 1
 
     /* the errors (none of them sends anything) */
     SEND_FAST 0x0f, TO_VTL1, 1 << 1
-    GUEST_SYNC 0x10, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_PARAMETER, "vector 0x0f"
     SEND_FAST 0x100, TO_VTL1, 1 << 1    /* vtl_send_ipi passes the low 32 bits: 0x100 */
-    GUEST_SYNC 0x11, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_PARAMETER, "vector 0x100"
     SEND_FAST V_FAST, 0x31, 1 << 1
-    GUEST_SYNC 0x12, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_PARAMETER, "reserved HV_INPUT_VTL bits"
     SEND_FAST V_FAST, HV_INPUT_VTL_USE_TARGET | 2, 1 << 1
-    GUEST_SYNC 0x13, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_PARAMETER, "VTL2 of 2"
     SEND_FAST V_FAST, TO_VTL1, 1 << 2
-    GUEST_SYNC 0x14, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_PARAMETER, "a mask naming vCPU2 of 2"
     lea rdx, [rip + ipi_input + 4]
     RAW CTL_IPI, rdx, 0
-    GUEST_SYNC 0x15, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_ALIGNMENT, "GPA not 8-aligned"
     mov rdx, gs:[PCPU_BOOT_INFO]
     mov rdx, [rdx + BI_MEM_SIZE]
     RAW CTL_IPI, rdx, 0
-    GUEST_SYNC 0x16, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_PARAMETER, "GPA past the end of RAM"
     mov rdx, V_FAST | (TO_VTL1 << 32)
     RAW CTL_IPI_FAST | (1 << HV_CONTROL_REP_COUNT_SHIFT), rdx, 1 << 1
-    GUEST_SYNC 0x17, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_HYPERCALL_INPUT, "a rep count"
     mov rdx, V_FAST | (TO_VTL1 << 32)
     RAW CTL_IPI_FAST | (1 << 17), rdx, 1 << 1
-    GUEST_SYNC 0x18, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_INVALID_HYPERCALL_INPUT, "a variable header"
     SEND_FAST V_FAST, 0, 0
-    GUEST_SYNC 0x19, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "an empty mask"
     SEND_FAST V_FAST, TO_VTL1, 1 << 1
-    GUEST_SYNC 0x1a, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_ACCESS_DENIED, "VTL0 into VTL1"
 
     mov qword ptr [rip + finished], 1
     GUEST_DONE
@@ -191,7 +194,7 @@ vtl0_handler:
 ipi_input:      .space 16
 vcpu1_ready:    .space 8
 finished:       .space 8
-vcpu1_beat:     .space 8
+heartbeat:      .space 8
 vtl1_count:     .space 8
 vtl1_vectors:   .space 16
 vtl1_reasons:   .space 16

@@ -7,10 +7,8 @@
  *   vCPU0/VTL0: once vCPU1 spins, VtlCalls VTL1 with rbx = CMD_SEND_IPI (a shared register);
  *               VTL1 of vCPU0 sends vector 0x60 through its x2APIC ICR to VTL1 of vCPU1,
  *               which preempts vCPU1's VTL0 (entry reason Interrupt).
- * Reports, from vCPU1/VTL0 after the spin:
- *   SYNC 1, vector seen by VTL1's handler (0x60); SYNC 2, EntryReason read in the handler (2);
- *   SYNC 3, handler count (1); SYNC 4, 1 if the sentinels survived and the spin went on;
- *   SYNC 5, vCPU that handled it (1). vCPU0/VTL0: SYNC 1, 0 (ICR written). DONE on both.
+ * vCPU1/VTL0 checks after the spin (GUEST_ASSERT_EQ): VTL1 of vCPU1 handled 0x60 once, with
+ * EntryReason Interrupt; VTL0's sentinels survived and its spin went on. Reports: DONE on both.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -65,11 +63,11 @@ main:
     cmp r12, 1
     jbe 2f
     mov eax, 1
-2:  GUEST_SYNC 1, [rip + seen_vector]
-    GUEST_SYNC 2, [rip + seen_reason]
-    GUEST_SYNC 3, [rip + handled]
-    GUEST_SYNC 4, rax
-    GUEST_SYNC 5, [rip + seen_vcpu]
+2:  GUEST_ASSERT_EQ rax, 1, "VTL0's sentinels survived and its spin went on"
+    GUEST_ASSERT_EQ [rip + seen_vector], 0x60, "the vector VTL1's handler saw"
+    GUEST_ASSERT_EQ [rip + seen_reason], VTL_ENTRY_INTERRUPT, "VTL1's entry reason"
+    GUEST_ASSERT_EQ [rip + handled], 1, "interrupts VTL1 handled"
+    GUEST_ASSERT_EQ [rip + seen_vcpu], 1, "the vCPU whose VTL1 handled it"
 .Ldone:
     GUEST_DONE
 
@@ -77,7 +75,6 @@ vcpu0:
     WAIT_EQ vcpu1_spinning, 1
     mov rbx, CMD_SEND_IPI
     call vtl_call
-    GUEST_SYNC 1, 0
     GUEST_DONE
 
 /* ---- VTL1 ------------------------------------------------------------------------------ */

@@ -8,10 +8,10 @@
  *      has now run with interrupts on, so a leaked 0x44 would have been taken;
  *   3. positive control: VtlCall with rbx = CMD_SYN: VTL1 of vCPU0 sends 0x44 to VTL1 of vCPU1
  *      with HvCallSendSyntheticClusterIpi: VTL1 takes it.
- * Reports from vCPU1/VTL0 at the end:
- *   SYNC 1, VTL0 count of 0x44 (1); SYNC 2, VTL1 count of 0x44 after step 2 (0);
- *   SYNC 3, VTL1 count of 0x45 (1); SYNC 4, VTL0 count of 0x45 (0);
- *   SYNC 5, VTL1 count of 0x44 after the control (1). DONE on both.
+ * vCPU0 starts each step only after vCPU1's VTL0 ran again (its heartbeat moved: its VTL1 has
+ * returned), so each interrupt for VTL1 has a preemption of its own. vCPU1/VTL0 checks the
+ * counts itself at the end (GUEST_ASSERT_EQ): VTL0 took 0x44 once and never 0x45; VTL1 took
+ * 0x45 once, 0x44 not after step 2 and once after the control. Reports: DONE on both.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -40,12 +40,15 @@ main:
 
     /* vCPU1/VTL0 */
     mov qword ptr [rip + vcpu1_ready], 1
-    WAIT_EQ_BEATING finished, 1, vcpu1_beat   /* vCPU0 sees VTL0 run again after each preemption */
-    GUEST_SYNC 1, [rip + count + 0 * 8]       /* VTL0, 0x44 */
-    GUEST_SYNC 2, [rip + vtl1_a_after_step2]
-    GUEST_SYNC 3, [rip + count + 3 * 8]       /* VTL1, 0x45 */
-    GUEST_SYNC 4, [rip + count + 1 * 8]       /* VTL0, 0x45 */
-    GUEST_SYNC 5, [rip + count + 2 * 8]       /* VTL1, 0x44 */
+1:  lock inc qword ptr [rip + heartbeat]   /* VTL0 runs: VTL1 has returned */
+    pause
+    cmp qword ptr [rip + finished], 1
+    jne 1b
+    GUEST_ASSERT_EQ [rip + count + 0 * 8], 1, "VTL0 took its own 0x44 once"
+    GUEST_ASSERT_EQ [rip + vtl1_a_after_step2], 0, "VTL1 never took VTL0's 0x44"
+    GUEST_ASSERT_EQ [rip + count + 3 * 8], 1, "VTL1 took its own 0x45 once"
+    GUEST_ASSERT_EQ [rip + count + 1 * 8], 0, "VTL0 never took VTL1's 0x45"
+    GUEST_ASSERT_EQ [rip + count + 2 * 8], 1, "VTL1 took the synthetic 0x44 (the control)"
 .Ldone:
     GUEST_DONE
 
@@ -66,7 +69,10 @@ vcpu0:
     call pause_until_eq
     mov rax, [rip + count + 2 * 8]
     mov [rip + vtl1_a_after_step2], rax
-    WAIT_MOVED vcpu1_beat               /* vCPU1 is back in VTL0: step 3 is a new entry */
+    mov rax, [rip + heartbeat]          /* until vCPU1's VTL1 has returned */
+3:  pause
+    cmp rax, [rip + heartbeat]
+    je 3b
     /* 3 */
     mov rbx, CMD_SYN
     call vtl_call
@@ -127,6 +133,6 @@ vtl0_apic_id:       .space 16
 vtl1_apic_id:       .space 16
 vcpu1_ready:        .space 8
 finished:           .space 8
-vcpu1_beat:         .space 8
+heartbeat:          .space 8
 count:              .space 4 * 8
 vtl1_a_after_step2: .space 8

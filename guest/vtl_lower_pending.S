@@ -9,14 +9,9 @@
  *   - returns (fast). VTL0 takes the first interrupt before its next instruction, the second
  *     at once after it (real KVM) or at its next exit (kvm_pvm injects one per entry); VTL0
  *     waits for both with the cli/sti;hlt loop.
- * Reports:
- *   vCPU0/VTL1: SYNC 0x101, status of the send (0); SYNC 0x102, VTL0's 0x46 count while VTL1
- *               runs (0); SYNC 0x103, VTL0's 0x47 count (0)
- *   vCPU0/VTL0: SYNC 4, 1 if an interrupt was taken before the first instruction after the
- *               VtlCall; then SYNC 1, 0x46 count (1); SYNC 2, 0x47 count (1);
- *               SYNC 3, order: the vector taken first (0x47 has the higher priority) << 8 |
- *               the second (0x4746)
- *   DONE on both.
+ * The guest checks each of these itself (GUEST_ASSERT_*): the send succeeds; VTL0 takes neither
+ * while VTL1 runs; after the return it takes one before its next instruction, each once, 0x47
+ * (the higher priority) first. Reports: DONE on both.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -64,16 +59,11 @@ vcpu0:
     sti
     hlt
     jmp 1b
-2:  xor eax, eax
-    cmp qword ptr [rip + taken_at_return], 0
-    setne al
-    GUEST_SYNC 4, rax
-    GUEST_SYNC 1, [rip + count_icr]
-    GUEST_SYNC 2, [rip + count_syn]
-    mov rax, [rip + order]
-    shl rax, 8
-    or rax, [rip + order + 8]
-    GUEST_SYNC 3, rax
+2:  GUEST_ASSERT_NE [rip + taken_at_return], 0, "an interrupt before VTL0's first instruction after the return"
+    GUEST_ASSERT_EQ [rip + count_icr], 1, "VTL0 took the ICR IPI 0x46 once"
+    GUEST_ASSERT_EQ [rip + count_syn], 1, "VTL0 took the synthetic 0x47 once"
+    GUEST_ASSERT_EQ [rip + order], V_SYN, "0x47 (higher priority) first"
+    GUEST_ASSERT_EQ [rip + order + 8], V_ICR, "then 0x46"
     GUEST_DONE
 
 handler_icr:
@@ -117,7 +107,7 @@ vtl1_call:
     mov esi, HV_INPUT_VTL_USE_TARGET | 0
     mov edx, 1 << 0
     call vtl_send_ipi
-    GUEST_SYNC 0x101, rax
+    GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "VTL1's send of 0x47 down to VTL0"
     mov ebx, EXTRA_EXITS
 1:  mov edi, HVCALL_PYKVMM_NOP
     xor esi, esi
@@ -125,8 +115,8 @@ vtl1_call:
     call hypercall
     dec ebx
     jnz 1b
-    GUEST_SYNC 0x102, [rip + count_icr]
-    GUEST_SYNC 0x103, [rip + count_syn]
+    GUEST_ASSERT_EQ [rip + count_icr], 0, "VTL0 takes no 0x46 while VTL1 runs"
+    GUEST_ASSERT_EQ [rip + count_syn], 0, "VTL0 takes no 0x47 while VTL1 runs"
 .Lret:
     clc
     ret

@@ -10,10 +10,9 @@
  * SendSyntheticClusterIpi (TargetVtl 0). VTL0's PONG handler counts and checks it too.
  * So every round trip is a VtlCall, one VTL1-to-VTL1 IPI, one preemption of a VTL0, one
  * VTL1-to-VTL0 IPI and two VtlReturns.
- * Reports, per vCPU v from VTL0 at the end (after both vCPUs finished sending):
- *   SYNC 1, pongs VTL0 of v received (N); SYNC 2, pings VTL1 of v received (N);
- *   SYNC 3, sequence errors (a ping or pong that was not the next one, or a failed send) (0);
- *   SYNC 4, N. DONE.
+ * Each vCPU's VTL0 checks at the end (after both vCPUs finished sending) that its VTL0 got N
+ * pongs, its VTL1 N pings, and nothing came out of sequence or failed to send
+ * (GUEST_ASSERT_EQ); it reports SYNC 1, N (the round trips it checked), then DONE.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -79,11 +78,11 @@ main:
     mov rsi, [rip + participants]
     call pause_until_eq                 /* spin, not hlt: the other vCPU's pings still preempt us */
     lea rax, [rip + pongs]
-    GUEST_SYNC 1, "qword ptr [rax + r15 * 8]"
+    GUEST_ASSERT_EQ "qword ptr [rax + r15 * 8]", r14, "pongs VTL0 received"
     lea rax, [rip + pings]
-    GUEST_SYNC 2, "qword ptr [rax + r15 * 8]"
-    GUEST_SYNC 3, [rip + errors]
-    GUEST_SYNC 4, r14
+    GUEST_ASSERT_EQ "qword ptr [rax + r15 * 8]", r14, "pings VTL1 received"
+    GUEST_ASSERT_EQ [rip + errors], 0, "pings or pongs out of sequence, or failed sends"
+    GUEST_SYNC 1, r14
 .Ldone:
     GUEST_DONE
 

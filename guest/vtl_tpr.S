@@ -11,10 +11,9 @@
  *      above its TPR, and RFLAGS.IF does not hold back a switch to a higher VTL, so the return
  *      bounces straight back into VTL1 (entry reason Interrupt), which takes it after `sti`;
  *   3. VtlCall with rbx = CMD_TPR0: VTL1 sets its TPR to 0 and makes exits until 0x48 came.
- * Reports (VTL0): SYNC 1, status of the send in 1 (0); SYNC 2, 0x48 count after the exits (0);
- *   SYNC 3, 0x68 count right after the VtlCall (1); SYNC 4, 0x48 count then (0);
- *   SYNC 5, 0x48 count after VTL1 lowered its TPR (1); SYNC 6, the vector VTL1's handler saw
- *   first (0x68); SYNC 7, the EntryReason 0x68's handler saw (2: Interrupt). DONE.
+ * VTL0 checks each step itself (GUEST_ASSERT_*): the send succeeds; 0x48 waits through the
+ * exits; 0x68 is taken right after its VtlCall (entry reason Interrupt) while 0x48 still waits;
+ * 0x48 comes once VTL1 lowers its TPR. Reports: DONE.
  */
 .include "guest.inc"
 .include "vtl.inc"
@@ -35,7 +34,7 @@ main:
 
     mov rbx, CMD_LOW
     call vtl_call
-    GUEST_SYNC 1, [rip + low_status]
+    GUEST_ASSERT_EQ [rip + low_status], HV_STATUS_SUCCESS, "VTL1's send of 0x48 to itself"
     mov ebx, EXITS
 1:  mov edi, HVCALL_PYKVMM_NOP
     xor esi, esi
@@ -43,20 +42,20 @@ main:
     call hypercall
     dec ebx
     jnz 1b
-    GUEST_SYNC 2, [rip + count_low]
+    GUEST_ASSERT_EQ [rip + count_low], 0, "0x48 (below VTL1's TPR) did not preempt VTL0"
 
     mov rbx, CMD_HIGH
     call vtl_call
     mov rax, [rip + count_high]
     mov rbx, [rip + count_low]
-    GUEST_SYNC 3, rax
-    GUEST_SYNC 4, rbx
+    GUEST_ASSERT_EQ rax, 1, "0x68 (above VTL1's TPR) taken right after the VtlCall"
+    GUEST_ASSERT_EQ rbx, 0, "0x48 still masked then"
 
     mov rbx, CMD_TPR0
     call vtl_call
-    GUEST_SYNC 5, [rip + count_low]
-    GUEST_SYNC 6, [rip + first_vector]
-    GUEST_SYNC 7, [rip + high_reason]
+    GUEST_ASSERT_EQ [rip + count_low], 1, "0x48 taken once VTL1 lowered its TPR"
+    GUEST_ASSERT_EQ [rip + first_vector], V_HIGH, "the first vector VTL1's handler saw"
+    GUEST_ASSERT_EQ [rip + high_reason], VTL_ENTRY_INTERRUPT, "the entry reason 0x68's handler saw"
 .Ldone:
     GUEST_DONE
 

@@ -331,7 +331,9 @@ def caps(as_json, kvm_device):
 @click.option("--logs", metavar="DIR", default=None, help="Write each test's output to DIR/<test>.log.")
 @click.option("--timeout-scale", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Multiply every test's timeout (unittests.cfg's, or run_tests.sh's 90 s) on a loaded machine.")
-def kut(tests, suite, planes, jobs, as_tap, compare, logs, timeout_scale):
+@click.option("--hv-flags", metavar="FLAGS", default="",
+              help="Hyper-V flags (e.g. hv_vsm) added, with the flags they need, to every test whose -cpu has hv_* flags.")
+def kut(tests, suite, planes, jobs, as_tap, compare, logs, timeout_scale, hv_flags):
     """Run kvm-unit-tests (x86/unittests.cfg) on pykvmm, as run_tests.sh runs them on QEMU.
 
     TESTS are test names (default: every test). Prints PASS/FAIL/SKIP per test, the SUMMARY
@@ -341,6 +343,7 @@ def kut(tests, suite, planes, jobs, as_tap, compare, logs, timeout_scale):
     import tempfile
 
     from .kut import build, config, runner
+    from .vmm.hyperv.features import HvFlagError, normalize, with_needs
 
     reference = None
     if compare:
@@ -348,6 +351,12 @@ def kut(tests, suite, planes, jobs, as_tap, compare, logs, timeout_scale):
         if not reference:
             _err(f"{compare} has no PASS/FAIL/SKIP lines (expected run_tests.sh output)")
             sys.exit(ExitStatus.USAGE)
+    extra_hv = tuple(normalize(f) or f for f in hv_flags.split(",") if f.strip())
+    try:
+        with_needs(extra_hv)
+    except HvFlagError as e:
+        _err(f"--hv-flags: {e}")
+        sys.exit(ExitStatus.USAGE)
     scratch = tempfile.TemporaryDirectory(prefix="pykvmm-kut-build-")
     try:
         tree = build.suite_build(suite, Path(scratch.name))
@@ -365,7 +374,7 @@ def kut(tests, suite, planes, jobs, as_tap, compare, logs, timeout_scale):
     on_result = None if as_tap else (lambda r: click.echo(r.line(color)))
     try:
         results = runner.run_suite(entries, tree, names=list(tests), planes=planes, jobs=jobs, log_dir=log_dir,
-                                   on_result=on_result, timeout_scale=timeout_scale)
+                                   on_result=on_result, timeout_scale=timeout_scale, hv_flags=extra_hv)
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(ExitStatus.INTERRUPTED)

@@ -13,8 +13,9 @@ import errno as _errno
 import mmap
 import os
 import resource
+import struct
 
-from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, Unknown
+from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, IoOut, Unknown
 from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
 
 DEFAULT_KVM_DEVICE = "/dev/kvm"
@@ -327,11 +328,29 @@ _STATE = {
     "mp_state": ("KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "struct kvm_mp_state"),
 }
 
+# name: (get Ioctl, set Ioctl, pointer ctype), resolved once (a string type costs a lookup per use)
+_STATE_IOCTLS = {name: (IOCTLS[g], IOCTLS[s], ffi.typeof(ctype + " *")) for name, (g, s, ctype) in _STATE.items()}
 _SYNC_BITS = {"regs": C.KVM_SYNC_X86_REGS, "sregs": C.KVM_SYNC_X86_SREGS, "vcpu_events": C.KVM_SYNC_X86_EVENTS}
+_SYNC_REGS, _SYNC_SREGS = C.KVM_SYNC_X86_REGS, C.KVM_SYNC_X86_SREGS
 _KVM_RUN = IOCTLS["KVM_RUN"].code
 _MAP_FAILED = ffi.cast("void *", -1)
 _ZERO = ffi.NULL
 _SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
+
+
+def _exit_header() -> struct.Struct:
+    """What Vcpu.run reads of kvm_run after every KVM_RUN, in one unpack: exit_reason, if_flag,
+    the io member (direction, size, port, count, data_offset) and kvm_valid_regs. One C call
+    instead of a cffi attribute lookup per field (each builds a cdata for the nested struct)."""
+    reason, if_flag, io, valid = (ffi.offsetof("struct kvm_run", f)
+                                  for f in ("exit_reason", "if_flag", "io", "kvm_valid_regs"))
+    io_size = struct.calcsize("<BBHIQ")
+    assert reason + 4 <= if_flag < io and io + io_size <= valid
+    return struct.Struct(f"<{reason}xI{if_flag - reason - 4}xB{io - if_flag - 1}xBBHIQ{valid - io - io_size}xQ")
+
+
+_EXIT_HEADER = _exit_header()
+_EXIT_IO, _EXIT_INTR, _IO_OUT = C.KVM_EXIT_IO, C.KVM_EXIT_INTR, C.KVM_EXIT_IO_OUT
 
 
 class Vcpu(FdObject):
@@ -354,6 +373,7 @@ class Vcpu(FdObject):
         self._sync_supported = 0
         self._valid = 0       # sync-area classes currently holding this vCPU's state
         self._detached = {}   # without a kvm_run: name -> the live copy last read, for mark_dirty
+        self._area_buffers = {}   # name -> ffi.buffer over its sync area (live_buffer)
         self._mapped = None
         if mmap_size:
             # libc's mmap, not Python's: mmap.mmap keeps a dup of the fd, one more open file
@@ -368,6 +388,10 @@ class Vcpu(FdObject):
             self.run_mmap = ffi.buffer(addr, mmap_size)
             self.run_struct = ffi.cast("struct kvm_run *", addr)
             self._sync_supported = vm.sync_regs_classes()
+            areas = self.run_struct.s.regs
+            self._areas = {"regs": areas.regs, "sregs": areas.sregs, "vcpu_events": areas.events}
+            self._regs_area, self._sregs_area = areas.regs, areas.sregs
+        self.if_flag = 0            # RFLAGS.IF at the guest's last exit (0 after a kick: unknown)
         self._entry_state = None    # see keep_entry_state
         self.entry_state_exit = -1
         self._decoders = dict(DECODERS)
@@ -412,23 +436,27 @@ class Vcpu(FdObject):
 
     def run(self) -> Exit:
         """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``."""
-        run = self.run_struct
         if self._entry_state is not None:
             self._keep_entry_state()
         ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
-        self._valid = run.kvm_valid_regs
         self.exit_count += 1
+        reason, self.if_flag, direction, size, port, count, data_offset, self._valid = \
+            _EXIT_HEADER.unpack_from(self.run_mmap)
         if ret < 0:
             err = ffi.errno
             if err == _errno.EINTR or err == _errno.EAGAIN:
-                run.immediate_exit = 0
+                self.run_struct.immediate_exit = 0
+                self.if_flag = 0        # not the guest's own exit: its IF is not known
                 return Interrupted()
             raise KvmError("KVM_RUN", self.label, err)
-        reason = run.exit_reason
+        if reason == _EXIT_IO:          # the common userspace exit: decoded here, without a call
+            if direction == _IO_OUT:
+                return IoOut(port, size, count, self.run_mmap[data_offset:data_offset + size * count])
+            return IoIn(port, size, count, data_offset)
         decode = self._decoders.get(reason)
         if decode is None:
-            return Unknown(reason, run.hw.hardware_exit_reason)
-        return decode(self, run)
+            return Unknown(reason, self.run_struct.hw.hardware_exit_reason)
+        return decode(self, self.run_struct)
 
     def complete_msr(self, error: bool, data: int = 0) -> None:
         """Answer a KVM_EXIT_X86_RDMSR/WRMSR (applied on the next KVM_RUN): ``error`` makes the
@@ -443,8 +471,10 @@ class Vcpu(FdObject):
     def complete_io_in(self, exit_: IoIn, data: bytes) -> None:
         """Provide the bytes an IN instruction reads (applied on the next KVM_RUN)."""
         need = exit_.size * exit_.count
-        data = bytes(data[:need]).ljust(need, b"\0")
-        self.run_mmap[exit_.data_offset:exit_.data_offset + need] = data
+        if len(data) != need:
+            data = bytes(data[:need]).ljust(need, b"\0")
+        off = exit_.data_offset
+        self.run_mmap[off:off + need] = data
 
     def complete_mmio_read(self, data: bytes) -> None:
         """Provide the bytes an MMIO read gets (applied on the next KVM_RUN)."""
@@ -465,11 +495,13 @@ class Vcpu(FdObject):
                            f"completing the pending I/O produced another exit: {ex.describe()}")
 
     # -- state: plain ioctls ------------------------------------------------------------
-    def _get(self, name):
-        g, _, ctype = _STATE[name]
+    def _get(self, name, into=None):
+        """GET ``name`` into a new struct, or into ``into`` (a struct of that type, reused)."""
+        get, _, ptype = _STATE_IOCTLS[name]
         self._flush(name)
-        obj = ffi.new(ctype + " *")
-        self.ioctl(g, obj)
+        obj = ffi.new(ptype) if into is None else into
+        if _ioctl(self.fd, get.code, obj) < 0:
+            raise KvmError(get.name, self.label, ffi.errno)
         return obj
 
     def _set(self, name, obj):
@@ -486,11 +518,11 @@ class Vcpu(FdObject):
     def set_sregs(self, v): self._set("sregs", v)
     def get_fpu(self): return self._get("fpu")
     def set_fpu(self, v): self._set("fpu", v)
-    def get_xsave(self): return self._get("xsave")
+    def get_xsave(self, into=None): return self._get("xsave", into)
     def set_xsave(self, v): self._set("xsave", v)
     def get_xcrs(self): return self._get("xcrs")
     def set_xcrs(self, v): self._set("xcrs", v)
-    def get_debugregs(self): return self._get("debugregs")
+    def get_debugregs(self, into=None): return self._get("debugregs", into)
     def set_debugregs(self, v): self._set("debugregs", v)
     def get_lapic(self): return self._get("lapic")
     def set_lapic(self, v): self._set("lapic", v)
@@ -537,10 +569,6 @@ class Vcpu(FdObject):
         self.ioctl("KVM_INTERRUPT", ffi.new("struct kvm_interrupt *", {"irq": vector}))
 
     # -- state: the live copy in the sync area -------------------------------------------
-    def _area(self, name):
-        area = self.run_struct.s.regs
-        return area.regs if name == "regs" else area.sregs if name == "sregs" else area.events
-
     def _live(self, name):
         run = self.run_struct
         if run is None:
@@ -549,7 +577,7 @@ class Vcpu(FdObject):
             obj = self._detached[name] = self._get(name)
             return obj
         bit = _SYNC_BITS[name]
-        target = self._area(name)
+        target = self._areas[name]
         if not self._valid & bit:
             self.ioctl(_STATE[name][0], ffi.addressof(target))
             self._valid |= bit
@@ -557,10 +585,14 @@ class Vcpu(FdObject):
 
     @property
     def regs(self):
+        if self._valid & _SYNC_REGS:        # after an exit with sync regs: no call, no ioctl
+            return self._regs_area
         return self._live("regs")
 
     @property
     def sregs(self):
+        if self._valid & _SYNC_SREGS:
+            return self._sregs_area
         return self._live("sregs")
 
     def mark_dirty(self, name: str = "regs") -> None:
@@ -573,14 +605,27 @@ class Vcpu(FdObject):
         if self._sync_supported & bit:
             run.kvm_dirty_regs |= bit
         else:
-            self.ioctl(_STATE[name][1], ffi.addressof(self._area(name)))
+            self.ioctl(_STATE[name][1], ffi.addressof(self._areas[name]))
+
+    def live_buffer(self, name: str):
+        """The bytes of the live copy of ``name`` (as ``regs``/``sregs``), writable; call
+        mark_dirty after writing. For copying ranges of registers without a field access each."""
+        obj = self._live(name)
+        if self.run_struct is None:
+            return ffi.buffer(obj)
+        buf = self._area_buffers.get(name)
+        if buf is None:
+            buf = self._area_buffers[name] = ffi.buffer(ffi.addressof(obj))
+        return buf
 
     def _flush(self, name):
         """Before a plain GET ioctl: push a pending sync-area write so it is not lost."""
-        run = self.run_struct
         bit = _SYNC_BITS.get(name)
-        if bit and run is not None and run.kvm_dirty_regs & bit:
-            self.ioctl(_STATE[name][1], ffi.addressof(self._area(name)))
+        if not bit:
+            return
+        run = self.run_struct
+        if run is not None and run.kvm_dirty_regs & bit:
+            self.ioctl(_STATE[name][1], ffi.addressof(self._areas[name]))
             run.kvm_dirty_regs &= ~bit
 
     def flush_sync_regs(self) -> None:

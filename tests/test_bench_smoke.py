@@ -18,6 +18,7 @@ ROWS = {
     "5_scaling": ["switch_rate", "rss_per_plane"],
     "6_tracing": ["trace_off_us", "trace_on_us", "overhead_us"],
     "9_kut_vmexit": [],
+    "10_hyperv": ["hypercall", "msr", "message", "pio", "c_exit_us"],
 }
 
 

@@ -212,3 +212,39 @@ def test_registers_of_another_vp(run_vsm):
     assert s[0x18] == 0x301                                         # VP1's VsmVpStatus: VTL1 active
     assert s[0x06] == INVALID_VP_STATE                              # VP1 runs VTL0 now
     assert r.stats["vsm"]["remote_vp_accesses"] >= 7
+
+
+FS0, FS1 = 0x10000F00, 0x20000F00
+
+
+def test_per_vtl_state_and_the_shared_reference_time(run_vsm):
+    """TPR (CR8), FS.base and the VP assist page are each VTL's own; each VTL's reference TSC
+    page shows the same partition time; each VTL's LAPIC timer interrupts that VTL, and a
+    lower VTL's timer waits while a higher VTL runs; HvCallSendSyntheticClusterIpiEx reaches
+    a lower VTL, never a higher one."""
+    r = run_vsm("vsm_state", planes=2)
+    assert_done(r)
+    s = dict(r.syncs())
+    assert (s[0x11], s[0x12], s[0x13]) == (9, FS1, abi.VTL_ENTRY_VTL_CALL)      # VTL1's own
+    assert s[0x14] == 1                                                      # VTL0's assist page | enable
+    assert (s[0x01], s[0x02], s[0x03]) == (3, FS0, 0)                        # VTL0's, untouched
+    assert s[0x04] == 1 and s[0x05] == 1                                     # t0 <= t1 <= t2, close
+    assert s[0x15] == 1 and s[0x16] == 0 and s[0x06] == 1                    # LAPIC timers
+    assert s[0x17] == 0 and s[0x07] == 1 and s[0x08] == ACCESS_DENIED        # SendIpiEx down, not up
+
+
+A, B, C, D, E = 0xA1A1, 0xB2B2, 0xC3C3, 0xD4D4, 0xE5E5
+
+
+def test_overlay_pages_are_per_vtl_and_give_the_ram_back(run_vsm):
+    """A VTL's SynIC message page and hypercall page cover the guest page for that VTL only
+    (the other VTL keeps seeing and changing its RAM there, never the overlay nor the secure
+    intercept messages in it); when the overlay goes, the RAM is back as the other VTL left it."""
+    r = run_vsm("vsm_overlay", planes=2)
+    assert_done(r)
+    s = dict(r.syncs())
+    assert s[0x11] == 0 and s[0x01] == A and s[0x02] == 0             # VTL1's fresh overlay; VTL0's RAM
+    assert s[0x12] == 0x80000001 and s[0x03] == A                     # the message is VTL1's alone
+    assert s[0x13] == A and (s[0x04], s[0x05], s[0x06]) == (A, E, 0)  # the RAM back, with VTL0's write
+    assert s[0x14] == 0xE6 and s[0x07] == C and s[0x15] == C          # the hypercall page too
+    assert r.stats["vsm"]["overlays_restored"] >= 2

@@ -17,31 +17,6 @@ pause_until_eq:
 2:  ret
 .size pause_until_eq, . - pause_until_eq
 
-/* pause_while_eq(rdi = address of a u64, rsi = value): spin (pause) until *rdi != rsi. */
-.globl pause_while_eq
-.type pause_while_eq, @function
-pause_while_eq:
-1:  cmp [rdi], rsi
-    jne 2f
-    pause
-    jmp 1b
-2:  ret
-.size pause_while_eq, . - pause_while_eq
-
-/* beat_until_eq(rdi = address of a u64, rsi = value, rdx = address of a heartbeat u64): spin
- * until *rdi == rsi, bumping *rdx on every turn, so another vCPU that sees the heartbeat move
- * knows this loop ran again (e.g. VTL0 after its VTL1 returned). */
-.globl beat_until_eq
-.type beat_until_eq, @function
-beat_until_eq:
-1:  cmp [rdi], rsi
-    je 2f
-    inc qword ptr [rdx]
-    pause
-    jmp 1b
-2:  ret
-.size beat_until_eq, . - beat_until_eq
-
 /* atomic_inc(rdi = address of a u64): lock inc. */
 .globl atomic_inc
 .type atomic_inc, @function

@@ -88,15 +88,27 @@ def environment_file(suite: Path, directory: Path) -> Path:
 
 
 def pykvmm_command(entry: TestEntry, suite: Path, env_file: Path, planes: int,
-                   timeout_scale: float = 1.0) -> tuple[list[str], list[str]]:
-    """(argv, unsupported QEMU options) for one test."""
+                   timeout_scale: float = 1.0, hv_flags: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(argv, unsupported QEMU options) for one test. ``hv_flags`` (e.g. ``("vsm",)``) are added,
+    with the flags they need, to the -cpu of the tests that use Hyper-V flags."""
     plan = plan_run(entry)
+    plan.cpu = add_hv_flags(plan.cpu, hv_flags)
     timeout = (entry.timeout or DEFAULT_TIMEOUT) * timeout_scale
     argv = [sys.executable, "-m", "pykvmm", "run", str(suite / "x86" / entry.file), "--vcpus", str(entry.smp),
             "--timeout", str(timeout), "--initrd", str(env_file), *plan.args()]
     if planes > 1:
         argv += ["--planes", str(planes)]
     return argv, plan.unsupported
+
+
+def add_hv_flags(cpu: str, hv_flags: tuple[str, ...]) -> str:
+    """``cpu`` (QEMU -cpu text) with ``hv_flags`` and their needs appended, if it has hv_* flags."""
+    from ..vmm.hyperv.features import normalize, with_needs
+    words = cpu.split(",")
+    present = {normalize(w.lstrip("+")) for w in words[1:]} - {None}
+    if not hv_flags or not present:
+        return cpu
+    return ",".join(words + ["hv_" + f for f in with_needs(hv_flags) if f not in present])
 
 
 def classify(entry: TestEntry, returncode: int, stdout: str, stderr: str, timeout_scale: float = 1.0) -> TestResult:
@@ -134,8 +146,8 @@ def classify(entry: TestEntry, returncode: int, stdout: str, stderr: str, timeou
 
 
 def run_one(entry: TestEntry, suite: Path, env_file: Path, planes: int, log_dir: Path | None,
-            timeout_scale: float = 1.0) -> TestResult:
-    argv, unsupported = pykvmm_command(entry, suite, env_file, planes, timeout_scale)
+            timeout_scale: float = 1.0, hv_flags: tuple[str, ...] = ()) -> TestResult:
+    argv, unsupported = pykvmm_command(entry, suite, env_file, planes, timeout_scale, hv_flags)
     if unsupported:
         return TestResult(entry.name, "SKIP", f"(pykvmm does not model {', '.join(unsupported)})")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
@@ -167,7 +179,8 @@ def select(tests: list[TestEntry], names: list[str]) -> list[TestEntry]:
 
 
 def run_suite(tests: list[TestEntry], suite: Path, *, names: list[str], planes: int = 1, jobs: int = 1,
-              log_dir: Path | None = None, on_result=None, timeout_scale: float = 1.0) -> list[TestResult]:
+              log_dir: Path | None = None, on_result=None, timeout_scale: float = 1.0,
+              hv_flags: tuple[str, ...] = ()) -> list[TestResult]:
     """Run the chosen tests (all when ``names`` is empty); results in unittests.cfg order."""
     chosen = select(tests, names)
     results: dict[str, TestResult] = {}
@@ -189,7 +202,7 @@ def run_suite(tests: list[TestEntry], suite: Path, *, names: list[str], planes: 
             else:
                 runnable.append(t)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for fut in [pool.submit(run_one, t, suite, env_file, planes, log_dir, timeout_scale) for t in runnable]:
+            for fut in [pool.submit(run_one, t, suite, env_file, planes, log_dir, timeout_scale, hv_flags) for t in runnable]:
                 report(fut.result())
     return [results[t.name] for t in chosen]
 

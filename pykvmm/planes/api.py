@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from ..exits import Interrupted
 from ..kvm import KvmError, Vcpu
 from ..x86.arch import MAX_PLANES
-from .memview import Access, MemoryView, check_range, refuse
+from .memview import PAGE, Access, MemoryView, check_range, refuse, refuse_cover
 
 KVM_PLANE_EVENT_INTERRUPT = 1
 KICK_SIGNAL = signal.SIGUSR1
@@ -77,6 +77,20 @@ class Plane(ABC):
         self.view.set(gpa, size, access)
         self.vm._apply_view(self, gpa, gpa + size)
 
+    def cover(self, gpa: int, hva: int | None) -> None:
+        """This plane alone sees the 4 KiB host page at ``hva`` at guest page ``gpa`` instead
+        of guest RAM (None: RAM again): a per-plane overlay page (memview.py); the plane's
+        protections still apply to the page. ProtectionUnsupported where the planes share one
+        memory layout."""
+        check_range(gpa, PAGE)
+        if not self.vm.per_plane_layouts:
+            raise refuse_cover(self.vm.backend)
+        if hva is None:
+            self.view.covers.pop(gpa, None)
+        else:
+            self.view.covers[gpa] = hva
+        self.vm._apply_view(self, gpa, gpa + PAGE)
+
     @abstractmethod
     def create_vcpu_plane(self, vcpu: "PlanesVcpu") -> Vcpu:
         """Make this plane's instance of ``vcpu`` (a plane-0 vCPU). EEXIST if it exists."""
@@ -102,10 +116,13 @@ class PlanesVcpu(ABC):
         self.last_plane = 0
         self.cpuid = None
         self.thread_id: int | None = None   # the thread of the latest run(): where kicks go
-        self._lock = threading.Lock()       # guards the four fields below (see kick())
+        self._lock = threading.Lock()       # guards the fields below (see kick() and run_kvm())
         self._in_run: Vcpu | None = None    # the KVM vCPU inside KVM_RUN, if any
         self._running_req = 0               # req_exit_planes of that run
         self._kicked = False                # a kick not yet seen by a run
+        self._hint = 0                      # planes a soft-switching backend must look at before
+                                            # an entry that requests them (softswitch.py)
+        self._entries_held = False          # no entry at all for now (multivm re-lays memslots)
 
     @property
     @abstractmethod
@@ -156,15 +173,27 @@ class PlanesVcpu(ABC):
         """Whether only a kick lets the backend look for interrupts of this vCPU's run."""
         return False
 
-    # -- for the backends' run() -----------------------------------------------------------
-    def _hold_entry(self, req: int) -> bool:
-        """Called under the lock just before KVM_RUN: True to return Interrupted instead."""
-        return False
-
-    def run_kvm(self, v: Vcpu, req: int):
-        """KVM_RUN of ``v`` (a plane of this vCPU) as the run of this vCPU, kickable."""
+    def hold_entries(self, on: bool) -> None:
+        """While held, run() enters no plane (it returns Interrupted); with the lock run_kvm()
+        commits under, so once this returns, a vCPU seen outside KVM_RUN stays outside."""
         with self._lock:
-            if self._kicked or self._hold_entry(req):
+            self._entries_held = on
+
+    # -- for the backends' run() -----------------------------------------------------------
+    def run_kvm(self, v: Vcpu, req: int):
+        """KVM_RUN of ``v`` (a plane of this vCPU) as the run of this vCPU, kickable. Returns
+        Interrupted without entering, as for a kick, while a plane of ``req`` is in ``_hint`` or
+        entries are held (both checked under the lock, where the backends set them).
+
+        One lock pair per run. Entering is committed under the lock: a kick before it makes
+        this return Interrupted without entering; a kick after it finds ``_in_run`` and sets
+        ``v``'s immediate_exit, so KVM_RUN returns at once even if the signal came before the
+        ioctl. Leaving takes no lock: ``_kicked`` is cleared before ``_in_run``, so a kick that
+        still finds ``_in_run`` came during this run (which is returning: what it asked for)
+        and may at worst make the next run return Interrupted once; a kick that finds it
+        cleared is kept for the next run, as a kick between two runs must be."""
+        with self._lock:
+            if self._kicked or self._hint & req or self._entries_held:
                 self._kicked = False
                 return Interrupted()
             self.thread_id = threading.get_ident()
@@ -173,14 +202,12 @@ class PlanesVcpu(ABC):
         try:
             return v.run()
         finally:
-            with self._lock:
-                self._in_run = None
-                self._running_req = 0
-                self._kicked = False
-                v.request_immediate_exit(False)
+            self._kicked = False
+            self._in_run = None
+            self._running_req = 0
 
     def _signal_thread(self) -> None:
-        """KICK_SIGNAL to the thread in run_kvm() (alive: called under the lock while it runs)."""
+        """KICK_SIGNAL to the thread in run_kvm() (called under the lock, while ``_in_run`` is set)."""
         tid = self.thread_id
         if tid is None or tid == threading.get_ident():
             return      # our own run: immediate_exit is enough
@@ -189,7 +216,10 @@ class PlanesVcpu(ABC):
                            f"signal {KICK_SIGNAL.name} has no handler, so it cannot interrupt KVM_RUN: "
                            f"create the planes VM on the main thread or call "
                            f"pykvmm.planes.install_kick_handler() there first")
-        signal.pthread_kill(tid, KICK_SIGNAL)
+        try:
+            signal.pthread_kill(tid, KICK_SIGNAL)
+        except ProcessLookupError:
+            pass        # the thread left run() and ended meanwhile (run_kvm leaves without the lock)
 
 
 class PlanesVm(ABC):
@@ -244,6 +274,7 @@ class PlanesVm(ABC):
         """In-kernel LAPICs for every plane. As in the RFC: only before extra planes exist."""
 
     # -- memory views (memview.py) ---------------------------------------------------------
+    per_plane_layouts = False     # each plane its own memslots (Plane.cover): multivm
     protection_limit = ("it has no per-plane memory permissions: per-plane KVM_SET_MEMORY_ATTRIBUTES "
                         "with read/write/execute attributes would be needed")
 

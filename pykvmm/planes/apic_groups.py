@@ -29,10 +29,11 @@ class ApicGroupsPlane(Plane):
         if vcpu.cpuid is not None:
             v.set_cpuid2(vcpu.cpuid)
         self.vcpus[vcpu.id] = v
+        vcpu.add_plane_vcpu(self.id, v)
         return v
 
     def signal_msi(self, address: int, data: int) -> int:
-        dest = (address >> 12) & 0xFF
+        dest = apic.msi_destination(address)
         addr, _ = apic.msi_message(self.vm.kvm_vcpu_id(self.id, dest), 0)
         ret = self.vm.vm0.signal_msi(addr, data)
         if dest in self.vm.vcpus:

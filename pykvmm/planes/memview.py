@@ -5,6 +5,8 @@ execute (DESIGN.md "Round 2": memory protections are the planes API's job).
                                                           # ProtectionUnsupported if the backend
                                                           # cannot enforce that combination
     plane.view.access(gpa)                                # what the plane may do there now
+    plane.cover(gpa, hva)                                 # this plane alone sees the host page
+                                                          # at hva at that guest page (None: RAM)
 
 An access the view forbids is never performed: ``vcpu.run(plane=p)`` returns a
 ``kvm.MemoryFault`` exit (KVM_EXIT_MEMORY_FAULT's shape, with ``flags`` naming the access:
@@ -36,6 +38,11 @@ registers are then those after the instruction, which differs only for instructi
 change registers while writing memory (push, stos, movs, xchg): the bound of that host.
 A layout change is delete-then-create of the affected slots; an access that falls into that
 window is to a page the plane may use, and is completed from guest memory transparently.
+
+Covers (``Plane.cover``): a plane may see another host page than guest RAM at a guest page (a
+per-plane overlay, e.g. a Hyper-V overlay page of one VTL, vmm/vsm/overlay.py). On multivm it
+is one more memslot in that plane's VM, still subject to the plane's view; backends whose
+planes share one memslot layout refuse it (ProtectionUnsupported).
 """
 
 from __future__ import annotations
@@ -82,6 +89,14 @@ def refuse(backend: str, access: Access, why: str) -> ProtectionUnsupported:
     return e
 
 
+def refuse_cover(backend: str) -> ProtectionUnsupported:
+    why = (f"a per-plane overlay page cannot be made on {backend}: its planes share one memory layout "
+           f"(multivm gives each plane its own memslots)")
+    e = ProtectionUnsupported("cover", f"{backend} planes VM", errno.EOPNOTSUPP, why)
+    e.why = why
+    return e
+
+
 def check_range(gpa: int, size: int) -> None:
     if gpa < 0 or size <= 0 or gpa % PAGE or size % PAGE:
         raise KvmError("protect", "memory view", errno.EINVAL,
@@ -90,11 +105,14 @@ def check_range(gpa: int, size: int) -> None:
 
 class MemoryView:
     """One plane's access to guest memory, page-granular. Pages not listed have Access.ALL.
-    Kept as sorted, disjoint, non-adjacent-equal runs [start, end) -> access."""
+    Kept as sorted, disjoint, non-adjacent-equal runs [start, end) -> access.
+    ``covers``: guest pages where this plane sees another host page than guest RAM (a
+    per-plane overlay: Plane.cover), page GPA -> host address."""
 
     def __init__(self):
         self._starts: list[int] = []
         self._runs: list[tuple[int, int, Access]] = []
+        self.covers: dict[int, int] = {}
 
     @property
     def restricted(self) -> bool:
@@ -190,11 +208,12 @@ class SlotLayout:
         self.base: list[tuple] = []          # (slot, gpa, size, hva, flags) as the machine set them
         self.slots: dict[int, tuple] = {}    # installed: slot -> (gpa, size, hva, flags)
         self._free = FIRST_SPLIT_SLOT
+        self._covers: dict[int, int] = {}    # the view's covers as last applied
         self.ioctls = 0
 
     def add_region(self, slot, gpa, size, hva, flags, view: MemoryView | None) -> None:
         self.base.append((slot, gpa, size, hva, flags))
-        if view is None or not view.restricted:
+        if view is None or not (view.restricted or view.covers):
             self._install(slot, gpa, size, hva, flags)
         else:
             self.apply(view, gpa, gpa + size)
@@ -209,6 +228,9 @@ class SlotLayout:
         return any(g <= gpa < g + s for g, s, _, _ in self.slots.values())
 
     def hva_of(self, gpa: int) -> int | None:
+        cover = self._covers.get(gpa & ~(PAGE - 1))
+        if cover is not None:
+            return cover + (gpa & (PAGE - 1))
         r = self.region_of(gpa)
         return None if r is None else r[3] + gpa - r[1]
 
@@ -229,6 +251,7 @@ class SlotLayout:
         return self._free - 1
 
     def apply(self, view: MemoryView, start: int, end: int) -> None:
+        self._covers = dict(view.covers)
         for slot0, rgpa, rsize, rhva, rflags in self.base:
             lo, hi = max(start, rgpa), min(end, rgpa + rsize)
             if lo >= hi:
@@ -240,24 +263,39 @@ class SlotLayout:
                 g, sz, _, _ = self.slots[s]
                 lo, hi = min(lo, g), max(hi, g + sz)
             # Absent gaps next to [lo, hi) are covered by the view's runs below.
-            pieces = []
+            pieces = []                      # (start, end, flags, hva)
             for s, e, acc in view.runs(lo, hi):
                 if acc == Access.NONE:
                     continue
                 flags = rflags | (0 if acc & Access.WRITE else KVM_MEM_READONLY)
-                if pieces and pieces[-1][1] == s and pieces[-1][2] == flags:
-                    pieces[-1] = (pieces[-1][0], e, flags)
-                else:
-                    pieces.append((s, e, flags))
+                for a, b, hva in self._split_at_covers(s, e, rhva + s - rgpa):
+                    if pieces and pieces[-1][1] == a and pieces[-1][2] == flags \
+                            and pieces[-1][3] + (a - pieces[-1][0]) == hva:
+                        pieces[-1] = (pieces[-1][0], b, flags, pieces[-1][3])
+                    else:
+                        pieces.append((a, b, flags, hva))
             wanted = set(pieces)
             reuse = []
             for s in old:
-                g, sz, _, fl = self.slots[s]
-                if (g, g + sz, fl) in wanted:
-                    wanted.discard((g, g + sz, fl))
+                g, sz, h, fl = self.slots[s]
+                if (g, g + sz, fl, h) in wanted:
+                    wanted.discard((g, g + sz, fl, h))
                 else:
                     self._remove(s)
                     reuse.append(s)
-            for a, b, f in pieces:
-                if (a, b, f) in wanted:
-                    self._install(self._new_slot(reuse), a, b - a, rhva + a - rgpa, f)
+            for a, b, f, h in pieces:
+                if (a, b, f, h) in wanted:
+                    self._install(self._new_slot(reuse), a, b - a, h, f)
+
+    def _split_at_covers(self, start: int, end: int, hva: int):
+        """[start, end) with RAM at ``hva`` -> (start, end, hva) pieces, covered pages apart."""
+        covers = self._covers
+        pos = start
+        if covers:
+            for page in sorted(p for p in covers if start <= p < end):
+                if pos < page:
+                    yield pos, page, hva + pos - start
+                yield page, page + PAGE, covers[page]
+                pos = page + PAGE
+        if pos < end:
+            yield pos, end, hva + pos - start

@@ -22,7 +22,7 @@ import time
 from .. import exits as X
 from ..kvm import KvmError, Vcpu, Vm
 from ..uapi import ffi
-from ..x86 import insn
+from ..x86 import apic, insn
 from ..x86.xsave import pkru_xsave_offset
 from .api import MAX_PLANES, Plane, PlanesVm
 from .memview import (MEMORY_FAULT_EXEC, MEMORY_FAULT_READ, MEMORY_FAULT_WRITE, Access,
@@ -37,7 +37,6 @@ class MultiVmPlane(Plane):
         super().__init__(vm, plane_id)
         self.kvm_vm = kvm_vm
         self.layout = SlotLayout(kvm_vm)    # this plane's memslots (memview.py)
-        self.relayout = False               # entries into this plane wait while True
 
     def create_vcpu_plane(self, vcpu: "SoftSwitchVcpu") -> Vcpu:
         self._check_new_vcpu(vcpu)
@@ -46,14 +45,17 @@ class MultiVmPlane(Plane):
         if vcpu.cpuid is not None:
             v.set_cpuid2(vcpu.cpuid)  # the RFC copies plane 0's CPUID into plane-N vCPUs
         self.vcpus[vcpu.id] = v
+        vcpu.add_plane_vcpu(self.id, v)
         return v
 
     def signal_msi(self, address: int, data: int) -> int:
         ret = self.kvm_vm.signal_msi(address, data)
-        dest = (address >> 12) & 0xFF | ((address >> 5) & 0x7F) << 8
-        for vid, pv in self.vm.vcpus.items():
-            if vid == dest or dest == 0xFF:
+        dest = apic.msi_destination(address)
+        if dest in apic.MSI_BROADCAST:
+            for pv in self.vm.vcpus.values():
                 pv.note_pending(self.id)
+        elif dest in self.vm.vcpus:
+            self.vm.vcpus[dest].note_pending(self.id)
         return ret
 
 
@@ -62,23 +64,20 @@ class MultiVmVcpu(SoftSwitchVcpu):
     plane's memory view become MemoryFault (memview.py says how)."""
 
     protection_faults = 0
-
-    def _hold_entry(self, req: int) -> bool:
-        return self.vm.planes[self.last_plane].relayout or super()._hold_entry(req)
+    checked_exits = frozenset((X.Mmio, X.InternalError))
 
     def wait_out_of(self, plane_id: int) -> None:
         """Return once this vCPU is not in KVM_RUN of ``plane_id`` (kicking it out)."""
-        v = self.vm.planes[plane_id].vcpus.get(self.id)
+        v = self._vcpu_of.get(plane_id)
         while v is not None and self._in_run is v:
             self.kick()
             time.sleep(20e-6)
 
-    def run_kvm(self, v: Vcpu, req: int):
-        ex = super().run_kvm(v, req)
-        kind = type(ex)
-        if kind is X.Mmio:
+    def check_exit(self, v: Vcpu, ex):
+        """An MMIO exit or emulation failure may be the running plane's memory view at work."""
+        if type(ex) is X.Mmio:
             return self._on_mmio(v, ex)
-        if kind is X.InternalError and ex.suberror == KVM_INTERNAL_ERROR_EMULATION:
+        if ex.suberror == KVM_INTERNAL_ERROR_EMULATION:
             return self._on_fetch_failure(v, ex)
         return ex
 
@@ -212,6 +211,7 @@ class MultiVmPlanesVm(SoftSwitchVm, PlanesVm):
         v0 = self.planes[0].kvm_vm.create_vcpu(vcpu_id)
         pv = MultiVmVcpu(self, vcpu_id, v0)
         self.planes[0].vcpus[vcpu_id] = v0
+        pv.add_plane_vcpu(0, v0)
         self.vcpus[vcpu_id] = pv
         return pv
 
@@ -222,6 +222,7 @@ class MultiVmPlanesVm(SoftSwitchVm, PlanesVm):
                 plane.layout.add_region(slot, gpa, size, hva, flags, plane.view)
 
     # -- memory views: one memslot layout per plane VM (memview.py) -------------------------
+    per_plane_layouts = True
     protection_limit = "multivm enforces rwx, r-x and ---"
 
     def check_protection(self, access: Access) -> None:
@@ -232,13 +233,15 @@ class MultiVmPlanesVm(SoftSwitchVm, PlanesVm):
         replaced is absent for a moment, and a page-table walk or fetch that falls into that
         moment would fault in the guest (seen as a triple fault on this host)."""
         with self.layout_lock:
-            plane.relayout = True
+            cpus = list(self.vcpus.values())
             try:
-                for cpu in list(self.vcpus.values()):
+                for cpu in cpus:
+                    cpu.hold_entries(True)      # rare (protection changes): every plane waits
                     cpu.wait_out_of(plane.id)
                 plane.layout.apply(plane.view, start, end)
             finally:
-                plane.relayout = False
+                for cpu in cpus:
+                    cpu.hold_entries(False)
 
     def create_irqchip(self) -> None:
         if len(self.planes) > 1:

@@ -11,7 +11,11 @@ When a run ends with a plane event
 
 When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
     * on entry to run(): the planes of ``_hint``, always; every requested plane when entering
-      a different plane than last time or when ``scan_gap`` has passed since the last scan;
+      a different plane than last time or when ``scan_gap`` has passed since the last scan.
+      Entering another plane, the plane just left is not read when its last exit was the
+      guest's own with interrupts enabled (kvm_run.if_flag): an interrupt its LAPIC would
+      deliver was delivered to it at its last entry, and one that came after that arrived
+      while it was not running, the case the bound below covers. It counts as scanned then.
     * after every exit of the running plane: the same rule (rate-limited by ``scan_gap``);
     * after a kick (KVM_RUN ended by the signal): every requested plane.
     A vCPU whose run has planes requested is kicked by the VM's ticker every
@@ -29,12 +33,14 @@ The pending state kept, its one owner and the one place each is cleared
     racing with the read is seen by the read or sets the bit again. A stale bit costs one scan,
     never an event: the bit of the running plane is left alone (it is not in req_exit_planes)
     and goes at the next scan that includes that plane.
-    ``_kicked``/``_in_run``/``_running_req`` (PlanesVcpu; owner: kick() and run_kvm(), under
-    ``_lock``): see planes/api.py. ``_kicked`` is cleared only where run_kvm() consumes it.
+    ``_kicked``/``_in_run``/``_running_req``/``_entries_held`` (PlanesVcpu; owner: kick(),
+    run_kvm() and hold_entries()): see planes/api.py. ``_kicked`` is cleared only by run_kvm().
     ``_apic_off`` (planes not to scan; owner: this vCPU, under ``_lock``): a plane whose scan
     found its LAPIC software-disabled (SVR bit 8 clear) and that has not run since: KVM drops
     fixed interrupts to such a LAPIC, so nothing can become deliverable there until the plane
-    runs (and may enable it) or note_pending() says otherwise; both clear the bit. Planes a
+    runs (and may enable it) or note_pending() says otherwise; both clear the bit (an entry
+    only notes the plane in ``_entered``, which the vCPU thread alone touches, and the next
+    scan folds it in under the lock: no lock taken per switch). Planes a
     guest never enters cost one scan, not one per exit and kick (a KVM_GET_LAPIC of a plane
     VM's vCPU that is not running costs ~150 us on kvm_pvm: 64 vCPUs x 16 planes took minutes).
     Nothing else: a plane event is computed from the scan of that moment and not stored
@@ -53,6 +59,7 @@ from ..x86 import apic
 from ..x86.xsave import copy_fpu_state
 from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, PlanesVcpu
 
+_ALL_PLANES = (1 << MAX_PLANES) - 1
 SCAN_GAP = 50e-6        # seconds between rate-limited scans of one vCPU
 KICK_INTERVAL = 1e-3    # seconds between the ticker's kicks of a vCPU with planes requested
 
@@ -98,8 +105,9 @@ class SoftSwitchVcpu(PlanesVcpu):
     def __init__(self, vm, vcpu_id: int, v0: Vcpu):
         super().__init__(vm, vcpu_id)
         self._v0 = v0
-        self._hint = 0              # see the module docstring
+        self._vcpu_of: dict[int, Vcpu] = {}   # plane id -> this vCPU's KVM vCPU in it
         self._apic_off = 0          # see the module docstring
+        self._entered = 0           # planes entered since the last scan (vCPU thread only)
         self._last_scan = 0.0
         self.scan_gap = vm.scan_gap
         self.irr_scans = 0          # KVM_GET_LAPIC reads of planes that were not running
@@ -110,6 +118,14 @@ class SoftSwitchVcpu(PlanesVcpu):
     @property
     def plane0(self) -> Vcpu:
         return self._v0
+
+    def add_plane_vcpu(self, plane_id: int, v: Vcpu) -> None:
+        """The backend made this vCPU's instance in ``plane_id``."""
+        self._vcpu_of[plane_id] = v
+
+    def plane_vcpu(self, plane_id: int) -> Vcpu:
+        v = self._vcpu_of.get(plane_id)
+        return v if v is not None else super().plane_vcpu(plane_id)    # (which raises)
 
     def set_cpuid2(self, cpuid) -> None:
         self.cpuid = cpuid
@@ -127,22 +143,21 @@ class SoftSwitchVcpu(PlanesVcpu):
 
     def needs_scan_kick(self) -> bool:
         """In KVM_RUN with planes requested: only a kick lets it look at their LAPICs."""
-        return bool(self._running_req & ~self._apic_off) and self._in_run is not None
-
-    def _hold_entry(self, req: int) -> bool:
-        return bool(self._hint & req)   # note_pending() came after the entry scan: look first
+        return bool(self._running_req & ~(self._apic_off & ~self._entered)) and self._in_run is not None
 
     def _scan(self, planes_mask: int) -> int:
         """Planes of ``planes_mask`` whose LAPIC would deliver an interrupt now."""
         with self._lock:
             self._hint &= ~planes_mask
+            self._apic_off &= ~self._entered    # they may have enabled their LAPIC meanwhile
+            self._entered = 0
             planes_mask &= ~self._apic_off
         found = off = 0
         self._last_scan = time.monotonic()
-        for p, plane in self.vm.planes.items():
-            if planes_mask >> p & 1 and self.id in plane.vcpus:
+        for p, v in self._vcpu_of.items():
+            if planes_mask >> p & 1:
                 self.irr_scans += 1
-                regs = bytes(ffi.buffer(plane.vcpus[self.id].get_lapic().regs))
+                regs = bytes(ffi.buffer(v.get_lapic().regs))
                 if not apic.software_enabled(regs):
                     off |= 1 << p
                 elif apic.deliverable_irr(regs) is not None:
@@ -162,28 +177,39 @@ class SoftSwitchVcpu(PlanesVcpu):
             self._masked_seen[plane] = vector
             self.masked_interrupts += 1
 
-    def _look(self, req: int, force: bool) -> int:
-        """Scan what is due (see the module docstring); the planes of ``req`` found deliverable."""
-        due = req if force or time.monotonic() - self._last_scan >= self.scan_gap else self._hint & req
+    def _look(self, req: int, force: bool, fresh: int = 0) -> int:
+        """Scan what is due (see the module docstring); the planes of ``req`` found deliverable.
+        ``fresh``: planes known to have nothing deliverable now without reading them."""
+        if force or time.monotonic() - self._last_scan >= self.scan_gap:
+            due = req & ~fresh | self._hint & req
+            if not due:
+                self._last_scan = time.monotonic()
+                return 0
+        else:
+            due = self._hint & req
         return self._scan(due) if due else 0
 
     # -- running -------------------------------------------------------------------------
+    checked_exits: frozenset = frozenset()   # exit types the backend's check_exit() looks at
+
+    def check_exit(self, v: Vcpu, ex):
+        """An exit of ``checked_exits`` as the backend sees it (multivm: memory views)."""
+        return ex
+
     def run(self, plane: int = 0, req_exit_planes: int = 0):
-        v = self.plane_vcpu(plane)
-        req = req_exit_planes & ~(1 << plane) & ((1 << MAX_PLANES) - 1)
-        switching = plane != self.last_plane
-        if req:
-            if self.vm._ticker is None:
-                self.vm.start_ticker()
-            found = self._look(req, force=switching)
+        # The common case (the same plane again, no plane requested) costs the two lookups
+        # and the two tests before run_kvm(), nothing more.
+        v = self._vcpu_of.get(plane)
+        if v is None:
+            v = self.plane_vcpu(plane)          # raises: no instance of this vCPU there
+        req = req_exit_planes & ~(1 << plane) & _ALL_PLANES
+        if req or plane != self.last_plane:
+            found = self._before_entry(v, plane, req)
             if found:
                 return self._event(found, req)
-        if switching and self.vm.shared_fpu:
-            copy_fpu_state(self.plane_vcpu(self.last_plane), v, self.vm.pkru_offset)
-        self.last_plane = plane
-        with self._lock:
-            self._apic_off &= ~(1 << plane)  # the plane may enable its LAPIC
         ex = self.run_kvm(v, req)
+        if type(ex) in self.checked_exits:
+            ex = self.check_exit(v, ex)
         if req:
             kicked = type(ex) is X.Interrupted
             found = self._look(req, force=kicked)
@@ -193,6 +219,25 @@ class SoftSwitchVcpu(PlanesVcpu):
                 with self._lock:
                     self._hint |= found     # the next entry looks again and returns the event
         return ex
+
+    def _before_entry(self, v: Vcpu, plane: int, req: int) -> int:
+        """Entering another plane than last time, or with planes requested: the look due on
+        entry (module docstring) and, on a switch, the shared FPU. Returns the planes found."""
+        switching = plane != self.last_plane
+        if req:
+            if self.vm._ticker is None:
+                self.vm.start_ticker()
+            left = self.last_plane
+            fresh = 1 << left if switching and self._vcpu_of[left].if_flag else 0
+            found = self._look(req, force=switching, fresh=fresh)
+            if found:
+                return found
+        if switching:
+            if self.vm.shared_fpu:
+                copy_fpu_state(self.plane_vcpu(self.last_plane), v, self.vm.pkru_offset)
+            self.last_plane = plane
+            self._entered |= 1 << plane     # it may enable its LAPIC while it runs (see _scan)
+        return 0
 
     def _event(self, found: int, req: int):
         self.plane_events += 1

@@ -24,7 +24,7 @@ from .outcomes import Answer, Outcome
 CONTROL_RESERVED_MASK = tlfs.CONTROL_RSVD0 | tlfs.CONTROL_NESTED | tlfs.CONTROL_RSVD1 | tlfs.CONTROL_RSVD2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Control:
     value: int
 

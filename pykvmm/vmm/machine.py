@@ -395,8 +395,8 @@ class Machine:
         for t in self.threads:
             for k, n in t.switches.items():
                 res.switches[k] = res.switches.get(k, 0) + n
-            for k, n in t.entry_reasons.items():
-                res.entry_reasons[k] = res.entry_reasons.get(k, 0) + n
+            for reason, n in t.entry_reasons.items():
+                res.entry_reasons[reason.value] = res.entry_reasons.get(reason.value, 0) + n
         res.stats = {"backend": self.pvm.backend, "personality": self.policy.name,
                      "faults_injected": self.faults_injected, "warnings": self.warnings}
         if self.console.line_count > len(self.console.lines):

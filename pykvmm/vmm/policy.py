@@ -38,10 +38,11 @@ class PlanePolicy:
 
     def attach(self, machine) -> None:
         self.machine = machine
+        self._higher = [higher_planes(p, machine.plane_count) for p in range(machine.plane_count)]
         machine.dispatcher.register(abi.HVCALL_PYKVMM_SWITCH_PLANE, self.switch_plane)
 
     def req_exit_planes(self, thread) -> int:
-        return higher_planes(thread.plane, self.machine.plane_count)
+        return self._higher[thread.plane]      # asked after every exit: one lookup
 
     def on_plane_event(self, thread, event) -> Switch | None:
         target = event.target.bit_length() - 1  # the highest requested plane wins

@@ -28,7 +28,7 @@ from .crash_state import recover_after_shutdown
 from .devices import BadUcall, decode_ucall
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, call_name
 from .memory import GuestMemoryError
-from .outcomes import Answer, Fault, Outcome, Stop, StopKind, Switch
+from .outcomes import Answer, Fault, Outcome, Stop, StopKind, Switch, SwitchReason
 
 
 def lapic_bytes(vcpu: Vcpu) -> bytes:
@@ -58,7 +58,7 @@ class VcpuThread:
         self.thread: threading.Thread | None = None
         self.exits = 0
         self.switches: dict[tuple[int, int], int] = {}
-        self.entry_reasons: dict[str, int] = {}
+        self.entry_reasons: dict[SwitchReason, int] = {}   # (the machine's result names them)
         self.kicks = 0                  # exits that were kicks (not the guest's doing)
         self.halt_probe_seen = 0        # Machine.halt_probe this thread last answered
         self.halted_for_good = False    # its answer
@@ -125,7 +125,7 @@ class VcpuThread:
                 if dbg and not dbg.before_run(self):   # a gdb stub holds this vCPU (all-stop)
                     continue
                 plane = self.plane
-                ex = planes_vcpu.run(plane=plane, req_exit_planes=policy.req_exit_planes(self))
+                ex = planes_vcpu.run(plane, policy.req_exit_planes(self))
                 self.exits += 1
                 if sink:
                     sink(ev.TraceEvent(ev.EXIT, self.index, plane, X.fields(ex)))
@@ -188,11 +188,11 @@ class VcpuThread:
             vcpu.mark_dirty("regs")
         self.plane = dst
         self.switches[(src, dst)] = self.switches.get((src, dst), 0) + 1
-        why = switch.reason.value
-        self.entry_reasons[why] = self.entry_reasons.get(why, 0) + 1
+        reason = switch.reason
+        self.entry_reasons[reason] = self.entry_reasons.get(reason, 0) + 1
         sink = self.machine.trace
         if sink:
-            sink(ev.TraceEvent(ev.SWITCH, self.index, dst, {"from": src, "to": dst, "why": why}))
+            sink(ev.TraceEvent(ev.SWITCH, self.index, dst, {"from": src, "to": dst, "why": reason.value}))
 
     def _stop(self, stop: Stop) -> None:
         m = self.machine

@@ -73,33 +73,44 @@ from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Switch, SwitchReason
 from .policy import PlanePolicy, higher_planes
 
+# code: (name, kind for the #UD statistics, RAX bits allowed, what RAX must be)
+_SWITCH_CALLS = {tlfs.HVCALL_VTL_CALL: ("HvCallVtlCall", "call", 0, "it must be 0"),
+                 tlfs.HVCALL_VTL_RETURN: ("HvCallVtlReturn", "return", 1, "only bit 0 (fast return) may be set")}
+
 ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRUPT: abi.VTL_ENTRY_INTERRUPT,
                  SwitchReason.INTERCEPT: abi.VTL_ENTRY_INTERCEPT}
 
 
-def _gpr_ranges() -> tuple[tuple[int, int], ...]:
-    """arch.SHARED_GPRS as (offset, length) runs of struct kvm_regs, for memmove."""
+def _gpr_slices() -> tuple[tuple[int, int], ...]:
+    """arch.SHARED_GPRS as (start, end) byte runs of struct kvm_regs, for slice copies."""
     runs: list[list[int]] = []
     for name in sorted(arch.SHARED_GPRS, key=lambda n: ffi.offsetof("struct kvm_regs", n)):
         off = ffi.offsetof("struct kvm_regs", name)
-        if runs and runs[-1][0] + runs[-1][1] == off:
+        if runs and runs[-1][1] == off:
             runs[-1][1] += 8
         else:
-            runs.append([off, 8])
+            runs.append([off, off + 8])
     return tuple((a, b) for a, b in runs)
 
 
-_SHARED_GPR_RANGES = _gpr_ranges()
+_SHARED_GPR_SLICES = _gpr_slices()
+_DB_BYTES = ffi.sizeof("__u64[4]")         # DR0-DR3: the first field of struct kvm_debugregs
+_DEBUGREGS_P = ffi.typeof("struct kvm_debugregs *")
+_XSAVE_P = ffi.typeof("struct kvm_xsave *")
+_XSAVE_SIZE = ffi.sizeof("struct kvm_xsave")
 
 
 class _Known:
-    """What one plane of one vCPU holds of the shared state while it is not running."""
-    __slots__ = ("dr", "xsave", "xcr0")
+    """What one plane of one vCPU holds of the shared state while it is not running: the
+    structs last read from it (as a switch's source) or written to it. The buffers are
+    allocated once and reused: a switch reads into them and swaps them, it does not allocate."""
+    __slots__ = ("dr", "xsave", "xcr0", "dr_valid", "xsave_valid")
 
     def __init__(self):
-        self.dr = None        # struct kvm_debugregs (its own DR6/DR7, the shared DR0-3)
-        self.xsave = None     # bytes of the XSAVE image
+        self.dr = ffi.new(_DEBUGREGS_P)     # struct kvm_debugregs (its own DR6/DR7, the shared DR0-3)
+        self.xsave = ffi.new(_XSAVE_P)      # its XSAVE image
         self.xcr0 = None
+        self.dr_valid = self.xsave_valid = False
 
 
 class VtlPolicy(PlanePolicy):
@@ -122,6 +133,7 @@ class VtlPolicy(PlanePolicy):
         self._stats = [Counter() for _ in range(self.vcpu_count)]
         self._ud = [Counter() for _ in range(self.vcpu_count)]
         self._known: dict[tuple[int, int], _Known] = {}
+        self._spare_xsave = ffi.new(_XSAVE_P)
         # VTLs enabled on each VP (bit n = VTL n): all of them in pykvmm's boot mode; with
         # --vtl-boot tlfs only VTL0 until HvCallEnableVpVtl (vsm/enable.py)
         self.enabled = [(1 << n) - 1] * self.vcpu_count
@@ -195,11 +207,9 @@ class VtlPolicy(PlanePolicy):
         source, dest = thread.plane_vcpu(src), thread.plane_vcpu(dst)
         ioctls = 0
         # GPRs and CR2: the live copies (no ioctl with KVM_CAP_SYNC_REGS).
-        src_regs, dst_regs = source.regs, dest.regs
-        src_raw = ffi.cast("char *", ffi.addressof(src_regs))
-        dst_raw = ffi.cast("char *", ffi.addressof(dst_regs))
-        for start, length in _SHARED_GPR_RANGES:
-            ffi.memmove(dst_raw + start, src_raw + start, length)
+        src_regs, dst_regs = source.live_buffer("regs"), dest.live_buffer("regs")
+        for start, end in _SHARED_GPR_SLICES:
+            dst_regs[start:end] = src_regs[start:end]
         dest.mark_dirty("regs")
         src_sregs, dst_sregs = source.sregs, dest.sregs
         if dst_sregs.cr2 != src_sregs.cr2:
@@ -208,19 +218,20 @@ class VtlPolicy(PlanePolicy):
         src_known, dst_known = self._known_of(thread.index, src), self._known_of(thread.index, dst)
         elide = self.elide_sets
         # DR0-DR3 (DR6/DR7 stay the destination's own).
-        src_dr = source.get_debugregs()
+        src_dr = source.get_debugregs(into=src_known.dr)
+        src_known.dr_valid = True
         ioctls += 1
-        dst_dr = dst_known.dr if elide else None
-        if dst_dr is None:
-            dst_dr = dest.get_debugregs()
+        dst_dr = dst_known.dr
+        if not (elide and dst_known.dr_valid):
+            dest.get_debugregs(into=dst_dr)
+            dst_known.dr_valid = True
             ioctls += 1
-        if not elide or tuple(dst_dr.db) != tuple(src_dr.db):
-            for i in range(4):
-                dst_dr.db[i] = src_dr.db[i]
+        src_db, dst_db = ffi.buffer(src_dr, _DB_BYTES), ffi.buffer(dst_dr, _DB_BYTES)
+        if not elide or src_db != dst_db:
+            dst_db[:] = src_db
             dst_dr.flags = 0
             dest.set_debugregs(dst_dr)
             ioctls += 1
-        dst_known.dr, src_known.dr = dst_dr, src_dr
         # XCR0 before the XSAVE image (which KVM checks against the guest's features).
         if self.copy_xcr0:
             xcrs = source.get_xcrs()
@@ -233,26 +244,34 @@ class VtlPolicy(PlanePolicy):
         # x87/SSE/AVX: the XSAVE image but PKRU (as planes.api.copy_fpu_state, with the
         # destination's PKRU taken from what we know of it instead of another GET).
         if not self.machine.pvm.shared_fpu:
-            image = source.get_xsave()
-            ioctls += 1
-            src_image = bytes(ffi.buffer(image.region))
-            off = self.pkru_offset
-            if off is not None:
-                dst_image = dst_known.xsave if elide else None
-                if dst_image is None:
-                    dst_image = bytes(ffi.buffer(dest.get_xsave().region))
-                    ioctls += 1
-                merge_pkru(image, dst_image, off)
-                new_image = bytes(ffi.buffer(image.region))
-            else:
-                new_image = src_image
-            if not elide or dst_known.xsave != new_image:
-                dest.set_xsave(image)
-                ioctls += 1
-            dst_known.xsave, src_known.xsave = new_image, src_image
+            ioctls += self._copy_xsave(source, dest, src_known, dst_known, elide)
         stats = self._stats[thread.index]
         stats["state_ioctls"] += ioctls
         stats["shared_state_copies"] += 1
+
+    def _copy_xsave(self, source, dest, src_known: _Known, dst_known: _Known, elide: bool) -> int:
+        """The source's XSAVE image with the destination's PKRU into the destination (no SET
+        when the destination provably holds it already). Returns the ioctls made."""
+        ioctls = 1
+        image = source.get_xsave(into=src_known.xsave)
+        src_known.xsave_valid = True
+        off = self.pkru_offset
+        if off is None and elide and dst_known.xsave_valid and ffi.buffer(image) == ffi.buffer(dst_known.xsave):
+            return ioctls
+        mine = dst_known.xsave
+        if off is not None and not (elide and dst_known.xsave_valid):
+            dest.get_xsave(into=mine)
+            ioctls += 1
+        new = self._spare_xsave             # swapped in as what the destination holds if SET
+        ffi.memmove(new, image, _XSAVE_SIZE)
+        if off is not None:
+            merge_pkru(new, bytes(ffi.buffer(mine)), off)
+            if elide and ffi.buffer(new) == ffi.buffer(mine):
+                dst_known.xsave_valid = True
+                return ioctls
+        dest.set_xsave(new)
+        self._spare_xsave, dst_known.xsave, dst_known.xsave_valid = mine, new, True
+        return ioctls + 1
 
     # -- hypercalls -------------------------------------------------------------------------------
     def _ud_fault(self, thread, what: str, why: str) -> Fault:
@@ -265,14 +284,22 @@ class VtlPolicy(PlanePolicy):
             return self._ud_fault(thread, "cpl", f"{name} at CPL {cs.dpl} (hypercalls need CPL 0)")
         return None
 
-    def vtl_call(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._cpl_fault(thread, plane, "HvCallVtlCall"):
+    def _malformed_switch_call(self, thread, plane, control, regs) -> Fault | None:
+        """#UD for a VtlCall/VtlReturn above CPL 0, with control bits other than its code, or
+        with RAX (the VTL input) bits it does not allow."""
+        name, kind, rax_allowed, rax_rule = _SWITCH_CALLS[control.code]
+        if fault := self._cpl_fault(thread, plane, name):
             return fault
-        if control.value != tlfs.HVCALL_VTL_CALL:
-            return self._ud_fault(thread, "call-control", f"HvCallVtlCall control word {control.value:#x} "
-                                                    f"has bits other than the call code 0x11")
-        if regs.rax != 0:
-            return self._ud_fault(thread, "call-input", f"HvCallVtlCall with VTL input (RAX) {regs.rax:#x}; it must be 0")
+        if control.value != control.code:
+            return self._ud_fault(thread, f"{kind}-control", f"{name} control word {control.value:#x} "
+                                                            f"has bits other than the call code {control.code:#x}")
+        if regs.rax & ~rax_allowed:
+            return self._ud_fault(thread, f"{kind}-input", f"{name} with VTL input (RAX) {regs.rax:#x}; {rax_rule}")
+        return None
+
+    def vtl_call(self, thread, plane, control, regs) -> Outcome:
+        if fault := self._malformed_switch_call(thread, plane, control, regs):
+            return fault
         above = higher_planes(plane, self.plane_count) & self.enabled[thread.index]
         if not above:
             return self._ud_fault(thread, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
@@ -280,14 +307,8 @@ class VtlPolicy(PlanePolicy):
         return Switch((above & -above).bit_length() - 1, SwitchReason.CALL, suspend=True)
 
     def vtl_return(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._cpl_fault(thread, plane, "HvCallVtlReturn"):
+        if fault := self._malformed_switch_call(thread, plane, control, regs):
             return fault
-        if control.value != tlfs.HVCALL_VTL_RETURN:
-            return self._ud_fault(thread, "return-control", f"HvCallVtlReturn control word {control.value:#x} "
-                                                      f"has bits other than the call code 0x12")
-        if regs.rax & ~1:
-            return self._ud_fault(thread, "return-input", f"HvCallVtlReturn with VTL input (RAX) {regs.rax:#x}; "
-                                                    f"only bit 0 (fast return) may be set")
         if plane == 0:
             return self._ud_fault(thread, "return-from-vtl0", "HvCallVtlReturn from VTL0 (no lower VTL)")
         if not thread.suspended or thread.suspended[-1] >= plane:

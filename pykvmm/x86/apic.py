@@ -62,6 +62,16 @@ def msi_message(dest_apic_id: int, vector: int, delivery_mode: int = DM_FIXED) -
     return address, data
 
 
+MSI_BROADCAST = (0xFF, 0xFFFFFFFF)     # xAPIC and x2APIC broadcast destinations
+
+
+def msi_destination(address: int) -> int:
+    """The destination APIC ID of an MSI address, as msi_message() encodes it and KVM reads
+    it with KVM_X2APIC_API_USE_32BIT_IDS: address_lo[19:12] | address_hi[31:8] << 8 (the
+    high byte of a 64-bit ``address`` is address_hi)."""
+    return (address >> 12) & 0xFF | (address >> 32) & 0xFFFFFF00
+
+
 def _bits(regs: bytes, base: int) -> list[int]:
     out = []
     for word in range(8):

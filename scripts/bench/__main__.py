@@ -14,6 +14,7 @@ ratios (both sides measured back to back), always against a reference measured i
  7. trace_export.py  Chrome export of a 100k-event trace vs JSON lines
  8. vsm.py         VSM on the TLFS path: VtlCall+VtlReturn and an intercepted write (issue 14)
  9. kut.py         kvm-unit-tests' vmexit rows, pykvmm / QEMU/KVM cycles per exit (issue 12)
+10. hyperv.py      Hyper-V personality: hypercall page, synthetic MSR, SynIC message vs a PIO exit
 
 Everything runs on the real /dev/kvm. ``--quick`` uses tiny counts (the smoke test runs it);
 its numbers mean nothing. Internal modes (``--_rss-probe``) are used by the script itself.
@@ -38,11 +39,11 @@ if __package__ in (None, ""):       # `python scripts/bench`: make this director
     __package__ = "bench"
 
 from .common import FULL, QUICK, REPO, CRef, RawExit, fmt, image, log, median, rnd  # noqa: E402
-from . import ipi, kut, pio, round_trip, scaling, startup, trace_export, vsm  # noqa: E402
+from . import hyperv, ipi, kut, pio, round_trip, scaling, startup, trace_export, vsm  # noqa: E402
 
 from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
 
-ROWS = {1: pio, 2: round_trip, 3: ipi, 4: startup, 5: scaling, 6: pio, 7: trace_export, 8: vsm, 9: kut}
+ROWS = {1: pio, 2: round_trip, 3: ipi, 4: startup, 5: scaling, 6: pio, 7: trace_export, 8: vsm, 9: kut, 10: hyperv}
 
 
 @dataclass
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (smoke test); numbers mean nothing")
     ap.add_argument("--out", default="bench-results.json", help="JSON results file (default %(default)s)")
-    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="rows to run (comma-separated; 6 comes with 1)")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8,9,10", help="rows to run (comma-separated; 6 comes with 1)")
     ap.add_argument("--repeats", type=int, help="override the number of interleaved repeats")
     ap.add_argument("--_rss-probe", nargs=3, type=int, metavar=("PLANES", "VCPUS", "COPIES"), help=argparse.SUPPRESS)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval() for the run (experiments)")
@@ -149,8 +150,9 @@ def main(argv=None) -> int:
                     rows.update(ROWS[number].run(ctx))
             if ctx.raw_exit_us is None:
                 ctx.raw_exit_us = median([ctx.raw.batch(2000) for _ in range(3)])
-            if 8 in want:                     # uses the raw-exit driver too
-                rows.update(ROWS[8].run(ctx))
+            for number in (8, 10):            # these use the raw-exit driver too
+                if number in want:
+                    rows.update(ROWS[number].run(ctx))
             ctx.pio_us = ctx.pio_us or ctx.raw_exit_us * 1.3
         finally:
             ctx.raw.close()

@@ -11,6 +11,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pykvmm import exits as X, kvm as K  # noqa: E402
+from pykvmm.uapi import ffi  # noqa: E402
 from pykvmm.debug.summary import percentile  # noqa: E402
 from pykvmm.vmm import abi, loader  # noqa: E402
 from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
@@ -66,15 +68,32 @@ def image(name: str) -> bytes:
     return loader.load_image(loader.bundled_guest(name))
 
 
-def run_machine(img: bytes, timeout: float = 120.0, setup=None, counts=None, **config):
+@contextlib.contextmanager
+def counting_python_calls(calls: collections.Counter):
+    """Count the Python and builtin function calls of each thread started while the block runs
+    (the vCPU threads), by thread id: the load-independent measure of per-exit work."""
+    def hook(frame, event, arg):
+        if event == "call" or event == "c_call":
+            calls[threading.get_ident()] += 1
+    threading.setprofile(hook)
+    try:
+        yield calls
+    finally:
+        threading.setprofile(None)
+
+
+def run_machine(img: bytes, timeout: float = 120.0, setup=None, counts=None, calls=None, **config):
     """Build (untimed), run (timed with perf_counter around Machine.run), close.
-    ``counts``: a Counter that receives the ioctls made during the run (not the build).
+    ``counts``: a Counter that receives the ioctls made during the run (not the build);
+    ``calls``: one that receives the function calls of the threads the run starts, by thread
+    (counting them slows the run down: time such a run for nothing else).
     Returns (seconds, RunResult, machine)."""
     config.setdefault("quiet", True)
     with Machine(img, MachineConfig(**config)) as m:
         if setup is not None:
             setup(m)
-        with K.counting_ioctls(counts) if counts is not None else contextlib.nullcontext():
+        with K.counting_ioctls(counts) if counts is not None else contextlib.nullcontext(), \
+                counting_python_calls(calls) if calls is not None else contextlib.nullcontext():
             t0 = time.perf_counter()
             r = m.run(timeout)
             dt = time.perf_counter() - t0
@@ -159,20 +178,26 @@ class RawExit:
 class RawPlanes:
     """The floor of a plane round trip for the same guest: its two plane vCPUs driven straight
     from Python, two KVM_RUNs (Vcpu.run) per round trip and the status written through the
-    sync regs, nothing else (no IRR scans, no dispatcher, no state copy, no locks)."""
+    sync regs, nothing else (no IRR scans, no dispatcher, no state copy, no locks).
+    ``state_reads``: plus the reads the vtl personality cannot leave out on this host (the
+    source's DR0-3 and XSAVE image at each switch, the higher plane's LAPIC on the return),
+    into buffers allocated once: the floor of a switch that copies the TLFS shared state."""
 
-    def __init__(self, guest: str, personality: str):
+    def __init__(self, guest: str, personality: str, state_reads: bool = False):
         self.m = Machine(image(guest), MachineConfig(planes=2, personality=personality, arg=1 << 40, quiet=True))
         thread = self.m.threads[0]
         self.v = [thread.plane_vcpu(0), thread.plane_vcpu(1)]
         for p in (0, 1):      # VTL guests read why they were entered: always a VtlCall here
             self.m.memory.write_u32(abi.control_page(0, p) + abi.VTL_ENTRY_REASON, abi.VTL_ENTRY_VTL_CALL)
+        self.state_reads = state_reads
+        self.dr = ffi.new("struct kvm_debugregs *")
+        self.xsave = ffi.new("struct kvm_xsave *")
         self.cur = 0
         self.batch(100)
 
     def batch(self, n: int) -> float:
         """us per round trip over n round trips."""
-        v, cur, hc = self.v, self.cur, abi.PORT_HYPERCALL
+        v, cur, hc, reads = self.v, self.cur, abi.PORT_HYPERCALL, self.state_reads
         switches = 0
         t0 = time.perf_counter()
         while switches < 2 * n:
@@ -182,6 +207,11 @@ class RawPlanes:
                     regs = v[cur].regs
                     regs.rax = 0
                     v[cur].mark_dirty("regs")
+                    if reads:
+                        v[cur].get_debugregs(into=self.dr)
+                        v[cur].get_xsave(into=self.xsave)
+                        if cur:
+                            v[1].get_lapic()
                     cur ^= 1
                     switches += 1
             else:

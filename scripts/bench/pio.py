@@ -44,8 +44,10 @@ def run(ctx) -> dict:
         samples["raw_cffi"].append(raw.batch(n))
         samples["pykvmm"].append((pykvmm_time(False, n) - fixed[False]) / (n - 1) * 1e6)
         samples["pykvmm_traced"].append((pykvmm_time(True, n) - fixed[True]) / (n - 1) * 1e6)
-    counts = collections.Counter()
+    counts, calls = collections.Counter(), collections.Counter()
     _, r, _ = run_machine(img, arg=n, counts=counts)
+    _, rc, _ = run_machine(img, arg=n, calls=calls)
+    calls_per_exit = max(calls.values()) / rc.exits if calls else None     # the vCPU thread
     med = {k: median(v) for k, v in samples.items()}
     div = lambda x, y: x / y  # noqa: E731
     row1 = {
@@ -61,6 +63,7 @@ def run(ctx) -> dict:
         "spread_us": {k: spread(v) for k, v in samples.items()},
         "pykvmm_fixed_run_cost_ms": fixed[False] * 1e3,
         "ioctls_per_exit": per(counts, r.exits),
+        "python_calls_per_exit": calls_per_exit,
         "samples_us": samples, "c_error": cref.error,
         "note": "ratios are medians of per-repeat ratios (C, raw and pykvmm measured back to back)",
     }
@@ -90,7 +93,7 @@ def table(rows: dict, L) -> None:
           f"{fmt(r1['raw_cffi_over_c'], 2)}x C")
         L("1", "PIO exit, pykvmm run loop", f"{fmt(r1['pykvmm_us'], 2)} us",
           f"{fmt(r1['pykvmm_over_c'], 2)}x C, {fmt(r1['pykvmm_over_raw_cffi'], 2)}x raw; ioctls/exit "
-          f"{fmt(sum(r1['ioctls_per_exit'].values()), 2)}")
+          f"{fmt(sum(r1['ioctls_per_exit'].values()), 2)}; Python calls/exit {fmt(r1.get('python_calls_per_exit'), 1)}")
     r6 = rows.get("6_tracing")
     if r6:
         L("6", "PIO exit, trace off / list-append sink", f"{fmt(r6['trace_off_us'], 2)} / {fmt(r6['trace_on_us'], 2)} us",

@@ -63,6 +63,22 @@ class HvConfig:
                     raise HvFlagError(f"hv_{f} needs hv_{need}")
 
 
+def with_needs(flags) -> list[str]:
+    """``flags`` (names without hv_) and every flag they need, transitively, needs first."""
+    out: list[str] = []
+
+    def add(flag: str) -> None:
+        if flag not in out:
+            for need in FLAGS[flag][1]:
+                add(need)
+            out.append(flag)
+    for f in flags:
+        if f not in FLAGS:
+            raise HvFlagError(f"unknown Hyper-V flag hv_{f}")
+        add(f)
+    return out
+
+
 def normalize(name: str) -> str | None:
     """'hv-stimer-direct' / 'hv_stimer_direct' -> 'stimer_direct'; None if not an hv flag."""
     n = name.strip().lower().replace("-", "_")

@@ -70,6 +70,7 @@ class HyperV:
         self.on_continuation = None      # test hook: callable(call, next_rep) at each continuation
         self.tlb_flush_gate = None       # VSM TLB locks: callable(call, vps) before a flush (vsm/tlb.py)
         self.vp_requests = None          # VSM: other VPs' register accesses, served here (vsm/remote.py)
+        self.overlays = None             # VSM: overlay pages per VTL (vsm/overlay.py)
         self.stats = {"msr_exits": 0, "gp_injected": 0, "ud_injected": 0}
         self.gp_reasons: list[str] = []
         self.stopped_why: str | None = None
@@ -150,6 +151,12 @@ class HyperV:
 
     def plane_state(self, plane: int) -> PlaneHv:
         return self.planes[plane]
+
+    def place_overlay(self, kind: str, vp, plane: int, old: int, new: int) -> None:
+        """An overlay page's MSR goes from ``old`` to ``new`` (before the VMM writes the page):
+        with VSM each VTL's overlays cover guest RAM for that VTL only (vsm/overlay.py)."""
+        if self.overlays is not None:
+            self.overlays.place(kind, vp, plane, old, new)
 
     # -- MSR exits ---------------------------------------------------------------------------
     def _on_rdmsr(self, t, ex) -> None:

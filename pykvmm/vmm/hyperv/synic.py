@@ -135,6 +135,7 @@ def install(hv) -> None:
         def write(vp, value):
             if attr != "scontrol":
                 check_page(name, value)
+                hv.place_overlay(attr, vp.index, vp.plane, getattr(vp.synic, attr), value)
             setattr(vp.synic, attr, value)
             unit.retry(vp)
         hv.add_msr(index, name, read, write, feature="synic")

@@ -229,6 +229,8 @@ def install(hv) -> None:
         if value & T.PAGE_ENABLE:
             if gpa + 0x1000 > hv.memory.size:
                 raise MsrFault(f"reference TSC page {gpa:#x} is outside guest memory")
+        hv.place_overlay("reference_tsc", None, vp.plane, hv.planes[vp.plane].reference_tsc, value)
+        if value & T.PAGE_ENABLE:
             clock.write_page(vp.plane, gpa)
         hv.planes[vp.plane].reference_tsc = value
     hv.add_msr(T.MSR_REFERENCE_TSC, "HV_X64_MSR_REFERENCE_TSC",

@@ -31,6 +31,7 @@ def install(hv) -> None:
         ps = hv.planes[vp.plane]
         ps.guest_os_id = value
         if value == 0:
+            hv.place_overlay("hypercall", None, vp.plane, ps.hypercall, ps.hypercall & ~T.HYPERCALL_ENABLE)
             ps.hypercall &= ~T.HYPERCALL_ENABLE
 
     def read_hypercall(vp):
@@ -46,7 +47,9 @@ def install(hv) -> None:
             gpa = value & ~0xFFF
             if gpa + 0x1000 > hv.memory.size:
                 raise MsrFault(f"hypercall page GPA {gpa:#x} is outside guest memory")
-            hv.memory.write(gpa, page)
+        hv.place_overlay("hypercall", None, vp.plane, ps.hypercall, value)
+        if value & T.HYPERCALL_ENABLE:
+            hv.memory.write(value & ~0xFFF, page)
         ps.hypercall = value
 
     hv.add_msr(T.MSR_GUEST_OS_ID, "HV_X64_MSR_GUEST_OS_ID", read_os_id, write_os_id)
@@ -87,6 +90,7 @@ def install(hv) -> None:
     def write_assist(vp, value):
         if value & T.PAGE_ENABLE and (value & ~0xFFF) + 0x1000 > hv.memory.size:
             raise MsrFault(f"VP assist page {value & ~0xFFF:#x} is outside guest memory")
+        hv.place_overlay("vp_assist", vp.index, vp.plane, vp.vp_assist, value)
         vp.vp_assist = value
     hv.add_msr(T.MSR_VP_ASSIST_PAGE, "HV_X64_MSR_VP_ASSIST_PAGE", lambda vp: vp.vp_assist, write_assist,
                feature="vapic")

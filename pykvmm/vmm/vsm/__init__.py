@@ -10,6 +10,7 @@ Modules, by TLFS section:
 | ``registers`` | VP register interface: HvCallGetVpRegisters / HvCallSetVpRegisters |
 | ``translate`` | Virtual MMU: HvCallTranslateVirtualAddress |
 | ``remote`` | the VP-register and translation calls aimed at another VP |
+| ``overlay`` | overlay pages (hypercall, SIMP, SIEFP, VP assist, reference TSC) per VTL |
 | ``enable`` | Enabling VTLs (the two boot modes, HvCallEnablePartitionVtl / EnableVpVtl), the VSM registers |
 | ``tlb`` | Configuring Lower VTLs: TlbLocked and the address-space flushes it holds back |
 
@@ -38,6 +39,7 @@ from .enable import VINA_AUTO_EOI, VINA_AUTO_RESET, VtlEnables
 from .intercept import deliver, memory_intercept_message
 from .protections import VtlProtections
 from .registers import check_header
+from .overlay import Overlays
 from .remote import RemoteVps
 from .tlb import TlbLocks
 
@@ -51,6 +53,7 @@ class Vsm:
         self.protections = VtlProtections(machine)
         self.tlb = TlbLocks(self)
         self.remote = RemoteVps(self)
+        self.overlays = None
         self.enables = VtlEnables(self)
         self.stats = Counter()
         self.intercepts: Counter = Counter()     # (vcpu, from VTL, to VTL, access) -> count
@@ -67,6 +70,7 @@ class Vsm:
         self.enables.install(t)
         hv.tlb_flush_gate = lambda call, vps: self.tlb.wait_unlocked(hv, call, vps)
         hv.vp_requests = self.remote
+        self.overlays = hv.overlays = Overlays(hv)
         from .translate import install as install_translate
         install_translate(self, t)
 
@@ -209,6 +213,8 @@ class Vsm:
         out.update(self.protections.summary())
         out["flushes_held"] = self.tlb.held_calls
         out["remote_vp_accesses"] = self.remote.count
+        if self.overlays is not None:
+            out.update(self.overlays.summary())
         out["flushes_suspended"] = self.tlb.suspended
         return {"vsm": out} if any(out.values()) else {}
 

@@ -203,7 +203,9 @@ class VtlEnables:
         if name == REG_VP_ASSIST_PAGE and self.machine.hyperv is not None:
             if value & 1 and (value & ~0xFFF) + 0x1000 > self.machine.memory.size:
                 raise HvError(H.INVALID_PARAMETER, f"VP assist page {value & ~0xFFF:#x} is outside guest memory")
-            self.machine.hyperv.vp(cpu.index, target).vp_assist = value
+            vp = self.machine.hyperv.vp(cpu.index, target)
+            self.machine.hyperv.place_overlay("vp_assist", cpu.index, target, vp.vp_assist, value)
+            vp.vp_assist = value
             return True
         lower = name - REG_VSM_VP_SECURE_CONFIG_VTL0
         if 0 <= lower < 16 and lower < target:

@@ -80,8 +80,11 @@ class RemoteVps:
         queue.append(req)
         self.count += 1
         deadline = time.monotonic() + WAIT_LIMIT
+        flusher = getattr(hv, "flusher", None)
         while not req.done:
-            self.service(caller)
+            self.service(caller)                      # others may be waiting for this VP too
+            if flusher is not None and flusher.pending:
+                flusher.service(caller)
             if req.done:
                 break
             alive = target.thread.is_alive()

@@ -73,6 +73,7 @@ class TlbLocks:
         deadline = time.monotonic() + SUSPEND_SLICE
         machine = hv.machine
         while any(self.locked(v, plane) for v in vps if v != me):
+            self.vsm.remote.service(call.thread)      # a lock holder may be waiting for this VP
             left = deadline - time.monotonic()
             if left <= 0 or machine.stopping:
                 self.suspended += 1

@@ -450,6 +450,8 @@ class Machine:
         # vCPU threads must be out of KVM_RUN before their fds and the guest memory go away.
         if any(t.thread is not None and t.thread.is_alive() for t in getattr(self, "threads", [])):
             self.stop()
+        if getattr(self, "platform", None) is not None:
+            self.platform.close()                 # its ioeventfds, before the VM goes
         if self.pvm is not None:
             self.pvm.close()
             self.pvm = None

@@ -129,6 +129,33 @@ def test_kick_ends_a_halted_run(halted_rig):
     assert type(a.join()) is X.Interrupted
 
 
+def test_kick_between_runs_ends_the_next_run_at_once(halted_rig):
+    """A kick while no run() is in progress makes the next run() return Interrupted without
+    entering the halted plane (which would block)."""
+    v0 = halted_rig.planes_vcpu.plane_vcpu(0)
+    halted_rig.planes_vcpu.kick()
+    a = HaltedRunner(halted_rig, 0, stop_on_interrupted=True)
+    runs_before = v0.exit_count
+    a.thread.start()
+    assert type(a.join()) is X.Interrupted
+    assert v0.exit_count == runs_before         # it never entered KVM_RUN
+
+
+def test_every_kick_ends_a_halted_run(halted_rig):
+    """run() leaves without the lock: kicks landing around its return must not be lost. Each
+    of many kicks must end the run that is halted at that moment."""
+    a = HaltedRunner(halted_rig, 0)
+    a.start_and_wait_halted()
+    for k in range(100):
+        seen = len(a.exits)
+        halted_rig.planes_vcpu.kick()
+        a.wait_halted_again(seen)       # fails on a lost kick: the run would stay halted
+    assert all(type(e) is X.Interrupted for e in a.exits) and len(a.exits) >= 100
+    a.stop_on_interrupted = True
+    halted_rig.planes_vcpu.kick()
+    assert type(a.join()) is X.Interrupted
+
+
 def test_masked_msi_waits_for_a_deliverable_one(halted_rig):
     """A vector under plane 1's TPR makes no event; a higher one then does (no earlier masked
     one holds it back)."""

@@ -13,8 +13,8 @@
  * it says it needs two.
  * On a Hyper-V partition with VSM (--hyperv, --vtl-boot tlfs: only VTL0 runs at reset) it
  * first brings VTL1 up as a VSM guest does: finds VSM in CPUID ("Microsoft Hv", AccessVsm),
- * enables its hypercall page with HV_X64_MSR_HYPERCALL, checks that VsmCodePageOffsets puts
- * VtlCall/VtlReturn where its library calls them, then HvCallEnablePartitionVtl (vCPU0) and
+ * enables its hypercall page with HV_X64_MSR_HYPERCALL, calls VtlCall/VtlReturn where
+ * VsmCodePageOffsets says they are in it, then HvCallEnablePartitionVtl (vCPU0) and
  * HvCallEnableVpVtl with an initial context made of its own registers (each vCPU); VTL1
  * starts at vtl1_tlfs_entry and takes its entry reasons from its VP assist page.
  * Reports: the PRINTs; SYNC 1, 0x51 (the answer vCPU0's VTL0 took); DONE on every vCPU.
@@ -134,7 +134,9 @@ tlfs_enable_vtl1:
     xor esi, esi
     call vsm_get_register
     GUEST_ASSERT_EQ rax, 1 << HV_RESULT_REP_SHIFT, "GetVpRegisters(VsmCodePageOffsets)"
-    GUEST_ASSERT_EQ rdx, HCPAGE_VTL_CALL | HCPAGE_VTL_RETURN << 12, "VtlCall/VtlReturn where lib/hypercall.S calls them"
+    mov edi, HYPERCALL_PAGE_ADDR        /* the page its HV_X64_MSR_HYPERCALL names (VSM_VTL_INIT) */
+    mov rsi, rdx
+    call vtl_use_code_page_offsets      /* VtlCall/VtlReturn through the stubs it names */
     cmp qword ptr gs:[PCPU_VCPU], 0
     jne 1f
     SAY "VTL0: Hyper-V with VSM (CPUID AccessVsm): HvCallEnablePartitionVtl(VTL1)"

@@ -108,13 +108,7 @@ vtl1_call:
     mov edx, 1 << 0
     call vtl_send_ipi
     GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "VTL1's send of 0x47 down to VTL0"
-    mov ebx, EXTRA_EXITS
-1:  mov edi, HVCALL_PYKVMM_NOP
-    xor esi, esi
-    xor edx, edx
-    call hypercall
-    dec ebx
-    jnz 1b
+    NOP_EXITS EXTRA_EXITS
     GUEST_ASSERT_EQ [rip + count_icr], 0, "VTL0 takes no 0x46 while VTL1 runs"
     GUEST_ASSERT_EQ [rip + count_syn], 0, "VTL0 takes no 0x47 while VTL1 runs"
 .Lret:

@@ -35,13 +35,7 @@ main:
     mov rbx, CMD_LOW
     call vtl_call
     GUEST_ASSERT_EQ [rip + low_status], HV_STATUS_SUCCESS, "VTL1's send of 0x48 to itself"
-    mov ebx, EXITS
-1:  mov edi, HVCALL_PYKVMM_NOP
-    xor esi, esi
-    xor edx, edx
-    call hypercall
-    dec ebx
-    jnz 1b
+    NOP_EXITS EXITS
     GUEST_ASSERT_EQ [rip + count_low], 0, "0x48 (below VTL1's TPR) did not preempt VTL0"
 
     mov rbx, CMD_HIGH

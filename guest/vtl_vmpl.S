@@ -45,13 +45,7 @@ main:
     mov edx, 1
     call vtl_send_ipi
     GUEST_ASSERT_EQ rax, HV_STATUS_SUCCESS, "SendSyntheticClusterIpi to VTL1"
-    mov ebx, EXITS
-1:  mov edi, HVCALL_PYKVMM_NOP
-    xor esi, esi
-    xor edx, edx
-    call hypercall
-    dec ebx
-    jnz 1b
+    NOP_EXITS EXITS
     GUEST_ASSERT_EQ [rip + count], 0, "the IPI for VTL1 did not preempt VTL0"
     /* 4 */
     call vtl_call

@@ -269,6 +269,16 @@ class Vm(FdObject):
             e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
         self.ioctl("KVM_SET_GSI_ROUTING", table)
 
+    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool, datamatch: int | None = None,
+                  deassign: bool = False) -> None:
+        """Let KVM itself signal eventfd ``fd`` on a guest write of ``length`` bytes at ``addr``
+        (a port with ``pio``), only of value ``datamatch`` when given; ``deassign`` removes it."""
+        flags = ((C.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (C.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+                 | (C.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0))
+        arg = ffi.new("struct kvm_ioeventfd *", {"datamatch": datamatch or 0, "addr": addr, "len": length,
+                                                 "fd": fd, "flags": flags})
+        self.ioctl("KVM_IOEVENTFD", arg)
+
     def get_irqchip(self, chip_id: int):
         """The in-kernel PIC (KVM_IRQCHIP_PIC_*) or IOAPIC state (struct kvm_irqchip)."""
         chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})

@@ -382,3 +382,20 @@ def test_pci_testdev_tests_count_matching_writes():
     mmio.write(PT.MEM_ADDR, 1, 2)
     assert read_testdev_header(mem, PT.MEM_ADDR)[5] == "mmio-datamatch-eventfd"
     assert mem(PT.MEM_ADDR + 16 + len("mmio-datamatch-eventfd"), 1) == 0   # the terminator reads 0
+
+
+def test_pci_testdev_eventfd_tests_arm_an_ioeventfd_that_follows_the_bar():
+    ports, mmio, dev, _ = pci_machine()
+    calls = []
+    dev.ioeventfd = lambda fd, addr, length, pio, datamatch=None, deassign=False: \
+        calls.append((addr, length, pio, datamatch, deassign))
+    mmio.write(PT.MEM_ADDR, 1, 0)                            # no-eventfd: nothing armed
+    mmio.write(PT.MEM_ADDR, 1, 2)                            # mmio-datamatch-eventfd
+    assert calls == [(PT.MEM_ADDR + 0x802, 1, False, PT.DATAMATCH, False)]
+    cfg_write(ports, PT.SLOT, P.BAR0, 4, 0xE0000000)          # the guest moves the BAR
+    assert calls[1:] == [(PT.MEM_ADDR + 0x802, 1, False, PT.DATAMATCH, True),
+                         (0xE0000802, 1, False, PT.DATAMATCH, False)]
+    ports.write(PT.IO_ADDR, 1, 1)                            # portio-wildcard-eventfd: any value
+    assert calls[3:] == [(0xE0000802, 1, False, PT.DATAMATCH, True), (PT.IO_ADDR + 0x84, 1, True, None, False)]
+    dev.close()
+    assert calls[-1] == (PT.IO_ADDR + 0x84, 1, True, None, True) and dev._armed is None

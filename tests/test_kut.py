@@ -78,7 +78,8 @@ def test_vmexit_rows_take_their_name_from_the_command_line(run_kut, row):
 
 def test_vmexit_pci_rows_find_pci_testdev_and_its_writes_arrive(kvm_available, kut_suite):
     # lib/pci.c scans bus 0 through 0xcf8/0xcfc, sizes the BARs, and vmexit writes each test's
-    # value at its offset in the memory BAR (pci-mem); the device counts the writes it matched.
+    # value at its offset in the memory BAR (pci-mem). The device counts the no-eventfd test's
+    # writes; the eventfd tests' writes are KVM's (ioeventfds, as QEMU): they never reach it.
     from pykvmm.vmm import boot
     from pykvmm.vmm.machine import Machine, MachineConfig
 
@@ -91,7 +92,7 @@ def test_vmexit_pci_rows_find_pci_testdev_and_its_writes_arrive(kvm_available, k
     assert "pci-testdev at 0x10 membar febff000 iobar c000" in out       # where QEMU's guest finds it
     rows = [line.split()[0] for line in out if len(line.split()) == 2 and line.split()[1].isdigit()]
     assert rows == ["mmio-no-eventfd:pci-mem", "mmio-wildcard-eventfd:pci-mem", "mmio-datamatch-eventfd:pci-mem"]
-    assert min(counts) >= 64         # each row writes at least 64 times (vmexit doubles from 64)
+    assert counts[0] >= 64 and counts[1:] == [0, 0]     # each row writes 64 times or more
 
 
 # The QEMU/KVM reference: every test that passes there must pass here (intel_iommu aside:

@@ -1,6 +1,8 @@
 """The PC platform a multiboot guest finds, checked on the real /dev/kvm from the host side:
 how the in-kernel interrupt controllers are wired (KVM_GET_IRQCHIP after KVM_IRQ_LINE)."""
 
+import pytest
+
 from pykvmm.uapi import constants as C
 from pykvmm.vmm.machine import Machine, MachineConfig
 
@@ -20,3 +22,18 @@ def test_isa_irq0_reaches_ioapic_pin_2_as_the_madt_says(kvm_available):
         assert vm.get_irqchip(C.KVM_IRQCHIP_IOAPIC).chip.ioapic.irr == 1 << 2 | 1 << 14
         assert vm.get_irqchip(C.KVM_IRQCHIP_PIC_SLAVE).chip.pic.irr == 1 << 6
         assert vm.get_irqchip(C.KVM_IRQCHIP_PIC_MASTER).chip.pic.irr == 1 << 0 | 1 << 2
+
+
+@pytest.mark.parametrize("pit", [True, False])
+def test_the_in_kernel_pit_exists_unless_turned_off(kvm_available, pit):
+    # KVM_CREATE_PIT2 answers EEXIST when the VM has a PIT already (`-machine pit=off`: none).
+    import errno
+    from pykvmm.kvm import KvmError
+
+    with Machine(guest_image("hello"), MachineConfig(quiet=True, pit=pit)) as m:
+        if pit:
+            with pytest.raises(KvmError) as e:
+                m.platform.vm.create_pit2()
+            assert e.value.errno == errno.EEXIST
+        else:
+            m.platform.vm.create_pit2()

@@ -194,6 +194,17 @@ def test_demo_on_a_vsm_partition(run_guest):
     assert r.entry_reasons == {"call": 3, "interrupt": 1, "return": 4}
 
 
+def test_demo_calls_the_stubs_vsm_code_page_offsets_names(run_guest, monkeypatch):
+    """A VSM guest finds VtlCall/VtlReturn through HvRegisterVsmCodePageOffsets: with the
+    stubs moved in the page (the old offsets are int3 now), the demo still runs."""
+    from pykvmm.vmm.hyperv import HvConfig
+    monkeypatch.setattr(abi, "HCPAGE_VTL_CALL", 0x40)
+    monkeypatch.setattr(abi, "HCPAGE_VTL_RETURN", 0x80)
+    r = run_guest("demo", vcpus=2, planes=2, personality="vtl", hyperv=HvConfig.everything(), vtl_boot="tlfs")
+    assert_done(r)
+    assert r.entry_reasons == {"call": 3, "interrupt": 1, "return": 4}
+
+
 def test_demo_one_vcpu_and_one_plane(run_guest):
     r = run_guest("demo", vcpus=1, planes=2)
     assert_done(r)

@@ -35,7 +35,7 @@ hypercall:
 .type vtl_call, @function
 vtl_call:
     mov ecx, 0
-    jmp HYPERCALL_PAGE_ADDR + HCPAGE_VTL_CALL
+    jmp qword ptr [rip + vtl_call_stub]
 .size vtl_call, . - vtl_call
 
 /* vtl_return(rdi = 0 normal / 1 fast): RCX = rdi, then the VTL-return stub. As vtl_call. */
@@ -43,5 +43,35 @@ vtl_call:
 .type vtl_return, @function
 vtl_return:
     mov rcx, rdi
-    jmp HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
+    jmp qword ptr [rip + vtl_return_stub]
 .size vtl_return, . - vtl_return
+
+/*
+ * vtl_use_code_page_offsets(rdi = hypercall page GPA, rsi = HvRegisterVsmCodePageOffsets):
+ * from now on vtl_call, vtl_return and lib/vtl.S call the stubs where the register says
+ * (VtlCallOffset bits 11:0, VtlReturnOffset bits 23:12), as a VSM guest finds them. Until
+ * then they use pykvmm's page (HYPERCALL_PAGE_ADDR, Hyper-V's offsets). One page address for
+ * every VTL and vCPU. Preserves every register.
+ */
+.globl vtl_use_code_page_offsets
+.type vtl_use_code_page_offsets, @function
+vtl_use_code_page_offsets:
+    push rax
+    mov rax, rsi
+    and eax, 0xfff
+    add rax, rdi
+    mov [rip + vtl_call_stub], rax
+    mov rax, rsi
+    shr rax, 12
+    and eax, 0xfff
+    add rax, rdi
+    mov [rip + vtl_return_stub], rax
+    pop rax
+    ret
+.size vtl_use_code_page_offsets, . - vtl_use_code_page_offsets
+
+.data
+.balign 8
+.globl vtl_call_stub, vtl_return_stub
+vtl_call_stub:   .quad HYPERCALL_PAGE_ADDR + HCPAGE_VTL_CALL
+vtl_return_stub: .quad HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN

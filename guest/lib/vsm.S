@@ -379,7 +379,7 @@ vsm_serve:
     push rsi                            /* [rsp] = VtlCall handler */
 .Lvsm_fast:
     mov ecx, HV_VTL_RETURN_FAST
-    call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
+    call qword ptr [rip + vtl_return_stub]   /* lib/hypercall.S */
 .Lvsm_entry:
     push rax
     mov rax, gs:[PCPU_CONTROL_PAGE]
@@ -394,7 +394,7 @@ vsm_serve:
     call qword ptr [rsp]
     jnc .Lvsm_fast
     xor ecx, ecx
-    call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
+    call qword ptr [rip + vtl_return_stub]   /* lib/hypercall.S */
     jmp .Lvsm_entry
 .Lvsm_intercept:
     pop rax

@@ -7,8 +7,6 @@
 .include "guest.inc"
 .include "vtl.inc"
 
-.set VTL_CALL_STUB, HYPERCALL_PAGE_ADDR + HCPAGE_VTL_CALL
-.set VTL_RETURN_STUB, HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN
 
 .text
 
@@ -37,7 +35,7 @@ vtl_return_preserving:
     mov [rdx + VTL_RETURN_RCX], rcx
     pop rdx
     xor ecx, ecx                        /* VTL input 0: normal return */
-    call VTL_RETURN_STUB
+    call qword ptr [rip + vtl_return_stub]   /* lib/hypercall.S */
     ret
 .size vtl_return_preserving, . - vtl_return_preserving
 
@@ -59,7 +57,7 @@ vtl_serve:
     push rdi                            /* [rsp] = the VtlCall handler */
 .Lserve_fast:
     mov ecx, HV_VTL_RETURN_FAST
-    call VTL_RETURN_STUB
+    call qword ptr [rip + vtl_return_stub]   /* lib/hypercall.S */
 .Lserve_entry:
     push rax
     mov rax, gs:[PCPU_CONTROL_PAGE]
@@ -71,7 +69,7 @@ vtl_serve:
     call qword ptr [rsp]
     jnc .Lserve_fast
     xor ecx, ecx                        /* normal return */
-    call VTL_RETURN_STUB
+    call qword ptr [rip + vtl_return_stub]   /* lib/hypercall.S */
     jmp .Lserve_entry
 .Lserve_interrupt:
     call vtl_return_preserving

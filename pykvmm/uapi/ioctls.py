@@ -73,6 +73,7 @@ IOCTLS = _table(
     Ioctl("KVM_SET_TSS_ADDR", _IO(KVMIO, 0x47), _V, None),
     Ioctl("KVM_CREATE_IRQCHIP", _IO(KVMIO, 0x60), _V, None),
     Ioctl("KVM_IRQ_LINE", _IOW(KVMIO, 0x61, "struct kvm_irq_level"), _V, "struct kvm_irq_level"),
+    Ioctl("KVM_IOEVENTFD", _IOW(KVMIO, 0x79, "struct kvm_ioeventfd"), _V, "struct kvm_ioeventfd"),
     Ioctl("KVM_GET_IRQCHIP", _IOWR(KVMIO, 0x62, "struct kvm_irqchip"), _V, "struct kvm_irqchip"),
     Ioctl("KVM_CREATE_PIT2", _IOW(KVMIO, 0x77, "struct kvm_pit_config"), _V, "struct kvm_pit_config"),
     Ioctl("KVM_SET_GSI_ROUTING", _IOW(KVMIO, 0x6a, "struct kvm_irq_routing"), _V, "struct kvm_irq_routing"),

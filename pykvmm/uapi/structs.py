@@ -219,6 +219,15 @@ struct kvm_irqchip {
     } chip;
 };
 
+struct kvm_ioeventfd {
+    __u64 datamatch;
+    __u64 addr;
+    __u32 len;
+    __s32 fd;
+    __u32 flags;
+    __u8 pad[36];
+};
+
 struct kvm_pit_config {
     __u32 flags;
     __u32 pad[15];

@@ -89,7 +89,8 @@ class VcpuThread:
             X.MemoryFault: self._on_memory_fault,
         }
         self._apply = {Answer: self._answer, Fault: self._fault, Switch: self.switch, Stop: self._stop}
-        self._unknown_ports: set[str] = set()   # unhandled accesses already warned about
+        self._unknown_ports: set[tuple[str, int]] = set()   # unhandled accesses already warned about
+        self._port_owner = machine.ports.owner       # port -> device (PortBus)
         self.outside_ram = [0, 0, None]      # reads, writes, first GPA (summed by the machine)
 
     def plane_vcpu(self, plane: int | None = None) -> Vcpu:
@@ -216,24 +217,25 @@ class VcpuThread:
         return handler(ex) if handler is not None else None
 
     def _on_device_out(self, ex) -> None:
-        write, size, data = self.machine.ports.write, ex.size, ex.data
+        port, size, data = ex.port, ex.size, ex.data
+        dev = self._port_owner(port)
+        if dev is None:
+            self._unknown_access("write to unhandled port {:#x} ignored", port)
+            return
         for i in range(0, size * ex.count, size):   # `rep outs` brings several values at once
-            if not write(ex.port, size, int.from_bytes(data[i:i + size], "little")):
-                self._unknown_access(f"write to unhandled port {ex.port:#x} ignored", "unhandled port")
-                return
+            dev.io_write(port, size, int.from_bytes(data[i:i + size], "little"))
 
     def _on_io_in(self, ex) -> None:
-        read, size = self.machine.ports.read, ex.size
-        if ex.count == 1:                     # the common case, kept short: it is a userspace exit
-            value = read(ex.port, size)
-            if value is not None:
-                self.plane_vcpu().complete_io_in(ex, value.to_bytes(size, "little"))
-                return
-        values = [read(ex.port, size) for _ in range(ex.count)]
-        if values[0] is None:
-            self._unknown_access(f"read of unhandled port {ex.port:#x} returned all ones", "unhandled port")
-            values = [(1 << (8 * size)) - 1] * ex.count
-        self.plane_vcpu().complete_io_in(ex, b"".join(v.to_bytes(size, "little") for v in values))
+        port, size = ex.port, ex.size
+        dev = self._port_owner(port)
+        if dev is None:                       # as a PC's open bus
+            self._unknown_access("read of unhandled port {:#x} returned all ones", port)
+            data = b"\xFF" * (size * ex.count)
+        elif ex.count == 1:                   # the common case, kept short: it is a userspace exit
+            data = dev.io_read(port, size).to_bytes(size, "little")
+        else:                                 # `rep ins`
+            data = b"".join(dev.io_read(port, size).to_bytes(size, "little") for _ in range(ex.count))
+        self.planes_vcpu.plane_vcpu(self.plane).complete_io_in(ex, data)
 
     def _on_mmio(self, ex) -> None:
         bus = self.machine.mmio
@@ -256,10 +258,12 @@ class VcpuThread:
             seen[0] += 1
             self.plane_vcpu().complete_mmio_read(b"\xFF" * ex.length)
 
-    def _unknown_access(self, what: str, kind: str) -> None:
-        if what not in self._unknown_ports:
-            self._unknown_ports.add(what)
-            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: {what}", kind=kind)
+    def _unknown_access(self, what: str, port: int) -> None:
+        """Warn once per (what, port); a guest polling an absent port costs a set lookup."""
+        key = (what, port)
+        if key not in self._unknown_ports:
+            self._unknown_ports.add(key)
+            self.machine.warn(f"vcpu{self.index}/plane{self.plane}: {what.format(port)}", kind="unhandled port")
 
     def _on_interrupted(self, ex) -> None:
         # a kick: the loop re-checks stop/done and runs again; first answer a halt probe

@@ -40,6 +40,9 @@ class MmioDevice:
 class PortBus:
     def __init__(self):
         self._ports: dict[int, PortDevice] = {}
+        # owner(port) -> the device or None: the dict's own get (the per-exit lookup, no
+        # Python frame); the dict is only ever changed in place, so this stays valid
+        self.owner = self._ports.get
 
     def register(self, base: int, count: int, device: PortDevice) -> None:
         if base < 0 or count <= 0 or base + count > 0x10000:
@@ -56,8 +59,6 @@ class PortBus:
             if self._ports.get(port) is device:
                 del self._ports[port]
 
-    def owner(self, port: int) -> PortDevice | None:
-        return self._ports.get(port)
 
     def read(self, port: int, size: int) -> int | None:
         """The value an IN of ``size`` bytes reads, or None when no device owns the port."""

@@ -82,8 +82,12 @@ class PcPlatform:
     def create_kvm_devices(self, pvm) -> None:
         self.vm = plane0_vm(pvm)
         self.vm.set_gsi_routing(pc_gsi_routes())
+        self.pci_testdev.ioeventfd = self.vm.ioeventfd
         if self.machine.config.pit:
             self.vm.create_pit2()
+
+    def close(self) -> None:
+        self.pci_testdev.close()
 
     def write_memory(self, machine) -> None:
         machine.memory.write(acpi.ACPI_BASE, acpi.build_tables(machine.config.vcpus))

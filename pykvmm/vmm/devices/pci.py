@@ -124,6 +124,9 @@ class PciFunction:
     def bar_write(self, bar: Bar, offset: int, size: int, value: int) -> None:
         pass
 
+    def bars_moved(self) -> None:
+        """Called after a BAR started or stopped decoding or moved (``Bar.address``)."""
+
 
 class _IoWindow(PortDevice):
     """A decoded I/O BAR on the port bus."""
@@ -205,12 +208,14 @@ class PciBus(PortDevice):
 
     # -- BAR decoding -------------------------------------------------------------------
     def _remap(self, slot: int, function: PciFunction) -> None:
+        moved = False
         for bar in function.bars:
             base = function.bar_base(bar)
             key = (slot, bar.index)
             old = self._windows.get(key)
-            if old is not None and old[0] == base:
+            if (old[0] if old is not None else None) == base:
                 continue
+            moved = True
             if old is not None:
                 if bar.io:
                     self.ports.unregister(old[0], bar.size, old[1])
@@ -231,6 +236,8 @@ class PciBus(PortDevice):
                 continue
             self._windows[key] = (base, window)
             bar.address = base
+        if moved:
+            function.bars_moved()
 
 
 # ---- the functions of QEMU's pc machine that every guest finds -----------------------------

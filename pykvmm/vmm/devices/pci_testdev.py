@@ -14,14 +14,19 @@ BAR1 256 I/O ports; both windows hold the same register file, one accessed byte 
 The tests of each window are "no-eventfd", "wildcard-eventfd" (any value counts) and
 "datamatch-eventfd" (only ``data`` counts); their name is "<mmio|portio>-<test>" and their
 ``offset`` is the window's half size plus the test's global index (0-2 memory, 3-5 I/O).
-Reads with no test selected, and reads at or past the name's terminator, return 0. QEMU
-hands the eventfd tests' writes to KVM ioeventfds, which count nothing; pykvmm answers
-them in userspace like the first test (the count goes up), so those rows time an exit to
-pykvmm where QEMU's time the kernel alone.
+Reads with no test selected, and reads at or past the name's terminator, return 0.
+
+As in QEMU, selecting an eventfd test hands its writes to a KVM ioeventfd (``ioeventfd``, set
+by the platform to the device VM's Vm.ioeventfd; datamatch for "datamatch-eventfd"): KVM
+signals the eventfd without leaving the kernel and nothing counts them (a read of the
+window clears the eventfd, as QEMU's does). Without ``ioeventfd`` (pure-logic tests) or
+while the window is not decoded, those writes come to bar_write and count like the first
+test's. A BAR the guest moves takes the armed ioeventfd with it.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 
@@ -44,6 +49,8 @@ class _Test:
         kind = TESTS[index % len(TESTS)]
         name = f"{'portio' if io else 'mmio'}-{kind}".encode() + b"\0"
         self.match_data = kind != "wildcard-eventfd"
+        self.uses_eventfd = kind != "no-eventfd"
+        self.io = io
         self.offset = (IO_SIZE if io else MEM_SIZE) // 2 + index
         self.data = DATAMATCH if self.match_data else NOMATCH
         self.count = 0
@@ -68,12 +75,23 @@ class PciTestDev(PciFunction):
         self.tests = [_Test(i, io=i >= len(TESTS)) for i in range(2 * len(TESTS))]
         self.current: _Test | None = None
         self._lock = threading.Lock()
+        self.ioeventfd = None           # Vm.ioeventfd of the device's VM (see the docstring)
+        self._armed = None              # (eventfd, pio, address, datamatch) registered with KVM
+
+    def close(self) -> None:
+        with self._lock:
+            self._disarm()
 
     def bar_read(self, bar: Bar, offset: int, size: int) -> int:
         with self._lock:
             test = self.current
             if test is None:
                 return 0
+            if self._armed is not None:
+                try:
+                    os.eventfd_read(self._armed[0])
+                except BlockingIOError:
+                    pass
             buf = test.snapshot()
         # byte by byte, as QEMU's 1-byte implementation: bytes at or past the terminator read 0
         return sum((buf[offset + i] if offset + i + 1 < len(buf) else 0) << (8 * i) for i in range(size))
@@ -84,11 +102,18 @@ class PciTestDev(PciFunction):
             for i in range(size):          # QEMU splits wider accesses into byte writes
                 self._write_byte(io, offset + i, value >> (8 * i) & 0xFF)
 
+    def bars_moved(self) -> None:
+        with self._lock:
+            self._disarm()
+            self._arm()
+
     def _write_byte(self, io: bool, offset: int, byte: int) -> None:
         if offset == HDR_TEST:
+            self._disarm()
             self.current = self.tests[(len(TESTS) if io else 0) + byte] if byte < len(TESTS) else None
             if self.current is not None:
                 self.current.count = 0
+                self._arm()
             return
         test = self.current
         if test is None or offset != test.offset:
@@ -96,3 +121,28 @@ class PciTestDev(PciFunction):
         if test.match_data and byte != test.data:
             return
         test.count += 1
+
+    # -- ioeventfds (called with the lock held) ---------------------------------------------
+    def _arm(self) -> None:
+        test = self.current
+        base = (self.io_bar if test is not None and test.io else self.mem_bar).address
+        if test is None or not test.uses_eventfd or self.ioeventfd is None or base is None:
+            return
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        datamatch = test.data if test.match_data else None
+        try:
+            self.ioeventfd(fd, base + test.offset, 1, pio=test.io, datamatch=datamatch)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._armed = (fd, test.io, base + test.offset, datamatch)
+
+    def _disarm(self) -> None:
+        if self._armed is None:
+            return
+        fd, pio, addr, datamatch = self._armed
+        self._armed = None
+        try:
+            self.ioeventfd(fd, addr, 1, pio=pio, datamatch=datamatch, deassign=True)
+        finally:
+            os.close(fd)

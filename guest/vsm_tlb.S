@@ -6,7 +6,7 @@
  *     0x12 the register read back (2); publishes locked = 1 and waits until VP0 started its
  *     flush; 40 exits later 0x13 flush_done (0: VP0's flush has not completed); clears the
  *     bit: 0x14 status; waits for flush_done = 1. Locks again, locked = 2, waits for VP0's
- *     second flush (the rep form); 200 ms of reference time later (long enough that pykvmm
+ *     second flush (FlushVirtualAddressListEx); 200 ms of reference time later (long enough that pykvmm
  *     returned the call to the guest to re-issue it) 0x15 flush_done (still 1), then returns
  *     to VTL0 (fast), which releases the lock.
  *   VP1/VTL0: 0x02 flush_done once it is 2; VtlCall CMD_READ: 0x16 TlbLocked read back (0:
@@ -14,7 +14,8 @@
  *   VP0/VTL0, once VP1 locked: 0x01 a flush of its own VP (SUCCESS: not held); VtlCall
  *     CMD_FLUSH: VP0/VTL1 flushes VP1 (0x21 SUCCESS: VTL1's TLB is not locked); then
  *     FlushVirtualAddressSpace of VP1 from VTL0: 0x03 its status once it completed (SUCCESS);
- *     once VP1 locked again, FlushVirtualAddressList of VP1 (1 rep): 0x04 (SUCCESS | 1 rep).
+ *     once VP1 locked again, FlushVirtualAddressListEx of VP1 (an HV_VP_SET, 1 rep): 0x04
+ *     (SUCCESS | 1 rep).
  * DONE on both.
  */
 .include "guest.inc"
@@ -31,7 +32,7 @@
 .set HELD_LONG, 2000000                 /* 200 ms */
 
 /* FLUSH control, mask: rax = status of a memory-form flush of every address space of the VPs
- * in `mask` (a list call gets one GVA range element). */
+ * in `mask` (FlushVirtualAddressSpace, or a list call with one GVA range element). */
 .macro FLUSH control:req, mask:req
     mov rdi, \control
     mov rsi, \mask
@@ -68,7 +69,7 @@ vp0:
     GUEST_SYNC 0x03, rax
     WAIT_EQ locked, 2
     mov qword ptr [rip + flush_started], 2
-    FLUSH HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST | 1 << HV_CONTROL_REP_COUNT_SHIFT, 2
+    call flush_list_ex                  /* VP1, as an HV_VP_SET */
     mov qword ptr [rip + flush_done], 2
     GUEST_SYNC 0x04, rax
 .Ldone:
@@ -89,6 +90,28 @@ flush:
     xor edx, edx
     call hv_call
     pop rbx
+    pop rsi
+    pop rdx
+    ret
+
+/* flush_list_ex -> rax = status of HvCallFlushVirtualAddressListEx of every address space of
+ * VP1 (HV_VP_SET: sparse format, bank 0 = bit 1, the variable header) with one GVA element */
+flush_list_ex:
+    push rdx
+    push rsi
+    push rdi
+    call vsm_buffer
+    mov qword ptr [rax], 0
+    mov qword ptr [rax + 8], HV_FLUSH_ALL_VIRTUAL_ADDRESS_SPACES
+    mov qword ptr [rax + 16], HV_GENERIC_SET_SPARSE_4K
+    mov qword ptr [rax + 24], 1         /* ValidBankMask: bank 0 */
+    mov qword ptr [rax + 32], 1 << 1    /* bank 0: VP1 */
+    mov qword ptr [rax + 40], 0x200     /* the element: GVA page 0x200 */
+    mov rsi, rax
+    mov rdi, HVCALL_FLUSH_VIRTUAL_ADDRESS_LIST_EX | 1 << HV_CONTROL_VARHEAD_SHIFT | 1 << HV_CONTROL_REP_COUNT_SHIFT
+    xor edx, edx
+    call hv_call
+    pop rdi
     pop rsi
     pop rdx
     ret

@@ -60,7 +60,7 @@ def _plane_label(personality: str, planes: int) -> str:
     return "VTL" if personality in ("vtl", "auto") and planes > 1 else "plane"
 
 
-def _print_summary(result, planes: int, label: str, stderr_dropped: int = 0) -> None:
+def _print_summary(result, planes: int, label: str, streams) -> None:
     out = []
     if result.exit_code is not None:
         from .vmm.devices.debug_exit import qemu_status
@@ -84,9 +84,9 @@ def _print_summary(result, planes: int, label: str, stderr_dropped: int = 0) -> 
         out.append(f"{key.replace('_', ' ')}: {value}")
     for w in result.stats.get("warnings", []):
         out.append(f"warning: {w}")
-    if stderr_dropped:
-        out.append(f"stderr not shown: {stderr_dropped} bytes dropped while stderr was blocked")
-    click.echo("\n".join(out), err=True)
+    if streams.err.dropped:
+        out.append(f"stderr not shown: {streams.err.dropped} bytes dropped while stderr was blocked")
+    streams.last_words("\n".join(out) + "\n")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -282,7 +282,7 @@ def _report(result, planes: int, label: str, symbols, streams) -> None:
             click.echo("  " + where(rep, symbols), err=True)
         for rep in result.timeout_reports:
             click.echo(format_cpu_report(rep, label, symbols), err=True)
-    _print_summary(result, planes, label, streams.err.dropped)
+    _print_summary(result, planes, label, streams)
 
 
 @main.command()

@@ -15,7 +15,8 @@
 # Exit status: pytest's, or 124 when the watchdog ended QEMU, 2 for bad use, 5 when the VM
 # did not get as far as running pytest.
 #
-# Environment: NESTED_WORK (downloads, kernel, runs; default /var/tmp/pykvmm-nested),
+# Environment: KUT_DIR (kvm-unit-tests for the kut tests, passed on; default: the checkout's
+# ../shared/kvm-unit-tests), NESTED_WORK (downloads, kernel, runs; default /var/tmp/pykvmm-nested),
 # NESTED_TIMEOUT (watchdog, seconds; default 7200), NESTED_SMP (vCPUs; default 1: two showed
 # soft lockups under TCG), NESTED_MEM (default 2G), NESTED_KERNEL (a package name instead of
 # the newest).
@@ -141,6 +142,8 @@ printf '%s\n' "$*" > "$RUN/cmdline"
     echo "cd '$ROOT' || exit 5"
     echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8"
     echo "export PYKVMM_NESTED=1 PYKVMM_FAILURE_LOG=/run/nested-results/failures.log"
+    # the VM sees this machine's / at the same paths: a KUT_DIR given here is valid there
+    [ -n "${KUT_DIR:-}" ] && echo "export KUT_DIR='$KUT_DIR'"
     printf '.venv/bin/python -m pytest -p no:cacheprovider'
     for a in "$@"; do printf " '%s'" "$(printf '%s' "$a" | sed "s/'/'\\\\''/g")"; done
     echo " > /run/nested-results/pytest.log 2>&1"

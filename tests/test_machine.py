@@ -90,3 +90,20 @@ def test_assert_macros_pass_when_true(run_guest):
     r = run_guest("assert_macros", arg=0)
     assert_done(r)
     assert r.syncs() == [(1, 3)]
+
+
+def test_vcpu_threads_get_short_gil_turns_while_running(kvm_available):
+    """While vCPU threads run, a thread woken by a kick waits at most VCPU_SWITCH_INTERVAL for
+    the GIL (not CPython's 5 ms); the process's interval is restored after the run."""
+    import sys
+
+    from pykvmm.vmm.machine import VCPU_SWITCH_INTERVAL, Machine, MachineConfig
+    from conftest import guest_image
+
+    before = sys.getswitchinterval()
+    seen = []
+    with Machine(guest_image("pio_loop"), MachineConfig(arg=5, quiet=True)) as m:
+        m.threads[0].set_port_handler(abi.PORT_NULL, lambda ex: seen.append(sys.getswitchinterval()))
+        assert_done(m.run(60))
+    assert seen and all(s <= VCPU_SWITCH_INTERVAL for s in seen)
+    assert sys.getswitchinterval() == before

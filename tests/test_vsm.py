@@ -184,7 +184,7 @@ def test_tlb_locked_holds_back_lower_vtl_flushes(run_vsm):
     assert s[0x01] == 0 and s[0x21] == 0                           # own VP; VTL1's own TLB
     assert s[0x13] == 0                                            # held while locked
     assert s[0x14] == 1 << REPS and s[0x03] == 0                   # unlocked: the flush completed
-    assert s[0x15] == 1                                            # the list flush held too
+    assert s[0x15] == 1                                            # the ListEx flush held too (an HV_VP_SET)
     assert s[0x04] == 1 << REPS and s[0x02] == 2                   # ... until VTL1 returned
     assert s[0x16] == 0                                            # the return released the lock
     assert r.stats["vsm"]["flushes_held"] >= 2

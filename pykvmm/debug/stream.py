@@ -74,11 +74,11 @@ class TraceStream:
             if self.error is None and self.format == tr.CHROME:
                 try:
                     self._to_chrome()
-                except OSError as e:
+                except (OSError, tr.TraceFormatError) as e:     # the latter: a line not as written
                     self.error = e
         if self.error is not None:
             raise TraceWriteError(f"could not write the trace to {self.path}: "
-                                  f"{self.error.strerror or self.error}; {self._set_aside()}")
+                                  f"{getattr(self.error, 'strerror', None) or self.error}; {self._set_aside()}")
         return self.format
 
     def _to_chrome(self) -> None:
@@ -86,7 +86,7 @@ class TraceStream:
         try:
             tr.write_trace_from(tr.JsonlSource(self.path), tmp, tr.CHROME)
             os.replace(tmp, self.path)
-        except OSError:
+        except (OSError, tr.TraceFormatError):
             try:
                 os.unlink(tmp)
             except OSError:

@@ -194,12 +194,13 @@ class BoundedWriter:
         if already:
             callback()
 
-    def put_text(self, text: str) -> None:
-        self.put_bytes(text.encode(self.encoding, "backslashreplace"))
+    def put_text(self, text: str, always: bool = False) -> None:
+        self.put_bytes(text.encode(self.encoding, "backslashreplace"), always)
 
-    def put_bytes(self, data: bytes) -> None:
+    def put_bytes(self, data: bytes, always: bool = False) -> None:
+        """Queue ``data``; ``always``: even past the backlog limit (a run's last words, once)."""
         with self._cond:
-            if self.closed or self._size + len(data) > CONSOLE_BACKLOG_MAX:
+            if self.closed or (self._size + len(data) > CONSOLE_BACKLOG_MAX and not always):
                 self.dropped += len(data)
                 return
             self._chunks.append(data)
@@ -247,29 +248,36 @@ class BoundedWriter:
                     callback()
                 return
 
-    def _idle(self) -> bool:
+    def idle(self) -> bool:
         return self.closed or not (self._chunks or self._busy)
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the reader to take everything. False: it did not."""
         with self._cond:
-            return self._cond.wait_for(self._idle, timeout)
+            return self._cond.wait_for(self.idle, timeout)
 
-    def finish(self, deadline: float, stall: float) -> int:
-        """Wait for the reader while it takes output, until ``deadline`` (time.monotonic) and at
-        most ``stall`` s without progress. Returns the bytes it never took (dropped before, or
-        left now)."""
+    def unwritten(self) -> int:
+        """Bytes the reader never took: dropped, or still queued or being written."""
         with self._cond:
-            while not self._idle():
-                seen = self.written
-                wait = min(stall, deadline - time.monotonic())
-                if wait <= 0:
-                    break
-                self._cond.wait_for(lambda: self._idle() or self.written != seen, wait)
-                if not self._idle() and self.written == seen:
-                    break                           # no progress for ``stall`` s
-            left = 0 if self._idle() else self._size + self._in_flight
-        return self.dropped + left
+            return self.dropped + (0 if self.idle() else self._size + self._in_flight)
+
+
+def finish_writers(writers, deadline: float, stall: float, poll: float = 0.05) -> list[int]:
+    """Wait for the readers of ``writers`` while they take output: until every writer is idle,
+    ``deadline`` (time.monotonic) passes, or none made progress for ``stall`` s. Returns each
+    writer's unwritten bytes."""
+    last, progress = None, time.monotonic()
+    while True:
+        now = time.monotonic()
+        if all(w.idle() for w in writers) or now >= deadline:
+            break
+        written = [w.written for w in writers]
+        if written != last:
+            last, progress = written, now
+        elif now - progress >= stall:
+            break
+        time.sleep(poll)
+    return [w.unwritten() for w in writers]
 
 
 class _WriterRaw(io.RawIOBase):
@@ -323,7 +331,7 @@ class StdStreams:
     ``install()`` replaces sys.stdout and sys.stderr with text streams over a BoundedWriter
     each (fd 1, fd 2): every print, click.echo, traceback, ``--trace-exits`` line and the
     final report is queued (up to CONSOLE_BACKLOG_MAX bytes per stream; beyond that a write
-    is dropped whole and counted). ``finish()`` waits for the readers while they take output,
+    is dropped whole and counted; ``last_words`` always goes in). ``finish()`` waits for the readers while they take output,
     at most FINAL_DRAIN_LIMIT s in all and FINAL_DRAIN_STALL s without progress, then puts the
     original streams back; what a reader never took is lost (and counted in ``dropped``)."""
 
@@ -347,6 +355,12 @@ class StdStreams:
         sys.stderr = bounded_text_stream(self.err, self._saved[1])
         return self
 
+    def last_words(self, text: str) -> None:
+        """``text`` on stderr after everything written so far, past the backlog limit if need
+        be (the run's summary: a reader that comes back gets it)."""
+        sys.stderr.flush()
+        self.err.put_text(text, always=True)
+
     def finish(self) -> tuple[int, int]:
         """(stdout, stderr) bytes the readers never took. Restores the original streams."""
         for stream in (sys.stdout, sys.stderr):
@@ -354,7 +368,6 @@ class StdStreams:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        deadline = time.monotonic() + self.FINAL_DRAIN_LIMIT
-        lost = (self.out.finish(deadline, self.FINAL_DRAIN_STALL), self.err.finish(deadline, self.FINAL_DRAIN_STALL))
+        lost = finish_writers((self.out, self.err), time.monotonic() + self.FINAL_DRAIN_LIMIT, self.FINAL_DRAIN_STALL)
         sys.stdout, sys.stderr = self._saved
-        return lost
+        return lost[0], lost[1]

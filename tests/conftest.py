@@ -7,11 +7,12 @@ PYKVMM_REQUIRE=kvm,native,apic-groups,... turns the skip for that feature into a
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 
 from pykvmm.kvm import DEFAULT_KVM_DEVICE, Kvm, KvmError
-from pykvmm.vmm import loader
+from pykvmm.vmm import abi, loader
 from pykvmm.vmm.machine import Machine, MachineConfig
 
 # The run timeout of a guest expected to finish, and the limit of waits for what must happen:
@@ -106,6 +107,25 @@ def run_guest(kvm_available):
             return m.run(timeout)
 
     return run
+
+
+HV_FUZZ_ENTRY = 48      # guest/hv_fuzz.S: kind, a, b, c in, then the two results out (u64 each)
+
+
+def run_hv_fuzz(table, pages=(), **config):
+    """Run guest/hv_fuzz on ``table`` [(kind, a, b, c)] (``pages``: (gpa, bytes) written first)
+    and return (RunResult, [(result0, result1) per entry])."""
+    config.setdefault("quiet", True)
+    with Machine(guest_image("hv_fuzz"), MachineConfig(**config)) as m:
+        for gpa, data in pages:
+            m.memory.write(gpa, data)
+        base = abi.free_memory_start(1)
+        m.memory.write(base, struct.pack("<Q", len(table))
+                       + b"".join(struct.pack("<QQQQQQ", k, a, b, c, 0, 0) for k, a, b, c in table))
+        result = m.run(60)
+        out = [(m.memory.u64(base + 8 + HV_FUZZ_ENTRY * i + 32), m.memory.u64(base + 8 + HV_FUZZ_ENTRY * i + 40))
+               for i in range(len(table))]
+    return result, out
 
 
 def assert_done(result) -> None:

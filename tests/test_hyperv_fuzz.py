@@ -4,21 +4,17 @@ hypercall inputs from a host-made table. The VMM must answer each one (a value, 
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from conftest import assert_done, guest_image  # noqa: E402
+from conftest import assert_done, run_hv_fuzz  # noqa: E402
 from pykvmm.vmm import abi  # noqa: E402
 from pykvmm.vmm.hyperv import HvConfig, tlfs as T  # noqa: E402
-from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
 
 MEM = abi.DEFAULT_MEM_SIZE
 SCRATCH = abi.free_memory_start(1) + (1 << 20)     # page GPAs the fuzzer may hand out
-ENTRY = 48
 u64 = st.integers(0, 2**64 - 1)
 
 MSRS = [T.MSR_GUEST_OS_ID, T.MSR_HYPERCALL, T.MSR_VP_INDEX, T.MSR_VP_RUNTIME, T.MSR_TIME_REF_COUNT,
@@ -71,15 +67,7 @@ cases = st.lists(op.filter(lambda o: acceptable(*o[:3])), min_size=40, max_size=
 
 
 def run_table(table):
-    with Machine(guest_image("hv_fuzz"), MachineConfig(quiet=True, hyperv=HvConfig.everything())) as m:
-        base = abi.free_memory_start(1)
-        blob = struct.pack("<Q", len(table)) + b"".join(struct.pack("<QQQQQQ", k, a, b, c, 0, 0)
-                                                        for k, a, b, c in table)
-        m.memory.write(base, blob)
-        result = m.run(60)
-        out = [(m.memory.u64(base + 8 + ENTRY * i + 32), m.memory.u64(base + 8 + ENTRY * i + 40))
-               for i in range(len(table))]
-    return result, out
+    return run_hv_fuzz(table, hyperv=HvConfig.everything())
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -13,13 +13,11 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from conftest import assert_done, guest_image  # noqa: E402
+from conftest import assert_done, run_hv_fuzz  # noqa: E402
 from pykvmm.vmm import abi  # noqa: E402
 from pykvmm.vmm.hyperv import HvConfig, tlfs as T  # noqa: E402
-from pykvmm.vmm.machine import Machine, MachineConfig  # noqa: E402
 
 SCRATCH = abi.free_memory_start(1) + (1 << 20)
-ENTRY = 48
 CODES = [T.HVCALL_MODIFY_VTL_PROTECTION_MASK, T.HVCALL_ENABLE_PARTITION_VTL, T.HVCALL_ENABLE_VP_VTL,
          T.HVCALL_GET_VP_REGISTERS, T.HVCALL_SET_VP_REGISTERS, T.HVCALL_TRANSLATE_VIRTUAL_ADDRESS]
 REGISTER_NAMES = [0x20000 + i for i in range(18)] + [0x40000, 0x40002, 0x40003, 0x40004, 0x50000, 0x50005,
@@ -74,24 +72,15 @@ def call(draw):
 
 
 def run_calls(calls):
-    with Machine(guest_image("hv_fuzz"), MachineConfig(quiet=True, planes=2, hyperv=HvConfig.everything(),
-                                                       vtl_boot="tlfs")) as m:
-        base = abi.free_memory_start(1)
-        table = []
-        for i, (control, block) in enumerate(calls):
-            gpa = SCRATCH + i * 0x1000
-            m.memory.write(gpa, block[:0x1000])
-            rdx, r8 = (gpa, SCRATCH + 0x80000 + i * 0x1000)
-            if control >> 16 & 1:      # fast: the first 16 bytes in RDX/R8, the rest would be XMM
-                rdx, r8 = struct.unpack("<QQ", block[:16].ljust(16, b"\0"))
-            table.append((0, control, rdx, r8))
-        blob = struct.pack("<Q", len(table)) + b"".join(struct.pack("<QQQQQQ", k, a, b, c, 0, 0)
-                                                        for k, a, b, c in table)
-        m.memory.write(base, blob)
-        result = m.run(60)
-        out = [(m.memory.u64(base + 8 + ENTRY * i + 32), m.memory.u64(base + 8 + ENTRY * i + 40))
-               for i in range(len(table))]
-    return result, out
+    table, pages = [], []
+    for i, (control, block) in enumerate(calls):
+        gpa = SCRATCH + i * 0x1000
+        pages.append((gpa, block[:0x1000]))
+        rdx, r8 = (gpa, SCRATCH + 0x80000 + i * 0x1000)
+        if control >> 16 & 1:      # fast: the first 16 bytes in RDX/R8, the rest would be XMM
+            rdx, r8 = struct.unpack("<QQ", block[:16].ljust(16, b"\0"))
+        table.append((0, control, rdx, r8))
+    return run_hv_fuzz(table, pages, planes=2, hyperv=HvConfig.everything(), vtl_boot="tlfs")
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -10,10 +10,15 @@ from ..x86 import arch, longmode
 from . import abi
 
 
-def write_memory(mem, image: bytes, vcpus: int, planes: int, mem_size: int, arg: int,
-                 hypercall_stubs: bytes) -> None:
+def write_long_mode_tables(mem, mem_size: int) -> None:
+    """The GDT (with its TSS) and identity page tables that set_long_mode_sregs() points at."""
     mem.write(abi.GDT_ADDR, longmode.gdt_bytes(abi.TSS_ADDR))
     mem.write(abi.PAGE_TABLE_ADDR, longmode.identity_page_tables(abi.PAGE_TABLE_ADDR, mem_size))
+
+
+def write_memory(mem, image: bytes, vcpus: int, planes: int, mem_size: int, arg: int,
+                 hypercall_stubs: bytes) -> None:
+    write_long_mode_tables(mem, mem_size)
     mem.write(abi.HYPERCALL_PAGE_ADDR, hypercall_stubs)
     mem.write(abi.GUEST_LOAD_ADDR, image)
     bi = abi.BOOT_INFO_ADDR
@@ -28,17 +33,23 @@ def write_memory(mem, image: bytes, vcpus: int, planes: int, mem_size: int, arg:
     mem.write_u64(bi + abi.BI_ARG, arg)
 
 
+def set_long_mode_sregs(vcpu: Vcpu, osxsave: bool) -> None:
+    """Segments, tables and control registers of pykvmm's flat long-mode layout (abi: GDT, TSS,
+    identity page tables)."""
+    sregs = vcpu.get_sregs()
+    longmode.setup_sregs(sregs, gdt_addr=abi.GDT_ADDR, tss_addr=abi.TSS_ADDR, cr3=abi.PAGE_TABLE_ADDR,
+                         sel_code=abi.SEL_CODE64, sel_data=abi.SEL_DATA, sel_tss=abi.SEL_TSS,
+                         osxsave=osxsave)
+    vcpu.set_sregs(sregs)
+
+
 def init_plane_vcpu(vcpu: Vcpu, index: int, plane: int, osxsave: bool, sync_classes: int,
                     shutdown_resets: bool, sync: bool = True) -> None:
     """Long mode at the guest entry with rdi = vCPU index, rsi = plane, rdx = boot info; the
     x2APIC on; runnable; ``sync_classes`` of registers kept in the sync area. On a host that
     resets the vCPU on a triple fault (``shutdown_resets``), the state each KVM_RUN enters
     with is kept too, for the crash report."""
-    sregs = vcpu.get_sregs()
-    longmode.setup_sregs(sregs, gdt_addr=abi.GDT_ADDR, tss_addr=abi.TSS_ADDR, cr3=abi.PAGE_TABLE_ADDR,
-                         sel_code=abi.SEL_CODE64, sel_data=abi.SEL_DATA, sel_tss=abi.SEL_TSS,
-                         osxsave=osxsave)
-    vcpu.set_sregs(sregs)
+    set_long_mode_sregs(vcpu, osxsave)
     regs = vcpu.get_regs()
     regs.rip = abi.GUEST_LOAD_ADDR
     regs.rsp = abi.stack_top(index, plane)

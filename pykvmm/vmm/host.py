@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from .. import exits as X, kvm as K
 from ..kvm import Kvm, KvmError
 from ..uapi import constants as C
-from ..x86 import arch, longmode
-from . import abi
+from ..x86 import arch
+from . import abi, bringup
 from .memory import GuestMemory
 
 _MEM_SIZE = 4 << 20
@@ -51,16 +51,11 @@ class ScratchVm:
         self.vm = kvm.create_vm()
         try:
             self.vm.set_user_memory_region(0, 0, _MEM_SIZE, self.memory.hva)
-            self.memory.write(abi.GDT_ADDR, longmode.gdt_bytes(abi.TSS_ADDR))
-            self.memory.write(abi.PAGE_TABLE_ADDR, longmode.identity_page_tables(abi.PAGE_TABLE_ADDR, _MEM_SIZE))
+            bringup.write_long_mode_tables(self.memory, _MEM_SIZE)
             self.memory.write(abi.GUEST_LOAD_ADDR, code)
             self.vcpu = v = self.vm.create_vcpu(0)
             v.set_cpuid2(kvm.supported_cpuid())
-            s = v.get_sregs()
-            longmode.setup_sregs(s, gdt_addr=abi.GDT_ADDR, tss_addr=abi.TSS_ADDR, cr3=abi.PAGE_TABLE_ADDR,
-                                 sel_code=abi.SEL_CODE64, sel_data=abi.SEL_DATA, sel_tss=abi.SEL_TSS,
-                                 osxsave=False)
-            v.set_sregs(s)
+            bringup.set_long_mode_sregs(v, osxsave=False)
             r = v.get_regs()
             r.rip, r.rsp, r.rflags = abi.GUEST_LOAD_ADDR, abi.GUEST_LOAD_ADDR, arch.RFLAGS_FIXED
             v.set_regs(r)

@@ -360,3 +360,40 @@ def test_decode_ucall_bad_blocks(mem, gpa, block, match):
         mem.write(gpa, block)
     with pytest.raises(BadUcall, match=match):
         decode_ucall(mem, gpa, 0, 0)
+
+
+def _lapic_page(**regs) -> bytes:
+    page = bytearray(1024)
+    for off, value in regs.values():
+        page[off:off + 4] = value.to_bytes(4, "little")
+    return bytes(page)
+
+
+@pytest.mark.parametrize("dcr, divide", [(0xB, 1), (0x0, 2), (0x1, 4), (0x2, 8), (0x3, 16), (0x8, 32),
+                                         (0x9, 64), (0xA, 128)])
+def test_lapic_timer_remaining_from_current_count_and_divide(dcr, divide):
+    """SDM 11.5.4 divide values, KVM's 1 GHz LAPIC bus: TMCCT x divide ns until the expiry."""
+    regs = _lapic_page(svr=(apic.APIC_SPIV, 0x1FF), lvt=(apic.APIC_LVT_TIMER, 0xB1),
+                       ccr=(apic.APIC_TIMER_CURRENT, 1000), dcr=(apic.APIC_TIMER_DIVIDE, dcr))
+    assert apic.timer_remaining_ns(regs) == 1000 * divide
+    assert apic.timer_armed_lvt(regs) == 0xB1
+
+
+def test_lapic_timer_not_counting_or_not_armed():
+    base = dict(svr=(apic.APIC_SPIV, 0x1FF), dcr=(apic.APIC_TIMER_DIVIDE, 0xB))
+    expired = _lapic_page(lvt=(apic.APIC_LVT_TIMER, 0xB1), **base)               # TMCCT 0
+    tsc_deadline = _lapic_page(lvt=(apic.APIC_LVT_TIMER, 0xB1 | 2 << 17), ccr=(apic.APIC_TIMER_CURRENT, 5), **base)
+    masked = _lapic_page(lvt=(apic.APIC_LVT_TIMER, 0xB1 | apic.LVT_MASKED), **base)
+    apic_off = _lapic_page(lvt=(apic.APIC_LVT_TIMER, 0xB1), svr=(apic.APIC_SPIV, 0xFF))
+    assert apic.timer_remaining_ns(expired) is None and apic.timer_remaining_ns(tsc_deadline) is None
+    assert apic.timer_armed_lvt(masked) is None and apic.timer_armed_lvt(apic_off) is None
+
+
+def test_deliverable_counts_a_vector_pending_besides_the_irr():
+    """An expired timer KVM has not put in the IRR yet is judged against the PPR like the IRR."""
+    tpr_5 = _lapic_page(tpr=(apic.APIC_TPR, 0x50))
+    assert apic.deliverable_irr(tpr_5) is None
+    assert apic.deliverable_irr(tpr_5, 0x61) == 0x61
+    assert apic.deliverable_irr(tpr_5, 0x5F) is None
+    with_irr = _lapic_page(tpr=(apic.APIC_TPR, 0x50), irr=(apic.APIC_IRR + 0x30, 1 << 0x12))   # vector 0x72
+    assert apic.deliverable_irr(with_irr, 0x61) == 0x72

@@ -114,6 +114,8 @@ class SoftSwitchVcpu(PlanesVcpu):
         self.plane_events = 0
         self.masked_interrupts = 0  # scans that found a new highest vector masked by PPR
         self._masked_seen: dict[int, int] = {}
+        self._lapic = ffi.new("struct kvm_lapic_state *")    # every scan reads into it
+        self._lapic_regs = ffi.buffer(self._lapic.regs)
 
     @property
     def plane0(self) -> Vcpu:
@@ -157,7 +159,8 @@ class SoftSwitchVcpu(PlanesVcpu):
         for p, v in self._vcpu_of.items():
             if planes_mask >> p & 1:
                 self.irr_scans += 1
-                regs = bytes(ffi.buffer(v.get_lapic().regs))
+                v.get_lapic(into=self._lapic)
+                regs = self._lapic_regs
                 if not apic.software_enabled(regs):
                     off |= 1 << p
                 elif apic.deliverable_irr(regs) is not None:

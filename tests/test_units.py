@@ -5,6 +5,7 @@ import io
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.console import Console
 from pykvmm.vmm.devices import BadUcall, decode_ucall
 from pykvmm.vmm.hypercalls import CONTROL_RESERVED_MASK, Control, Dispatcher, hypercall_page
-from pykvmm.vmm.memory import GuestMemory
+from pykvmm.vmm.memory import GuestMemory, GuestMemoryError
 from pykvmm.vmm.outcomes import Answer
 from pykvmm.x86 import apic, longmode
 from pykvmm.x86.apic import Icr
@@ -317,6 +318,27 @@ def mem():
     m = GuestMemory(2 << 20)
     yield m
     m.close()
+
+
+def test_memory_seen_by_a_plane_reads_and_writes_its_cover(mem):
+    """A page covered for some planes (a VSM overlay of another VTL) is, for those planes, the
+    cover's content: reads and writes may span covered and plain pages; other planes, and the
+    memory itself, see the RAM."""
+    cover = types.SimpleNamespace(map=bytearray(b"c" * 0x1000), planes={1})
+    mem.write(0x2000, b"r" * 0x1000)
+    mem.write(0x3000, b"s" * 0x10)
+    assert mem.seen_by(1) is mem                    # nothing covered: no view, no cost
+    mem.covers[0x2000] = cover
+    one = mem.seen_by(1)
+    assert one.read(0x2FFE, 4) == b"ccss" and mem.seen_by(0).read(0x2FFE, 4) == b"rrss"
+    one.write(0x2FFF, b"XY")
+    assert cover.map[0xFFF:] == b"X" and mem.read(0x2FFF, 2) == b"rY"
+    one.write_u64(0x2008, 0x1122334455667788)
+    assert one.u64(0x2008) == 0x1122334455667788 and mem.u64(0x2008) == int.from_bytes(b"r" * 8, "little")
+    cover.map[0x10:0x14] = b"hi\0x"
+    assert one.cstring(0x2010, 16) == "hi" and one.seen_by(1) is one
+    with pytest.raises(GuestMemoryError):
+        one.read(mem.size - 2, 4)
 
 
 def _ucall_block(verb, line=0, args=(0, 0, 0, 0), file_ptr=0, msg_ptr=0) -> bytes:

@@ -348,7 +348,7 @@ class VtlPolicy(PlanePolicy):
             if gpa & 7:
                 return Answer(tlfs.INVALID_ALIGNMENT)
             try:
-                data = self.machine.memory.read(gpa, 16)
+                data = self.machine.memory.seen_by(plane).read(gpa, 16)
             except GuestMemoryError:
                 return Answer(tlfs.INVALID_PARAMETER)      # the input is not in guest memory
             head = int.from_bytes(data[0:8], "little")

@@ -363,6 +363,40 @@ _EXIT_HEADER = _exit_header()
 _EXIT_IO, _EXIT_INTR, _IO_OUT = C.KVM_EXIT_IO, C.KVM_EXIT_INTR, C.KVM_EXIT_IO_OUT
 
 
+def _accessors(name: str):
+    """(get_X, set_X) for state class ``name`` of _STATE: one Python frame each (a switch of
+    the vtl personality makes several). A GET of a sync-register class first pushes a pending
+    sync-area write (it would be lost); a SET of one makes the sync-area copy stale.
+    ``_ioctl`` is looked up at each call (counting_ioctls replaces it)."""
+    get, put, ptype = _STATE_IOCTLS[name]
+    bit = _SYNC_BITS.get(name, 0)
+    get_code, get_name, set_code, set_name = get.code, get.name, put.code, put.name
+
+    def getter(self, into=None):
+        run = self.run_struct
+        if bit and run is not None and run.kvm_dirty_regs & bit:
+            self._flush(name)
+        obj = ffi.new(ptype) if into is None else into
+        if _ioctl(self.fd, get_code, obj) < 0:
+            raise KvmError(get_name, self.label, ffi.errno)
+        return obj
+
+    def setter(self, obj):
+        if _ioctl(self.fd, set_code, obj) < 0:
+            raise KvmError(set_name, self.label, ffi.errno)
+        if bit and self.run_struct is not None:
+            self.run_struct.kvm_dirty_regs &= ~bit
+            self._valid &= ~bit
+
+    getter.__name__, setter.__name__ = f"get_{name}", f"set_{name}"
+    getter.__qualname__, setter.__qualname__ = f"Vcpu.get_{name}", f"Vcpu.set_{name}"
+    _ACCESSORS[name] = getter, setter
+    return getter, setter
+
+
+_ACCESSORS: dict = {}
+
+
 class Vcpu(FdObject):
     """A KVM vCPU. ``run_struct`` is its mmapped kvm_run (None where KVM forbids mmap).
 
@@ -505,39 +539,23 @@ class Vcpu(FdObject):
                            f"completing the pending I/O produced another exit: {ex.describe()}")
 
     # -- state: plain ioctls ------------------------------------------------------------
+    # get_X(into=None) / set_X(struct): see _accessors()
     def _get(self, name, into=None):
         """GET ``name`` into a new struct, or into ``into`` (a struct of that type, reused)."""
-        get, _, ptype = _STATE_IOCTLS[name]
-        self._flush(name)
-        obj = ffi.new(ptype) if into is None else into
-        if _ioctl(self.fd, get.code, obj) < 0:
-            raise KvmError(get.name, self.label, ffi.errno)
-        return obj
+        return _ACCESSORS[name][0](self, into)
 
     def _set(self, name, obj):
-        _, s, _ = _STATE[name]
-        self.ioctl(s, obj)
-        bit = _SYNC_BITS.get(name)
-        if bit and self.run_struct is not None:
-            self.run_struct.kvm_dirty_regs &= ~bit
-            self._valid &= ~bit
+        _ACCESSORS[name][1](self, obj)
 
-    def get_regs(self): return self._get("regs")
-    def set_regs(self, v): self._set("regs", v)
-    def get_sregs(self): return self._get("sregs")
-    def set_sregs(self, v): self._set("sregs", v)
-    def get_fpu(self): return self._get("fpu")
-    def set_fpu(self, v): self._set("fpu", v)
-    def get_xsave(self, into=None): return self._get("xsave", into)
-    def set_xsave(self, v): self._set("xsave", v)
-    def get_xcrs(self): return self._get("xcrs")
-    def set_xcrs(self, v): self._set("xcrs", v)
-    def get_debugregs(self, into=None): return self._get("debugregs", into)
-    def set_debugregs(self, v): self._set("debugregs", v)
-    def get_lapic(self): return self._get("lapic")
-    def set_lapic(self, v): self._set("lapic", v)
-    def get_vcpu_events(self): return self._get("vcpu_events")
-    def set_vcpu_events(self, v): self._set("vcpu_events", v)
+    get_regs, set_regs = _accessors("regs")
+    get_sregs, set_sregs = _accessors("sregs")
+    get_fpu, set_fpu = _accessors("fpu")
+    get_xsave, set_xsave = _accessors("xsave")
+    get_xcrs, set_xcrs = _accessors("xcrs")
+    get_debugregs, set_debugregs = _accessors("debugregs")
+    get_lapic, set_lapic = _accessors("lapic")
+    get_vcpu_events, set_vcpu_events = _accessors("vcpu_events")
+    _accessors("mp_state")
 
     def get_mp_state(self) -> int:
         return self._get("mp_state").mp_state
@@ -620,10 +638,12 @@ class Vcpu(FdObject):
     def live_buffer(self, name: str):
         """The bytes of the live copy of ``name`` (as ``regs``/``sregs``), writable; call
         mark_dirty after writing. For copying ranges of registers without a field access each."""
+        buf = self._area_buffers.get(name)
+        if buf is not None and self._valid & _SYNC_BITS[name]:     # after an exit: no call
+            return buf
         obj = self._live(name)
         if self.run_struct is None:
             return ffi.buffer(obj)
-        buf = self._area_buffers.get(name)
         if buf is None:
             buf = self._area_buffers[name] = ffi.buffer(ffi.addressof(obj))
         return buf

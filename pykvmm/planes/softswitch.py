@@ -4,9 +4,9 @@
 When a run ends with a plane event
     Only when a plane of req_exit_planes has an interrupt its LAPIC would deliver now: the
     highest IRR vector's class (or an expired LAPIC timer's, see below) is above the PPR class
-    (TPR and in-service vectors, read with KVM_GET_LAPIC; ``x86.apic.deliverable_irr``). A masked interrupt produces no event; it
-    produces one as soon as a scan sees it deliverable (a higher vector arrived, or the TPR
-    was lowered from outside). So an event is never spurious, and nothing remembered about an
+    (TPR and in-service vectors, read with KVM_GET_LAPIC; ``x86.apic.deliverable_irr``). A
+    masked interrupt produces no event; it produces one as soon as a scan sees it deliverable
+    (a higher vector arrived, or the TPR was lowered from outside). So an event is never spurious, and nothing remembered about an
     earlier event can hold a later one back: every run() decides from the LAPICs as they are.
 
 When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
@@ -43,8 +43,9 @@ LAPIC timers of planes that are not running
     KVM_GET_MSRS more in TSC-deadline mode. Bounds: a plane that unmasks its LVT timer
     (having been seen masked) and leaves with interrupts on in the same run is learned at the
     next scan (one kick interval, or scan_gap when the running plane makes exits); a one-shot
-    expiry in the microseconds between a plane's last exit and that read is taken when the
-    plane next runs (KVM's TMCCT reads 0 for it, as for a delivered one); the host timer fires
+    expiry between a plane's last exit and that read (the handling of that exit: tens of
+    microseconds here, more when the host is loaded) is taken when the plane next runs: KVM's
+    TMCCT reads 0 for it, as for one delivered while the plane ran. The host timer fires
     within TIMER_SLACK of the expiry plus the thread's wake-up. A timer changed from outside
     with set_lapic on a plane that is not running is not seen until the plane runs.
 
@@ -162,6 +163,8 @@ class SoftSwitchVcpu(PlanesVcpu):
         self._tsc_khz: dict[int, int] = {}
         self.timer_events = 0       # plane events for a LAPIC timer expiry KVM held back
         self.timer_reads = 0        # KVM_GET_MSRS of IA32_TSC_DEADLINE for that
+        self._lapic = ffi.new("struct kvm_lapic_state *")    # every scan reads into it
+        self._lapic_regs = ffi.buffer(self._lapic.regs)
 
     @property
     def plane0(self) -> Vcpu:
@@ -204,7 +207,8 @@ class SoftSwitchVcpu(PlanesVcpu):
         for p, v in self._vcpu_of.items():
             if planes_mask >> p & 1:
                 self.irr_scans += 1
-                regs = bytes(ffi.buffer(v.get_lapic().regs))
+                v.get_lapic(into=self._lapic)
+                regs = self._lapic_regs
                 timer = self._expired_timer(p, v, regs)
                 if not apic.software_enabled(regs):
                     off |= 1 << p
@@ -296,7 +300,7 @@ class SoftSwitchVcpu(PlanesVcpu):
         return 0
 
     # -- LAPIC timers of planes that are not running (module docstring) --------------------
-    def _expired_timer(self, p: int, v: Vcpu, regs: bytes) -> int | None:
+    def _expired_timer(self, p: int, v: Vcpu, regs) -> int | None:
         """The LVT timer vector if plane ``p``'s timer expired since it stopped running (KVM
         holds such an expiry back until the plane runs, and it is not in the IRR), else None.
         The first read since the plane ran learns when its timer expires and sets the VM's host
@@ -322,7 +326,7 @@ class SoftSwitchVcpu(PlanesVcpu):
         at = known[1]
         return lvt & 0xFF if at is not None and time.monotonic() >= at else None
 
-    def _timer_expiry(self, p: int, v: Vcpu, regs: bytes, lvt: int) -> float | None:
+    def _timer_expiry(self, p: int, v: Vcpu, regs, lvt: int) -> float | None:
         """When (time.monotonic) plane ``p``'s armed timer expires next, None if it is not counting.
         A one-shot timer that expired in the moment between the plane's last exit and this read
         (TMCCT reads 0 then, as after a delivered one) is taken when the plane next runs."""

@@ -401,9 +401,11 @@ class Machine:
         """Every plane's state of one vCPU (call on its own thread, or after it stopped)."""
         return _capture.capture(self.memory, thread)
 
-    def read_code(self, vcpu: Vcpu, rip: int, before: int = 32, after: int = 48) -> tuple[bytes, int]:
-        """Guest bytes around ``rip`` (virtual), translated through the vCPU's page tables."""
-        return _capture.read_code(self.memory, vcpu, rip, before, after)
+    def read_code(self, vcpu: Vcpu, rip: int, before: int = 32, after: int = 48,
+                  plane: int = 0) -> tuple[bytes, int]:
+        """Guest bytes around ``rip`` (virtual), translated through the page tables of ``vcpu``,
+        plane ``plane`` of its vCPU, as that plane sees memory."""
+        return _capture.read_code(self.memory.seen_by(plane), vcpu, rip, before, after)
 
     def _result(self, status: ExitStatus | None, elapsed: float) -> RunResult:
         crash, failure = self._crash_info, self._failure

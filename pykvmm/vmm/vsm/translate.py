@@ -68,7 +68,7 @@ def translate_gva(vsm, caller_cpu, caller: int, header: bytes) -> bytes:
 
 
 def _translate(vsm, v, vtl: int, flags: int, gva: int):
-    mem = vsm.machine.memory
+    mem = vsm.machine.memory.seen_by(vtl)      # the walk reads and sets bits in vtl's view
     s = v.sregs
 
     def read_u64(gpa):

@@ -217,6 +217,10 @@ class _Owned:
         return getattr(self.ptr, name)
 
 
+_MSI_P = ffi.typeof("struct kvm_msi *")
+_SIGNAL_MSI = IOCTLS["KVM_SIGNAL_MSI"].code
+
+
 class Vm(FdObject):
     def __init__(self, kvm: Kvm, fd: int, label: str | None = None):
         super().__init__(fd, label or f"vm{fd}")
@@ -293,9 +297,11 @@ class Vm(FdObject):
 
     def signal_msi(self, address: int, data: int) -> int:
         """Deliver an MSI; returns >0 if delivered, 0 if blocked by the guest."""
-        msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF,
-                                           "address_hi": address >> 32, "data": data})
-        return self.ioctl("KVM_SIGNAL_MSI", msi)
+        msi = ffi.new(_MSI_P, (address & 0xFFFFFFFF, address >> 32, data))   # one per call: any thread sends
+        ret = _ioctl(self.fd, _SIGNAL_MSI, msi)
+        if ret < 0:
+            raise KvmError("KVM_SIGNAL_MSI", self.label, ffi.errno)
+        return ret
 
     def set_msr_filter(self, default_deny: bool, ranges: list[tuple[int, int, int, bytes]]) -> None:
         """ranges: (flags, base, nmsrs, bitmap) where a 1 bit allows the access."""

@@ -111,12 +111,15 @@ def test_msi_destination_decodes_what_msi_message_encodes(dest):
     assert apic.msi_destination(address) == dest == _kvm_x2apic_destination(address)
 
 
-def _lapic_page(irr=(), isr=()) -> bytes:
+def _lapic_page(irr=(), isr=(), values=None) -> bytes:
+    """A KVM_GET_LAPIC register page: these IRR and ISR vectors, ``values`` {offset: u32}."""
     regs = bytearray(1024)
     for base, vectors in ((apic.APIC_IRR, irr), (apic.APIC_ISR, isr)):
         for v in vectors:
             off = base + (v // 32) * 0x10
             struct.pack_into("<I", regs, off, struct.unpack_from("<I", regs, off)[0] | 1 << (v % 32))
+    for off, value in (values or {}).items():
+        struct.pack_into("<I", regs, off, value)
     return bytes(regs)
 
 
@@ -382,3 +385,32 @@ def test_decode_ucall_bad_blocks(mem, gpa, block, match):
         mem.write(gpa, block)
     with pytest.raises(BadUcall, match=match):
         decode_ucall(mem, gpa, 0, 0)
+
+
+@pytest.mark.parametrize("dcr, divide", [(0xB, 1), (0x0, 2), (0x1, 4), (0x2, 8), (0x3, 16), (0x8, 32),
+                                         (0x9, 64), (0xA, 128)])
+def test_lapic_timer_remaining_from_current_count_and_divide(dcr, divide):
+    """SDM 11.5.4 divide values, KVM's 1 GHz LAPIC bus: TMCCT x divide ns until the expiry."""
+    regs = _lapic_page(values={apic.APIC_SPIV: 0x1FF, apic.APIC_LVT_TIMER: 0xB1, apic.APIC_TIMER_CURRENT: 1000,
+                               apic.APIC_TIMER_DIVIDE: dcr})
+    assert apic.timer_remaining_ns(regs) == 1000 * divide
+    assert apic.timer_armed_lvt(regs) == 0xB1
+
+
+def test_lapic_timer_not_counting_or_not_armed():
+    on = {apic.APIC_SPIV: 0x1FF, apic.APIC_TIMER_DIVIDE: 0xB}
+    expired = _lapic_page(values={**on, apic.APIC_LVT_TIMER: 0xB1})                  # TMCCT 0
+    tsc_deadline = _lapic_page(values={**on, apic.APIC_LVT_TIMER: 0xB1 | 2 << 17, apic.APIC_TIMER_CURRENT: 5})
+    masked = _lapic_page(values={**on, apic.APIC_LVT_TIMER: 0xB1 | apic.LVT_MASKED})
+    apic_off = _lapic_page(values={apic.APIC_SPIV: 0xFF, apic.APIC_LVT_TIMER: 0xB1})
+    assert apic.timer_remaining_ns(expired) is None and apic.timer_remaining_ns(tsc_deadline) is None
+    assert apic.timer_armed_lvt(masked) is None and apic.timer_armed_lvt(apic_off) is None
+
+
+def test_deliverable_counts_a_vector_pending_besides_the_irr():
+    """An expired timer KVM has not put in the IRR yet is judged against the PPR like the IRR."""
+    tpr_5 = _lapic_page(values={apic.APIC_TPR: 0x50})
+    assert apic.deliverable_irr(tpr_5) is None
+    assert apic.deliverable_irr(tpr_5, 0x61) == 0x61
+    assert apic.deliverable_irr(tpr_5, 0x5F) is None
+    assert apic.deliverable_irr(_lapic_page(irr=[0x72], values={apic.APIC_TPR: 0x50}), 0x61) == 0x72

@@ -390,6 +390,7 @@ class VtlPolicy(PlanePolicy):
             "ud_reasons": dict(ud),
             "preemptions": total["preemptions"],
             "interrupts_masked": sum(getattr(t.planes_vcpu, "masked_interrupts", 0) for t in self.machine.threads),
+            "lapic_timer_events": sum(getattr(t.planes_vcpu, "timer_events", 0) for t in self.machine.threads),
             "events_spurious": total["events_spurious"],
             "shared_state_copies": total["shared_state_copies"],
             "state_ioctls": total["state_ioctls"],

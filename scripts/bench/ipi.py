@@ -5,7 +5,9 @@ inactive plane (guest/bench_ipi mode 1); an in-kernel x2APIC IPI into an inactiv
 multivm (guest/bench_ipi mode 0: only found by the IRR scan on a kick), for kick_interval 1 ms
 and a smaller one; and the C floor of the same kick pattern (pio_ref -k), measured in the same run.
 The wake-up delay of a halted VTL0 for an interrupt into its VTL1 (guest/vtl_wake_bench), per
-source: in-kernel x2APIC IPI, host MSI, SendSyntheticClusterIpi (issue 10).
+source: in-kernel x2APIC IPI, host MSI, SendSyntheticClusterIpi (issue 10), and VTL1's own
+LAPIC timer (guest/vtl_timer: each expiry's lateness in the guest's TSC, VTL0 halted or spinning;
+on multivm the planes layer's host timer makes the expiry a plane event).
 Targets (issue 11): cross-VTL p50 <= 3x and p99 <= 4x the C kick floor."""
 
 from __future__ import annotations
@@ -175,6 +177,24 @@ def bench_halted_wake(P, source: str, delay_max: int) -> dict:
             "elapsed_s": dt}
 
 
+def bench_lapic_timer(P, vtl0: str) -> dict:
+    """VTL1's one-shot LAPIC timer (every 25 ms) preempting VTL0 (guest/vtl_timer mode 0): each
+    expiry's lateness to VTL1's handler, measured by the guest in TSC ticks (KVM_GET_TSC_KHZ)."""
+    from pykvmm.kvm import DEFAULT_KVM_DEVICE, Kvm
+    with Kvm(DEFAULT_KVM_DEVICE) as k:
+        vm = k.create_vm()
+        khz = vm.create_vcpu(0).get_tsc_khz()
+        vm.close()
+    n = max(2, min(200, P["ipi_rounds"] // 5))
+    arg = khz | int(vtl0 == "halted") << 40 | n << 48
+    dt, r, m = run_machine(image("vtl_timer"), vcpus=1, planes=2, personality="vtl", arg=arg)
+    s = dict(r.syncs())
+    late = [((s[0x100 + k] + (1 << 63)) % (1 << 64) - (1 << 63)) / (khz * 1e3) for k in range(min(n, s[0x10]))]
+    return {"expiries": n, "taken": s[0x10], "guard_fired": s[0x12], "preemptions": r.stats.get("preemptions"),
+            "planes_layer_timer_events": r.stats.get("lapic_timer_events"), "late": pcts(late),
+            "irr_scans": m.threads[0].planes_vcpu.irr_scans, "elapsed_s": dt}
+
+
 def run(ctx) -> dict:
     P, cref, raw_exit_us, pio_us = ctx.P, ctx.cref, ctx.raw_exit_us, ctx.pio_us
     log("row 3: cross-plane IPI latency")
@@ -213,6 +233,7 @@ def run(ctx) -> dict:
     out["in_kernel_ipi_busy_receiver"] = bench_ipi(P, 4, 1e-3, max(2, int(1.5e3 / pio_us)))
     out["halted_vtl0_wake"] = {src: bench_halted_wake(P, src, max(2, int(1.5e3 / pio_us)))
                                for src in WAKE_SOURCES}
+    out["vtl1_lapic_timer"] = {v: bench_lapic_timer(P, v) for v in ("halted", "spinning")}
     return {"3_cross_plane_ipi": out}
 
 
@@ -262,3 +283,7 @@ def table(rows: dict, L) -> None:
         for src, d in r3.get("halted_vtl0_wake", {}).items():
             L("3", f"wake-up of a halted VTL0 for its VTL1 ({src}), to handler", p(d["to_handler"]),
               f"to switch p99 {fmt(d['to_switch']['p99_us'])} us; preemptions {d['preemptions']}/{d['rounds']}")
+        for v, d in r3.get("vtl1_lapic_timer", {}).items():
+            L("3", f"VTL1's own LAPIC timer preempting a {v} VTL0, expiry to handler", p(d["late"]),
+              f"taken {d['taken']}/{d['expiries']}, preemptions {d['preemptions']}, "
+              f"planes-layer timer events {d['planes_layer_timer_events']}")

@@ -15,7 +15,7 @@ import os
 import resource
 import struct
 
-from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, IoOut, Unknown
+from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, IoOut, Mmio, Unknown
 from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
 
 DEFAULT_KVM_DEVICE = "/dev/kvm"
@@ -217,6 +217,10 @@ class _Owned:
         return getattr(self.ptr, name)
 
 
+_MSI_P = ffi.typeof("struct kvm_msi *")
+_SIGNAL_MSI = IOCTLS["KVM_SIGNAL_MSI"].code
+
+
 class Vm(FdObject):
     def __init__(self, kvm: Kvm, fd: int, label: str | None = None):
         super().__init__(fd, label or f"vm{fd}")
@@ -293,9 +297,11 @@ class Vm(FdObject):
 
     def signal_msi(self, address: int, data: int) -> int:
         """Deliver an MSI; returns >0 if delivered, 0 if blocked by the guest."""
-        msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF,
-                                           "address_hi": address >> 32, "data": data})
-        return self.ioctl("KVM_SIGNAL_MSI", msi)
+        msi = ffi.new(_MSI_P, (address & 0xFFFFFFFF, address >> 32, data))   # one per call: any thread sends
+        ret = _ioctl(self.fd, _SIGNAL_MSI, msi)
+        if ret < 0:
+            raise KvmError("KVM_SIGNAL_MSI", self.label, ffi.errno)
+        return ret
 
     def set_msr_filter(self, default_deny: bool, ranges: list[tuple[int, int, int, bytes]]) -> None:
         """ranges: (flags, base, nmsrs, bitmap) where a 1 bit allows the access."""
@@ -360,7 +366,22 @@ def _exit_header() -> struct.Struct:
 
 
 _EXIT_HEADER = _exit_header()
-_EXIT_IO, _EXIT_INTR, _IO_OUT = C.KVM_EXIT_IO, C.KVM_EXIT_INTR, C.KVM_EXIT_IO_OUT
+_EXIT_IO, _EXIT_MMIO, _EXIT_INTR, _IO_OUT = C.KVM_EXIT_IO, C.KVM_EXIT_MMIO, C.KVM_EXIT_INTR, C.KVM_EXIT_IO_OUT
+
+
+def _mmio_layout() -> tuple[struct.Struct, int, int]:
+    """kvm_run's mmio member (phys_addr, data, len, is_write) as one unpack at its offset, and
+    the offset of its data: the other userspace exit, read and answered without cffi field
+    lookups."""
+    base = ffi.offsetof("struct kvm_run", "mmio")
+    data = ffi.offsetof("struct kvm_run", "mmio", "data")
+    length = ffi.offsetof("struct kvm_run", "mmio", "len")
+    is_write = ffi.offsetof("struct kvm_run", "mmio", "is_write")
+    assert (data - base, length - base, is_write - base) == (8, 16, 20)
+    return struct.Struct("<Q8sIB"), base, data
+
+
+_MMIO, _MMIO_OFFSET, _MMIO_DATA = _mmio_layout()
 
 
 def _accessors(name: str):
@@ -497,6 +518,9 @@ class Vcpu(FdObject):
             if direction == _IO_OUT:
                 return IoOut(port, size, count, self.run_mmap[data_offset:data_offset + size * count])
             return IoIn(port, size, count, data_offset)
+        if reason == _EXIT_MMIO:
+            phys_addr, data, length, is_write = _MMIO.unpack_from(self.run_mmap, _MMIO_OFFSET)
+            return Mmio(phys_addr, length, bool(is_write), data[:length])
         decode = self._decoders.get(reason)
         if decode is None:
             return Unknown(reason, self.run_struct.hw.hardware_exit_reason)
@@ -522,8 +546,8 @@ class Vcpu(FdObject):
 
     def complete_mmio_read(self, data: bytes) -> None:
         """Provide the bytes an MMIO read gets (applied on the next KVM_RUN)."""
-        m = self.run_struct.mmio
-        ffi.memmove(m.data, bytes(data[:m.len]).ljust(m.len, b"\0"), m.len)
+        length = self.run_struct.mmio.len
+        self.run_mmap[_MMIO_DATA:_MMIO_DATA + length] = bytes(data[:length]).ljust(length, b"\0")
 
     def request_immediate_exit(self, on: bool = True) -> None:
         self.run_struct.immediate_exit = 1 if on else 0

@@ -344,7 +344,7 @@ def test_vtl_return_with_nothing_suspended_is_ud(kvm_available):
     """Not reachable from a guest (a higher VTL is only ever entered from a lower one)."""
     with Machine(guest_image("vtl_call"), MachineConfig(planes=2, quiet=True)) as m:
         t = m.threads[0]
-        t.plane, t.started_planes = 1, {0, 1}
+        t.plane, t.vcpu, t.started_planes = 1, t.plane_vcpu(1), {0, 1}
         regs = t.plane_vcpu(1).regs
         regs.rax, regs.rcx = 0, tlfs.HVCALL_VTL_RETURN
         _, outcome = m.dispatcher.dispatch(t, 1, regs)

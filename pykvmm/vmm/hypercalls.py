@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import threading
 
-from dataclasses import dataclass
-
 from . import abi
 from .hyperv import tlfs
 from .outcomes import Answer, Outcome
@@ -67,18 +65,22 @@ class Control(int):
             | (rep_count & 0xFFF) << 32 | (rep_start & 0xFFF) << 48
 
 
-@dataclass(frozen=True)
-class HvInputVtl:
-    """HV_INPUT_VTL (TLFS): bits 3:0 the target VTL, bit 4 UseTargetVtl, bits 7:5 reserved."""
-    value: int
+class HvInputVtl(int):
+    """HV_INPUT_VTL (TLFS): bits 3:0 the target VTL, bit 4 UseTargetVtl, bits 7:5 reserved.
+    An int, as Control (one is made per SendSyntheticClusterIpi)."""
+    __slots__ = ()
+
+    @property
+    def value(self) -> int:
+        return int(self)
 
     @property
     def reserved(self) -> int:
-        return self.value & tlfs.INPUT_VTL_RESERVED
+        return self & tlfs.INPUT_VTL_RESERVED
 
     def target(self, caller_vtl: int) -> int:
         """The VTL meant: the named one if UseTargetVtl is set, else the caller's own."""
-        return self.value & tlfs.INPUT_VTL_TARGET if self.value & tlfs.INPUT_VTL_USE_TARGET else caller_vtl
+        return self & tlfs.INPUT_VTL_TARGET if self & tlfs.INPUT_VTL_USE_TARGET else caller_vtl
 
 
 NAMES = {

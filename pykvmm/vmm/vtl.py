@@ -339,7 +339,7 @@ class VtlPolicy(PlanePolicy):
     def send_synthetic_cluster_ipi(self, thread, plane, control, regs) -> Outcome:
         if fault := self._cpl_fault(thread, plane, "HvCallSendSyntheticClusterIpi"):
             return fault
-        if control.value >> 17:   # var-header size, rep count/start, reserved bits: a simple call has none
+        if control >> 17:   # var-header size, rep count/start, reserved bits: a simple call has none
             return Answer(tlfs.INVALID_HYPERCALL_INPUT)
         if control.fast:
             head, mask = regs.rdx, regs.r8

@@ -1,5 +1,6 @@
 """Local APIC register layout (as KVM_GET_LAPIC returns it), ICR and MSI encodings."""
 
+import struct
 from dataclasses import dataclass
 
 from .arch import LVT_MASKED, LVT_TIMER_TSC_DEADLINE
@@ -79,11 +80,12 @@ def msi_destination(address: int) -> int:
     return (address >> 12) & 0xFF | (address >> 32) & 0xFFFFFF00
 
 
+_EIGHT_WORDS = struct.Struct("<" + "I12x" * 7 + "I")     # IRR/ISR/TMR: 32 bits every 16 bytes
+
+
 def _bits(regs: bytes, base: int) -> list[int]:
     out = []
-    for word in range(8):
-        off = base + word * 0x10
-        val = int.from_bytes(regs[off:off + 4], "little")
+    for word, val in enumerate(_EIGHT_WORDS.unpack_from(regs, base)):
         while val:
             low = val & -val
             out.append(word * 32 + low.bit_length() - 1)

@@ -7,6 +7,10 @@
  *     page[0x800] = D.
  *   0x01 page[0] as VTL0 sees it (A: its RAM); VTL0 writes page[8] = E; 0x02 page[0x800] (0:
  *     VTL1's overlay is not VTL0's).
+ *   VTL0 makes a memory-form HvCallGetVpRegisters (its own CR3) with its input at page[0x100]
+ *     and its output at page[0x200]: the hypervisor reads and writes VTL0's RAM there, not
+ *     VTL1's overlay (asserted: the call succeeds and the value is in VTL0's RAM; 0x16, VTL1's
+ *     page[0x200] as VTL1 sees it at CMD_OFF, stays 0).
  *   VTL0 writes `guarded`: a secure intercept; its message lands in SINT0's slot of VTL1's
  *     message page: 0x12 the type VTL1 reads there (0x80000001); VTL1 skips the write and frees
  *     the slot. 0x03 page[0] as VTL0 sees it (A: the message is not in VTL0's view).
@@ -47,6 +51,17 @@ main:
     GUEST_SYNC 0x01, [rip + page]
     mov qword ptr [rip + page + 8], E
     GUEST_SYNC 0x02, [rip + page + 0x800]
+    mov qword ptr [rip + page + 0x100], -1                  /* PartitionId: self */
+    mov dword ptr [rip + page + 0x108], HV_VP_INDEX_SELF
+    mov dword ptr [rip + page + 0x10c], 0                   /* HV_INPUT_VTL: its own */
+    mov dword ptr [rip + page + 0x110], HV_REG_CR3
+    mov rdi, HVCALL_GET_VP_REGISTERS | 1 << HV_CONTROL_REP_COUNT_SHIFT
+    lea rsi, [rip + page + 0x100]
+    lea rdx, [rip + page + 0x200]
+    call hv_call
+    GUEST_ASSERT_EQ rax, 1 << 32, "GetVpRegisters with input and output in RAM VTL1 overlays"
+    mov rax, cr3
+    GUEST_ASSERT_EQ rax, [rip + page + 0x200], "the output is in VTL0's RAM"
     mov qword ptr [rip + guarded], 0x77 /* intercepted, skipped */
     GUEST_SYNC 0x03, [rip + page]
     mov rbx, CMD_OFF
@@ -98,6 +113,7 @@ vtl1_call:
     ret
 1:  cmp rbx, CMD_OFF
     jne 2f
+    GUEST_SYNC 0x16, [rip + page + 0x200]
     WRMSR_OK HV_MSR_SIMP, 0
     GUEST_SYNC 0x13, [rip + page]
     clc

@@ -34,9 +34,6 @@
 .set V1T, 0xA2                         /* above VTL1's TPR (class 9) */
 .set TIMER_NS, 1000000                  /* 1 ms in LAPIC bus clocks (KVM: 1 GHz), divide by 1 */
 .set SECOND, 10000000                   /* reference time units (100 ns) */
-.set X2APIC_LVT_TIMER, 0x832
-.set X2APIC_TIMER_INITIAL, 0x838
-.set X2APIC_TIMER_DIVIDE, 0x83E
 
 /* SETUP fs, assist, tsc: this VTL's CR8 (argument), FS.base, VP assist page, TSC page */
 .macro SETUP tpr:req, fs:req, assist:req, tsc:req

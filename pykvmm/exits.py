@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .uapi import constants as C, ffi
+from .uapi import constants as C
 
 
 class Exit:
@@ -175,13 +175,8 @@ def exit_reason_name(reason: int, planes_abi=None) -> str:
 
 # ---- decoding kvm_run ------------------------------------------------------------------------
 # decoder(vcpu, run) -> Exit, keyed by run->exit_reason; ``vcpu`` is the kvm.Vcpu (its
-# run_mmap holds PIO data). KVM_EXIT_IO, the most frequent userspace exit, is decoded by
-# kvm.Vcpu.run itself from the one unpack of kvm_run it makes after every KVM_RUN.
-
-def _decode_mmio(vcpu, run):
-    m = run.mmio
-    return Mmio(m.phys_addr, m.len, bool(m.is_write), bytes(ffi.buffer(m.data, m.len)))
-
+# run_mmap holds PIO data). KVM_EXIT_IO and KVM_EXIT_MMIO, the userspace exits of device
+# accesses, are decoded by kvm.Vcpu.run itself, each with one struct unpack of kvm_run.
 
 def _decode_internal(vcpu, run):
     i = run.internal
@@ -194,7 +189,6 @@ def _decode_system_event(vcpu, run):
 
 
 DECODERS = {
-    C.KVM_EXIT_MMIO: _decode_mmio,
     C.KVM_EXIT_HLT: lambda v, r: Hlt(),
     C.KVM_EXIT_SHUTDOWN: lambda v, r: Shutdown(),
     C.KVM_EXIT_DEBUG: lambda v, r: Debug(r.debug.arch.exception, r.debug.arch.pc, r.debug.arch.dr6, r.debug.arch.dr7),

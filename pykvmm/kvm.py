@@ -15,7 +15,7 @@ import os
 import resource
 import struct
 
-from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, IoOut, Unknown
+from .exits import DECODERS, PLANE_EVENT_DECODERS, Exit, Interrupted, IoIn, IoOut, Mmio, Unknown
 from .uapi import IOCTLS, Ioctl, PlanesAbi, constants as C, ffi, libc
 
 DEFAULT_KVM_DEVICE = "/dev/kvm"
@@ -217,6 +217,10 @@ class _Owned:
         return getattr(self.ptr, name)
 
 
+_MSI_P = ffi.typeof("struct kvm_msi *")
+_SIGNAL_MSI = IOCTLS["KVM_SIGNAL_MSI"].code
+
+
 class Vm(FdObject):
     def __init__(self, kvm: Kvm, fd: int, label: str | None = None):
         super().__init__(fd, label or f"vm{fd}")
@@ -293,9 +297,11 @@ class Vm(FdObject):
 
     def signal_msi(self, address: int, data: int) -> int:
         """Deliver an MSI; returns >0 if delivered, 0 if blocked by the guest."""
-        msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF,
-                                           "address_hi": address >> 32, "data": data})
-        return self.ioctl("KVM_SIGNAL_MSI", msi)
+        msi = ffi.new(_MSI_P, (address & 0xFFFFFFFF, address >> 32, data))   # one per call: any thread sends
+        ret = _ioctl(self.fd, _SIGNAL_MSI, msi)
+        if ret < 0:
+            raise KvmError("KVM_SIGNAL_MSI", self.label, ffi.errno)
+        return ret
 
     def set_msr_filter(self, default_deny: bool, ranges: list[tuple[int, int, int, bytes]]) -> None:
         """ranges: (flags, base, nmsrs, bitmap) where a 1 bit allows the access."""
@@ -360,7 +366,56 @@ def _exit_header() -> struct.Struct:
 
 
 _EXIT_HEADER = _exit_header()
-_EXIT_IO, _EXIT_INTR, _IO_OUT = C.KVM_EXIT_IO, C.KVM_EXIT_INTR, C.KVM_EXIT_IO_OUT
+_EXIT_IO, _EXIT_MMIO, _EXIT_INTR, _IO_OUT = C.KVM_EXIT_IO, C.KVM_EXIT_MMIO, C.KVM_EXIT_INTR, C.KVM_EXIT_IO_OUT
+
+
+def _mmio_layout() -> tuple[struct.Struct, int, int]:
+    """kvm_run's mmio member (phys_addr, data, len, is_write) as one unpack at its offset, and
+    the offset of its data: the other userspace exit, read and answered without cffi field
+    lookups."""
+    base = ffi.offsetof("struct kvm_run", "mmio")
+    data = ffi.offsetof("struct kvm_run", "mmio", "data")
+    length = ffi.offsetof("struct kvm_run", "mmio", "len")
+    is_write = ffi.offsetof("struct kvm_run", "mmio", "is_write")
+    assert (data - base, length - base, is_write - base) == (8, 16, 20)
+    return struct.Struct("<Q8sIB"), base, data
+
+
+_MMIO, _MMIO_OFFSET, _MMIO_DATA = _mmio_layout()
+
+
+def _accessors(name: str):
+    """(get_X, set_X) for state class ``name`` of _STATE: one Python frame each (a switch of
+    the vtl personality makes several). A GET of a sync-register class first pushes a pending
+    sync-area write (it would be lost); a SET of one makes the sync-area copy stale.
+    ``_ioctl`` is looked up at each call (counting_ioctls replaces it)."""
+    get, put, ptype = _STATE_IOCTLS[name]
+    bit = _SYNC_BITS.get(name, 0)
+    get_code, get_name, set_code, set_name = get.code, get.name, put.code, put.name
+
+    def getter(self, into=None):
+        run = self.run_struct
+        if bit and run is not None and run.kvm_dirty_regs & bit:
+            self._flush(name)
+        obj = ffi.new(ptype) if into is None else into
+        if _ioctl(self.fd, get_code, obj) < 0:
+            raise KvmError(get_name, self.label, ffi.errno)
+        return obj
+
+    def setter(self, obj):
+        if _ioctl(self.fd, set_code, obj) < 0:
+            raise KvmError(set_name, self.label, ffi.errno)
+        if bit and self.run_struct is not None:
+            self.run_struct.kvm_dirty_regs &= ~bit
+            self._valid &= ~bit
+
+    getter.__name__, setter.__name__ = f"get_{name}", f"set_{name}"
+    getter.__qualname__, setter.__qualname__ = f"Vcpu.get_{name}", f"Vcpu.set_{name}"
+    _ACCESSORS[name] = getter, setter
+    return getter, setter
+
+
+_ACCESSORS: dict = {}
 
 
 class Vcpu(FdObject):
@@ -463,6 +518,9 @@ class Vcpu(FdObject):
             if direction == _IO_OUT:
                 return IoOut(port, size, count, self.run_mmap[data_offset:data_offset + size * count])
             return IoIn(port, size, count, data_offset)
+        if reason == _EXIT_MMIO:
+            phys_addr, data, length, is_write = _MMIO.unpack_from(self.run_mmap, _MMIO_OFFSET)
+            return Mmio(phys_addr, length, bool(is_write), data[:length])
         decode = self._decoders.get(reason)
         if decode is None:
             return Unknown(reason, self.run_struct.hw.hardware_exit_reason)
@@ -488,8 +546,8 @@ class Vcpu(FdObject):
 
     def complete_mmio_read(self, data: bytes) -> None:
         """Provide the bytes an MMIO read gets (applied on the next KVM_RUN)."""
-        m = self.run_struct.mmio
-        ffi.memmove(m.data, bytes(data[:m.len]).ljust(m.len, b"\0"), m.len)
+        length = self.run_struct.mmio.len
+        self.run_mmap[_MMIO_DATA:_MMIO_DATA + length] = bytes(data[:length]).ljust(length, b"\0")
 
     def request_immediate_exit(self, on: bool = True) -> None:
         self.run_struct.immediate_exit = 1 if on else 0
@@ -505,39 +563,23 @@ class Vcpu(FdObject):
                            f"completing the pending I/O produced another exit: {ex.describe()}")
 
     # -- state: plain ioctls ------------------------------------------------------------
+    # get_X(into=None) / set_X(struct): see _accessors()
     def _get(self, name, into=None):
         """GET ``name`` into a new struct, or into ``into`` (a struct of that type, reused)."""
-        get, _, ptype = _STATE_IOCTLS[name]
-        self._flush(name)
-        obj = ffi.new(ptype) if into is None else into
-        if _ioctl(self.fd, get.code, obj) < 0:
-            raise KvmError(get.name, self.label, ffi.errno)
-        return obj
+        return _ACCESSORS[name][0](self, into)
 
     def _set(self, name, obj):
-        _, s, _ = _STATE[name]
-        self.ioctl(s, obj)
-        bit = _SYNC_BITS.get(name)
-        if bit and self.run_struct is not None:
-            self.run_struct.kvm_dirty_regs &= ~bit
-            self._valid &= ~bit
+        _ACCESSORS[name][1](self, obj)
 
-    def get_regs(self): return self._get("regs")
-    def set_regs(self, v): self._set("regs", v)
-    def get_sregs(self): return self._get("sregs")
-    def set_sregs(self, v): self._set("sregs", v)
-    def get_fpu(self): return self._get("fpu")
-    def set_fpu(self, v): self._set("fpu", v)
-    def get_xsave(self, into=None): return self._get("xsave", into)
-    def set_xsave(self, v): self._set("xsave", v)
-    def get_xcrs(self): return self._get("xcrs")
-    def set_xcrs(self, v): self._set("xcrs", v)
-    def get_debugregs(self, into=None): return self._get("debugregs", into)
-    def set_debugregs(self, v): self._set("debugregs", v)
-    def get_lapic(self): return self._get("lapic")
-    def set_lapic(self, v): self._set("lapic", v)
-    def get_vcpu_events(self): return self._get("vcpu_events")
-    def set_vcpu_events(self, v): self._set("vcpu_events", v)
+    get_regs, set_regs = _accessors("regs")
+    get_sregs, set_sregs = _accessors("sregs")
+    get_fpu, set_fpu = _accessors("fpu")
+    get_xsave, set_xsave = _accessors("xsave")
+    get_xcrs, set_xcrs = _accessors("xcrs")
+    get_debugregs, set_debugregs = _accessors("debugregs")
+    get_lapic, set_lapic = _accessors("lapic")
+    get_vcpu_events, set_vcpu_events = _accessors("vcpu_events")
+    _accessors("mp_state")
 
     def get_mp_state(self) -> int:
         return self._get("mp_state").mp_state
@@ -620,10 +662,12 @@ class Vcpu(FdObject):
     def live_buffer(self, name: str):
         """The bytes of the live copy of ``name`` (as ``regs``/``sregs``), writable; call
         mark_dirty after writing. For copying ranges of registers without a field access each."""
+        buf = self._area_buffers.get(name)
+        if buf is not None and self._valid & _SYNC_BITS[name]:     # after an exit: no call
+            return buf
         obj = self._live(name)
         if self.run_struct is None:
             return ffi.buffer(obj)
-        buf = self._area_buffers.get(name)
         if buf is None:
             buf = self._area_buffers[name] = ffi.buffer(ffi.addressof(obj))
         return buf

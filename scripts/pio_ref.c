@@ -9,6 +9,7 @@
  * and nothing else: the floor any VMM pays for that exit.
  *
  *   pio_ref [-m real|long] [-i] [-s MASK] [-v VMS] [-c] [-g IOCTLS] [-r REPEATS] [-p PORT] N
+ *   pio_ref -i -k [-K US] [-H] N
  *     -m   guest mode: real (16-bit, no setup at all) or long (64-bit, identity-mapped
  *          2 MiB pages, flat GDT, as pykvmm enters its guests). Default long.
  *     -i   create the in-kernel irqchip (pykvmm always does).
@@ -30,6 +31,8 @@
  *          runs VM 2's vCPU (the "other plane"), whose guest exits at once with `out`, takes
  *          t1, and goes back to spinning. Prints percentiles of t1 - t0.
  *     -K   the longest random wait between kicks, microseconds (default 500).
+ *     -H   with -k: B's guest is halted (`cli; hlt`, needs -i) instead of spinning, so each kick
+ *          must wake a sleeping thread (a halted receiver, as in guest/vtl_pingpong).
  *
  * Prints one JSON object: {"n": N, ..., "setup_s": s, "batches_us_per_exit": [...]} (or,
  * with -k, {"kick_latency_us": {"p50": .., "p90": .., "p99": .., "min": .., "max": ..}}).
@@ -54,6 +57,7 @@
 #define CODE_ADDR 0x100000u     /* long mode: pykvmm's load address */
 #define STUB_ADDR 0x4000u       /* long mode, -c: pykvmm's hypercall page */
 #define SPIN_ADDR 0x100800u     /* long mode, -k: the spinning guest */
+#define HALT_ADDR 0x100810u     /* long mode, -k -H: the halted guest */
 #define REAL_CODE 0x1000u
 #define GDT  0x1000u
 #define PML4 0x10000u
@@ -135,6 +139,8 @@ static void setup_memory(void)
     memcpy(mem + STUB_ADDR, stub, sizeof(stub));
     uint8_t spin[] = { 0xEB, 0xFE };                                       /* -k: jmp $ */
     memcpy(mem + SPIN_ADDR, spin, sizeof(spin));
+    uint8_t halt[] = { 0xFA, 0xF4, 0xEB, 0xFD };                           /* -k -H: cli; 1: hlt; jmp 1b */
+    memcpy(mem + HALT_ADDR, halt, sizeof(halt));
     uint64_t *pml4 = (uint64_t *)(mem + PML4), *pdpt = (uint64_t *)(mem + PDPT), *pd = (uint64_t *)(mem + PD);
     pml4[0] = PDPT | 3;
     pdpt[0] = PD | 3;
@@ -223,7 +229,7 @@ static void *kick_thread_b(void *arg)
     long n = (long)arg;
     (void)n;
     for (;;) {
-        int r = ioctl(kv[0].fd, KVM_RUN, 0);                 /* spins in the guest until kicked */
+        int r = ioctl(kv[0].fd, KVM_RUN, 0);                 /* spins (or halts) in the guest until kicked */
         if (r < 0 && errno != EINTR && errno != EAGAIN) die("KVM_RUN (spin)");
         kv[0].run->immediate_exit = 0;
         if (atomic_load(&k_state) == 3)
@@ -251,7 +257,7 @@ static double pct(double *v, long n, double q)
     return v[k];
 }
 
-static int kick_latency(long n, int max_wait_us)
+static int kick_latency(long n, int max_wait_us, int halted)
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
@@ -259,7 +265,7 @@ static int kick_latency(long n, int max_wait_us)
     sigaction(SIGUSR1, &sa, NULL);
     struct kvm_regs regs;
     if (ioctl(kv[0].fd, KVM_GET_REGS, &regs) < 0) die("KVM_GET_REGS");
-    regs.rip = SPIN_ADDR;
+    regs.rip = halted ? HALT_ADDR : SPIN_ADDR;
     if (ioctl(kv[0].fd, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
     k_lat = calloc(n, sizeof(double));
     pthread_create(&k_thread_b, NULL, kick_thread_b, (void *)n);
@@ -294,9 +300,9 @@ static int kick_latency(long n, int max_wait_us)
 
 int main(int argc, char **argv)
 {
-    int repeats = 5, vms = 1, kick = 0, max_wait_us = 500, opt;
+    int repeats = 5, vms = 1, kick = 0, halted = 0, max_wait_us = 500, opt;
     const char *extra = "";
-    while ((opt = getopt(argc, argv, "m:is:v:cg:r:p:kK:n:")) != -1) {
+    while ((opt = getopt(argc, argv, "m:is:v:cg:r:p:kK:n:H")) != -1) {
         switch (opt) {
         case 'm': longmode = strcmp(optarg, "real") != 0; break;
         case 'i': irqchip = 1; break;
@@ -307,10 +313,11 @@ int main(int argc, char **argv)
         case 'r': repeats = atoi(optarg); break;
         case 'p': port = (int)strtol(optarg, NULL, 0); break;
         case 'k': kick = 1; break;
+        case 'H': halted = 1; break;
         case 'K': max_wait_us = atoi(optarg); break;
         case 'n': nops = atoi(optarg); break;
         default:
-            fprintf(stderr, "usage: pio_ref [-m real|long] [-i] [-s MASK] [-v 1|2] [-c] [-g ldxD] [-n NOPS] [-r N] [-p PORT] [-k [-K US]] N\n");
+            fprintf(stderr, "usage: pio_ref [-m real|long] [-i] [-s MASK] [-v 1|2] [-c] [-g ldxD] [-n NOPS] [-r N] [-p PORT] [-k [-K US] [-H]] N\n");
             return 2;
         }
     }
@@ -318,7 +325,7 @@ int main(int argc, char **argv)
     long n = atol(argv[optind]);
     if (kick)
         vms = 2, longmode = 1;
-    if (repeats < 1 || repeats > 1000 || n < 1 || vms < 1 || vms > 2 || (use_call && !longmode) || max_wait_us < 0 || nops < 0 || nops > 4096
+    if (repeats < 1 || repeats > 1000 || n < 1 || vms < 1 || vms > 2 || (use_call && !longmode) || max_wait_us < 0 || (halted && (!kick || !irqchip)) || nops < 0 || nops > 4096
         || (!longmode && (nops > 64 || use_call))) {
         fprintf(stderr, "pio_ref: bad arguments\n");
         return 2;
@@ -341,7 +348,7 @@ int main(int argc, char **argv)
     if (kick) {
         kv[0] = v[0];
         kv[1] = v[1];
-        return kick_latency(n, max_wait_us);
+        return kick_latency(n, max_wait_us, halted);
     }
 
     for (int i = 0; i < 1000; i++)                                          /* warm up */

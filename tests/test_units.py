@@ -5,6 +5,7 @@ import io
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.console import Console
 from pykvmm.vmm.devices import BadUcall, decode_ucall
 from pykvmm.vmm.hypercalls import CONTROL_RESERVED_MASK, Control, Dispatcher, hypercall_page
-from pykvmm.vmm.memory import GuestMemory
+from pykvmm.vmm.memory import GuestMemory, GuestMemoryError
 from pykvmm.vmm.outcomes import Answer
 from pykvmm.x86 import apic, longmode
 from pykvmm.x86.apic import Icr
@@ -110,12 +111,15 @@ def test_msi_destination_decodes_what_msi_message_encodes(dest):
     assert apic.msi_destination(address) == dest == _kvm_x2apic_destination(address)
 
 
-def _lapic_page(irr=(), isr=()) -> bytes:
+def _lapic_page(irr=(), isr=(), values=None) -> bytes:
+    """A KVM_GET_LAPIC register page: these IRR and ISR vectors, ``values`` {offset: u32}."""
     regs = bytearray(1024)
     for base, vectors in ((apic.APIC_IRR, irr), (apic.APIC_ISR, isr)):
         for v in vectors:
             off = base + (v // 32) * 0x10
             struct.pack_into("<I", regs, off, struct.unpack_from("<I", regs, off)[0] | 1 << (v % 32))
+    for off, value in (values or {}).items():
+        struct.pack_into("<I", regs, off, value)
     return bytes(regs)
 
 
@@ -319,6 +323,27 @@ def mem():
     m.close()
 
 
+def test_memory_seen_by_a_plane_reads_and_writes_its_cover(mem):
+    """A page covered for some planes (a VSM overlay of another VTL) is, for those planes, the
+    cover's content: reads and writes may span covered and plain pages; other planes, and the
+    memory itself, see the RAM."""
+    cover = types.SimpleNamespace(map=bytearray(b"c" * 0x1000), planes={1})
+    mem.write(0x2000, b"r" * 0x1000)
+    mem.write(0x3000, b"s" * 0x10)
+    assert mem.seen_by(1) is mem                    # nothing covered: no view, no cost
+    mem.covers[0x2000] = cover
+    one = mem.seen_by(1)
+    assert one.read(0x2FFE, 4) == b"ccss" and mem.seen_by(0).read(0x2FFE, 4) == b"rrss"
+    one.write(0x2FFF, b"XY")
+    assert cover.map[0xFFF:] == b"X" and mem.read(0x2FFF, 2) == b"rY"
+    one.write_u64(0x2008, 0x1122334455667788)
+    assert one.u64(0x2008) == 0x1122334455667788 and mem.u64(0x2008) == int.from_bytes(b"r" * 8, "little")
+    cover.map[0x10:0x14] = b"hi\0x"
+    assert one.cstring(0x2010, 16) == "hi" and one.seen_by(1) is one
+    with pytest.raises(GuestMemoryError):
+        one.read(mem.size - 2, 4)
+
+
 def _ucall_block(verb, line=0, args=(0, 0, 0, 0), file_ptr=0, msg_ptr=0) -> bytes:
     raw = struct.pack("<II4QQQ", verb, line, *args, file_ptr, msg_ptr)
     assert len(raw) == abi.UC_SIZE
@@ -360,3 +385,32 @@ def test_decode_ucall_bad_blocks(mem, gpa, block, match):
         mem.write(gpa, block)
     with pytest.raises(BadUcall, match=match):
         decode_ucall(mem, gpa, 0, 0)
+
+
+@pytest.mark.parametrize("dcr, divide", [(0xB, 1), (0x0, 2), (0x1, 4), (0x2, 8), (0x3, 16), (0x8, 32),
+                                         (0x9, 64), (0xA, 128)])
+def test_lapic_timer_remaining_from_current_count_and_divide(dcr, divide):
+    """SDM 11.5.4 divide values, KVM's 1 GHz LAPIC bus: TMCCT x divide ns until the expiry."""
+    regs = _lapic_page(values={apic.APIC_SPIV: 0x1FF, apic.APIC_LVT_TIMER: 0xB1, apic.APIC_TIMER_CURRENT: 1000,
+                               apic.APIC_TIMER_DIVIDE: dcr})
+    assert apic.timer_remaining_ns(regs) == 1000 * divide
+    assert apic.timer_armed_lvt(regs) == 0xB1
+
+
+def test_lapic_timer_not_counting_or_not_armed():
+    on = {apic.APIC_SPIV: 0x1FF, apic.APIC_TIMER_DIVIDE: 0xB}
+    expired = _lapic_page(values={**on, apic.APIC_LVT_TIMER: 0xB1})                  # TMCCT 0
+    tsc_deadline = _lapic_page(values={**on, apic.APIC_LVT_TIMER: 0xB1 | 2 << 17, apic.APIC_TIMER_CURRENT: 5})
+    masked = _lapic_page(values={**on, apic.APIC_LVT_TIMER: 0xB1 | apic.LVT_MASKED})
+    apic_off = _lapic_page(values={apic.APIC_SPIV: 0xFF, apic.APIC_LVT_TIMER: 0xB1})
+    assert apic.timer_remaining_ns(expired) is None and apic.timer_remaining_ns(tsc_deadline) is None
+    assert apic.timer_armed_lvt(masked) is None and apic.timer_armed_lvt(apic_off) is None
+
+
+def test_deliverable_counts_a_vector_pending_besides_the_irr():
+    """An expired timer KVM has not put in the IRR yet is judged against the PPR like the IRR."""
+    tpr_5 = _lapic_page(values={apic.APIC_TPR: 0x50})
+    assert apic.deliverable_irr(tpr_5) is None
+    assert apic.deliverable_irr(tpr_5, 0x61) == 0x61
+    assert apic.deliverable_irr(tpr_5, 0x5F) is None
+    assert apic.deliverable_irr(_lapic_page(irr=[0x72], values={apic.APIC_TPR: 0x50}), 0x61) == 0x72

@@ -239,11 +239,14 @@ A, B, C, D, E = 0xA1A1, 0xB2B2, 0xC3C3, 0xD4D4, 0xE5E5
 def test_overlay_pages_are_per_vtl_and_give_the_ram_back(run_vsm):
     """A VTL's SynIC message page and hypercall page cover the guest page for that VTL only
     (the other VTL keeps seeing and changing its RAM there, never the overlay nor the secure
-    intercept messages in it); when the overlay goes, the RAM is back as the other VTL left it."""
+    intercept messages in it, and the hypervisor on its behalf neither reads nor writes the
+    overlay: its hypercall input and output are its RAM); when the overlay goes, the RAM is back
+    as the other VTL left it."""
     r = run_vsm("vsm_overlay", planes=2)
     assert_done(r)
     s = dict(r.syncs())
     assert s[0x11] == 0 and s[0x01] == A and s[0x02] == 0             # VTL1's fresh overlay; VTL0's RAM
+    assert s[0x16] == 0                         # VTL0's hypercall output went to its RAM, not the overlay
     assert s[0x12] == 0x80000001 and s[0x03] == A                     # the message is VTL1's alone
     assert s[0x13] == A and (s[0x04], s[0x05], s[0x06]) == (A, E, 0)  # the RAM back, with VTL0's write
     assert s[0x14] == 0xE6 and s[0x07] == C and s[0x15] == C          # the hypercall page too

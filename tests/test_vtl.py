@@ -17,7 +17,7 @@ from pykvmm.vmm.personalities import POLICIES, make_policy
 from pykvmm.x86 import arch
 from pykvmm.x86.xsave import merge_pkru
 
-from conftest import assert_done, guest_image
+from conftest import LAST_RESORT, assert_done, backend_probe, guest_image, require
 
 UD = arch.VEC_UD
 
@@ -117,6 +117,114 @@ def test_vtl_tpr_masks_preemption(run_guest, backend):
     assert r.entry_reasons == {"call": 4, "interrupt": 1, "return": 5}
     assert r.stats["preemptions"] == 1
     assert r.stats["interrupts_masked"] >= 1
+
+
+# ---- 5b. a VTL's LAPIC timer while that VTL does not run (guest/vtl_timer) ----------------------
+
+TIMER_MODES = {"one-shot": 0, "periodic": 1, "tsc-deadline": 2}
+TIMER_MASKED, TIMER_LOWER, TIMER_TPR_MASKED = 3, 4, 5
+TIMER_EXPIRIES = 4                  # guest/vtl_timer's N_EXPIRIES, one every 25 ms
+TIMER_LATE_BOUND = 0.25             # s: far below VTL0's 8 s guard and the 1 s kick interval here
+TIMER_KICK_INTERVAL = 1.0           # so only the planes layer's host timer can make the event on time
+
+
+def guest_tsc_khz(kvm) -> int:
+    """The guest TSC's frequency (KVM_GET_TSC_KHZ): vtl_timer's unit of time."""
+    vm = kvm.create_vm()
+    try:
+        return vm.create_vcpu(0).get_tsc_khz()
+    finally:
+        vm.close()
+
+
+def run_vtl_timer(run_guest, kvm, backend, mode, halt=False, vtl1_if=False, round_trips=False, **kw):
+    arg = guest_tsc_khz(kvm) | mode << 32 | int(halt) << 40 | int(vtl1_if) << 41 | int(round_trips) << 42
+    r = run_vtl(run_guest, "vtl_timer", backend, arg=arg, **kw)
+    s = {stage: value for (_, _, stage), value in syncs(r).items()}
+    return r, s, arg & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("vtl1_if", [False, True], ids=["vtl1-if-off", "vtl1-if-on"])
+@pytest.mark.parametrize("vtl0", ["spins", "halts"])
+@pytest.mark.parametrize("mode", list(TIMER_MODES))
+def test_vtl1_lapic_timer_preempts_vtl0(run_guest, kvm, backend, mode, vtl0, vtl1_if):
+    """TLFS: a higher VTL's interrupts preempt a lower VTL, its LAPIC timer's too. VTL1 arms its
+    timer and returns to a VTL0 that spins without exits or halts; every expiry is taken by
+    VTL1's handler within the bound (its lateness measured in the guest's TSC), long before
+    VTL0's guard and the ticker's next kick. Each VTL1 entry for an interrupt is a preemption
+    (one per expiry here; a loaded host may deliver an expiry while VTL1 still runs)."""
+    r, s, khz = run_vtl_timer(run_guest, kvm, backend, TIMER_MODES[mode], halt=vtl0 == "halts",
+                              vtl1_if=vtl1_if, kick_interval=TIMER_KICK_INTERVAL)
+    if mode == "tsc-deadline":
+        require("tsc-deadline", s[0x14] == 1, "KVM emulates no TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER): the guest CPUID has none")
+    late = [((s[0x100 + k] + (1 << 63)) % (1 << 64) - (1 << 63)) / (khz * 1e3) for k in range(s[0x10])]
+    assert s[0x12] == 0, f"VTL0's guard fired: {s[0x10]} of {TIMER_EXPIRIES} expiries taken, late by {late} s"
+    assert s[0x10] == TIMER_EXPIRIES
+    assert all(-1e-4 <= t <= TIMER_LATE_BOUND for t in late), f"lateness per expiry (s): {late}"
+    entries = s[0x11]
+    assert 1 <= entries <= TIMER_EXPIRIES
+    assert r.stats["preemptions"] == entries and r.entry_reasons.get("interrupt") == entries
+    if backend != "native":                                # the planes layer made the events
+        assert 1 <= r.stats["lapic_timer_events"] <= entries
+
+
+@pytest.mark.parametrize("vtl0", ["spins", "halts"])
+def test_vtl1_masked_lapic_timer_does_not_preempt(run_guest, kvm, backend, vtl0):
+    """VTL1's timer with its LVT entry masked expires without a preemption (VTL0 runs to its
+    own 100 ms guard; VTL1's current count is 0 afterwards)."""
+    r, s, _ = run_vtl_timer(run_guest, kvm, backend, TIMER_MASKED, halt=vtl0 == "halts")
+    assert s[0x12] == 1 and s[0x13] == 0
+    assert s[0x10] == 0 and s[0x11] == 0
+    assert r.stats["preemptions"] == 0 and r.stats.get("lapic_timer_events", 0) == 0
+
+
+def test_vtl1_lapic_timer_masked_by_its_tpr_waits(run_guest, kvm, backend):
+    """VTL1's TPR (0xF0) masks its timer's vector (0xB1): the expiry makes no preemption; it is
+    held, and VTL1 takes it once it lowers its TPR."""
+    r, s, _ = run_vtl_timer(run_guest, kvm, backend, TIMER_TPR_MASKED)
+    assert s[0x12] == 1 and s[0x11] == 0 and r.stats["preemptions"] == 0
+    assert s[0x10] == 1                                    # taken after the TPR was lowered
+    if backend != "native":
+        assert r.stats["interrupts_masked"] >= 1
+
+
+def test_vtl0_lapic_timer_waits_until_vtl0_runs(run_guest, kvm, backend):
+    """A lower VTL's timer expiring while VTL1 runs (making exits, then spinning) is not taken
+    until VTL0 runs again."""
+    r, s, _ = run_vtl_timer(run_guest, kvm, backend, TIMER_LOWER)
+    assert s[0x30] == 0 and s[0x31] == 1
+    assert r.stats["preemptions"] == 0
+
+
+@pytest.mark.parametrize("timer", ["masked", "one-shot", "tsc-deadline"])
+@pytest.mark.parametrize("vtl1_if", [False, True], ids=["vtl1-if-off", "vtl1-if-on"])
+def test_lapic_timer_costs_a_read_per_switch_only_when_armed(kvm, timer, vtl1_if):
+    """What watching VTL1's timer costs a VtlCall+VtlReturn on multivm: VTL1's LAPIC is read
+    when it returns with interrupts off anyway (for its IRR); with them on only when its LVT
+    timer is unmasked (one KVM_GET_LAPIC); a TSC-deadline timer adds one KVM_GET_MSRS. No
+    kicks and no rate-limited scans in this run (kick interval and scan gap 10 s)."""
+    import collections
+
+    from pykvmm import kvm as K
+    require("multivm", backend_probe("multivm").available, "multivm backend unavailable")
+    mode = {"masked": TIMER_MASKED, "one-shot": TIMER_MODES["one-shot"], "tsc-deadline": TIMER_MODES["tsc-deadline"]}[timer]
+    arg = guest_tsc_khz(kvm) | mode << 32 | int(vtl1_if) << 41 | 1 << 42
+    counts = collections.Counter()
+    with Machine(guest_image("vtl_timer"), MachineConfig(planes=2, backend="multivm", arg=arg, quiet=True,
+                                                         kick_interval=10.0)) as m:
+        for t in m.threads:
+            t.planes_vcpu.scan_gap = 10.0
+        with K.counting_ioctls(counts):
+            r = m.run(LAST_RESORT)
+    assert_done(r)
+    s = {stage: value for (_, _, stage), value in syncs(r).items()}
+    if timer == "tsc-deadline":
+        require("tsc-deadline", s[0x14] == 1, "KVM emulates no TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER): the guest CPUID has none")
+    rounds = s[0x20] + 2                   # and the two VtlCalls around them (arm, stop)
+    lapic = round(counts["KVM_GET_LAPIC"] / rounds, 1)
+    msrs = round(counts["KVM_GET_MSRS"] / rounds, 1)
+    assert lapic == (0.0 if vtl1_if and timer == "masked" else 1.0), counts
+    assert msrs == (1.0 if timer == "tsc-deadline" else 0.0), counts
 
 
 # ---- 6. ping-pong -----------------------------------------------------------------------------
@@ -247,7 +355,7 @@ def test_vtl_return_with_nothing_suspended_is_ud(kvm_available):
     """Not reachable from a guest (a higher VTL is only ever entered from a lower one)."""
     with Machine(guest_image("vtl_call"), MachineConfig(planes=2, quiet=True)) as m:
         t = m.threads[0]
-        t.plane, t.started_planes = 1, {0, 1}
+        t.plane, t.vcpu, t.started_planes = 1, t.plane_vcpu(1), {0, 1}
         regs = t.plane_vcpu(1).regs
         regs.rax, regs.rcx = 0, tlfs.HVCALL_VTL_RETURN
         _, outcome = m.dispatcher.dispatch(t, 1, regs)

@@ -119,7 +119,7 @@ class ExitPrinter:
         try:
             v = self.machine.threads[event.vcpu].planes_vcpu.plane_vcpu(event.plane)
             rip = d["rip"] if "rip" in d else v.regs.rip
-            code, addr = self.machine.read_code(v, rip, before=16, after=16)
+            code, addr = self.machine.read_code(v, rip, before=16, after=16, plane=event.plane)
         except Exception as e:       # a dead or torn-down vCPU: say so, never break the run
             return f"{head}  (state unavailable: {e})"
         insn = None

@@ -3,15 +3,16 @@
 
 When a run ends with a plane event
     Only when a plane of req_exit_planes has an interrupt its LAPIC would deliver now: the
-    highest IRR vector's class is above the PPR class (TPR and in-service vectors, read with
-    KVM_GET_LAPIC; ``x86.apic.deliverable_irr``). A masked interrupt produces no event; it
-    produces one as soon as a scan sees it deliverable (a higher vector arrived, or the TPR
-    was lowered from outside). So an event is never spurious, and nothing remembered about an
+    highest IRR vector's class (or an expired LAPIC timer's, see below) is above the PPR class
+    (TPR and in-service vectors, read with KVM_GET_LAPIC; ``x86.apic.deliverable_irr``). A
+    masked interrupt produces no event; it produces one as soon as a scan sees it deliverable
+    (a higher vector arrived, or the TPR was lowered from outside). So an event is never spurious, and nothing remembered about an
     earlier event can hold a later one back: every run() decides from the LAPICs as they are.
 
 When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
     * on entry to run(): the planes of ``_hint``, always; every requested plane when entering
-      a different plane than last time or when ``scan_gap`` has passed since the last scan.
+      a different plane than last time or when ``scan_gap`` has passed since the last scan
+      ended (a read of a plane that is not running can itself take longer than scan_gap).
       Entering another plane, the plane just left is not read when its last exit was the
       guest's own with interrupts enabled (kvm_run.if_flag): an interrupt its LAPIC would
       deliver was delivered to it at its last entry, and one that came after that arrived
@@ -24,6 +25,29 @@ When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
     (``Plane.signal_msi``). The bound for an in-kernel IPI into a plane that is not running is
     therefore one kick interval plus one scan (``make bench``: wake-up delay); for signal_msi
     it is one kick.
+
+LAPIC timers of planes that are not running
+    KVM notices a vCPU's timer expiry (one-shot, periodic, TSC-deadline) only when that vCPU
+    next runs: the expiry is not in the IRR a scan reads. So a scan also learns, the first time
+    it reads a plane after that plane ran, when its armed timer (LVT timer unmasked, LAPIC
+    enabled) expires next: from TMCCT and the divide configuration, which KVM_GET_LAPIC
+    computes at the read, or, in TSC-deadline mode, from IA32_TSC_DEADLINE and the guest's TSC
+    (one KVM_GET_MSRS) and KVM_GET_TSC_KHZ (once per plane). It sets the VM's host timer
+    (hosttimer.py) for then; at that time the plane is noted as by note_pending() and, once the
+    expiry has come, every scan of it counts the LVT vector as pending besides the IRR: an event
+    if its class is above the PPR (a TPR that masks it: no event, counted as masked, taken when
+    the plane runs). What it costs a switch: nothing when the plane being left is read anyway
+    (its last exit with interrupts off) or its LVT timer is masked; one KVM_GET_LAPIC when it
+    left with interrupts on (the "counts as scanned" rule above is skipped for a plane whose
+    last read showed its LVT timer unmasked, or that was never read after running); one
+    KVM_GET_MSRS more in TSC-deadline mode. Bounds: a plane that unmasks its LVT timer
+    (having been seen masked) and leaves with interrupts on in the same run is learned at the
+    next scan (one kick interval, or scan_gap when the running plane makes exits); a one-shot
+    expiry between a plane's last exit and that read (the handling of that exit: tens of
+    microseconds here, more when the host is loaded) is taken when the plane next runs: KVM's
+    TMCCT reads 0 for it, as for one delivered while the plane ran. The host timer fires
+    within TIMER_SLACK of the expiry plus the thread's wake-up. A timer changed from outside
+    with set_lapic on a plane that is not running is not seen until the plane runs.
 
 The pending state kept, its one owner and the one place each is cleared
     ``_hint`` (planes to scan at the next look, whatever the rate limit; owner: this vCPU,
@@ -43,6 +67,11 @@ The pending state kept, its one owner and the one place each is cleared
     scan folds it in under the lock: no lock taken per switch). Planes a
     guest never enters cost one scan, not one per exit and kick (a KVM_GET_LAPIC of a plane
     VM's vCPU that is not running costs ~150 us on kvm_pvm: 64 vCPUs x 16 planes took minutes).
+    ``_timer_lvt``, ``_timer_at`` (owner: this vCPU's thread; ``_timer_at`` is read by the host
+    timer's thread): which planes to read when they stop running, and the expiry learned for a
+    plane with the plane's exit_count then (a plane that ran since has none: learned again at
+    its next read). ``_timer_set``: when the host timer was last set for a plane, so that a
+    plane switching often does not set one per switch.
     Nothing else: a plane event is computed from the scan of that moment and not stored
     (``_masked_seen`` only keeps the masked_interrupts statistic from counting a vector twice).
 """
@@ -55,13 +84,15 @@ import time
 from .. import exits as X
 from ..kvm import Vcpu
 from ..uapi import ffi
-from ..x86 import apic
+from ..x86 import apic, arch
 from ..x86.xsave import copy_fpu_state
 from .api import KVM_PLANE_EVENT_INTERRUPT, MAX_PLANES, PlanesVcpu
+from .hosttimer import HostTimer
 
 _ALL_PLANES = (1 << MAX_PLANES) - 1
 SCAN_GAP = 50e-6        # seconds between rate-limited scans of one vCPU
 KICK_INTERVAL = 1e-3    # seconds between the ticker's kicks of a vCPU with planes requested
+TIMER_SLACK = 50e-6     # seconds a plane's LAPIC timer event may come after its expiry (see _expired_timer)
 
 
 class SoftSwitchVm:
@@ -74,6 +105,14 @@ class SoftSwitchVm:
     _ticker: threading.Thread | None = None
     _ticker_stop: threading.Event | None = None
     _ticker_lock = threading.Lock()
+    _host_timer: HostTimer | None = None
+
+    def host_timer(self) -> HostTimer:
+        """The VM's host timer (hosttimer.py) for LAPIC timer expiries of planes not running."""
+        with self._ticker_lock:
+            if self._host_timer is None:
+                self._host_timer = HostTimer()
+            return self._host_timer
 
     def start_ticker(self) -> None:
         with self._ticker_lock:
@@ -97,6 +136,9 @@ class SoftSwitchVm:
                 self._ticker_stop.set()
         if ticker is not None and ticker is not threading.current_thread():
             ticker.join()
+        timer, self._host_timer = self._host_timer, None
+        if timer is not None:
+            timer.close()
 
 
 class SoftSwitchVcpu(PlanesVcpu):
@@ -114,6 +156,15 @@ class SoftSwitchVcpu(PlanesVcpu):
         self.plane_events = 0
         self.masked_interrupts = 0  # scans that found a new highest vector masked by PPR
         self._masked_seen: dict[int, int] = {}
+        self._timer_lvt = _ALL_PLANES   # planes whose last read showed an unmasked LVT timer (or
+                                        # never read): read when they stop running (module docstring)
+        self._timer_at: dict[int, tuple] = {}   # plane -> (its exit_count, expiry or None) learned
+        self._timer_set: dict[int, float] = {}  # plane -> when the host timer was last set for it
+        self._tsc_khz: dict[int, int] = {}
+        self.timer_events = 0       # plane events for a LAPIC timer expiry KVM held back
+        self.timer_reads = 0        # KVM_GET_MSRS of IA32_TSC_DEADLINE for that
+        self._lapic = ffi.new("struct kvm_lapic_state *")    # every scan reads into it
+        self._lapic_regs = ffi.buffer(self._lapic.regs)
 
     @property
     def plane0(self) -> Vcpu:
@@ -153,18 +204,25 @@ class SoftSwitchVcpu(PlanesVcpu):
             self._entered = 0
             planes_mask &= ~self._apic_off
         found = off = 0
-        self._last_scan = time.monotonic()
         for p, v in self._vcpu_of.items():
             if planes_mask >> p & 1:
                 self.irr_scans += 1
-                regs = bytes(ffi.buffer(v.get_lapic().regs))
+                v.get_lapic(into=self._lapic)
+                regs = self._lapic_regs
+                timer = self._expired_timer(p, v, regs)
                 if not apic.software_enabled(regs):
                     off |= 1 << p
-                elif apic.deliverable_irr(regs) is not None:
+                elif apic.deliverable_irr(regs, timer) is not None:
                     found |= 1 << p
                     self._masked_seen.pop(p, None)
+                    if timer is not None and apic.deliverable_irr(regs) is None:
+                        self.timer_events += 1
                 else:
-                    self._note_masked(p, apic.highest_irr(regs))
+                    irr = apic.highest_irr(regs)
+                    self._note_masked(p, irr if timer is None or irr is not None and irr > timer else timer)
+        # after the reads: a read of a plane that is not running can take longer than scan_gap
+        # here, and the next exit would then read it again at once
+        self._last_scan = time.monotonic()
         if off:
             with self._lock:
                 self._apic_off |= off & ~self._hint     # unless note_pending() came meanwhile
@@ -228,7 +286,9 @@ class SoftSwitchVcpu(PlanesVcpu):
             if self.vm._ticker is None:
                 self.vm.start_ticker()
             left = self.last_plane
-            fresh = 1 << left if switching and self._vcpu_of[left].if_flag else 0
+            # (not fresh with its LVT timer unmasked: the read learns when the timer expires)
+            fresh = 1 << left if switching and self._vcpu_of[left].if_flag and \
+                not self._timer_lvt >> left & 1 else 0
             found = self._look(req, force=switching, fresh=fresh)
             if found:
                 return found
@@ -238,6 +298,71 @@ class SoftSwitchVcpu(PlanesVcpu):
             self.last_plane = plane
             self._entered |= 1 << plane     # it may enable its LAPIC while it runs (see _scan)
         return 0
+
+    # -- LAPIC timers of planes that are not running (module docstring) --------------------
+    def _expired_timer(self, p: int, v: Vcpu, regs) -> int | None:
+        """The LVT timer vector if plane ``p``'s timer expired since it stopped running (KVM
+        holds such an expiry back until the plane runs, and it is not in the IRR), else None.
+        The first read since the plane ran learns when its timer expires and sets the VM's host
+        timer for then; a TSC-deadline timer costs one KVM_GET_MSRS for that."""
+        lvt = apic.timer_armed_lvt(regs)
+        if lvt is None:
+            if v.exit_count:        # (before its first run it only shows the reset state)
+                self._timer_lvt &= ~(1 << p)
+            return None
+        self._timer_lvt |= 1 << p
+        known = self._timer_at.get(p)
+        if known is None or known[0] != v.exit_count:      # it ran since
+            at = self._timer_expiry(p, v, regs, lvt)
+            known = self._timer_at[p] = (v.exit_count, at)
+            if at is not None:
+                # Set the host timer only when it is not set already for about then: a plane
+                # that switches often would otherwise queue one timer per switch. One set
+                # earlier sets itself again when it fires; one set later by up to TIMER_SLACK
+                # is kept (far less than what a switch costs).
+                was = self._timer_set.get(p)
+                if was is None or was > at + TIMER_SLACK or was <= time.monotonic():
+                    self._set_timer(p, at)
+        at = known[1]
+        return lvt & 0xFF if at is not None and time.monotonic() >= at else None
+
+    def _timer_expiry(self, p: int, v: Vcpu, regs, lvt: int) -> float | None:
+        """When (time.monotonic) plane ``p``'s armed timer expires next, None if it is not counting.
+        A one-shot timer that expired in the moment between the plane's last exit and this read
+        (TMCCT reads 0 then, as after a delivered one) is taken when the plane next runs."""
+        if lvt & apic.LVT_TIMER_MODE != arch.LVT_TIMER_TSC_DEADLINE:
+            ns = apic.timer_remaining_ns(regs)
+            return None if ns is None else time.monotonic() + ns * 1e-9
+        khz = self._tsc_khz.get(p)
+        if khz is None:
+            khz = self._tsc_khz[p] = v.get_tsc_khz()
+        self.timer_reads += 1
+        msrs = v.get_msrs([arch.MSR_IA32_TSC_DEADLINE, arch.MSR_IA32_TSC])   # the guest's TSC of now too
+        now = time.monotonic()
+        deadline = msrs.get(arch.MSR_IA32_TSC_DEADLINE, 0)
+        if not deadline or not khz:
+            return None
+        return now + max(0, deadline - msrs[arch.MSR_IA32_TSC]) / (khz * 1e3)
+
+    def _set_timer(self, p: int, at: float) -> None:
+        self._timer_set[p] = at
+        self.vm.host_timer().call_at(at, self._timer_fired, p)
+
+    def _timer_fired(self, p: int) -> None:
+        """On the host timer's thread: if plane ``p``'s learned expiry has come, look at the
+        plane as note_pending() would (the scan decides, from its TPR and ISR then); if it is
+        still to come (learned again since), set the timer for it. Nothing if the plane ran."""
+        known = self._timer_at.get(p)
+        if known is None or known[1] is None or self._vcpu_of[p].exit_count != known[0]:
+            return
+        if known[1] > time.monotonic():
+            self._set_timer(p, known[1])
+            return
+        with self._lock:
+            self._hint |= 1 << p
+            kick = self._in_run is not None and self._running_req & (1 << p)
+        if kick:
+            self.kick()
 
     def _event(self, found: int, req: int):
         self.plane_events += 1

@@ -69,7 +69,7 @@ def capture(memory, thread) -> CpuReport:
         except KvmError as e:
             planes[p] = PlaneState(p, {}, {}, {"error": str(e)}, started=started)
             continue
-        code, addr = read_code(memory, vcpu, regs.rip)
+        code, addr = read_code(memory.seen_by(p), vcpu, regs.rip)
         planes[p] = PlaneState(p, regs_dict(regs), sregs_dict(sregs), events_dict(events), code, addr,
                                started=started, system=read_system_state(vcpu))
     return CpuReport(thread.index, thread.plane, list(thread.suspended), planes)

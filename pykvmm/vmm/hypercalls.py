@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import threading
 
-from dataclasses import dataclass
-
 from . import abi
 from .hyperv import tlfs
 from .outcomes import Answer, Outcome
@@ -26,33 +24,39 @@ from .outcomes import Answer, Outcome
 CONTROL_RESERVED_MASK = tlfs.CONTROL_RSVD0 | tlfs.CONTROL_NESTED | tlfs.CONTROL_RSVD1 | tlfs.CONTROL_RSVD2
 
 
-@dataclass(frozen=True, slots=True)
-class Control:
-    value: int
+class Control(int):
+    """The hypercall input control word (TLFS), an int with its fields by name. An int
+    subclass rather than a dataclass: made for every hypercall, and building one then costs
+    no Python frame."""
+    __slots__ = ()
+
+    @property
+    def value(self) -> int:
+        return int(self)
 
     @property
     def code(self) -> int:
-        return self.value & 0xFFFF
+        return self & 0xFFFF
 
     @property
     def fast(self) -> bool:
-        return bool(self.value >> 16 & 1)
+        return bool(self >> 16 & 1)
 
     @property
     def var_header_size(self) -> int:
-        return (self.value >> 17) & 0x3FF
+        return (self >> 17) & 0x3FF
 
     @property
     def rep_count(self) -> int:
-        return (self.value >> 32) & 0xFFF
+        return (self >> 32) & 0xFFF
 
     @property
     def rep_start(self) -> int:
-        return (self.value >> 48) & 0xFFF
+        return (self >> 48) & 0xFFF
 
     @property
     def reserved_bits(self) -> int:
-        return self.value & CONTROL_RESERVED_MASK
+        return self & CONTROL_RESERVED_MASK
 
     @staticmethod
     def encode(code: int, fast: bool = False, rep_count: int = 0, rep_start: int = 0,
@@ -61,18 +65,22 @@ class Control:
             | (rep_count & 0xFFF) << 32 | (rep_start & 0xFFF) << 48
 
 
-@dataclass(frozen=True)
-class HvInputVtl:
-    """HV_INPUT_VTL (TLFS): bits 3:0 the target VTL, bit 4 UseTargetVtl, bits 7:5 reserved."""
-    value: int
+class HvInputVtl(int):
+    """HV_INPUT_VTL (TLFS): bits 3:0 the target VTL, bit 4 UseTargetVtl, bits 7:5 reserved.
+    An int, as Control (one is made per SendSyntheticClusterIpi)."""
+    __slots__ = ()
+
+    @property
+    def value(self) -> int:
+        return int(self)
 
     @property
     def reserved(self) -> int:
-        return self.value & tlfs.INPUT_VTL_RESERVED
+        return self & tlfs.INPUT_VTL_RESERVED
 
     def target(self, caller_vtl: int) -> int:
         """The VTL meant: the named one if UseTargetVtl is set, else the caller's own."""
-        return self.value & tlfs.INPUT_VTL_TARGET if self.value & tlfs.INPUT_VTL_USE_TARGET else caller_vtl
+        return self & tlfs.INPUT_VTL_TARGET if self & tlfs.INPUT_VTL_USE_TARGET else caller_vtl
 
 
 NAMES = {
@@ -153,9 +161,10 @@ class Dispatcher:
 
     def dispatch(self, thread, plane: int, regs) -> tuple[Control, Outcome]:
         control = Control(regs.rcx)
-        code = control.code
-        counts = getattr(self._local, "counts", None)
-        if counts is None:
+        code = control & 0xFFFF
+        try:
+            counts = self._local.counts
+        except AttributeError:              # this thread's first call
             counts = self._thread_counts()
         counts[code] = counts.get(code, 0) + 1
         handler = self.handlers.get(code)

@@ -170,6 +170,8 @@ class Machine:
         self.boot.write_memory(self)
         self.platform.write_memory(self)
         cpuid = self.kvm.supported_cpuid()
+        if self.kvm.check_extension(C.KVM_CAP_TSC_DEADLINE_TIMER) > 0:
+            longmode.offer_tsc_deadline(cpuid)      # (as QEMU does)
         self.cpu_model = None
         if cfg.cpu is not None:
             self.cpu_model = cpu_model.resolve(cfg.cpu, cpuid)
@@ -401,9 +403,11 @@ class Machine:
         """Every plane's state of one vCPU (call on its own thread, or after it stopped)."""
         return _capture.capture(self.memory, thread)
 
-    def read_code(self, vcpu: Vcpu, rip: int, before: int = 32, after: int = 48) -> tuple[bytes, int]:
-        """Guest bytes around ``rip`` (virtual), translated through the vCPU's page tables."""
-        return _capture.read_code(self.memory, vcpu, rip, before, after)
+    def read_code(self, vcpu: Vcpu, rip: int, before: int = 32, after: int = 48,
+                  plane: int = 0) -> tuple[bytes, int]:
+        """Guest bytes around ``rip`` (virtual), translated through the page tables of ``vcpu``,
+        plane ``plane`` of its vCPU, as that plane sees memory."""
+        return _capture.read_code(self.memory.seen_by(plane), vcpu, rip, before, after)
 
     def _result(self, status: ExitStatus | None, elapsed: float) -> RunResult:
         crash, failure = self._crash_info, self._failure

@@ -55,6 +55,7 @@ class VcpuThread:
         self.index = index
         self.planes_vcpu = planes_vcpu
         self.plane = 0                              # the plane that runs (or last ran)
+        self.vcpu = planes_vcpu.plane0              # its KVM vCPU: set together with self.plane
         self.suspended: list[int] = []              # planes waiting in a VtlCall or preempted
         self.started_planes = {0}
         self.done = False
@@ -97,8 +98,8 @@ class VcpuThread:
         self.outside_ram = [0, 0, None]      # reads, writes, first GPA (summed by the machine)
 
     def plane_vcpu(self, plane: int | None = None) -> Vcpu:
-        """The KVM vCPU of ``plane`` (default: the running plane)."""
-        return self.planes_vcpu.plane_vcpu(self.plane if plane is None else plane)
+        """The KVM vCPU of ``plane`` (default: the running plane, also ``self.vcpu``)."""
+        return self.vcpu if plane is None else self.planes_vcpu.plane_vcpu(plane)
 
     def set_port_handler(self, port: int, handler) -> None:
         """Writes to ``port`` go to ``handler(exit)``, which returns an outcome (or None)."""
@@ -158,7 +159,7 @@ class VcpuThread:
 
     # -- the outcomes ----------------------------------------------------------------------
     def _answer(self, answer: Answer) -> None:
-        vcpu = self.plane_vcpu()
+        vcpu = self.vcpu
         regs = vcpu.regs
         regs.rax = answer.status
         for name, value in answer.outputs:
@@ -185,12 +186,12 @@ class VcpuThread:
         policy.transfer(self, src, dst, switch.reason, first)   # the shared state, once
         if switch.suspend:
             self.suspended.append(src)
+        vcpu = self.planes_vcpu.plane_vcpu(dst)
         if switch.load_return_regs is not None:             # after the shared RAX/RCX arrived
-            vcpu = self.planes_vcpu.plane_vcpu(dst)
             regs = vcpu.regs
             regs.rax, regs.rcx = switch.load_return_regs
             vcpu.mark_dirty("regs")
-        self.plane = dst
+        self.plane, self.vcpu = dst, vcpu
         self.switches[(src, dst)] = self.switches.get((src, dst), 0) + 1
         reason = switch.reason
         self.entry_reasons[reason] = self.entry_reasons.get(reason, 0) + 1
@@ -239,7 +240,7 @@ class VcpuThread:
             data = dev.io_read(port, size).to_bytes(size, "little")
         else:                                 # `rep ins`
             data = b"".join(dev.io_read(port, size).to_bytes(size, "little") for _ in range(ex.count))
-        self.planes_vcpu.plane_vcpu(self.plane).complete_io_in(ex, data)
+        self.vcpu.complete_io_in(ex, data)
 
     def _on_mmio(self, ex) -> None:
         bus = self.machine.mmio
@@ -249,7 +250,7 @@ class VcpuThread:
         else:
             value = bus.read(ex.phys_addr, ex.length)
             if value is not None:
-                self.plane_vcpu().complete_mmio_read(value.to_bytes(ex.length, "little"))
+                self.vcpu.complete_mmio_read(value.to_bytes(ex.length, "little"))
                 return
         # Nothing answers there (no RAM, no device): as on a PC's open bus, reads return all
         # ones and writes are dropped. Counted here, reported once in the summary.
@@ -260,7 +261,7 @@ class VcpuThread:
             seen[1] += 1
         else:
             seen[0] += 1
-            self.plane_vcpu().complete_mmio_read(b"\xFF" * ex.length)
+            self.vcpu.complete_mmio_read(b"\xFF" * ex.length)
 
     def _unknown_access(self, what: str, port: int) -> None:
         """Warn once per (what, port); a guest polling an absent port costs a set lookup."""
@@ -340,7 +341,7 @@ class VcpuThread:
     def _on_hypercall(self, ex) -> Outcome:
         m = self.machine
         plane = self.plane
-        regs = self.planes_vcpu.plane_vcpu(plane).regs
+        regs = self.vcpu.regs
         control, outcome = m.dispatcher.dispatch(self, plane, regs)
         if m.trace and type(outcome) is not Fault:
             m.trace(ev.TraceEvent(ev.HYPERCALL, self.index, plane,

@@ -104,13 +104,19 @@ class _Known:
     """What one plane of one vCPU holds of the shared state while it is not running: the
     structs last read from it (as a switch's source) or written to it. The buffers are
     allocated once and reused: a switch reads into them and swaps them, it does not allocate."""
-    __slots__ = ("dr", "xsave", "xcr0", "dr_valid", "xsave_valid")
+    __slots__ = ("dr", "db", "xsave", "xcr0", "dr_valid", "xsave_valid")
 
     def __init__(self):
         self.dr = ffi.new(_DEBUGREGS_P)     # struct kvm_debugregs (its own DR6/DR7, the shared DR0-3)
-        self.xsave = ffi.new(_XSAVE_P)      # its XSAVE image
+        self.db = ffi.buffer(self.dr, _DB_BYTES)    # its DR0-3 bytes
+        self.xsave = _xsave_image()         # its XSAVE image: (struct kvm_xsave *, its bytes)
         self.xcr0 = None
         self.dr_valid = self.xsave_valid = False
+
+
+def _xsave_image():
+    image = ffi.new(_XSAVE_P)
+    return image, ffi.buffer(image)
 
 
 class VtlPolicy(PlanePolicy):
@@ -129,11 +135,18 @@ class VtlPolicy(PlanePolicy):
         self.machine = machine
         self.plane_count = n = machine.plane_count
         self.vcpu_count = machine.config.vcpus
-        self._higher = [higher_planes(p, n) if self.preempts else 0 for p in range(n)]
+        self._above = [higher_planes(p, n) for p in range(n)]
+        # The switches a VtlCall to plane t and a fast VtlReturn answer, made once: outcomes
+        # are not changed after a handler returns them, and building one costs a Python frame
+        # on the switch path.
+        self._call_to = [Switch(t, SwitchReason.CALL, suspend=True) for t in range(n)]
+        self._fast_return = Switch(None, SwitchReason.RETURN)
+        self._higher = self._above if self.preempts else [0] * n
         self._stats = [Counter() for _ in range(self.vcpu_count)]
         self._ud = [Counter() for _ in range(self.vcpu_count)]
-        self._known: dict[tuple[int, int], _Known] = {}
-        self._spare_xsave = ffi.new(_XSAVE_P)
+        # [vcpu][plane] -> _Known, made at the plane's first switch; None: nothing known
+        self._known: list[list[_Known | None]] = [[None] * n for _ in range(self.vcpu_count)]
+        self._spare_xsave = _xsave_image()
         # VTLs enabled on each VP (bit n = VTL n): all of them in pykvmm's boot mode; with
         # --vtl-boot tlfs only VTL0 until HvCallEnableVpVtl (vsm/enable.py)
         self.enabled = [(1 << n) - 1] * self.vcpu_count
@@ -150,12 +163,13 @@ class VtlPolicy(PlanePolicy):
     def forget(self, vcpu: int, plane: int) -> None:
         """Someone other than this policy changed the shared registers of a plane that is not
         running: do not trust what the policy remembers of them."""
-        self._known.pop((vcpu, plane), None)
+        self._known[vcpu][plane] = None
 
     # -- the run loop's questions ----------------------------------------------------------------
     def req_exit_planes(self, thread) -> int:
         req = self._higher[thread.plane] & self.enabled[thread.index]
-        if self.vsm is not None and self.vsm.vina_armed:
+        vsm = self.vsm
+        if vsm is not None and vsm.vina_armed:
             req |= self.vsm.vina_watch(thread)      # lower planes whose interrupts raise VINA
         return req
 
@@ -177,7 +191,7 @@ class VtlPolicy(PlanePolicy):
     # -- switches -------------------------------------------------------------------------------
     def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
         if first:
-            self._known.pop((thread.index, dst), None)     # it starts at the entry, with its own state
+            self._known[thread.index][dst] = None     # it starts at the entry, with its own state
         elif self.shares_state:
             self._copy_shared(thread, src, dst)
         code = ENTRY_REASONS.get(reason)
@@ -197,40 +211,37 @@ class VtlPolicy(PlanePolicy):
                 return assist & ~0xFFF
         return abi.control_page(vcpu, plane)
 
-    def _known_of(self, vcpu: int, plane: int) -> _Known:
-        k = self._known.get((vcpu, plane))
-        if k is None:
-            k = self._known[(vcpu, plane)] = _Known()
-        return k
-
     def _copy_shared(self, thread, src: int, dst: int) -> None:
-        source, dest = thread.plane_vcpu(src), thread.plane_vcpu(dst)
-        ioctls = 0
+        planes_vcpu = thread.planes_vcpu
+        source, dest = planes_vcpu.plane_vcpu(src), planes_vcpu.plane_vcpu(dst)
+        known = self._known[thread.index]
+        src_known, dst_known = known[src], known[dst]
+        if src_known is None:
+            src_known = known[src] = _Known()
+        if dst_known is None:
+            dst_known = known[dst] = _Known()
         # GPRs and CR2: the live copies (no ioctl with KVM_CAP_SYNC_REGS).
         src_regs, dst_regs = source.live_buffer("regs"), dest.live_buffer("regs")
         for start, end in _SHARED_GPR_SLICES:
             dst_regs[start:end] = src_regs[start:end]
         dest.mark_dirty("regs")
-        src_sregs, dst_sregs = source.sregs, dest.sregs
-        if dst_sregs.cr2 != src_sregs.cr2:
-            dst_sregs.cr2 = src_sregs.cr2
+        cr2, dst_sregs = source.sregs.cr2, dest.sregs
+        if dst_sregs.cr2 != cr2:
+            dst_sregs.cr2 = cr2
             dest.mark_dirty("sregs")
-        src_known, dst_known = self._known_of(thread.index, src), self._known_of(thread.index, dst)
         elide = self.elide_sets
         # DR0-DR3 (DR6/DR7 stay the destination's own).
-        src_dr = source.get_debugregs(into=src_known.dr)
+        source.get_debugregs(into=src_known.dr)
         src_known.dr_valid = True
-        ioctls += 1
-        dst_dr = dst_known.dr
+        ioctls = 1
         if not (elide and dst_known.dr_valid):
-            dest.get_debugregs(into=dst_dr)
+            dest.get_debugregs(into=dst_known.dr)
             dst_known.dr_valid = True
             ioctls += 1
-        src_db, dst_db = ffi.buffer(src_dr, _DB_BYTES), ffi.buffer(dst_dr, _DB_BYTES)
-        if not elide or src_db != dst_db:
-            dst_db[:] = src_db
-            dst_dr.flags = 0
-            dest.set_debugregs(dst_dr)
+        if not elide or src_known.db != dst_known.db:
+            dst_known.db[:] = src_known.db
+            dst_known.dr.flags = 0
+            dest.set_debugregs(dst_known.dr)
             ioctls += 1
         # XCR0 before the XSAVE image (which KVM checks against the guest's features).
         if self.copy_xcr0:
@@ -253,24 +264,25 @@ class VtlPolicy(PlanePolicy):
         """The source's XSAVE image with the destination's PKRU into the destination (no SET
         when the destination provably holds it already). Returns the ioctls made."""
         ioctls = 1
-        image = source.get_xsave(into=src_known.xsave)
+        image, image_bytes = src_known.xsave
+        source.get_xsave(into=image)
         src_known.xsave_valid = True
+        mine, mine_bytes = dst_known.xsave
         off = self.pkru_offset
-        if off is None and elide and dst_known.xsave_valid and ffi.buffer(image) == ffi.buffer(dst_known.xsave):
+        if off is None and elide and dst_known.xsave_valid and image_bytes == mine_bytes:
             return ioctls
-        mine = dst_known.xsave
         if off is not None and not (elide and dst_known.xsave_valid):
             dest.get_xsave(into=mine)
             ioctls += 1
-        new = self._spare_xsave             # swapped in as what the destination holds if SET
+        new, new_bytes = spare = self._spare_xsave   # swapped in as what the destination holds if SET
         ffi.memmove(new, image, _XSAVE_SIZE)
         if off is not None:
-            merge_pkru(new, bytes(ffi.buffer(mine)), off)
-            if elide and ffi.buffer(new) == ffi.buffer(mine):
+            merge_pkru(new, bytes(mine_bytes), off)
+            if elide and new_bytes == mine_bytes:
                 dst_known.xsave_valid = True
                 return ioctls
         dest.set_xsave(new)
-        self._spare_xsave, dst_known.xsave, dst_known.xsave_valid = mine, new, True
+        self._spare_xsave, dst_known.xsave, dst_known.xsave_valid = dst_known.xsave, spare, True
         return ioctls + 1
 
     # -- hypercalls -------------------------------------------------------------------------------
@@ -284,10 +296,13 @@ class VtlPolicy(PlanePolicy):
             return self._ud_fault(thread, "cpl", f"{name} at CPL {cs.dpl} (hypercalls need CPL 0)")
         return None
 
-    def _malformed_switch_call(self, thread, plane, control, regs) -> Fault | None:
-        """#UD for a VtlCall/VtlReturn above CPL 0, with control bits other than its code, or
-        with RAX (the VTL input) bits it does not allow."""
-        name, kind, rax_allowed, rax_rule = _SWITCH_CALLS[control.code]
+    def _malformed_switch_call(self, thread, plane, control, regs, code: int) -> Fault | None:
+        """#UD for a VtlCall/VtlReturn (``code``) above CPL 0, with control bits other than its
+        code, or with RAX (the VTL input) bits it does not allow."""
+        name, kind, rax_allowed, rax_rule = _SWITCH_CALLS[code]
+        if control == code and not regs.rax & ~rax_allowed \
+                and thread.planes_vcpu.plane_vcpu(plane).sregs.cs.dpl == 0:
+            return None                     # the common case, in one test
         if fault := self._cpl_fault(thread, plane, name):
             return fault
         if control.value != control.code:
@@ -298,33 +313,33 @@ class VtlPolicy(PlanePolicy):
         return None
 
     def vtl_call(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._malformed_switch_call(thread, plane, control, regs):
+        if fault := self._malformed_switch_call(thread, plane, control, regs, tlfs.HVCALL_VTL_CALL):
             return fault
-        above = higher_planes(plane, self.plane_count) & self.enabled[thread.index]
+        above = self._above[plane] & self.enabled[thread.index]
         if not above:
             return self._ud_fault(thread, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
                                                      f"enabled on VP {thread.index} of {self.plane_count}")
-        return Switch((above & -above).bit_length() - 1, SwitchReason.CALL, suspend=True)
+        return self._call_to[(above & -above).bit_length() - 1]
 
     def vtl_return(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._malformed_switch_call(thread, plane, control, regs):
+        if fault := self._malformed_switch_call(thread, plane, control, regs, tlfs.HVCALL_VTL_RETURN):
             return fault
         if plane == 0:
             return self._ud_fault(thread, "return-from-vtl0", "HvCallVtlReturn from VTL0 (no lower VTL)")
         if not thread.suspended or thread.suspended[-1] >= plane:
             return self._ud_fault(thread, "return-nothing-suspended",
                             f"HvCallVtlReturn from VTL{plane} with no lower VTL to return to")
-        load = None
         if self.loads_return_regs and not regs.rax & 1:     # a non-fast return
             page = self.vtl_control(thread.index, plane)
             memory = self.machine.memory
             load = (memory.u64(page + abi.VTL_RETURN_RAX), memory.u64(page + abi.VTL_RETURN_RCX))
-        return Switch(None, SwitchReason.RETURN, load_return_regs=load)
+            return Switch(None, SwitchReason.RETURN, load_return_regs=load)
+        return self._fast_return
 
     def send_synthetic_cluster_ipi(self, thread, plane, control, regs) -> Outcome:
         if fault := self._cpl_fault(thread, plane, "HvCallSendSyntheticClusterIpi"):
             return fault
-        if control.value >> 17:   # var-header size, rep count/start, reserved bits: a simple call has none
+        if control >> 17:   # var-header size, rep count/start, reserved bits: a simple call has none
             return Answer(tlfs.INVALID_HYPERCALL_INPUT)
         if control.fast:
             head, mask = regs.rdx, regs.r8
@@ -333,7 +348,7 @@ class VtlPolicy(PlanePolicy):
             if gpa & 7:
                 return Answer(tlfs.INVALID_ALIGNMENT)
             try:
-                data = self.machine.memory.read(gpa, 16)
+                data = self.machine.memory.seen_by(plane).read(gpa, 16)
             except GuestMemoryError:
                 return Answer(tlfs.INVALID_PARAMETER)      # the input is not in guest memory
             head = int.from_bytes(data[0:8], "little")
@@ -375,6 +390,7 @@ class VtlPolicy(PlanePolicy):
             "ud_reasons": dict(ud),
             "preemptions": total["preemptions"],
             "interrupts_masked": sum(getattr(t.planes_vcpu, "masked_interrupts", 0) for t in self.machine.threads),
+            "lapic_timer_events": sum(getattr(t.planes_vcpu, "timer_events", 0) for t in self.machine.threads),
             "events_spurious": total["events_spurious"],
             "shared_state_copies": total["shared_state_copies"],
             "state_ioctls": total["state_ioctls"],

@@ -1,6 +1,9 @@
 """Local APIC register layout (as KVM_GET_LAPIC returns it), ICR and MSI encodings."""
 
+import struct
 from dataclasses import dataclass
+
+from .arch import LVT_MASKED, LVT_TIMER_TSC_DEADLINE
 
 # byte offsets in struct kvm_lapic_state.regs (xAPIC MMIO layout)
 APIC_ID = 0x20
@@ -15,7 +18,12 @@ APIC_ICR_HI = 0x310
 APIC_LVT_TIMER = 0x320
 APIC_LVT_ERROR = 0x370        # the six LVT entries: timer, thermal, perf, LINT0, LINT1, error
 APIC_TIMER_INITIAL = 0x380
-LVT_MASKED = 1 << 16
+APIC_TIMER_CURRENT = 0x390
+APIC_TIMER_DIVIDE = 0x3E0
+LVT_TIMER_MODE = 3 << 17
+# KVM's LAPIC timer counts at 1 GHz (APIC_BUS_CYCLE_NS_DEFAULT) unless the VMM changes it with
+# KVM_CAP_X86_APIC_BUS_CYCLES_NS, which pykvmm does not.
+APIC_BUS_CYCLE_NS = 1
 
 DM_FIXED = 0
 DM_LOWEST = 1
@@ -72,11 +80,12 @@ def msi_destination(address: int) -> int:
     return (address >> 12) & 0xFF | (address >> 32) & 0xFFFFFF00
 
 
+_EIGHT_WORDS = struct.Struct("<" + "I12x" * 7 + "I")     # IRR/ISR/TMR: 32 bits every 16 bytes
+
+
 def _bits(regs: bytes, base: int) -> list[int]:
     out = []
-    for word in range(8):
-        off = base + word * 0x10
-        val = int.from_bytes(regs[off:off + 4], "little")
+    for word, val in enumerate(_EIGHT_WORDS.unpack_from(regs, base)):
         while val:
             low = val & -val
             out.append(word * 32 + low.bit_length() - 1)
@@ -129,7 +138,31 @@ def priority_class(regs: bytes) -> int:
     return max((reg32(regs, APIC_TPR) >> 4) & 0xF, max(isr) >> 4 if isr else 0)
 
 
-def deliverable_irr(regs: bytes) -> int | None:
-    """The highest pending vector if the LAPIC would deliver it now (class above PPR), else None."""
+def deliverable_irr(regs: bytes, also: int | None = None) -> int | None:
+    """The highest pending vector if the LAPIC would deliver it now (class above PPR), else None.
+    ``also``: a vector pending besides the IRR (a timer expiry KVM has not put there yet)."""
     vector = highest_irr(regs)
+    if also is not None and (vector is None or also > vector):
+        vector = also
     return vector if vector is not None and vector >> 4 > priority_class(regs) else None
+
+
+def timer_armed_lvt(regs: bytes) -> int | None:
+    """The LVT timer entry if it is unmasked (the LAPIC software-enabled), else None: only then
+    can this LAPIC's timer raise an interrupt."""
+    lvt = reg32(regs, APIC_LVT_TIMER)
+    return None if lvt & LVT_MASKED or not software_enabled(regs) else lvt
+
+
+def timer_remaining_ns(regs: bytes) -> int | None:
+    """Nanoseconds to the next expiry of a one-shot or periodic timer from the current count
+    (TMCCT, which KVM_GET_LAPIC computes at the read) and the divide configuration; None when
+    it does not count (a one-shot that expired, TMICT 0) or is in TSC-deadline mode."""
+    if reg32(regs, APIC_LVT_TIMER) & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE:
+        return None
+    count = reg32(regs, APIC_TIMER_CURRENT)
+    if not count:
+        return None
+    dcr = reg32(regs, APIC_TIMER_DIVIDE)
+    divide = 1 << ((((dcr & 3) | (dcr & 8) >> 1) + 1) & 7)     # SDM 11.5.4: 0b1011 is 1
+    return count * divide * APIC_BUS_CYCLE_NS

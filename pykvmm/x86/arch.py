@@ -35,6 +35,7 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
 SHARED_GPRS = tuple(r for r in GPRS if r != "rsp")
 
 MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_IA32_APICBASE = 0x1B
 APICBASE_BSP = 1 << 8
 APICBASE_X2APIC = 1 << 10
@@ -62,6 +63,16 @@ X2APIC_EOI = 0x80B
 X2APIC_SVR = 0x80F
 X2APIC_ISR0 = 0x810         # ISR bits 0-31; 0x811 bits 32-63; ... 0x817
 X2APIC_ICR = 0x830
+X2APIC_LVT_TIMER = 0x832
+X2APIC_TIMER_INITIAL = 0x838  # TMICT
+X2APIC_TIMER_CURRENT = 0x839  # TMCCT
+X2APIC_TIMER_DIVIDE = 0x83E   # DCR
+
+# LVT entries (SDM 11.5.1): the mask bit, and the timer's mode (bits 18:17)
+LVT_MASKED = 1 << 16
+LVT_TIMER_ONESHOT = 0 << 17
+LVT_TIMER_PERIODIC = 1 << 17
+LVT_TIMER_TSC_DEADLINE = 2 << 17
 
 # exception vectors
 VEC_DE, VEC_DB, VEC_NMI, VEC_BP, VEC_OF, VEC_BR, VEC_UD, VEC_NM, VEC_DF = range(9)

@@ -133,9 +133,11 @@ class CRef:
             raise RuntimeError(f"pio_ref {' '.join(opts)} failed: {res.stderr.strip()}")
         return json.loads(res.stdout)["batches_us_per_exit"]
 
-    def kick(self, n: int, max_wait_us: int) -> dict:
-        res = subprocess.run([str(self.path), "-i", "-s", "1", "-k", "-K", str(max_wait_us), str(n)],
-                             capture_output=True, text=True, timeout=120)
+    def kick(self, n: int, max_wait_us: int, halted: bool = False) -> dict:
+        """The kick floor: a thread spinning in one VM's guest (``halted``: halted in it, so the
+        kick wakes a sleeping thread) kicked, then the other VM run to its first exit."""
+        res = subprocess.run([str(self.path), "-i", "-s", "1", "-k", "-K", str(max_wait_us), *(["-H"] if halted else []),
+                              str(n)], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"pio_ref -k failed: {res.stderr.strip()}")
         return json.loads(res.stdout)

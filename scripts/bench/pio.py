@@ -80,7 +80,10 @@ def run(ctx) -> dict:
 def verdicts(rows: dict, add) -> None:
     r1 = rows.get("1_pio_exit")
     if r1:
-        add(1, "pykvmm / C per PIO exit", r1["pykvmm_over_c"], TARGET_PIO_RATIO, "x")
+        raw = r1.get("raw_cffi_over_c")
+        floor = (f" (the bare cffi KVM_RUN loop alone is {fmt(raw, 2)}x C here: the target is below "
+                 f"what any Python loop reaches)" if raw and raw > TARGET_PIO_RATIO else "")
+        add(1, "pykvmm / C per PIO exit" + floor, r1["pykvmm_over_c"], TARGET_PIO_RATIO, "x")
 
 
 def table(rows: dict, L) -> None:
@@ -90,7 +93,8 @@ def table(rows: dict, L) -> None:
           f"real mode, no irqchip: {fmt(r1['c_real_mode_us'], 2)} us; one guest instruction: "
           f"{fmt(r1['guest_instruction_us'], 2)} us")
         L("1", "PIO exit, raw cffi Vcpu.raw_run() loop", f"{fmt(r1['raw_cffi_us'], 2)} us",
-          f"{fmt(r1['raw_cffi_over_c'], 2)}x C")
+          f"{fmt(r1['raw_cffi_over_c'], 2)}x C" + (f" (above the {TARGET_PIO_RATIO}x target by itself)"
+                                                   if (r1['raw_cffi_over_c'] or 0) > TARGET_PIO_RATIO else ""))
         L("1", "PIO exit, pykvmm run loop", f"{fmt(r1['pykvmm_us'], 2)} us",
           f"{fmt(r1['pykvmm_over_c'], 2)}x C, {fmt(r1['pykvmm_over_raw_cffi'], 2)}x raw; ioctls/exit "
           f"{fmt(sum(r1['ioctls_per_exit'].values()), 2)}; Python calls/exit {fmt(r1.get('python_calls_per_exit'), 1)}")

@@ -136,12 +136,13 @@ class GdbSession:
             if c == "m":
                 a, _, n = text[1:].partition(",")
                 length = min(int(n, 16), PACKET_SIZE // 2 - 16)
-                data = self.ctl.bps.read(self._sel_vcpu(), int(a, 16), length)
+                data = self.ctl.bps.read(self._sel_vcpu(), int(a, 16), length, self._sel_plane())
                 return "E14" if not data and length else data.hex()
             if c == "M":
                 head, _, data = text[1:].partition(":")
                 a, _, n = head.partition(",")
-                ok = self.ctl.bps.write(self._sel_vcpu(), int(a, 16), bytes.fromhex(data)[:int(n, 16)])
+                ok = self.ctl.bps.write(self._sel_vcpu(), int(a, 16), bytes.fromhex(data)[:int(n, 16)],
+                                        self._sel_plane())
                 return "OK" if ok else "E14"
             if c == "X":
                 return ""            # gdb falls back to M
@@ -285,6 +286,9 @@ class GdbSession:
         if tid <= 0 or not self._valid_tid(tid):
             return self._current_tid()
         return tid
+
+    def _sel_plane(self) -> int:
+        return split_tid(self._sel_tid())[1]
 
     def _sel_vcpu(self):
         """The KVM vCPU of the thread gdb selected with Hg (one plane of one vCPU)."""

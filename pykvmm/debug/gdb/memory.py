@@ -26,8 +26,10 @@ class MemoryAndBreakpoints:
             return None
         return gpa
 
-    def read(self, v, addr: int, length: int) -> bytes:
-        """Up to ``length`` bytes at guest-virtual ``addr`` (fewer where the mapping ends)."""
+    def read(self, v, addr: int, length: int, plane: int = 0) -> bytes:
+        """Up to ``length`` bytes at guest-virtual ``addr`` (fewer where the mapping ends), as
+        ``plane`` (whose KVM vCPU ``v`` is) sees guest memory."""
+        memory = self.memory.seen_by(plane)
         out = bytearray()
         a = addr
         while len(out) < length:
@@ -35,15 +37,16 @@ class MemoryAndBreakpoints:
             gpa = self.translate(v, a)
             if gpa is None or gpa + chunk > self.memory.size:
                 break
-            out += self.memory.read(gpa, chunk)
+            out += memory.read(gpa, chunk)
             a += chunk
         for gva, (_, orig, _) in self.sw_bps.items():     # show the original bytes, not our int3
             if addr <= gva < addr + len(out):
                 out[gva - addr] = orig
         return bytes(out)
 
-    def write(self, v, addr: int, data: bytes) -> bool:
+    def write(self, v, addr: int, data: bytes, plane: int = 0) -> bool:
         """Write ``data`` at guest-virtual ``addr``: all of it, or nothing if a page is unmapped."""
+        memory = self.memory.seen_by(plane)
         spans = []
         a, off = addr, 0
         while off < len(data):
@@ -60,7 +63,7 @@ class MemoryAndBreakpoints:
                 if gva <= bp < gva + len(buf):
                     entry[1] = buf[bp - gva]          # the new original byte; keep our int3
                     buf[bp - gva] = 0xCC
-            self.memory.write(gpa, bytes(buf))
+            memory.write(gpa, bytes(buf))
         return True
 
     # -- breakpoints and watchpoints ---------------------------------------------------------

@@ -135,7 +135,7 @@ class Call:
                                                          f"({len(regs)} bytes{'' if len(regs) > 16 else ', no hv_xmm_input'})")
             return regs[:size]
         self.hv.check_vtl_access(self.plane, self.regs.rdx, size, "input", write=False)
-        return self.hv.read_block(self.regs.rdx, size, "input")
+        return self.hv.read_block(self.plane, self.regs.rdx, size, "input")
 
     # -- output --------------------------------------------------------------------------
     def write_output(self, offset: int, data: bytes, input_size: int) -> None:
@@ -143,7 +143,7 @@ class Call:
             return
         if not self.fast:
             self.hv.check_vtl_access(self.plane, self.regs.r8 + offset, len(data), "output", write=True)
-            self.hv.write_block(self.regs.r8, offset, data)
+            self.hv.write_block(self.plane, self.regs.r8, offset, data)
             return
         if not self.hv.config.has("xmm_output"):
             raise HvError(T.INVALID_HYPERCALL_INPUT, "fast call with output needs hv_xmm_output")

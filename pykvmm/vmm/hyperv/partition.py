@@ -238,23 +238,25 @@ class HyperV:
             if not view.allows(gpa, size, Access.WRITE if write else Access.READ):
                 raise HvError(T.ACCESS_DENIED, f"{what} GPA {gpa:#x} is protected from VTL{plane}")
 
-    def read_block(self, gpa: int, size: int, what: str) -> bytes:
+    def read_block(self, plane: int, gpa: int, size: int, what: str) -> bytes:
+        """``plane``'s hypercall input block (as that VTL sees guest memory)."""
         if gpa & 7:
             raise HvError(T.INVALID_ALIGNMENT, f"{what} GPA {gpa:#x} is not 8-byte aligned")
         if size and (gpa & 0xFFF) + size > 0x1000:
             raise HvError(T.INVALID_ALIGNMENT, f"{what} block {gpa:#x}+{size} crosses a page")
         try:
-            return self.memory.read(gpa, size)
+            return self.memory.seen_by(plane).read(gpa, size)
         except GuestMemoryError:
             raise HvError(T.INVALID_PARAMETER, f"{what} GPA {gpa:#x} is not in guest memory") from None
 
-    def write_block(self, gpa: int, offset: int, data: bytes) -> None:
+    def write_block(self, plane: int, gpa: int, offset: int, data: bytes) -> None:
+        """Into ``plane``'s hypercall output block (as that VTL sees guest memory)."""
         if gpa & 7:
             raise HvError(T.INVALID_ALIGNMENT, f"output GPA {gpa:#x} is not 8-byte aligned")
         if (gpa & 0xFFF) + offset + len(data) > 0x1000:
             raise HvError(T.INVALID_ALIGNMENT, f"output block {gpa:#x} crosses a page")
         try:
-            self.memory.write(gpa + offset, data)
+            self.memory.seen_by(plane).write(gpa + offset, data)
         except GuestMemoryError:
             raise HvError(T.INVALID_PARAMETER, f"output GPA {gpa:#x} is not in guest memory") from None
 

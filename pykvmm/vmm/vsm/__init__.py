@@ -194,7 +194,7 @@ class Vsm:
         v = thread.plane_vcpu(plane)
         regs, sregs = v.regs, v.sregs
         events = v.get_vcpu_events()
-        code, _ = read_code(self.machine.memory, v, regs.rip, before=0, after=16)
+        code, _ = read_code(self.machine.memory.seen_by(plane), v, regs.rip, before=0, after=16)
         msg = memory_intercept_message(thread.index, plane, regs, sregs, events, fault, code[:16])
         where = deliver(self.machine, thread.index, owner, msg)
         self.stats["intercepts"] += 1

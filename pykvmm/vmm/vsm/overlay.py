@@ -5,9 +5,11 @@ and VSM keeps them per VTL "such that higher VTLs have reliable access".
 
 How pykvmm does it: the guest page at the overlay's GPA becomes the overlay of the VTL that
 placed it, a fresh zeroed page (the VMM writes hypercall stubs, messages, entry reasons...
-there, as before), after its RAM content is saved in a page of its own, the *beneath* copy. Every other VTL sees the
-beneath copy at that GPA instead (Plane.cover: its own memslot on multivm), so it keeps seeing
-and changing the RAM that was there, and never sees or changes the overlay. When the last
+there, as before), after its RAM content is saved in a page of its own, the *beneath* copy.
+Every other VTL sees the beneath copy at that GPA instead (Plane.cover: its own memslot on
+multivm), so it keeps seeing and changing the RAM that was there, and never sees or changes
+the overlay; so does the VMM on that VTL's behalf (its hypercall input and output, its page
+walks: GuestMemory.seen_by, through ``memory.covers``). When the last
 overlay at the GPA goes (disabled, moved, GUEST_OS_ID cleared) the beneath copy is put back:
 the RAM reappears as the VTLs left it.
 
@@ -16,8 +18,7 @@ Several overlays at one GPA: any number of VPs and VTLs may put their hypercall 
 gets what it asked for, one page); an overlay of another kind over a GPA another VTL's overlay
 covers is refused (the MSR write #GPs, saying so): one guest page cannot hold two VTLs'
 different overlays. Bounds: overlays are per VTL, not per VP (two VPs of one VTL at one GPA
-share the page); the VMM's own accesses to that GPA on behalf of another VTL (its hypercall
-input, page-table walks) see the overlay; the hypercall page stays writable; on backends
+share the page); the hypercall page stays writable; on backends
 whose planes share one memory layout the overlay is not hidden from the other VTLs (the
 RAM is still restored), and pykvmm warns once.
 """
@@ -85,8 +86,9 @@ class Overlays:
         vtl = key[2]
         owners = self.owners.get(gpa)
         if owners is None:
-            b = self.beneath[gpa] = _Beneath(self.machine.memory.read(gpa, PAGE))
-            self.machine.memory.write(gpa, bytes(PAGE))
+            memory = self.machine.memory
+            b = self.beneath[gpa] = memory.covers[gpa] = _Beneath(memory.read(gpa, PAGE))
+            memory.write(gpa, bytes(PAGE))
             owners = self.owners[gpa] = set()
             for plane in range(self.machine.plane_count):
                 if plane != vtl:
@@ -104,8 +106,8 @@ class Overlays:
             for plane in sorted(b.planes):
                 self._uncover(plane, gpa)
             self.machine.memory.write(gpa, bytes(b.map))
+            del self.owners[gpa], self.beneath[gpa], self.machine.memory.covers[gpa]
             b.close()
-            del self.owners[gpa], self.beneath[gpa]
             self.restored += 1
         elif not any(owner == key[2] for _, _, owner in owners):
             self._cover(key[2], gpa, b)

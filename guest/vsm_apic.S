@@ -9,8 +9,6 @@
 .include "guest.inc"
 .include "vtl.inc"
 
-.set MSR_APIC_BASE, 0x1B
-.set APIC_BASE_EN_EXTD, 0xC00
 .set VECTOR, 0x50
 
 .text
@@ -21,9 +19,9 @@ main:
     SET_HANDLER VECTOR, handler
     call apic_enable
     call vtl_call
-    mov ecx, MSR_APIC_BASE
+    mov ecx, MSR_IA32_APICBASE
     rdmsr
-    and eax, APIC_BASE_EN_EXTD
+    and eax, (APICBASE_ENABLE | APICBASE_X2APIC)
     GUEST_SYNC 1, rax
     sti
     call apic_id
@@ -43,17 +41,17 @@ handler:
     iretq
 
 vtl1_main:
-    mov ecx, MSR_APIC_BASE
+    mov ecx, MSR_IA32_APICBASE
     rdmsr
     push rax
-    and eax, APIC_BASE_EN_EXTD
+    and eax, (APICBASE_ENABLE | APICBASE_X2APIC)
     GUEST_SYNC 0x11, rax
     pop rax
-    and eax, ~APIC_BASE_EN_EXTD
-    mov ecx, MSR_APIC_BASE
+    and eax, ~(APICBASE_ENABLE | APICBASE_X2APIC)
+    mov ecx, MSR_IA32_APICBASE
     wrmsr
     rdmsr
-    and eax, APIC_BASE_EN_EXTD
+    and eax, (APICBASE_ENABLE | APICBASE_X2APIC)
     GUEST_SYNC 0x12, rax
     xor edi, edi
     call vtl_serve

@@ -84,31 +84,17 @@ vtl1_text:
 vtl1_main:
     VSM_VTL_INIT
     mov rdi, HYPERCALL_PAGE_ADDR
-    mov esi, 1
-    mov edx, HV_MAP_GPA_RX
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, HV_MAP_GPA_RX
     GUEST_SYNC 0x10, rax
-    lea rdi, [rip + vtl1_text]
-    mov esi, 1
-    xor edx, edx
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, 0, at=vtl1_text
     GUEST_SYNC 0x11, rax
-    lea rdi, [rip + vtl1_data]
-    mov esi, 1
-    xor edx, edx
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, 0, at=vtl1_data
     GUEST_SYNC 0x12, rax
     mov rdi, rsp                        /* this VTL's stack: the 4 pages below its top */
     add rdi, 0xFFF
     and rdi, -0x1000
     sub rdi, STACK_SIZE
-    mov esi, STACK_SIZE / 0x1000
-    xor edx, edx
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT "STACK_SIZE / 0x1000", 0
     GUEST_SYNC 0x13, rax
     lea rdi, [rip + vtl1_intercept]
     lea rsi, [rip + vtl1_echo]
@@ -120,11 +106,11 @@ vtl1_intercept:
     inc qword ptr [rip + intercepts]
     mov eax, [rdi + HV_MSG_HEADER_TYPE]
     GUEST_ASSERT_EQ rax, HVMSG_GPA_INTERCEPT, "message type"
-    movzx eax, byte ptr [rdi + HV_MSG_PAYLOAD + IH_ACCESS_TYPE]
+    movzx eax, byte ptr [rdi + HV_MSG_PAYLOAD + HV_IH_ACCESS_TYPE]
     mov [rip + last_access], rax
-    mov rax, [rdi + HV_MSG_PAYLOAD + MI_GPA]
+    mov rax, [rdi + HV_MSG_PAYLOAD + HV_MI_GPA]
     mov [rip + last_gpa], rax
-    cmp byte ptr [rdi + HV_MSG_PAYLOAD + IH_ACCESS_TYPE], HV_ACCESS_EXECUTE
+    cmp byte ptr [rdi + HV_MSG_PAYLOAD + HV_IH_ACCESS_TYPE], HV_INTERCEPT_ACCESS_EXECUTE
     je 1f
     jmp vsm_skip_intercepted
 1:  mov edi, HV_INPUT_VTL_USE_TARGET | 0

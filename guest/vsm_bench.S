@@ -72,11 +72,7 @@ vtl1_main:
     mov edi, HV_MSR_VP_ASSIST_PAGE
     call wrmsr_safe
     GUEST_ASSERT_EQ rax, 0, "VP assist page"
-    lea rdi, [rip + protected]
-    mov esi, 1
-    xor edx, edx
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, 0, at=protected
     GUEST_ASSERT_EQ rax, 1 << 32, "ModifyVtlProtectionMask"
 1:  mov ecx, HV_VTL_RETURN_FAST
     call HYPERCALL_PAGE_ADDR + HCPAGE_VTL_RETURN

@@ -39,8 +39,6 @@
 .include "hv.inc"
 .include "vsm.inc"
 
-.set REG_VSM_PARTITION_STATUS, 0x000D0004
-.set REG_VSM_PARTITION_CONFIG, 0x000D0007
 
 /* ENABLE_PARTITION vtl, flags -> rax */
 .macro ENABLE_PARTITION vtl:req, flags:req
@@ -77,7 +75,7 @@ main:
     GUEST_SYNC 0x01, rbx
     call vtl_call
     GUEST_SYNC 0x02, [rip + ud_count]
-    mov edi, REG_VSM_PARTITION_STATUS
+    mov edi, HV_REG_VSM_PARTITION_STATUS
     xor esi, esi
     call vsm_get_register
     GUEST_SYNC 0x03, rdx
@@ -112,7 +110,7 @@ main:
     GUEST_SYNC 0x0c, rax
     ENABLE_VP 0
     GUEST_SYNC 0x0d, rax
-    mov edi, REG_VSM_PARTITION_CONFIG
+    mov edi, HV_REG_VSM_PARTITION_CONFIG
     mov esi, 1
     xor edx, edx
     call vsm_set_register
@@ -172,12 +170,12 @@ vtl1_entry:
     xor esi, esi
     call vsm_get_register
     GUEST_SYNC 0x32, rdx
-    mov edi, REG_VSM_PARTITION_CONFIG
-    mov esi, 1 | (HV_MAP_GPA_ALL << 1)
+    mov edi, HV_REG_VSM_PARTITION_CONFIG
+    mov esi, 1 | (HV_MAP_GPA_MASK << 1)
     xor edx, edx
     call vsm_set_register
     GUEST_SYNC 0x34, rax
-    mov edi, REG_VSM_PARTITION_CONFIG
+    mov edi, HV_REG_VSM_PARTITION_CONFIG
     mov esi, 1 | (HV_MAP_GPA_RX << 1)
     xor edx, edx
     call vsm_set_register
@@ -202,11 +200,7 @@ vtl1_entry:
     lea rsi, [rip + vtl1_simp]
     or rsi, 1
     WRMSR_OK HV_MSR_SIMP, rsi
-    lea rdi, [rip + guarded]
-    mov esi, 1
-    xor edx, edx
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, 0, at=guarded
     GUEST_ASSERT_EQ rax, 1 << 32, "ModifyVtlProtectionMask"
     mov edi, 1
     call vtl_return
@@ -217,11 +211,11 @@ vtl1_entry:
     lea rbx, [rip + vtl1_simp]
     mov eax, [rbx + HV_MSG_HEADER_TYPE]
     GUEST_SYNC 0x39, rax
-    mov rax, [rbx + HV_MSG_PAYLOAD + MI_GPA]
+    mov rax, [rbx + HV_MSG_PAYLOAD + HV_MI_GPA]
     lea rcx, [rip + guarded]
     sub rax, rcx
     GUEST_SYNC 0x3a, rax
-    movzx eax, byte ptr [rbx + HV_MSG_PAYLOAD + IH_ACCESS_TYPE]
+    movzx eax, byte ptr [rbx + HV_MSG_PAYLOAD + HV_IH_ACCESS_TYPE]
     GUEST_SYNC 0x3b, rax
     GUEST_SYNC 0x3c, [rip + guarded]    /* the write did not land */
     mov rdi, rbx

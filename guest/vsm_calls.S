@@ -40,7 +40,6 @@
 .include "hv.inc"
 .include "vsm.inc"
 
-.set STATUS_SUCCESS, 0
 .set BUF, 0
 
 /* TRANSLATE case, flags: vsm_translate(rdi) that must succeed as a call; SYNC case = the
@@ -59,11 +58,7 @@ main:
     VTL_MAIN_DISPATCH 1
     VSM_VTL_INIT
     call vtl_call                       /* initialise VTL1 */
-    lea rdi, [rip + page]
-    mov esi, 1
-    mov edx, HV_MAP_GPA_RX
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, HV_MAP_GPA_RX, at=page
     GUEST_SYNC 0x01, rax
     mov ecx, HV_INPUT_VTL_USE_TARGET | 1
     call vsm_protect
@@ -95,16 +90,12 @@ vtl1_main:
 
 /* one VtlCall: every negative case; rbx = 0x77 goes back to VTL0 */
 vtl1_tests:
-    lea rdi, [rip + page]
-    mov esi, 1
-    mov edx, 0x10 | HV_MAP_GPA_READ
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, "0x10 | HV_MAP_GPA_READABLE", at=page
     GUEST_SYNC 0x11, rax
-    mov edx, HV_MAP_GPA_WRITE
+    mov edx, HV_MAP_GPA_WRITABLE
     call vsm_protect
     GUEST_SYNC 0x12, rax
-    mov edx, HV_MAP_GPA_READ
+    mov edx, HV_MAP_GPA_READABLE
     call vsm_protect
     GUEST_SYNC 0x13, rax
     /* three pages ending past the end of guest memory */
@@ -112,7 +103,7 @@ vtl1_tests:
     mov rdi, [rax + BI_MEM_SIZE]
     sub rdi, 0x2000
     mov esi, 3
-    mov edx, HV_MAP_GPA_ALL
+    mov edx, HV_MAP_GPA_MASK
     call vsm_protect
     GUEST_SYNC 0x14, rax
     /* a hand-made header for the cases vsm_protect cannot express */
@@ -122,7 +113,7 @@ vtl1_tests:
     shr rax, 12
     mov [rbx + 16], rax
     mov qword ptr [rbx], 7              /* PartitionId 7 */
-    mov dword ptr [rbx + 8], HV_MAP_GPA_ALL
+    mov dword ptr [rbx + 8], HV_MAP_GPA_MASK
     mov dword ptr [rbx + 12], HV_INPUT_VTL_USE_TARGET | 0
     mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | 1 << HV_CONTROL_REP_COUNT_SHIFT
     call modify_raw
@@ -142,7 +133,7 @@ vtl1_tests:
     fxrstor [r12]
     mov rcx, HVCALL_MODIFY_VTL_PROTECTION_MASK | HV_CONTROL_FAST | 1 << HV_CONTROL_REP_COUNT_SHIFT
     mov rdx, -1
-    mov r8, HV_MAP_GPA_ALL | (HV_INPUT_VTL_USE_TARGET << 32)
+    mov r8, HV_MAP_GPA_MASK | (HV_INPUT_VTL_USE_TARGET << 32)
     call HYPERCALL_PAGE_ADDR + HCPAGE_HYPERCALL
     GUEST_SYNC 0x17, rax
     /* fast GetVpRegisters with XMM output: VTL0's RSP lands in XMM1 */
@@ -212,27 +203,15 @@ vtl1_tests:
     GUEST_SYNC 0x41, rcx
     mov rdi, 1 << 39
     TRANSLATE 0x42, TR_VTL0 | 1
-    lea rdi, [rip + page]
-    mov esi, 1
-    mov edx, HV_MAP_GPA_RX
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, HV_MAP_GPA_RX, at=page
     lea rdi, [rip + page]
     TRANSLATE 0x43, TR_VTL0 | 2
     lea rdi, [rip + page]
     TRANSLATE 0x44, TR_VTL0 | 1
-    lea rdi, [rip + page]
-    mov esi, 1
-    xor edx, edx
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, 0, at=page
     lea rdi, [rip + page]
     TRANSLATE 0x45, TR_VTL0 | 1
-    lea rdi, [rip + page]
-    mov esi, 1
-    mov edx, HV_MAP_GPA_ALL
-    mov ecx, HV_INPUT_VTL_USE_TARGET | 0
-    call vsm_protect
+    VSM_PROTECT 1, HV_MAP_GPA_MASK, at=page
     lea rdi, [rip + page]
     mov rsi, TR_VTL0 | 1 << 6
     call vsm_translate

@@ -21,12 +21,8 @@
 .include "hv.inc"
 .include "vsm.inc"
 
-.set REG_LSTAR, 0x00080009
-.set REG_RBX, 0x00020003
-.set MSR_LSTAR, 0xC0000082
 .set VP1_LSTAR, 0x11110000
 .set NEW_LSTAR, 0x22220000
-.set VALIDATE_READ, 1
 .set CMD_PARK, 0x7201
 .set CMD_REMOTE, 0x7202
 .set TO_VTL0, HV_INPUT_VTL_USE_TARGET | 0
@@ -65,17 +61,17 @@ main:
 
 vp0:
     WAIT_EQ parked, 1
-    GET_VP REG_LSTAR, TO_VTL0, 1
+    GET_VP HV_REG_LSTAR, TO_VTL0, 1
     GUEST_SYNC 0x01, rax
     GUEST_SYNC 0x03, rdx
-    GET_VP REG_LSTAR, TO_VTL1, 1
+    GET_VP HV_REG_LSTAR, TO_VTL1, 1
     GUEST_SYNC 0x04, rax
-    GET_VP REG_LSTAR, TO_VTL0, 5
+    GET_VP HV_REG_LSTAR, TO_VTL0, 5
     GUEST_SYNC 0x05, rax
     mov rbx, CMD_REMOTE
     call vtl_call
     WAIT_EQ in_vtl0, 1
-    GET_VP REG_LSTAR, TO_VTL0, 1
+    GET_VP HV_REG_LSTAR, TO_VTL0, 1
     GUEST_SYNC 0x06, rax
     mov qword ptr [rip + checked], 1
 .Ldone:
@@ -95,21 +91,21 @@ vtl1_call:
     ret
 
 vtl1_remote:
-    GET_VP REG_LSTAR, TO_VTL0, 1
+    GET_VP HV_REG_LSTAR, TO_VTL0, 1
     GUEST_SYNC 0x11, rax
     GUEST_SYNC 0x12, rdx
-    mov edi, REG_LSTAR
+    mov edi, HV_REG_LSTAR
     mov esi, NEW_LSTAR
     mov edx, TO_VTL0
     mov ecx, 1
     call vsm_set_vp_register
     GUEST_SYNC 0x13, rax
-    GET_VP REG_LSTAR, 0, 1
+    GET_VP HV_REG_LSTAR, 0, 1
     GUEST_SYNC 0x14, rax
-    GET_VP REG_RBX, TO_VTL0, 1
+    GET_VP HV_REG_RBX, TO_VTL0, 1
     GUEST_SYNC 0x15, rax
     lea rdi, [rip + parked]
-    mov rsi, VALIDATE_READ | TO_VTL0 << 56
+    mov rsi, HV_TRANSLATE_VALIDATE_READ | TO_VTL0 << 56
     mov edx, 1
     call vsm_translate_vp
     GUEST_SYNC 0x16, rax

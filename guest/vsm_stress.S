@@ -124,7 +124,7 @@ main:
     mov rax, [r9 + r8 * 8]
     cmp edx, 2
     jb 7f
-    mov edx, HV_ACCESS_EXECUTE
+    mov edx, HV_INTERCEPT_ACCESS_EXECUTE
 7:  GUEST_ASSERT_EQ rax, rdx, "intercept access type"
     jmp .Lloop
 .Lend:
@@ -197,15 +197,15 @@ vtl1_intercept:
     mov r8, gs:[PCPU_VCPU]
     lea r9, [rip + intercepts]
     inc qword ptr [r9 + r8 * 8]
-    movzx eax, byte ptr [rdi + HV_MSG_PAYLOAD + IH_ACCESS_TYPE]
+    movzx eax, byte ptr [rdi + HV_MSG_PAYLOAD + HV_IH_ACCESS_TYPE]
     lea r9, [rip + last_access]
     mov [r9 + r8 * 8], rax
-    mov rax, [rdi + HV_MSG_PAYLOAD + MI_GPA]
+    mov rax, [rdi + HV_MSG_PAYLOAD + HV_MI_GPA]
     lea r9, [rip + last_gpa]
     mov [r9 + r8 * 8], rax
-    mov eax, [rdi + HV_MSG_PAYLOAD + IH_VP_INDEX]
+    mov eax, [rdi + HV_MSG_PAYLOAD + HV_IH_VP_INDEX]
     GUEST_ASSERT_EQ rax, r8, "message VpIndex"
-    cmp byte ptr [rdi + HV_MSG_PAYLOAD + IH_ACCESS_TYPE], HV_ACCESS_EXECUTE
+    cmp byte ptr [rdi + HV_MSG_PAYLOAD + HV_IH_ACCESS_TYPE], HV_INTERCEPT_ACCESS_EXECUTE
     je 1f
     jmp vsm_skip_intercepted
 1:  mov edi, HV_INPUT_VTL_USE_TARGET | 0

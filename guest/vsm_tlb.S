@@ -23,8 +23,6 @@
 .include "hv.inc"
 .include "vsm.inc"
 
-.set REG_SECURE_CONFIG_VTL0, 0x000D0010
-.set TLB_LOCKED, 1 << 1
 .set CMD_LOCK, 0x7101
 .set CMD_READ, 0x7102
 .set CMD_FLUSH, 0x7103
@@ -155,7 +153,7 @@ held:
 set_lock:
     push rdi
     push rdx
-    mov edi, REG_SECURE_CONFIG_VTL0
+    mov edi, HV_REG_VSM_VP_SECURE_CONFIG_VTL0
     xor edx, edx
     call vsm_set_register
     pop rdx
@@ -178,10 +176,10 @@ vtl1_call:
     ret
 
 vtl1_lock:
-    mov esi, TLB_LOCKED
+    mov esi, HV_SECURE_CONFIG_TLB_LOCKED
     call set_lock
     GUEST_SYNC 0x11, rax
-    mov edi, REG_SECURE_CONFIG_VTL0
+    mov edi, HV_REG_VSM_VP_SECURE_CONFIG_VTL0
     xor esi, esi
     call vsm_get_register
     GUEST_SYNC 0x12, rdx
@@ -193,7 +191,7 @@ vtl1_lock:
     call set_lock                       /* lift the lock */
     GUEST_SYNC 0x14, rax
     WAIT_EQ flush_done, 1
-    mov esi, TLB_LOCKED
+    mov esi, HV_SECURE_CONFIG_TLB_LOCKED
     call set_lock
     GUEST_ASSERT_EQ rax, 1 << 32, "second lock"
     mov qword ptr [rip + locked], 2
@@ -204,7 +202,7 @@ vtl1_lock:
     ret
 
 vtl1_read:
-    mov edi, REG_SECURE_CONFIG_VTL0
+    mov edi, HV_REG_VSM_VP_SECURE_CONFIG_VTL0
     xor esi, esi
     call vsm_get_register
     GUEST_SYNC 0x16, rdx

@@ -16,9 +16,6 @@
 
 .set VINA_VECTOR, 0x60
 .set VTL0_VECTOR, 0x41
-.set REG_VSM_VINA, 0x000D0005
-.set VINA_ENABLED, 1 << 8
-.set VINA_AUTO_RESET, 1 << 9
 .set CMD_VINA, 0x71
 .set CMD_CHECK, 0x72
 
@@ -58,8 +55,8 @@ vtl1_main:
 vtl1_call:
     cmp rbx, CMD_VINA
     jne 2f
-    mov edi, REG_VSM_VINA
-    mov esi, VINA_VECTOR | VINA_ENABLED | VINA_AUTO_RESET
+    mov edi, HV_REG_VSM_VINA
+    mov esi, VINA_VECTOR | HV_VINA_ENABLED | HV_VINA_AUTO_RESET
     xor edx, edx
     call vsm_set_register
     GUEST_SYNC 0x11, rax
@@ -75,11 +72,11 @@ vtl1_call:
     mov rax, gs:[PCPU_CONTROL_PAGE]
     movzx eax, byte ptr [rax + VTL_VINA_STATUS]
     GUEST_SYNC 0x13, rax
-    mov edi, REG_VSM_VINA
+    mov edi, HV_REG_VSM_VINA
     xor esi, esi
     call vsm_get_register
     GUEST_SYNC 0x14, rdx
-    mov edi, REG_VSM_VINA
+    mov edi, HV_REG_VSM_VINA
     mov esi, 1 << 20
     xor edx, edx
     call vsm_set_register

@@ -107,3 +107,18 @@ def test_vcpu_threads_get_short_gil_turns_while_running(kvm_available):
         assert_done(m.run(60))
     assert seen and all(s <= VCPU_SWITCH_INTERVAL for s in seen)
     assert sys.getswitchinterval() == before
+
+
+def test_guest_cpuid_offers_the_tsc_deadline_timer_kvm_emulates(kvm):
+    """KVM_CAP_TSC_DEADLINE_TIMER: the guest's CPUID.1:ECX has TSC-deadline even where
+    KVM_GET_SUPPORTED_CPUID leaves it out (mainline before 6.9), as QEMU does."""
+    from pykvmm.uapi import constants as C
+    from pykvmm.vmm.machine import Machine, MachineConfig
+    from pykvmm.x86 import longmode
+
+    from conftest import guest_image
+    emulated = kvm.check_extension(C.KVM_CAP_TSC_DEADLINE_TIMER) > 0
+    with Machine(guest_image("hello"), MachineConfig(quiet=True)) as m:
+        cpuid = m.threads[0].planes_vcpu.cpuid
+        ecx = next(cpuid.entries[i].ecx for i in range(cpuid.nent) if cpuid.entries[i].function == 1)
+    assert bool(ecx & longmode.CPUID_1_ECX_TSC_DEADLINE) == emulated

@@ -156,7 +156,7 @@ def test_vtl1_lapic_timer_preempts_vtl0(run_guest, kvm, backend, mode, vtl0, vtl
     r, s, khz = run_vtl_timer(run_guest, kvm, backend, TIMER_MODES[mode], halt=vtl0 == "halts",
                               vtl1_if=vtl1_if, kick_interval=TIMER_KICK_INTERVAL)
     if mode == "tsc-deadline":
-        require("tsc-deadline", s[0x14] == 1, "the guest CPUID (KVM_GET_SUPPORTED_CPUID) offers no TSC-deadline timer")
+        require("tsc-deadline", s[0x14] == 1, "KVM emulates no TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER): the guest CPUID has none")
     late = [((s[0x100 + k] + (1 << 63)) % (1 << 64) - (1 << 63)) / (khz * 1e3) for k in range(s[0x10])]
     assert s[0x12] == 0, f"VTL0's guard fired: {s[0x10]} of {TIMER_EXPIRIES} expiries taken, late by {late} s"
     assert s[0x10] == TIMER_EXPIRIES
@@ -219,7 +219,7 @@ def test_lapic_timer_costs_a_read_per_switch_only_when_armed(kvm, timer, vtl1_if
     assert_done(r)
     s = {stage: value for (_, _, stage), value in syncs(r).items()}
     if timer == "tsc-deadline":
-        require("tsc-deadline", s[0x14] == 1, "the guest CPUID (KVM_GET_SUPPORTED_CPUID) offers no TSC-deadline timer")
+        require("tsc-deadline", s[0x14] == 1, "KVM emulates no TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER): the guest CPUID has none")
     rounds = s[0x20] + 2                   # and the two VtlCalls around them (arm, stop)
     lapic = round(counts["KVM_GET_LAPIC"] / rounds, 1)
     msrs = round(counts["KVM_GET_MSRS"] / rounds, 1)

@@ -315,10 +315,10 @@ vsm_skip_intercepted:
     push rdi
     push rsi
     push rdx
-    movzx esi, byte ptr [rdi + HV_MSG_PAYLOAD + IH_INSN_LENGTH_CR8]
+    movzx esi, byte ptr [rdi + HV_MSG_PAYLOAD + HV_IH_INSN_LENGTH_CR8]
     and esi, 0xF
-    add rsi, [rdi + HV_MSG_PAYLOAD + IH_RIP]
-    movzx edx, word ptr [rdi + HV_MSG_PAYLOAD + IH_EXECUTION_STATE]
+    add rsi, [rdi + HV_MSG_PAYLOAD + HV_IH_RIP]
+    movzx edx, word ptr [rdi + HV_MSG_PAYLOAD + HV_IH_EXECUTION_STATE]
     shr edx, 7
     and edx, 0xF
     or edx, HV_INPUT_VTL_USE_TARGET

@@ -170,6 +170,8 @@ class Machine:
         self.boot.write_memory(self)
         self.platform.write_memory(self)
         cpuid = self.kvm.supported_cpuid()
+        if self.kvm.check_extension(C.KVM_CAP_TSC_DEADLINE_TIMER) > 0:
+            longmode.offer_tsc_deadline(cpuid)      # (as QEMU does)
         self.cpu_model = None
         if cfg.cpu is not None:
             self.cpu_model = cpu_model.resolve(cfg.cpu, cpuid)

@@ -56,24 +56,18 @@ from ...kvm import KvmError
 from ...x86 import arch
 from .. import abi
 from ..hyperv.hypercall import CallSpec, HvError
+from ..hyperv.tlfs import (ENABLE_VP_VTL_CONTEXT, ENABLE_VTL_MBEC, SECURE_CONFIG_MBEC,
+                           SECURE_CONFIG_TLB_LOCKED, VINA_AUTO_EOI, VINA_AUTO_RESET, VINA_ENABLED,
+                           VP_CONTEXT_CS, VP_CONTEXT_EFER, VP_CONTEXT_GDTR, VP_CONTEXT_IDTR, VP_CONTEXT_RIP,
+                           VP_CONTEXT_SIZE, VSM_CONFIG_DEFAULT_MASK_SHIFT, VSM_CONFIG_ENABLE_PROTECTION,
+                           VSM_CONFIG_KNOWN)
 from . import hvdef as H
 from .protections import check_partition, check_mask
 from .registers import (REG_VP_ASSIST_PAGE, REG_VSM_VINA, REG_VSM_CAPABILITIES, REG_VSM_CODE_PAGE_OFFSETS,
                         REG_VSM_PARTITION_CONFIG, REG_VSM_PARTITION_STATUS, REG_VSM_VP_SECURE_CONFIG_VTL0,
                         REG_VSM_VP_STATUS, set_seg, set_table)
 
-ENABLE_MBEC = 1 << 0
-CONFIG_ENABLE_PROTECTION = 1 << 0
-CONFIG_DEFAULT_MASK_SHIFT = 1
-CONFIG_ZERO_MEMORY_ON_RESET = 1 << 5
-CONFIG_DENY_LOWER_VTL_STARTUP = 1 << 6
-CONFIG_KNOWN = 0x7F
-VINA_ENABLED = 1 << 8
-VINA_AUTO_RESET = 1 << 9
-VINA_AUTO_EOI = 1 << 10
-SECURE_CONFIG_MBEC = 1 << 0
-SECURE_CONFIG_TLB_LOCKED = 1 << 1
-CONTEXT_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+CONTEXT_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")   # HV_INITIAL_VP_CONTEXT's order
 
 
 class VtlEnables:
@@ -110,14 +104,14 @@ class VtlEnables:
         table.add(CallSpec(H.HVCALL_ENABLE_PARTITION_VTL, "HvCallEnablePartitionVtl", "vsm",
                            self._enable_partition, header_size=16))
         table.add(CallSpec(H.HVCALL_ENABLE_VP_VTL, "HvCallEnableVpVtl", "vsm", self._enable_vp,
-                           header_size=16 + 224))
+                           header_size=ENABLE_VP_VTL_CONTEXT + VP_CONTEXT_SIZE))
 
     def _enable_partition(self, call, header):
         check_partition(header)
         target, flags = header[8], header[9]
-        if flags & ~ENABLE_MBEC or any(header[10:16]):
+        if flags & ~ENABLE_VTL_MBEC or any(header[10:16]):
             raise HvError(H.INVALID_PARAMETER, f"EnablePartitionVtl flags {flags:#x} or reserved bytes set")
-        if flags & ENABLE_MBEC:
+        if flags & ENABLE_VTL_MBEC:
             raise HvError(H.INVALID_PARAMETER, "MBEC is not available (VsmCapabilities.MbecVtlMask = 0)")
         if target >= self.plane_count:
             raise HvError(H.INVALID_PARAMETER, f"VTL{target} is beyond the maximum VTL{self.plane_count - 1}")
@@ -148,7 +142,7 @@ class VtlEnables:
             raise HvError(H.INVALID_VTL_STATE, f"VTL{target} is already enabled on VP {vp}")
         t = self.machine.threads[vp]
         v = t.plane_vcpu(target)
-        apply_initial_context(v, header[16:16 + 224])
+        apply_initial_context(v, header[ENABLE_VP_VTL_CONTEXT:ENABLE_VP_VTL_CONTEXT + VP_CONTEXT_SIZE])
         self.vsm.forget(vp, target)
         t.started_planes.add(target)          # its first entry takes this state, not the guest entry
         self.vsm.policy.enabled[vp] |= 1 << target
@@ -220,15 +214,15 @@ class VtlEnables:
 
     def _set_partition_config(self, vtl: int, value: int) -> None:
         old = self.config[vtl]
-        if value & ~CONFIG_KNOWN:
+        if value & ~VSM_CONFIG_KNOWN:
             raise HvError(H.INVALID_PARAMETER, f"VsmPartitionConfig {value:#x} has bits pykvmm does not know")
-        mask = value >> CONFIG_DEFAULT_MASK_SHIFT & H.MAP_GPA_MASK
-        if old & CONFIG_ENABLE_PROTECTION:
-            old_mask = old >> CONFIG_DEFAULT_MASK_SHIFT & H.MAP_GPA_MASK
-            if not value & CONFIG_ENABLE_PROTECTION or mask != old_mask:
+        mask = value >> VSM_CONFIG_DEFAULT_MASK_SHIFT & H.MAP_GPA_MASK
+        if old & VSM_CONFIG_ENABLE_PROTECTION:
+            old_mask = old >> VSM_CONFIG_DEFAULT_MASK_SHIFT & H.MAP_GPA_MASK
+            if not value & VSM_CONFIG_ENABLE_PROTECTION or mask != old_mask:
                 raise HvError(H.INVALID_PARAMETER, "EnableVtlProtection and DefaultVtlProtectionMask are "
                                                    "write-once")
-        elif value & CONFIG_ENABLE_PROTECTION:
+        elif value & VSM_CONFIG_ENABLE_PROTECTION:
             check_mask(mask)
             try:
                 self.vsm.protections.set_default(vtl, mask)
@@ -240,17 +234,18 @@ class VtlEnables:
 
 def apply_initial_context(v, ctx: bytes) -> None:
     """HV_INITIAL_VP_CONTEXT -> the vCPU's registers (KVM refusing the state -> INVALID_PARAMETER)."""
-    rip, rsp, rflags = struct.unpack_from("<QQQ", ctx, 0)
-    efer, cr0, cr3, cr4, pat = struct.unpack_from("<QQQQQ", ctx, 184)
+    rip, rsp, rflags = struct.unpack_from("<QQQ", ctx, VP_CONTEXT_RIP)
+    efer, cr0, cr3, cr4, pat = struct.unpack_from("<QQQQQ", ctx, VP_CONTEXT_EFER)
     if not cr0 & arch.CR0_PE or not cr0 & arch.CR0_PG:
         raise HvError(H.INVALID_PARAMETER, f"initial CR0 {cr0:#x}: VTLs above 0 cannot run in real mode "
                                            f"or without paging")
     try:
         s = v.get_sregs()
         for i, name in enumerate(CONTEXT_SEGMENTS):
-            set_seg(getattr(s, name), ctx[24 + 16 * i:40 + 16 * i])
-        set_table(s.idt, ctx[152:168])
-        set_table(s.gdt, ctx[168:184])
+            off = VP_CONTEXT_CS + 16 * i
+            set_seg(getattr(s, name), ctx[off:off + 16])
+        set_table(s.idt, ctx[VP_CONTEXT_IDTR:VP_CONTEXT_IDTR + 16])
+        set_table(s.gdt, ctx[VP_CONTEXT_GDTR:VP_CONTEXT_GDTR + 16])
         s.efer, s.cr0, s.cr3, s.cr4, s.cr2, s.cr8 = efer, cr0, cr3, cr4, 0, 0
         v.set_sregs(s)
         r = v.get_regs()

@@ -26,18 +26,23 @@ import struct
 from ...planes.memview import Access
 from ...x86 import arch, paging
 from ..hyperv.hypercall import CallSpec, HvError, target_vtl
+from ..hyperv.tlfs import (CACHE_TYPE_WRITE_BACK as CACHE_WRITE_BACK,  # the TLFS numbers, named for this module
+                           TRANSLATE_CONTROL_MASK as CONTROL_MASK, TRANSLATE_INPUT_VTL_SHIFT as INPUT_VTL_SHIFT,
+                           TRANSLATE_PRIVILEGE_EXEMPT as PRIVILEGE_EXEMPT,
+                           TRANSLATE_RESULT_BAD_FLAGS as RESULT_BAD_FLAGS,
+                           TRANSLATE_RESULT_GPA_UNMAPPED as RESULT_GPA_UNMAPPED,
+                           TRANSLATE_RESULT_INTERCEPT as RESULT_INTERCEPT, TRANSLATE_RESULT_NO_READ as RESULT_NO_READ,
+                           TRANSLATE_RESULT_NO_WRITE as RESULT_NO_WRITE,
+                           TRANSLATE_RESULT_NOT_PRESENT as RESULT_NOT_PRESENT,
+                           TRANSLATE_RESULT_PRIVILEGE as RESULT_PRIVILEGE, TRANSLATE_RESULT_SUCCESS as RESULT_SUCCESS,
+                           TRANSLATE_SET_PAGE_TABLE_BITS as SET_PAGE_TABLE_BITS,
+                           TRANSLATE_TLB_FLUSH_INHIBIT as TLB_FLUSH_INHIBIT, TRANSLATE_VALIDATE_EXECUTE as VALIDATE_EXECUTE,
+                           TRANSLATE_VALIDATE_READ as VALIDATE_READ, TRANSLATE_VALIDATE_WRITE as VALIDATE_WRITE)
 from ..memory import GuestMemoryError
 from . import hvdef as H
 from .protections import check_partition
 from .remote import check_idle, vp_thread
 
-VALIDATE_READ, VALIDATE_WRITE, VALIDATE_EXECUTE = 1 << 0, 1 << 1, 1 << 2
-PRIVILEGE_EXEMPT, SET_PAGE_TABLE_BITS, TLB_FLUSH_INHIBIT = 1 << 3, 1 << 4, 1 << 5
-CONTROL_MASK = 0x3F
-INPUT_VTL_SHIFT = 56
-RESULT_SUCCESS, RESULT_NOT_PRESENT, RESULT_PRIVILEGE, RESULT_BAD_FLAGS = 0, 1, 2, 3
-RESULT_GPA_UNMAPPED, RESULT_NO_READ, RESULT_NO_WRITE, RESULT_INTERCEPT = 4, 5, 6, 8
-CACHE_WRITE_BACK = 6
 
 
 def install(vsm, table) -> None:

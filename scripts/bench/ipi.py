@@ -243,6 +243,13 @@ def verdicts(rows: dict, add) -> None:
         ratios = r3.get("cross_vtl_over_c_kick", {})
         for k, target in TARGET_OVER_C_KICK.items():
             add(3, f"cross-VTL IPI {k[:3]} / C kick floor {k[:3]}", ratios.get(k), target, "x")
+        # The same targets against the halted-receiver floor: the spinning floor's tail grows
+        # with the load (its spinning thread loses its CPU), which can make p99 look met.
+        halted = r3.get("cross_vtl_over_c_kick_halted")
+        if halted:
+            for k, target in TARGET_OVER_C_KICK.items():
+                add(3, f"cross-VTL IPI {k[:3]} / C kick floor {k[:3]}, receiver halted (as in vtl_pingpong)",
+                    halted.get(k), target, "x")
 
 
 def table(rows: dict, L) -> None:

@@ -20,6 +20,20 @@ def test_conventions_are_probed_with_a_value_and_what_was_seen(kvm):
     assert found["shutdown"].value in ("kept", "reset")
     for name in ("sse", "x87", "int3"):
         assert found[name].value in ("yes", "no") and found[name].detail
+    assert found["sti_shadow"].value in ("kept", "lost")
+
+
+def test_sti_shadow_verdict():
+    assert host.sti_shadow_verdict(0).value == "lost"          # on the shadowed instruction
+    assert host.sti_shadow_verdict(1).value == "kept"          # right after it
+    assert host.sti_shadow_verdict(3).value == "kept"          # at the next entry (kvm_pvm)
+    assert host.sti_shadow_verdict(None).value == "unknown"
+
+
+def test_sti_shadow_probe_sees_a_dropped_shadow(kvm):
+    """What QEMU's emulated SVM (before 9.1) does at VM entry, made real here: enter without the
+    shadow. The probe must then see the interrupt come in on the shadowed instruction."""
+    assert host.probe_sti_shadow(kvm, shadow=0).value == "lost"
 
 
 def test_pio_completion_leaves_rip_past_the_out_on_every_host(kvm):

@@ -414,3 +414,26 @@ def test_deliverable_counts_a_vector_pending_besides_the_irr():
     assert apic.deliverable_irr(tpr_5, 0x61) == 0x61
     assert apic.deliverable_irr(tpr_5, 0x5F) is None
     assert apic.deliverable_irr(_lapic_page(irr=[0x72], values={apic.APIC_TPR: 0x50}), 0x61) == 0x72
+
+
+def test_host_timer_fires_in_time_order_and_wakes_for_an_earlier_one():
+    """planes/hosttimer.py: a timer set earlier than the one the thread sleeps for wakes it."""
+    import threading
+    import time
+
+    from pykvmm.planes.hosttimer import HostTimer
+
+    fired, done = [], threading.Event()
+    t = HostTimer()
+    try:
+        now = time.monotonic()
+        t.call_at(now + 30.0, fired.append, "late")
+        t.call_at(now + 0.05, fired.append, "early")
+        t.call_at(now + 0.02, fired.append, "first")
+        t.call_at(now + 0.06, done.set)
+        assert done.wait(20.0), "the host timer never fired the earlier timers"
+        assert fired == ["first", "early"] and time.monotonic() >= now + 0.06
+        assert t.pending() == 1
+    finally:
+        t.close()
+    assert t.pending() == 0 and fired == ["first", "early"]

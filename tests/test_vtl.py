@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pykvmm.uapi import ffi
-from pykvmm.vmm import abi, vtl
+from pykvmm.vmm import abi, host, vtl
 from pykvmm.vmm.hyperv import tlfs
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 from pykvmm.vmm.outcomes import Fault, Switch, SwitchReason
@@ -229,10 +229,21 @@ def test_lapic_timer_costs_a_read_per_switch_only_when_armed(kvm, timer, vtl1_if
 
 # ---- 6. ping-pong -----------------------------------------------------------------------------
 
-def test_vtl_pingpong_counts_every_ipi(run_guest, backend):
+def assert_pingpong_checked(r, kvm, vcpus: int, n: int) -> None:
+    """Each VTL0 checked its own n round trips (SYNC 1), and no pong came in on its wait's `hlt`
+    (SYNC 2) unless the host's CPU drops the STI shadow at VM entry (host convention sti_shadow:
+    QEMU's emulated SVM before 9.1), where the guest resumes after the `hlt` and counts it."""
+    s = syncs(r)
+    assert {k: x for k, x in s.items() if k[2] == 1} == {(v, 0, 1): n for v in range(vcpus)}
+    misses = sum(s[(v, 0, 2)] for v in range(vcpus))
+    if host.convention(kvm, "sti_shadow").value != "lost":
+        assert misses == 0, f"{misses} pongs were delivered inside sti's interrupt shadow, on the hlt"
+
+
+def test_vtl_pingpong_counts_every_ipi(run_guest, backend, kvm):
     n = 2000
     r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=2, arg=n)
-    assert syncs(r) == {(v, 0, 1): n for v in (0, 1)}           # each checked its own counts
+    assert_pingpong_checked(r, kvm, 2, n)
     # n pings (VTL1 to VTL1, asked for by a VtlCall) + n pongs (VTL1 to VTL0) from each vCPU
     assert r.stats["ipis"] == {"synthetic_same_vtl": 2 * n, "synthetic_cross_vtl": 2 * n}
     assert r.stats["ipis_dropped"] == 0
@@ -246,11 +257,11 @@ def test_vtl_pingpong_counts_every_ipi(run_guest, backend):
 
 
 @pytest.mark.parametrize("vcpus, n", [(4, 500), pytest.param(8, 100_000 // 8, marks=pytest.mark.slow)])
-def test_vtl_pingpong_pairs_none_lost(run_guest, backend, vcpus, n):
+def test_vtl_pingpong_pairs_none_lost(run_guest, backend, kvm, vcpus, n):
     """vCPU pairs ping-pong at once; the slow case is the 8 vCPUs x 2 planes soak
     (100k cross-VTL IPIs: 8 vCPUs x n pings + n pongs)."""
     r = run_vtl(run_guest, "vtl_pingpong", backend, vcpus=vcpus, arg=n, timeout=1800)
-    assert syncs(r) == {(v, 0, 1): n for v in range(vcpus)}
+    assert_pingpong_checked(r, kvm, vcpus, n)
     assert r.stats["ipis"] == {"synthetic_same_vtl": vcpus * n, "synthetic_cross_vtl": vcpus * n}
     assert r.stats["ipis_dropped"] == 0
 

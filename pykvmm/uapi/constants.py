@@ -73,6 +73,8 @@ KVM_MP_STATE_HALTED = 3
 
 KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
 KVM_VCPUEVENT_VALID_SHADOW = 0x4
+KVM_X86_SHADOW_INT_MOV_SS = 0x01     # kvm_vcpu_events.interrupt.shadow
+KVM_X86_SHADOW_INT_STI = 0x02
 
 # capabilities (mainline numbers)
 KVM_CAP_IRQCHIP = 0

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from .. import exits as X, kvm as K
 from ..kvm import Kvm, KvmError
-from ..uapi import constants as C
-from ..x86 import arch
+from ..uapi import constants as C, ffi
+from ..x86 import apic, arch, longmode
 from . import abi, bringup
 from .memory import GuestMemory
 
@@ -31,6 +31,12 @@ _SSE = b"\x0F\x57\xC0\x0F\x58\xC0" + _PIO            # xorps xmm0, xmm0; addps x
 _X87 = b"\xD9\xE8\xDD\xD8" + _PIO                    # fld1; fstp st(0); out
 _INT3 = b"\xCC" + _PIO                               # int3; out
 _HW_BP = b"\x90\x90" + _PIO                          # nop; nop (DR0 here); out
+# Entered on the nop in an STI interrupt shadow with an interrupt pending; the handler reports
+# where the interrupt came in with a 4-byte `out` (the nop's own `out` is 1 byte).
+_SHADOWED = (b"\x90" + _OUT + _PIO).ljust(0x10, b"\x90")   # nop; out 0xeb, al; out 0xeb, al; jmp $
+_SHADOW_HANDLER = b"\x8B\x04\x24\xE7\xEB\xEB\xFE"   # mov eax, [rsp] (the RIP it interrupted); out 0xeb, eax; jmp $
+_SHADOW_VECTOR = 0x40
+_SHADOW_IDT = abi.GUEST_LOAD_ADDR + 0x1000
 
 
 @dataclass
@@ -44,13 +50,16 @@ class Probe:
 
 
 class ScratchVm:
-    """A one-vCPU long-mode VM with ``code`` at GUEST_LOAD_ADDR and no IDT."""
+    """A one-vCPU long-mode VM with ``code`` at GUEST_LOAD_ADDR and no IDT (``irqchip``: with
+    the in-kernel LAPIC)."""
 
-    def __init__(self, kvm: Kvm, code: bytes):
+    def __init__(self, kvm: Kvm, code: bytes, irqchip: bool = False):
         self.memory = GuestMemory(_MEM_SIZE)
         self.vm = kvm.create_vm()
         try:
             self.vm.set_user_memory_region(0, 0, _MEM_SIZE, self.memory.hva)
+            if irqchip:
+                self.vm.create_irqchip()
             bringup.write_long_mode_tables(self.memory, _MEM_SIZE)
             self.memory.write(abi.GUEST_LOAD_ADDR, code)
             self.vcpu = v = self.vm.create_vcpu(0)
@@ -163,6 +172,53 @@ def probe_hw_breakpoint(kvm: Kvm) -> Probe:
     return Probe("no", f"an execution breakpoint in DR0 never fired: the guest ran on to {_name(ex)}")
 
 
+def sti_shadow_verdict(delivered_at: int | None) -> Probe:
+    """What probe_sti_shadow saw: the offset from the shadowed nop at which the pending interrupt
+    came in (0: on the nop itself), or None if it never came."""
+    if delivered_at is None:
+        return Probe("unknown", "the pending interrupt was never delivered")
+    if delivered_at == 0:
+        return Probe("lost", "an interrupt pending at entry in an STI shadow is delivered before the "
+                             "shadowed instruction (the CPU drops the shadow at VM entry, as QEMU's emulated "
+                             "SVM does before QEMU 9.1): a guest waiting with `sti; hlt` can take its wake-up "
+                             "before the `hlt` and then halt for good")
+    return Probe("kept", "an interrupt pending at entry in an STI shadow waits for the shadowed instruction")
+
+
+def probe_sti_shadow(kvm: Kvm, shadow: int = C.KVM_X86_SHADOW_INT_STI) -> Probe:
+    """Whether the STI interrupt shadow a vCPU holds when it is entered is honoured: the state a
+    guest is in when a VM exit (a kick, a host interrupt) falls between its `sti` and `hlt`. The
+    shadow is set with KVM_SET_VCPU_EVENTS on a nop, an interrupt is made pending, and the guest
+    reports the RIP the interrupt came in at (some KVMs deliver it only at the next entry, after
+    the nop's `out`). ``shadow=0`` enters without it: what a CPU that drops it does."""
+    with ScratchVm(kvm, _SHADOWED + _SHADOW_HANDLER, irqchip=True) as s:
+        v = s.vcpu
+        s.memory.write(_SHADOW_IDT + 16 * _SHADOW_VECTOR,
+                       longmode.interrupt_gate(abi.GUEST_LOAD_ADDR + len(_SHADOWED), abi.SEL_CODE64))
+        sregs = v.get_sregs()
+        sregs.idt.base, sregs.idt.limit = _SHADOW_IDT, 16 * 256 - 1
+        v.set_sregs(sregs)
+        regs = v.get_regs()
+        regs.rflags = arch.RFLAGS_FIXED | arch.RFLAGS_IF
+        v.set_regs(regs)
+        lapic = v.get_lapic()
+        ffi.buffer(lapic.regs)[apic.APIC_SPIV:apic.APIC_SPIV + 4] = (0x1FF).to_bytes(4, "little")
+        v.set_lapic(lapic)
+        events = v.get_vcpu_events()
+        events.flags = C.KVM_VCPUEVENT_VALID_SHADOW
+        events.interrupt.shadow = shadow
+        v.set_vcpu_events(events)
+        if s.vm.signal_msi(*apic.msi_message(0, _SHADOW_VECTOR)) <= 0:
+            return Probe("unknown", "the probe's interrupt was not accepted by its LAPIC")
+        for _ in range(2):                  # the nop's `out`, then the one after it
+            ex = v.run()
+            if not (isinstance(ex, X.IoOut) and ex.port == 0xEB):
+                return Probe("unknown", f"the probe guest ended in {_name(ex)}")
+            if ex.size == 4:
+                return sti_shadow_verdict(int.from_bytes(ex.data, "little") - abi.GUEST_LOAD_ADDR)
+    return sti_shadow_verdict(None)
+
+
 PROBES = {
     "pio_out_rip": probe_pio_out_rip,
     "shutdown": probe_shutdown,
@@ -170,6 +226,7 @@ PROBES = {
     "x87": probe_x87,
     "int3": probe_int3,
     "hw_breakpoint": probe_hw_breakpoint,
+    "sti_shadow": probe_sti_shadow,
 }
 
 _cache: dict[tuple[str, str], Probe] = {}

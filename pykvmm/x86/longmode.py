@@ -29,6 +29,12 @@ def gdt_bytes(tss_addr: int, tss_limit: int = 0x67) -> bytes:
     return null + code64 + data + tss_lo + tss_hi
 
 
+def interrupt_gate(handler: int, selector: int) -> bytes:
+    """A 16-byte long-mode IDT entry: interrupt gate (IF cleared on entry), DPL 0, IST 0."""
+    return struct.pack("<HHBBHII", handler & 0xFFFF, selector, 0, 0x8E, (handler >> 16) & 0xFFFF,
+                       handler >> 32, 0)
+
+
 def identity_page_tables(base: int, mem_size: int) -> bytes:
     """PML4 at base, PDPT at base+4K, page directories after: identity-map [0, mem_size)."""
     n_pd = max(1, (mem_size + (1 << 30) - 1) >> 30)

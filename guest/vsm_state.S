@@ -11,7 +11,7 @@
  *   0x01 its CR8 (3), 0x02 its FS.base (FS0), 0x03 the EntryReason in its own VP assist page
  *   (0: VTL0 is never entered by a call or an interrupt), 0x04 1 if t0 <= t1 <= t2, 0x05
  *   t2 - t0 < 1 s (1).
- *   LAPIC timers: VTL0 arms its timer (vector V0T, 1 ms) and VtlCalls VTL1 (CMD_TIMERS),
+ *   LAPIC timers: VTL0 arms its timer (vector V0T, 1 ms) with interrupts off and VtlCalls VTL1 (CMD_TIMERS),
  *   which arms its own (V1T, 1 ms) and waits (interrupts on, making exits) until it fired,
  *   then makes exits for 4 ms more of reference time: 0x15 V1T count (1), 0x16 V0T
  *   count while VTL1 ran (0: a lower VTL's interrupt waits); back in VTL0: 0x06 V0T count
@@ -93,10 +93,10 @@ main:
     SET_HANDLER V0X, v0x_handler
     call apic_enable
     mov edi, V0T
-    call timer_oneshot
+    call timer_oneshot                  /* with interrupts off: on a slow host (nested KVM under */
+    mov rbx, CMD_TIMERS                 /* TCG) 1 ms can pass before the VtlCall, and VTL0 */
+    call vtl_call                       /* would take V0T itself before VTL1 looks */
     sti
-    mov rbx, CMD_TIMERS
-    call vtl_call
     WAIT_EQ v0t_count, 1
     GUEST_SYNC 0x06, [rip + v0t_count]
     WAIT_EQ v0x_count, 1

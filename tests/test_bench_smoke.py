@@ -41,6 +41,8 @@ def test_bench_quick_writes_every_row(kvm_available, tmp_path):
     assert len(ipi) == 2                                   # the default kick interval and a smaller one
     for d in [data["rows"]["3_cross_plane_ipi"]["host_msi_inactive_plane"], *ipi.values()]:
         assert d["to_switch"]["n"] > 0                     # every round was delivered and seen
+    for d in data["rows"]["3_cross_plane_ipi"]["vtl1_lapic_timer"].values():   # VTL0 halted, spinning
+        assert d["taken"] == d["expiries"] and d["guard_fired"] == 0 and d["late"]["n"] == d["expiries"]
     grid = data["rows"]["5_scaling"]["switch_rate"]
     assert {(d["vcpus"], d["planes"]) for d in grid.values()} == {(v, p) for v in (1, 2, 4, 8) for p in (2, 4, 8)}
     kut = data["rows"]["9_kut_vmexit"]      # pykvmm alone in --quick; an error only without the suite

@@ -240,12 +240,15 @@ def test_msi_to_inactive_plane_switches_only_when_requested(kvm_available, backe
     with Machine(guest_image("planes_msi"), MachineConfig(planes=2, backend=backend, personality="none",
                                                          quiet=True)) as m:
         def send():
-            # wait until plane 1 reported it is ready (its first SYNC: its LAPIC is on), then
-            # interrupt it. No shorter limit: an MSI sent earlier is dropped by its disabled
-            # LAPIC (it was, after a 10 s limit, under nested KVM where start-up is slower).
+            # wait until plane 1 is ready (its LAPIC on, reported by its first SYNC) and has
+            # handed the vCPU back to plane 0, then interrupt it. Sent any earlier, the MSI is
+            # dropped by its disabled LAPIC, or taken by plane 1 itself before it switches away
+            # (interrupts are on by then), after which nothing brings plane 1 back to report:
+            # both happened under nested KVM, where start-up and exits are slower.
             import time
             deadline = time.monotonic() + LAST_RESORT
-            while not any(u.plane == 1 for u in m.ucalls):
+            t = m.threads[0]
+            while not (any(u.plane == 1 for u in m.ucalls) and t.switches.get((1, 0), 0) >= 1):
                 if time.monotonic() > deadline or m.stopping:
                     return
                 time.sleep(0.001)

@@ -177,16 +177,18 @@ class VcpuThread:
         """Leave the running plane for ``switch.target``: the whole of a plane switch."""
         policy = self.machine.policy
         src = self.plane
-        if switch.status is not None:                       # the caller's answer stays with it
-            self._answer(Answer(switch.status))
+        if switch.status is not None:       # the caller's answer stays with it (as _answer does)
+            regs = self.vcpu.regs
+            regs.rax = switch.status
+            self.vcpu.mark_dirty("regs")
         dst = self.suspended.pop() if switch.target is None else switch.target
         first = dst not in self.started_planes
         if first:
             self.started_planes.add(dst)
-        policy.transfer(self, src, dst, switch.reason, first)   # the shared state, once
+        vcpu = self.planes_vcpu.plane_vcpu(dst)
+        policy.transfer(self, src, dst, vcpu, switch.reason, first)   # the shared state, once
         if switch.suspend:
             self.suspended.append(src)
-        vcpu = self.planes_vcpu.plane_vcpu(dst)
         if switch.load_return_regs is not None:             # after the shared RAX/RCX arrived
             regs = vcpu.regs
             regs.rax, regs.rcx = switch.load_return_regs

@@ -692,7 +692,11 @@ class Vcpu(FdObject):
                     dst[start:end] = src[start:end]
                     changed = True
             if changed:
-                self.mark_dirty(name)
+                run = self.run_struct
+                if run is not None and self._sync_supported & bit:
+                    run.kvm_dirty_regs |= bit       # mark_dirty()'s common case, without its frame
+                else:
+                    self.mark_dirty(name)
 
     def _flush(self, name):
         """Before a plain GET ioctl: push a pending sync-area write so it is not lost."""

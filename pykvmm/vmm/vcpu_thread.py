@@ -57,6 +57,8 @@ class VcpuThread:
         self.plane = 0                              # the plane that runs (or last ran)
         self.vcpu = planes_vcpu.plane0              # its KVM vCPU: set together with self.plane
         self.suspended: list[int] = []              # planes waiting in a VtlCall or preempted
+        self._plane_vcpus: dict[int, Vcpu] = {}     # plane -> its KVM vCPU, for switch(): a lookup
+                                                    # here costs no Python frame (they never change)
         self.started_planes = {0}
         self.done = False
         self.thread: threading.Thread | None = None
@@ -185,7 +187,9 @@ class VcpuThread:
         first = dst not in self.started_planes
         if first:
             self.started_planes.add(dst)
-        vcpu = self.planes_vcpu.plane_vcpu(dst)
+        vcpu = self._plane_vcpus.get(dst)
+        if vcpu is None:
+            vcpu = self._plane_vcpus[dst] = self.planes_vcpu.plane_vcpu(dst)
         policy.transfer(self, src, dst, vcpu, switch.reason, first)   # the shared state, once
         if switch.suspend:
             self.suspended.append(src)

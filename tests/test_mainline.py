@@ -30,6 +30,24 @@ def test_sti_shadow_verdict():
     assert host.sti_shadow_verdict(None).value == "unknown"
 
 
+@pytest.mark.parametrize("shadow", ["kept", "lost"])
+def test_timeout_names_a_dropped_sti_shadow(kvm_available, monkeypatch, shadow):
+    """A guest halted with interrupts on and nothing pending when the run times out: where the
+    host drops the STI shadow (made real here by the convention's answer), the result says
+    that its wake-up may have come before the `hlt`; elsewhere it says nothing."""
+    import pykvmm.vmm.machine as machine
+    real = machine.convention
+    monkeypatch.setattr(machine, "convention", lambda kvm, name: host.Probe(shadow, "") if name == "sti_shadow"
+                        else real(kvm, name))
+    with Machine(guest_image("halt_idle"), MachineConfig(vcpus=2, quiet=True)) as m:
+        r = m.run(3.0)                 # the run limit is what is tested: they halt at once
+    assert r.status == ExitStatus.TIMEOUT
+    if shadow == "lost":
+        assert r.message.startswith("vcpu0, vcpu1 halted with interrupts on") and "sti_shadow: lost" in r.message
+    else:
+        assert r.message == ""
+
+
 def test_sti_shadow_probe_sees_a_dropped_shadow(kvm):
     """What QEMU's emulated SVM (before 9.1) does at VM entry, made real here: enter without the
     shadow. The probe must then see the interrupt come in on the shadowed instruction."""

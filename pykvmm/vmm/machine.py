@@ -19,7 +19,7 @@ from ..kvm import Kvm, Vcpu
 from ..planes import open_planes_vm
 from ..planes.api import install_kick_handler
 from ..uapi import constants as C
-from ..x86 import cpu_model, longmode
+from ..x86 import apic, arch, cpu_model, longmode
 from .hyperv import features as hv_features   # registers the hv_* flags of --cpu
 from . import abi, bringup, capture as _capture, events as ev
 from .boot import FlatBinary
@@ -32,7 +32,7 @@ from .memory import GuestMemory
 from .outcomes import Fault
 from .personalities import make_policy
 from .results import CpuReport, Crash, ExitStatus, RunResult
-from .vcpu_thread import VcpuThread
+from .vcpu_thread import VcpuThread, lapic_bytes
 
 __all__ = ["Machine", "MachineConfig", "ExitStatus", "RunResult", "Crash", "CpuReport", "run_image"]
 
@@ -255,9 +255,24 @@ class Machine:
         result = self._result(status, elapsed)
         if hang and result.status == ExitStatus.TIMEOUT:
             result.message = hang
+        elif result.status == ExitStatus.TIMEOUT:
+            result.message = self._idle_without_shadow()
         if self.trace:
             self.trace(ev.TraceEvent(ev.LIFECYCLE, -1, 0, {"what": "end", "status": result.status.name}))
         return result
+
+    def _idle_without_shadow(self) -> str:
+        """After a timeout (the vCPU threads have stopped): on a host whose CPU drops the STI
+        shadow at VM entry (host convention sti_shadow), a vCPU halted with interrupts on and
+        nothing pending may have taken its wake-up before its `hlt`. Say so, or ""."""
+        if convention(self.kvm, "sti_shadow").value != "lost":
+            return ""
+        idle = [f"vcpu{t.index}" for t in self.threads if not t.done and halted_idle(t.plane_vcpu())]
+        if not idle:
+            return ""
+        return (f"{', '.join(idle)} halted with interrupts on and nothing pending, on a host whose CPU drops "
+                f"the STI interrupt shadow at VM entry (host convention sti_shadow: lost): a `sti; hlt` wait "
+                f"there can take its wake-up before the `hlt` and then wait for good")
 
     def _hung(self) -> str | None:
         """A hang nobody would see: every unfinished vCPU halted with interrupts off and nothing
@@ -470,6 +485,12 @@ class Machine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def halted_idle(vcpu: Vcpu) -> bool:
+    """Halted in KVM with interrupts on and no interrupt in its LAPIC's IRR."""
+    return (vcpu.get_mp_state() == C.KVM_MP_STATE_HALTED and bool(vcpu.regs.rflags & arch.RFLAGS_IF)
+            and not apic.irr_pending(lapic_bytes(vcpu)))
 
 
 def run_image(image: bytes, timeout: float | None = 30.0, **config) -> RunResult:

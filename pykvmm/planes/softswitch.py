@@ -147,7 +147,7 @@ class SoftSwitchVcpu(PlanesVcpu):
     def __init__(self, vm, vcpu_id: int, v0: Vcpu):
         super().__init__(vm, vcpu_id)
         self._v0 = v0
-        self._vcpu_of: dict[int, Vcpu] = {}   # plane id -> this vCPU's KVM vCPU in it
+        self._vcpu_of: dict[int, Vcpu] = {0: v0}   # plane id -> this vCPU's KVM vCPU in it
         self._apic_off = 0          # see the module docstring
         self._entered = 0           # planes entered since the last scan (vCPU thread only)
         self._last_scan = 0.0

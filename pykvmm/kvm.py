@@ -672,6 +672,32 @@ class Vcpu(FdObject):
             buf = self._area_buffers[name] = ffi.buffer(ffi.addressof(obj))
         return buf
 
+    def copy_live(self, source: "Vcpu", runs) -> None:
+        """Copy byte ranges of ``source``'s live copies into this vCPU's and mark the classes
+        that changed dirty. ``runs``: ((name, ((start, end), ...)), ...) with name ``regs`` or
+        ``sregs`` and offsets in its struct (e.g. the registers VTLs share). One call on a plane
+        switch for what live_buffer and mark_dirty would make six."""
+        for name, ranges in runs:
+            bit = _SYNC_BITS[name]
+            # live_buffer()'s own shortcut: a vCPU that exited with sync regs needs no call
+            src = source._area_buffers.get(name) if source._valid & bit else None
+            if src is None:
+                src = source.live_buffer(name)
+            dst = self._area_buffers.get(name) if self._valid & bit else None
+            if dst is None:
+                dst = self.live_buffer(name)
+            changed = False
+            for start, end in ranges:
+                if dst[start:end] != src[start:end]:
+                    dst[start:end] = src[start:end]
+                    changed = True
+            if changed:
+                run = self.run_struct
+                if run is not None and self._sync_supported & bit:
+                    run.kvm_dirty_regs |= bit       # mark_dirty()'s common case, without its frame
+                else:
+                    self.mark_dirty(name)
+
     def _flush(self, name):
         """Before a plain GET ioctl: push a pending sync-area write so it is not lost."""
         bit = _SYNC_BITS.get(name)

@@ -211,7 +211,6 @@ class MultiVmPlanesVm(SoftSwitchVm, PlanesVm):
         v0 = self.planes[0].kvm_vm.create_vcpu(vcpu_id)
         pv = MultiVmVcpu(self, vcpu_id, v0)
         self.planes[0].vcpus[vcpu_id] = v0
-        pv.add_plane_vcpu(0, v0)
         self.vcpus[vcpu_id] = pv
         return pv
 

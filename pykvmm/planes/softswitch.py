@@ -147,7 +147,7 @@ class SoftSwitchVcpu(PlanesVcpu):
     def __init__(self, vm, vcpu_id: int, v0: Vcpu):
         super().__init__(vm, vcpu_id)
         self._v0 = v0
-        self._vcpu_of: dict[int, Vcpu] = {}   # plane id -> this vCPU's KVM vCPU in it
+        self._vcpu_of: dict[int, Vcpu] = {0: v0}   # plane id -> this vCPU's KVM vCPU in it
         self._apic_off = 0          # see the module docstring
         self._entered = 0           # planes entered since the last scan (vCPU thread only)
         self._last_scan = 0.0
@@ -206,20 +206,32 @@ class SoftSwitchVcpu(PlanesVcpu):
         found = off = 0
         for p, v in self._vcpu_of.items():
             if planes_mask >> p & 1:
+                bit = 1 << p
                 self.irr_scans += 1
                 v.get_lapic(into=self._lapic)
-                regs = self._lapic_regs
-                timer = self._expired_timer(p, v, regs)
-                if not apic.software_enabled(regs):
-                    off |= 1 << p
-                elif apic.deliverable_irr(regs, timer) is not None:
-                    found |= 1 << p
+                seen = apic.pending(self._lapic_regs)   # None: software-disabled
+                lvt = None if seen is None else seen[2]
+                if lvt is not None:
+                    timer = self._expired_timer(p, v, lvt)
+                else:                       # no armed timer (before its first run a plane shows
+                    timer = None            # only the reset state: nothing learned then)
+                    if v.exit_count:
+                        self._timer_lvt &= ~bit
+                if seen is None:
+                    off |= bit
+                    continue
+                irr, ppr, _ = seen
+                vector = irr if timer is None or irr is not None and irr > timer else timer
+                if vector is not None and vector >> 4 > ppr:     # deliverable now
+                    found |= bit
                     self._masked_seen.pop(p, None)
-                    if timer is not None and apic.deliverable_irr(regs) is None:
+                    if timer is not None and (irr is None or irr >> 4 <= ppr):
                         self.timer_events += 1
-                else:
-                    irr = apic.highest_irr(regs)
-                    self._note_masked(p, irr if timer is None or irr is not None and irr > timer else timer)
+                elif vector is None:
+                    self._masked_seen.pop(p, None)
+                elif self._masked_seen.get(p) != vector:    # a new highest vector, masked by the PPR
+                    self._masked_seen[p] = vector
+                    self.masked_interrupts += 1
         # after the reads: a read of a plane that is not running can take longer than scan_gap
         # here, and the next exit would then read it again at once
         self._last_scan = time.monotonic()
@@ -227,13 +239,6 @@ class SoftSwitchVcpu(PlanesVcpu):
             with self._lock:
                 self._apic_off |= off & ~self._hint     # unless note_pending() came meanwhile
         return found
-
-    def _note_masked(self, plane: int, vector: int | None) -> None:
-        if vector is None:
-            self._masked_seen.pop(plane, None)
-        elif self._masked_seen.get(plane) != vector:
-            self._masked_seen[plane] = vector
-            self.masked_interrupts += 1
 
     def _look(self, req: int, force: bool, fresh: int = 0) -> int:
         """Scan what is due (see the module docstring); the planes of ``req`` found deliverable.
@@ -255,65 +260,58 @@ class SoftSwitchVcpu(PlanesVcpu):
         return ex
 
     def run(self, plane: int = 0, req_exit_planes: int = 0):
-        # The common case (the same plane again, no plane requested) costs the two lookups
-        # and the two tests before run_kvm(), nothing more.
+        # Without a call besides run_kvm(): the same plane again with no plane requested, a
+        # switch with none requested, and the look after an exit when nothing is due.
         v = self._vcpu_of.get(plane)
         if v is None:
             v = self.plane_vcpu(plane)          # raises: no instance of this vCPU there
         req = req_exit_planes & ~(1 << plane) & _ALL_PLANES
-        if req or plane != self.last_plane:
-            found = self._before_entry(v, plane, req)
+        left = self.last_plane
+        if req:
+            # the look due on entry (module docstring)
+            if self.vm._ticker is None:
+                self.vm.start_ticker()
+            # (not fresh with its LVT timer unmasked: the read learns when the timer expires)
+            fresh = 1 << left if plane != left and self._vcpu_of[left].if_flag and \
+                not self._timer_lvt >> left & 1 else 0
+            found = self._look(req, force=plane != left, fresh=fresh)
             if found:
                 return self._event(found, req)
+        if plane != left:
+            if self.vm.shared_fpu:
+                copy_fpu_state(self._vcpu_of[left], v, self.vm.pkru_offset)
+            self.last_plane = plane
+            self._entered |= 1 << plane     # it may enable its LAPIC while it runs (see _scan)
         ex = self.run_kvm(v, req)
         if type(ex) in self.checked_exits:
             ex = self.check_exit(v, ex)
         if req:
             kicked = type(ex) is X.Interrupted
-            found = self._look(req, force=kicked)
-            if found:
-                if kicked:
-                    return self._event(found, req)
-                with self._lock:
-                    self._hint |= found     # the next entry looks again and returns the event
+            # The look after an exit. _look decides; this only leaves it out when it would read
+            # nothing: no kick, no requested plane hinted, and every requested plane either
+            # scanned less than scan_gap ago or with its LAPIC off (_apic_off, read without the
+            # lock: note_pending() sets _hint too, which the next entry's look then sees).
+            if kicked or self._hint & req or req & ~(self._apic_off & ~self._entered) and \
+                    time.monotonic() - self._last_scan >= self.scan_gap:
+                found = self._look(req, force=kicked)
+                if found:
+                    if kicked:
+                        return self._event(found, req)
+                    with self._lock:
+                        self._hint |= found     # the next entry looks again and returns the event
         return ex
 
-    def _before_entry(self, v: Vcpu, plane: int, req: int) -> int:
-        """Entering another plane than last time, or with planes requested: the look due on
-        entry (module docstring) and, on a switch, the shared FPU. Returns the planes found."""
-        switching = plane != self.last_plane
-        if req:
-            if self.vm._ticker is None:
-                self.vm.start_ticker()
-            left = self.last_plane
-            # (not fresh with its LVT timer unmasked: the read learns when the timer expires)
-            fresh = 1 << left if switching and self._vcpu_of[left].if_flag and \
-                not self._timer_lvt >> left & 1 else 0
-            found = self._look(req, force=switching, fresh=fresh)
-            if found:
-                return found
-        if switching:
-            if self.vm.shared_fpu:
-                copy_fpu_state(self.plane_vcpu(self.last_plane), v, self.vm.pkru_offset)
-            self.last_plane = plane
-            self._entered |= 1 << plane     # it may enable its LAPIC while it runs (see _scan)
-        return 0
-
     # -- LAPIC timers of planes that are not running (module docstring) --------------------
-    def _expired_timer(self, p: int, v: Vcpu, regs) -> int | None:
-        """The LVT timer vector if plane ``p``'s timer expired since it stopped running (KVM
-        holds such an expiry back until the plane runs, and it is not in the IRR), else None.
+    def _expired_timer(self, p: int, v: Vcpu, lvt: int) -> int | None:
+        """The LVT timer vector if plane ``p``'s armed timer (``lvt``, its unmasked LVT entry,
+        in the LAPIC _scan just read) expired since the plane stopped running (KVM holds such an
+        expiry back until the plane runs, and it is not in the IRR), else None.
         The first read since the plane ran learns when its timer expires and sets the VM's host
         timer for then; a TSC-deadline timer costs one KVM_GET_MSRS for that."""
-        lvt = apic.timer_armed_lvt(regs)
-        if lvt is None:
-            if v.exit_count:        # (before its first run it only shows the reset state)
-                self._timer_lvt &= ~(1 << p)
-            return None
         self._timer_lvt |= 1 << p
         known = self._timer_at.get(p)
         if known is None or known[0] != v.exit_count:      # it ran since
-            at = self._timer_expiry(p, v, regs, lvt)
+            at = self._timer_expiry(p, v, self._lapic_regs, lvt)
             known = self._timer_at[p] = (v.exit_count, at)
             if at is not None:
                 # Set the host timer only when it is not set already for about then: a plane

@@ -22,6 +22,7 @@ from .outcomes import Answer, Outcome
 
 # ---- control word -------------------------------------------------------------------------
 CONTROL_RESERVED_MASK = tlfs.CONTROL_RSVD0 | tlfs.CONTROL_NESTED | tlfs.CONTROL_RSVD1 | tlfs.CONTROL_RSVD2
+CONTROL_NOT_SIMPLE = CONTROL_RESERVED_MASK | 0xFFF << 32     # a simple call: no reserved bits, no rep count
 
 
 class Control(int):
@@ -174,6 +175,6 @@ class Dispatcher:
 
 
 def _nop(thread, plane, control, regs) -> Answer:
-    if control.reserved_bits or control.rep_count:
+    if control & CONTROL_NOT_SIMPLE:
         return Answer(tlfs.INVALID_HYPERCALL_INPUT)
     return Answer(tlfs.SUCCESS, (("rdx", (regs.rdx + regs.r8) & 0xFFFFFFFFFFFFFFFF),))

@@ -7,10 +7,11 @@ A policy decides when a vCPU switches planes and what state moves across. The vC
     req_exit_planes(thread) -> int       the planes whose interrupts end the next run
     on_plane_event(thread, event)        -> Switch or None
     on_memory_fault(thread, fault)       -> an outcome for a MemoryFault exit (planes/memview.py)
-    transfer(thread, src, dst, reason, first)
+    transfer(thread, src, dst, dest, reason, first)
                                          the state move of a switch, called once by the thread
-                                         (``first``: ``dst`` has never run; it starts at the
-                                         guest entry)
+                                         (``thread.vcpu`` is still plane ``src``'s KVM vCPU,
+                                         ``dest`` is plane ``dst``'s; ``first``: ``dst`` has
+                                         never run, it starts at the guest entry)
 
 Hypercall handlers return outcomes (:mod:`pykvmm.vmm.outcomes`) like every handler. The
 registry of policies by name is :mod:`pykvmm.vmm.personalities`.
@@ -19,6 +20,7 @@ registry of policies by name is :mod:`pykvmm.vmm.personalities`.
 from __future__ import annotations
 
 from . import abi
+from .hypercalls import CONTROL_NOT_SIMPLE
 from .hyperv import tlfs
 from .outcomes import Answer, Outcome, Stop, StopKind, Switch, SwitchReason
 
@@ -40,6 +42,10 @@ class PlanePolicy:
         self.machine = machine
         self._higher = [higher_planes(p, machine.plane_count) for p in range(machine.plane_count)]
         machine.dispatcher.register(abi.HVCALL_PYKVMM_SWITCH_PLANE, self.switch_plane)
+        # the switches switch_plane answers, made once (outcomes are not changed once returned)
+        self._switch_to = [Switch(t, SwitchReason.CALL, suspend=True, status=tlfs.SUCCESS)
+                           for t in range(machine.plane_count)]
+        self._resume = Switch(None, SwitchReason.RETURN, status=tlfs.SUCCESS)
 
     def req_exit_planes(self, thread) -> int:
         return self._higher[thread.plane]      # asked after every exit: one lookup
@@ -58,7 +64,7 @@ class PlanePolicy:
         return Stop(StopKind.CRASH, f"{kind.name.lower() if kind else hex(fault.flags)} access to GPA "
                                     f"{fault.gpa:#x} forbidden by plane {thread.plane}'s memory view")
 
-    def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
+    def transfer(self, thread, src: int, dst: int, dest, reason: SwitchReason, first: bool) -> None:
         """Move shared state from plane ``src`` to ``dst`` of ``thread`` (bare: nothing)."""
 
     def summary(self) -> dict:
@@ -68,13 +74,13 @@ class PlanePolicy:
     def switch_plane(self, thread, plane, control, regs) -> Outcome:
         """PykvmmSwitchPlane: RDX = target plane, or all-ones to resume the suspended plane.
         The caller's RAX is SUCCESS when it runs again."""
-        if control.reserved_bits or control.rep_count:
+        if control & CONTROL_NOT_SIMPLE:
             return Answer(tlfs.INVALID_HYPERCALL_INPUT)
         target = regs.rdx
         if target == RESUME_SUSPENDED:
             if not thread.suspended:
                 return Answer(tlfs.INVALID_VTL_STATE)      # no suspended plane to resume
-            return Switch(None, SwitchReason.RETURN, status=tlfs.SUCCESS)
+            return self._resume
         if target >= self.machine.plane_count or target == plane:
             return Answer(tlfs.INVALID_PARAMETER)
-        return Switch(target, SwitchReason.CALL, suspend=True, status=tlfs.SUCCESS)
+        return self._switch_to[target]

@@ -57,6 +57,8 @@ class VcpuThread:
         self.plane = 0                              # the plane that runs (or last ran)
         self.vcpu = planes_vcpu.plane0              # its KVM vCPU: set together with self.plane
         self.suspended: list[int] = []              # planes waiting in a VtlCall or preempted
+        self._plane_vcpus: dict[int, Vcpu] = {}     # plane -> its KVM vCPU, for switch(): a lookup
+                                                    # here costs no Python frame (they never change)
         self.started_planes = {0}
         self.done = False
         self.thread: threading.Thread | None = None
@@ -177,16 +179,20 @@ class VcpuThread:
         """Leave the running plane for ``switch.target``: the whole of a plane switch."""
         policy = self.machine.policy
         src = self.plane
-        if switch.status is not None:                       # the caller's answer stays with it
-            self._answer(Answer(switch.status))
+        if switch.status is not None:       # the caller's answer stays with it (as _answer does)
+            regs = self.vcpu.regs
+            regs.rax = switch.status
+            self.vcpu.mark_dirty("regs")
         dst = self.suspended.pop() if switch.target is None else switch.target
         first = dst not in self.started_planes
         if first:
             self.started_planes.add(dst)
-        policy.transfer(self, src, dst, switch.reason, first)   # the shared state, once
+        vcpu = self._plane_vcpus.get(dst)
+        if vcpu is None:
+            vcpu = self._plane_vcpus[dst] = self.planes_vcpu.plane_vcpu(dst)
+        policy.transfer(self, src, dst, vcpu, switch.reason, first)   # the shared state, once
         if switch.suspend:
             self.suspended.append(src)
-        vcpu = self.planes_vcpu.plane_vcpu(dst)
         if switch.load_return_regs is not None:             # after the shared RAX/RCX arrived
             regs = vcpu.regs
             regs.rax, regs.rcx = switch.load_return_regs

@@ -82,7 +82,7 @@ ENTRY_REASONS = {SwitchReason.CALL: abi.VTL_ENTRY_VTL_CALL, SwitchReason.INTERRU
 
 
 def _gpr_slices() -> tuple[tuple[int, int], ...]:
-    """arch.SHARED_GPRS as (start, end) byte runs of struct kvm_regs, for slice copies."""
+    """arch.SHARED_GPRS as (start, end) byte runs of struct kvm_regs, for Vcpu.copy_live."""
     runs: list[list[int]] = []
     for name in sorted(arch.SHARED_GPRS, key=lambda n: ffi.offsetof("struct kvm_regs", n)):
         off = ffi.offsetof("struct kvm_regs", name)
@@ -93,7 +93,8 @@ def _gpr_slices() -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in runs)
 
 
-_SHARED_GPR_SLICES = _gpr_slices()
+_CR2 = ffi.offsetof("struct kvm_sregs", "cr2")
+_SHARED_LIVE = (("regs", _gpr_slices()), ("sregs", ((_CR2, _CR2 + 8),)))   # the GPRs but RSP, CR2
 _DB_BYTES = ffi.sizeof("__u64[4]")         # DR0-DR3: the first field of struct kvm_debugregs
 _DEBUGREGS_P = ffi.typeof("struct kvm_debugregs *")
 _XSAVE_P = ffi.typeof("struct kvm_xsave *")
@@ -147,6 +148,8 @@ class VtlPolicy(PlanePolicy):
         # [vcpu][plane] -> _Known, made at the plane's first switch; None: nothing known
         self._known: list[list[_Known | None]] = [[None] * n for _ in range(self.vcpu_count)]
         self._spare_xsave = _xsave_image()
+        # [vcpu][plane] -> pykvmm's control page (vtl_control without a VP assist page)
+        self._control_pages = [[abi.control_page(v, p) for p in range(n)] for v in range(self.vcpu_count)]
         # VTLs enabled on each VP (bit n = VTL n): all of them in pykvmm's boot mode; with
         # --vtl-boot tlfs only VTL0 until HvCallEnableVpVtl (vsm/enable.py)
         self.enabled = [(1 << n) - 1] * self.vcpu_count
@@ -169,8 +172,8 @@ class VtlPolicy(PlanePolicy):
     def req_exit_planes(self, thread) -> int:
         req = self._higher[thread.plane] & self.enabled[thread.index]
         vsm = self.vsm
-        if vsm is not None and vsm.vina_armed:
-            req |= self.vsm.vina_watch(thread)      # lower planes whose interrupts raise VINA
+        if vsm is not None and vsm.vina_enabled:
+            req |= vsm.vina_watch(thread)           # lower planes whose interrupts raise VINA
         return req
 
     def on_plane_event(self, thread, event) -> Switch | None:
@@ -189,16 +192,60 @@ class VtlPolicy(PlanePolicy):
         return switch or super().on_memory_fault(thread, fault)
 
     # -- switches -------------------------------------------------------------------------------
-    def transfer(self, thread, src: int, dst: int, reason: SwitchReason, first: bool) -> None:
+    def transfer(self, thread, src: int, dst: int, dest, reason: SwitchReason, first: bool) -> None:
+        """The shared state (module docstring) from ``thread.vcpu``, plane ``src``'s KVM vCPU,
+        to ``dest``, plane ``dst``'s, unless ``dst`` has never run; then the entry reason, and
+        the VSM work of a VtlReturn (VINA AutoReset, TLB locks released). One function, read
+        top to bottom: on this host every Python call after a switch costs about a microsecond."""
+        vcpu = thread.index
+        known = self._known[vcpu]
         if first:
-            self._known[thread.index][dst] = None     # it starts at the entry, with its own state
+            known[dst] = None     # it starts at the entry, with its own state
         elif self.shares_state:
-            self._copy_shared(thread, src, dst)
+            source = thread.vcpu
+            src_known, dst_known = known[src], known[dst]
+            if src_known is None:
+                src_known = known[src] = _Known()
+            if dst_known is None:
+                dst_known = known[dst] = _Known()
+            # GPRs and CR2: the live copies (no ioctl with KVM_CAP_SYNC_REGS).
+            dest.copy_live(source, _SHARED_LIVE)
+            elide = self.elide_sets
+            # DR0-DR3 (DR6/DR7 stay the destination's own).
+            source.get_debugregs(into=src_known.dr)
+            src_known.dr_valid = True
+            ioctls = 1
+            if not (elide and dst_known.dr_valid):
+                dest.get_debugregs(into=dst_known.dr)
+                dst_known.dr_valid = True
+                ioctls += 1
+            if not elide or src_known.db != dst_known.db:
+                dst_known.db[:] = src_known.db
+                dst_known.dr.flags = 0
+                dest.set_debugregs(dst_known.dr)
+                ioctls += 1
+            # XCR0 before the XSAVE image (which KVM checks against the guest's features).
+            if self.copy_xcr0:
+                xcrs = source.get_xcrs()
+                ioctls += 1
+                xcr0 = next((xcrs.xcrs[i].value for i in range(xcrs.nr_xcrs) if xcrs.xcrs[i].xcr == 0), None)
+                if xcr0 is not None and (not elide or dst_known.xcr0 != xcr0):
+                    dest.set_xcrs(xcrs)
+                    ioctls += 1
+                dst_known.xcr0 = src_known.xcr0 = xcr0
+            # x87/SSE/AVX: the XSAVE image but PKRU (as planes.api.copy_fpu_state, with the
+            # destination's PKRU taken from what we know of it instead of another GET).
+            if not self.machine.pvm.shared_fpu:
+                ioctls += self._copy_xsave(source, dest, src_known, dst_known, elide)
+            stats = self._stats[vcpu]
+            stats["state_ioctls"] += ioctls
+            stats["shared_state_copies"] += 1
         code = ENTRY_REASONS.get(reason)
         if code is not None:
-            self.machine.memory.write_u32(self.vtl_control(thread.index, dst) + abi.VTL_ENTRY_REASON, code)
-        if reason is SwitchReason.RETURN and self.vsm is not None and self.vsm.return_armed:
-            self.vsm.returned(thread.index, src)       # VINA AutoReset, TLB locks released
+            self.machine.memory.write_u32(self.vtl_control(vcpu, dst) + abi.VTL_ENTRY_REASON, code)
+        vsm = self.vsm
+        if reason is SwitchReason.RETURN and vsm is not None and (vsm.vina_enabled or vsm.tlb_held):
+            vsm.returned(vcpu, src)
 
     def vtl_control(self, vcpu: int, plane: int) -> int:
         """The page holding this VTL's HV_VP_VTL_CONTROL (EntryReason, VtlReturnX64Rax/Rcx):
@@ -209,56 +256,7 @@ class VtlPolicy(PlanePolicy):
             assist = hv.vp(vcpu, plane).vp_assist
             if assist & 1:
                 return assist & ~0xFFF
-        return abi.control_page(vcpu, plane)
-
-    def _copy_shared(self, thread, src: int, dst: int) -> None:
-        planes_vcpu = thread.planes_vcpu
-        source, dest = planes_vcpu.plane_vcpu(src), planes_vcpu.plane_vcpu(dst)
-        known = self._known[thread.index]
-        src_known, dst_known = known[src], known[dst]
-        if src_known is None:
-            src_known = known[src] = _Known()
-        if dst_known is None:
-            dst_known = known[dst] = _Known()
-        # GPRs and CR2: the live copies (no ioctl with KVM_CAP_SYNC_REGS).
-        src_regs, dst_regs = source.live_buffer("regs"), dest.live_buffer("regs")
-        for start, end in _SHARED_GPR_SLICES:
-            dst_regs[start:end] = src_regs[start:end]
-        dest.mark_dirty("regs")
-        cr2, dst_sregs = source.sregs.cr2, dest.sregs
-        if dst_sregs.cr2 != cr2:
-            dst_sregs.cr2 = cr2
-            dest.mark_dirty("sregs")
-        elide = self.elide_sets
-        # DR0-DR3 (DR6/DR7 stay the destination's own).
-        source.get_debugregs(into=src_known.dr)
-        src_known.dr_valid = True
-        ioctls = 1
-        if not (elide and dst_known.dr_valid):
-            dest.get_debugregs(into=dst_known.dr)
-            dst_known.dr_valid = True
-            ioctls += 1
-        if not elide or src_known.db != dst_known.db:
-            dst_known.db[:] = src_known.db
-            dst_known.dr.flags = 0
-            dest.set_debugregs(dst_known.dr)
-            ioctls += 1
-        # XCR0 before the XSAVE image (which KVM checks against the guest's features).
-        if self.copy_xcr0:
-            xcrs = source.get_xcrs()
-            ioctls += 1
-            xcr0 = next((xcrs.xcrs[i].value for i in range(xcrs.nr_xcrs) if xcrs.xcrs[i].xcr == 0), None)
-            if xcr0 is not None and (not elide or dst_known.xcr0 != xcr0):
-                dest.set_xcrs(xcrs)
-                ioctls += 1
-            dst_known.xcr0 = src_known.xcr0 = xcr0
-        # x87/SSE/AVX: the XSAVE image but PKRU (as planes.api.copy_fpu_state, with the
-        # destination's PKRU taken from what we know of it instead of another GET).
-        if not self.machine.pvm.shared_fpu:
-            ioctls += self._copy_xsave(source, dest, src_known, dst_known, elide)
-        stats = self._stats[thread.index]
-        stats["state_ioctls"] += ioctls
-        stats["shared_state_copies"] += 1
+        return self._control_pages[vcpu][plane]
 
     def _copy_xsave(self, source, dest, src_known: _Known, dst_known: _Known, elide: bool) -> int:
         """The source's XSAVE image with the destination's PKRU into the destination (no SET
@@ -298,11 +296,9 @@ class VtlPolicy(PlanePolicy):
 
     def _malformed_switch_call(self, thread, plane, control, regs, code: int) -> Fault | None:
         """#UD for a VtlCall/VtlReturn (``code``) above CPL 0, with control bits other than its
-        code, or with RAX (the VTL input) bits it does not allow."""
+        code, or with RAX (the VTL input) bits it does not allow; None if well formed. The
+        handlers test the common case (well formed) themselves first: a call less per switch."""
         name, kind, rax_allowed, rax_rule = _SWITCH_CALLS[code]
-        if control == code and not regs.rax & ~rax_allowed \
-                and thread.planes_vcpu.plane_vcpu(plane).sregs.cs.dpl == 0:
-            return None                     # the common case, in one test
         if fault := self._cpl_fault(thread, plane, name):
             return fault
         if control.value != control.code:
@@ -313,8 +309,10 @@ class VtlPolicy(PlanePolicy):
         return None
 
     def vtl_call(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._malformed_switch_call(thread, plane, control, regs, tlfs.HVCALL_VTL_CALL):
-            return fault
+        # well formed: exactly the call code, RAX 0, CPL 0 (``thread.vcpu`` is the caller's)
+        if control != tlfs.HVCALL_VTL_CALL or regs.rax or thread.vcpu.sregs.cs.dpl:
+            if fault := self._malformed_switch_call(thread, plane, control, regs, tlfs.HVCALL_VTL_CALL):
+                return fault
         above = self._above[plane] & self.enabled[thread.index]
         if not above:
             return self._ud_fault(thread, "call-from-top", f"HvCallVtlCall from VTL{plane}, the highest VTL "
@@ -322,8 +320,10 @@ class VtlPolicy(PlanePolicy):
         return self._call_to[(above & -above).bit_length() - 1]
 
     def vtl_return(self, thread, plane, control, regs) -> Outcome:
-        if fault := self._malformed_switch_call(thread, plane, control, regs, tlfs.HVCALL_VTL_RETURN):
-            return fault
+        # well formed: exactly the call code, RAX 0 or 1 (fast), CPL 0
+        if control != tlfs.HVCALL_VTL_RETURN or regs.rax & ~1 or thread.vcpu.sregs.cs.dpl:
+            if fault := self._malformed_switch_call(thread, plane, control, regs, tlfs.HVCALL_VTL_RETURN):
+                return fault
         if plane == 0:
             return self._ud_fault(thread, "return-from-vtl0", "HvCallVtlReturn from VTL0 (no lower VTL)")
         if not thread.suspended or thread.suspended[-1] >= plane:

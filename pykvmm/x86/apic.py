@@ -126,16 +126,27 @@ def software_enabled(regs: bytes) -> bool:
     return bool(reg32(regs, APIC_SPIV) & 0x100)
 
 
+def _highest(words) -> int | None:
+    """The highest vector set in eight IRR/ISR words (word 0 first), None if none is."""
+    for i in range(7, -1, -1):
+        if words[i]:
+            return i * 32 + words[i].bit_length() - 1
+    return None
+
+
 def highest_irr(regs: bytes) -> int | None:
-    v = irr_vectors(regs)
-    return max(v) if v else None
+    return _highest(_EIGHT_WORDS.unpack_from(regs, APIC_IRR))
+
+
+def _ppr_class(tpr: int, isr_words) -> int:
+    highest = _highest(isr_words)
+    return max((tpr >> 4) & 0xF, 0 if highest is None else highest >> 4)
 
 
 def priority_class(regs: bytes) -> int:
     """The processor-priority class (PPR[7:4]): the higher of TPR's class and the class of the
     highest vector in service. A fixed interrupt is delivered only when its class is above it."""
-    isr = isr_vectors(regs)
-    return max((reg32(regs, APIC_TPR) >> 4) & 0xF, max(isr) >> 4 if isr else 0)
+    return _ppr_class(reg32(regs, APIC_TPR), _EIGHT_WORDS.unpack_from(regs, APIC_ISR))
 
 
 def deliverable_irr(regs: bytes, also: int | None = None) -> int | None:
@@ -150,8 +161,25 @@ def deliverable_irr(regs: bytes, also: int | None = None) -> int | None:
 def timer_armed_lvt(regs: bytes) -> int | None:
     """The LVT timer entry if it is unmasked (the LAPIC software-enabled), else None: only then
     can this LAPIC's timer raise an interrupt."""
-    lvt = reg32(regs, APIC_LVT_TIMER)
-    return None if lvt & LVT_MASKED or not software_enabled(regs) else lvt
+    seen = pending(regs)
+    return None if seen is None else seen[2]
+
+
+# TPR, SVR, ISR and IRR (8 words each, 16 bytes apart), LVT timer: what pending() reads
+_PENDING = struct.Struct("<" + f"{APIC_TPR}xI{APIC_SPIV - APIC_TPR - 4}xI{APIC_ISR - APIC_SPIV - 4}x"
+                         + "I12x" * 7 + f"I{APIC_IRR - APIC_ISR - 0x74}x" + "I12x" * 7
+                         + f"I{APIC_LVT_TIMER - APIC_IRR - 0x74}xI")
+
+
+def pending(regs: bytes) -> tuple[int | None, int, int | None] | None:
+    """What a look for interrupts needs of a LAPIC (planes/softswitch.py scans after every
+    plane switch), from one unpack: None if it is software-disabled (it drops fixed interrupts
+    and every LVT entry is masked), else (the highest IRR vector or None, the PPR class as
+    priority_class(), the LVT timer entry if unmasked or None, as timer_armed_lvt())."""
+    tpr, svr, *words, lvt = _PENDING.unpack_from(regs)
+    if not svr & 0x100:
+        return None
+    return _highest(words[8:]), _ppr_class(tpr, words), None if lvt & LVT_MASKED else lvt
 
 
 def timer_remaining_ns(regs: bytes) -> int | None:

@@ -55,6 +55,11 @@ class Vsm:
         self.remote = RemoteVps(self)
         self.overlays = None
         self.enables = VtlEnables(self)
+        # What the switch path tests for truth (a property would cost a Python frame per exit):
+        # the (VP, VTL) pairs with VINA enabled (the run loop asks vina_watch only then) and
+        # the TLB locks held (with VINA, what makes a VtlReturn call returned()). Never rebound.
+        self.vina_enabled = self.enables.vina_enabled
+        self.tlb_held = self.tlb.held
         self.stats = Counter()
         self.intercepts: Counter = Counter()     # (vcpu, from VTL, to VTL, access) -> count
 
@@ -114,11 +119,6 @@ class Vsm:
         return self.enables.set(cpu, caller, target, name, value)
 
     # -- VINA (TLFS "Virtual Interrupt Notification Assist") -----------------------------------
-    @property
-    def vina_armed(self) -> bool:
-        """Whether any VTL of any VP enabled VINA (the run loop asks only then)."""
-        return bool(self.enables.vina_enabled)
-
     def vina_watch(self, thread) -> int:
         """Lower planes whose deliverable interrupts must end the running plane's run: those
         below a VTL that enabled VINA and whose VinaAsserted is clear."""
@@ -145,11 +145,6 @@ class Vsm:
             self.machine.pvm.planes[plane].signal_msi(*apic.msi_message(vcpu, vector))
         self.stats["vina_asserted"] += 1
         return True
-
-    @property
-    def return_armed(self) -> bool:
-        """Whether a VtlReturn has VSM work to do (the switch path asks only then)."""
-        return bool(self.enables.vina_enabled or self.tlb.held)
 
     def returned(self, vcpu: int, plane: int) -> None:
         """A VtlReturn from ``plane``: VINA's AutoReset; the TLB locks the VTL held are released."""

@@ -41,7 +41,7 @@ GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs", "ldt", "tr")
 
-MSRS = {REG_TSC: 0x10, REG_KERNEL_GS_BASE: arch.MSR_KERNEL_GS_BASE, REG_PAT: arch.MSR_IA32_CR_PAT,
+MSRS = {REG_TSC: arch.MSR_IA32_TSC, REG_KERNEL_GS_BASE: arch.MSR_KERNEL_GS_BASE, REG_PAT: arch.MSR_IA32_CR_PAT,
         REG_SYSENTER_CS: arch.MSR_IA32_SYSENTER_CS, REG_SYSENTER_EIP: arch.MSR_IA32_SYSENTER_EIP,
         REG_SYSENTER_ESP: arch.MSR_IA32_SYSENTER_ESP, REG_STAR: arch.MSR_STAR, REG_LSTAR: arch.MSR_LSTAR,
         REG_CSTAR: arch.MSR_CSTAR, REG_SFMASK: arch.MSR_SFMASK, REG_TSC_AUX: arch.MSR_TSC_AUX}

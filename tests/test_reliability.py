@@ -15,6 +15,7 @@ import pytest
 
 from pykvmm.planes import open_planes_vm
 from pykvmm.vmm import abi
+from pykvmm.vmm.host import convention
 from pykvmm.vmm.machine import ExitStatus, Machine, MachineConfig
 
 from conftest import LAST_RESORT, guest_image, thread_states, wait_for
@@ -451,10 +452,16 @@ def test_all_vcpus_halted_with_interrupts_off_is_a_hang(run_guest, vcpus, planes
     assert len(r.timeout_reports) == vcpus
 
 
-def test_halted_with_interrupts_on_is_not_a_hang(run_guest):
-    """`sti; hlt` can be woken (an IPI, a timer): only the timeout ends it."""
+def test_halted_with_interrupts_on_is_not_a_hang(run_guest, kvm):
+    """`sti; hlt` can be woken (an IPI, a timer): only the timeout ends it. Where the host drops
+    the STI shadow (host convention sti_shadow), the timeout says such a wait may have lost its
+    wake-up (test_mainline checks that message both ways)."""
     r = run_guest("hostile", arg=int(hostile(HOSTILE_STI_HLT)), timeout=3)
-    assert r.status == ExitStatus.TIMEOUT and r.message == ""
+    assert r.status == ExitStatus.TIMEOUT
+    if convention(kvm, "sti_shadow").value == "lost":
+        assert r.message.startswith("vcpu0 halted with interrupts on and nothing pending")
+    else:
+        assert r.message == ""
 
 
 def test_hang_exit_4_from_the_cli(kvm_available):

@@ -96,7 +96,7 @@ class GuestMemory:
             return ""
         self.check(gpa, 1)
         end = min(self.size, gpa + limit)
-        raw = self.map[gpa:end]
+        raw = self.read(gpa, end - gpa)         # (a PlaneMemory reads its covers)
         nul = raw.find(b"\0")
         return (raw if nul < 0 else raw[:nul]).decode("utf-8", "replace")
 
@@ -153,13 +153,6 @@ class PlaneMemory(GuestMemory):
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.write(gpa, (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
-
-    def cstring(self, gpa: int, limit: int) -> str:
-        if gpa == 0:
-            return ""
-        raw = self.read(gpa, min(self.size, gpa + limit) - gpa)
-        nul = raw.find(b"\0")
-        return (raw if nul < 0 else raw[:nul]).decode("utf-8", "replace")
 
     def close(self) -> None:
         """The RAM belongs to the GuestMemory this view was made from."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pykvmm.vmm import abi
@@ -219,16 +221,19 @@ FS0, FS1 = 0x10000F00, 0x20000F00
 
 def test_per_vtl_state_and_the_shared_reference_time(run_vsm):
     """TPR (CR8), FS.base and the VP assist page are each VTL's own; each VTL's reference TSC
-    page shows the same partition time; each VTL's LAPIC timer interrupts that VTL, and a
+    page shows the same partition time, and rdtsc the same TSC; each VTL's LAPIC timer interrupts that VTL, and a
     lower VTL's timer waits while a higher VTL runs; HvCallSendSyntheticClusterIpiEx reaches
     a lower VTL, never a higher one."""
+    start = time.monotonic()
     r = run_vsm("vsm_state", planes=2)
+    wall = time.monotonic() - start
     assert_done(r)
     s = dict(r.syncs())
     assert (s[0x11], s[0x12], s[0x13]) == (9, FS1, abi.VTL_ENTRY_VTL_CALL)      # VTL1's own
     assert s[0x14] == 1                                                      # VTL0's assist page | enable
     assert (s[0x01], s[0x02], s[0x03]) == (3, FS0, 0)                        # VTL0's, untouched
-    assert s[0x04] == 1 and s[0x05] == 1                                     # t0 <= t1 <= t2, close
+    assert s[0x04] == 1 and s[0x09] == 1                 # t0 <= t1 <= t2, in reference time and TSC
+    assert 0 < s[0x05] < wall * 1e7                 # the partition's time runs with the host's
     assert s[0x15] == 1 and s[0x16] == 0 and s[0x06] == 1                    # LAPIC timers
     assert s[0x17] == 0 and s[0x07] == 1 and s[0x08] == ACCESS_DENIED        # SendIpiEx down, not up
 

@@ -22,7 +22,7 @@ import time
 from .. import exits as X
 from ..kvm import KvmError, Vcpu, Vm
 from ..uapi import ffi
-from ..x86 import apic, insn
+from ..x86 import apic, arch, insn
 from ..x86.xsave import pkru_xsave_offset
 from .api import MAX_PLANES, Plane, PlanesVm
 from .memview import (MEMORY_FAULT_EXEC, MEMORY_FAULT_READ, MEMORY_FAULT_WRITE, Access,
@@ -44,6 +44,11 @@ class MultiVmPlane(Plane):
         v.label = f"vcpu{vcpu.id}/plane{self.id}"
         if vcpu.cpuid is not None:
             v.set_cpuid2(vcpu.cpuid)  # the RFC copies plane 0's CPUID into plane-N vCPUs
+        # One vCPU has one TSC: each KVM VM starts its own, so rdtsc would jump at every
+        # switch. Plane 0's value written here agrees to within one ioctl (about 1 us); the
+        # reference clock measures what remains (hyperv/timers.py).
+        tsc = vcpu.plane0.get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
+        v.set_msrs({arch.MSR_IA32_TSC: tsc})
         self.vcpus[vcpu.id] = v
         vcpu.add_plane_vcpu(self.id, v)
         return v

@@ -39,6 +39,19 @@ MIN_PERIOD = 500                    # 50 us: a floor on periodic timers, so a gu
                                     # timer thread spin (a 100 ns period would be 10 M interrupts/s)
 
 
+def _read_together(ref, other, tries: int = 8) -> tuple[int, int]:
+    """(ref's value at the moment ``other`` was read, other's value), from the try whose two
+    ref reads around it were closest together."""
+    best = None
+    for _ in range(tries):
+        a = ref()
+        o = other()
+        b = ref()
+        if best is None or b - a < best[0]:
+            best = (b - a, (a + b) // 2, o)
+    return best[1], best[2]
+
+
 class ReferenceClock:
     def __init__(self, hv):
         self.hv = hv
@@ -49,7 +62,12 @@ class ReferenceClock:
         self.sequence = 1
 
     def calibrate(self) -> None:
-        """Before any vCPU runs: TSC frequency and each plane's TSC offset."""
+        """Before any vCPU runs: TSC frequency and each plane's TSC offset.
+
+        Each pairing of two clocks is read as ref, other, ref and kept from the try with the
+        narrowest bracket: a thread preempted between two reads would otherwise put one
+        plane's time ahead of another's by the preemption, and a VTL could see the
+        partition's time go backwards across a VtlCall."""
         t0 = self.hv.machine.threads[0].planes_vcpu
         try:
             self.tsc_hz = t0.plane0.get_tsc_khz() * 1000
@@ -58,11 +76,16 @@ class ReferenceClock:
         if not self.tsc_hz:
             return
         self.scale = (T.REF_TICKS_PER_SECOND << 64) // self.tsc_hz
-        for p in range(len(self.offsets)):
-            v = t0.plane_vcpu(p)
-            tsc = v.get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
-            now = self.now()
-            self.offsets[p] = now - ((tsc * self.scale) >> 64)
+        tsc = [lambda v=t0.plane_vcpu(p): v.get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
+               for p in range(len(self.offsets))]
+        now, tsc0 = _read_together(self.now, tsc[0])
+        self.offsets[0] = now - self.ref_of(tsc0)
+        for p in range(1, len(self.offsets)):
+            tsc0, tscp = _read_together(tsc[0], tsc[p])
+            self.offsets[p] = self.offsets[0] + self.ref_of(tsc0) - self.ref_of(tscp)
+
+    def ref_of(self, tsc: int) -> int:
+        return (tsc * self.scale) >> 64
 
     def now(self) -> int:
         return (time.monotonic_ns() - self.mono0) // 100
@@ -75,7 +98,7 @@ class ReferenceClock:
             return self.now()
         v = self.hv.machine.threads[vp.index].planes_vcpu.plane_vcpu(vp.plane)
         tsc = v.get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
-        return (((tsc * self.scale) >> 64) + self.offsets[vp.plane]) & 0xFFFFFFFFFFFFFFFF
+        return (self.ref_of(tsc) + self.offsets[vp.plane]) & 0xFFFFFFFFFFFFFFFF
 
     def write_page(self, plane: int, gpa: int) -> None:
         mem = self.hv.memory

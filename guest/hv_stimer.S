@@ -5,7 +5,11 @@
  *   SYNC 3, ExpirationTime of a message-mode one-shot armed in the past (1: it fired at once
  *           with the COUNT it had); SYNC 4, its DeliveryTime >= ExpirationTime (1);
  *   SYNC 5, Enable after COUNT = 0 (0); SYNC 6, Enable after CONFIG with SINTx = 0 (0);
- *   SYNC 7, messages from an AutoEnable one-shot (COUNT written after CONFIG) (1).
+ *   SYNC 7, messages from an AutoEnable one-shot (COUNT written after CONFIG) (1);
+ *   SYNC 8, messages taken from an auto-EOI SINT when two one-shots expire into it together (2):
+ *           the second waits for the handler's EOM, which re-asserts the vector while the
+ *           first is still in service (no exit in between): the VMM must EOI the one in
+ *           service although the same vector is pending again.
  */
 .include "guest.inc"
 .include "hv.inc"
@@ -14,6 +18,9 @@
 .set VSINT, 0x61
 .set SINT, 1
 .set SLOT, SINT * HV_MESSAGE_SIZE
+.set VAUTO, 0x62
+.set SINT_AUTO, 2
+.set SLOT_AUTO, SINT_AUTO * HV_MESSAGE_SIZE
 
 .macro WAIT_FOR var:req, n:req
 1:  cmp qword ptr [rip + \var], \n
@@ -46,12 +53,14 @@ main:
     call hv_safe_install
     SET_HANDLER VDIRECT, direct_handler
     SET_HANDLER VSINT, sint_handler
+    SET_HANDLER VAUTO, auto_eoi_handler
     call apic_enable
     lea rax, [rip + simp]
     or rax, 1
     WRMSR_OK HV_MSR_SIMP, rax
     WRMSR_OK HV_MSR_SCONTROL, 1
     WRMSR_OK HV_MSR_SINT0 + SINT, VSINT
+    WRMSR_OK HV_MSR_SINT0 + SINT_AUTO, VAUTO | HV_SINT_AUTO_EOI
 
     /* direct one-shot, 100 us from now */
     NOW_PLUS 1000
@@ -102,6 +111,14 @@ main:
     mov rax, [rip + msg_count]
     dec rax
     GUEST_SYNC 7, rax
+
+    /* two one-shots into the auto-EOI SINT, both due at once (armed in the past) */
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 2, 1
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 4, 1
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 2, HV_STIMER_ENABLE | (SINT_AUTO << 16)
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 4, HV_STIMER_ENABLE | (SINT_AUTO << 16)
+    WAIT_FOR auto_count, 2
+    GUEST_SYNC 8, [rip + auto_count]
     GUEST_DONE
 
 direct_handler:
@@ -128,6 +145,30 @@ sint_handler:
     pop rax
     iretq
 
+/* Auto-EOI: no EOI write. The EOM comes first thing, so the exit it makes is the first since
+ * this interrupt was taken. */
+auto_eoi_handler:
+    push rax
+    push rcx
+    push rdx
+    lea rdx, [rip + simp]
+    add rdx, SLOT_AUTO
+    xor eax, eax
+    xchg [rdx], eax
+    cmp eax, HVMSG_TIMER_EXPIRED
+    jne 1f
+    lock inc qword ptr [rip + auto_count]
+    test byte ptr [rdx + HV_MSG_HEADER_FLAGS], HV_MSG_FLAG_PENDING
+    jz 1f
+    mov ecx, HV_MSR_EOM
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+1:  pop rdx
+    pop rcx
+    pop rax
+    iretq
+
 .bss
 .balign 4096
 simp: .space 4096
@@ -135,3 +176,4 @@ direct_count: .space 8
 msg_count: .space 8
 msg_expiration: .space 8
 msg_delivery: .space 8
+auto_count: .space 8

@@ -137,7 +137,7 @@ def test_synic_and_timers_are_per_vtl(kvm_available):
     assert r.stats["preemptions"] >= 1
 
 
-def test_stimer_direct_one_shot_auto_enable_and_disable_rules(kvm_available):
+def test_stimer_direct_one_shot_auto_enable_and_disable_rules_and_auto_eoi(kvm_available):
     r, _ = run("hv_stimer", hyperv=everything())
     assert_done(r)
     s = dict(r.syncs())
@@ -145,6 +145,8 @@ def test_stimer_direct_one_shot_auto_enable_and_disable_rules(kvm_available):
     assert s[3] == 1 and s[4] == 1          # armed in the past: fired at once, with its COUNT
     assert s[5] == 0 and s[6] == 0          # COUNT = 0, SINTx = 0: not enabled
     assert s[7] == 1                        # AutoEnable by the COUNT write
+    assert s[8] == 2                        # auto-EOI: the second message, re-asserted by EOM while
+                                            # the first was in service, was taken
 
 
 def test_stimer_direct_mode_needs_its_flag(kvm_available):

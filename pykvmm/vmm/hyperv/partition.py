@@ -291,8 +291,12 @@ class HyperV:
         Auto-EOI means the interrupt leaves no ISR bit. The in-kernel LAPIC knows nothing
         of it, so pykvmm EOIs (host-initiated x2APIC EOI write, which clears the highest
         ISR bit) while the highest in-service vector is one it delivered with auto-EOI;
-        a vector still in the IRR waits for the next exit (a kick follows every delivery
-        and the timer thread kicks while any is outstanding)."""
+        a vector only in the IRR waits for the next exit (a kick follows every delivery
+        and the timer thread kicks while any is outstanding). The same vector can be in
+        service and pending again (an EOM re-asserted it before the first exit after the
+        guest took it): the one in service is EOIed, the pending one stays outstanding,
+        else the ISR bit would block it forever (kvm-unit-tests' hyperv_stimer on
+        mainline KVM)."""
         vp = self.vps.get((t.index, t.plane))
         if vp is None:
             return
@@ -313,9 +317,10 @@ class HyperV:
                 isr = apic.isr_vectors(regs)
                 irr = set(apic.irr_vectors(regs))
                 top = max(isr) if isr else None
-                if top is not None and top in vp.auto_eoi and top not in irr:
+                if top is not None and top in vp.auto_eoi:
                     v.set_msrs({arch.X2APIC_EOI: 0})
-                    vp.auto_eoi.discard(top)
+                    if top not in irr:
+                        vp.auto_eoi.discard(top)
                     continue
                 for vec in list(vp.auto_eoi):
                     if vec not in irr and vec not in isr:

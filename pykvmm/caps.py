@@ -10,7 +10,7 @@ import mmap
 import signal
 import threading
 
-from . import exits as X, kvm as K
+from . import exits as X, fastexit, kvm as K
 from .planes import choose_backend
 from .uapi import constants as C, ffi
 from .vmm.host import conventions
@@ -140,4 +140,5 @@ def gather(kvm) -> dict:
         "auto": chosen.as_dict(),
         "transports": transports,
         "host": host_conventions(kvm, transports),
+        "fast_path": dict(zip(("on", "detail"), fastexit.status())),
     }

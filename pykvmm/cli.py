@@ -316,6 +316,8 @@ def caps(as_json, kvm_device):
     click.echo("host conventions (probed with tiny guests; they differ between KVMs):")
     for name, c in info["host"].items():
         click.echo(f"  {name:<12} {c['value']:<13} {c['detail']}")
+    fast = info["fast_path"]
+    click.echo(f"exit fast path: {'on' if fast['on'] else 'off'} ({fast['detail']})")
 
 
 @main.command()

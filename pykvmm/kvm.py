@@ -462,7 +462,12 @@ class Vcpu(FdObject):
         self._decoders = dict(DECODERS)
         if planes_abi is not None:
             self._decoders[planes_abi.exit_plane_event] = PLANE_EVENT_DECODERS[planes_abi.event_struct]
-        self.exit_count = 0
+        self.exit_count = 0         # exits of this vCPU, those the fast path answered included
+        self.fast_exits = 0         # of them, answered by the fast path (see use_fast_path)
+        self._fast_run = None       # the fast path's loop and its arguments, or None
+        self._fast_table = None
+        self._fast_args = ()
+        self._fast_handled = None
 
     # -- running ----------------------------------------------------------------------
     def enable_sync_regs(self, classes: int = C.KVM_SYNC_X86_REGS) -> int:
@@ -478,6 +483,25 @@ class Vcpu(FdObject):
         known before the crash. Needs sync regs for regs and sregs; costs one memmove per run."""
         self._entry_state = ffi.new("struct kvm_sync_regs *") if on else None
         self.entry_state_exit = -1
+        if self._fast_run is not None:
+            self.use_fast_path(self._fast_table)
+
+    def use_fast_path(self, table) -> None:
+        """Run with the fast path (pykvmm.fastexit.FastTable ``table``; None: plain KVM_RUN):
+        run() then returns only the exits the table does not answer, and counts the ones it
+        answered in ``exit_count`` and ``fast_exits``. Its caller decides when nothing must
+        see every exit (vmm/vcpu_thread.py)."""
+        self._fast_table = table
+        if table is None or self.run_struct is None:
+            self._fast_run, self._fast_args = None, ()
+            return
+        fffi = table.ffi
+        self._fast_handled = fffi.new("uint64_t *")
+        entry = fffi.NULL if self._entry_state is None else \
+            fffi.cast("void *", int(ffi.cast("uintptr_t", self._entry_state)))
+        self._fast_args = (self.fd, fffi.cast("void *", int(ffi.cast("uintptr_t", self._mapped[0]))),
+                           table.table, self._fast_handled, entry)
+        self._fast_run = table.lib.fastexit_run
 
     def entry_state(self):
         """(a copy of the struct kvm_sync_regs kept at the last KVM_RUN, the exit count then) or None."""
@@ -503,12 +527,24 @@ class Vcpu(FdObject):
         """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``."""
         if self._entry_state is not None:
             self._keep_entry_state()
-        ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
+        fast = self._fast_run
+        if fast is None:
+            ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
+            if ret < 0:
+                ret = -ffi.errno
+        else:
+            ret = fast(*self._fast_args)        # 0 or -errno, after the exits it answered
+            answered = self._fast_handled[0]
+            if answered:
+                self.exit_count += answered
+                self.fast_exits += answered
+                if self._entry_state is not None:
+                    self.entry_state_exit = self.exit_count     # the loop copied it at its last entry
         self.exit_count += 1
         reason, self.if_flag, direction, size, port, count, data_offset, self._valid = \
             _EXIT_HEADER.unpack_from(self.run_mmap)
         if ret < 0:
-            err = ffi.errno
+            err = -ret
             if err == _errno.EINTR or err == _errno.EAGAIN:
                 self.run_struct.immediate_exit = 0
                 self.if_flag = 0        # not the guest's own exit: its IF is not known

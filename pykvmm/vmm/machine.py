@@ -15,6 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from .. import fastexit
 from ..kvm import Kvm, Vcpu
 from ..planes import open_planes_vm
 from ..planes.api import install_kick_handler
@@ -91,6 +92,7 @@ class MachineConfig:
     pit: bool = True               # the in-kernel i8254 (KVM_CREATE_PIT2)
     vtl_boot: str = "pykvmm"       # "pykvmm": every VTL starts at the guest entry; "tlfs": only
                                    # VTL0 runs at reset (needs hv_vsm; see vmm/vsm/enable.py)
+    fast_path: bool = True         # the compiled exit fast path where it applies (Machine.fast_path_state)
 
 
 class Machine:
@@ -157,6 +159,7 @@ class Machine:
         self.policy = make_policy(cfg.personality, cfg.planes)
 
         self.platform = attach_pc_devices(self)
+        self.fast_table, self.fast_path_off = self._attach_fast_path()
         self.boot.check(cfg)
         self.memory = mem = GuestMemory(cfg.mem_size)
         pvm.set_user_memory_region(0, 0, cfg.mem_size, mem.hva)
@@ -205,6 +208,29 @@ class Machine:
             self.threads.append(VcpuThread(self, i, planes_vcpu))
             if self.hyperv:
                 self.hyperv.attach_thread(self.threads[-1])
+
+    def _attach_fast_path(self):
+        """(the exit fast path's table, None) or (None, why it is off).
+
+        The table exists for the whole run; each vCPU thread decides at its start whether it
+        runs with it (not while a trace sink or the gdb stub must see every exit). Off on
+        machines with more than one plane: there the soft-switch backends look for other
+        planes' interrupts after exits of the running plane (planes/softswitch.py: every
+        scan_gap), a VTL may intercept port and MMIO accesses of a lower one (vmm/vsm), and the
+        multivm backend checks MMIO exits against plane memory views; exits answered in C would
+        skip all three (in-kernel IPIs into a waiting plane would wait for the 1 ms ticker
+        instead of 50 us)."""
+        if not self.config.fast_path:
+            return None, "turned off in the machine's configuration"
+        if self.plane_count > 1:
+            return None, "off with more than one plane"
+        on, why = fastexit.status()
+        if not on:
+            return None, why
+        table = fastexit.FastTable(fastexit.load())
+        self.ports.absent = memoryview(table.absent)
+        self.platform.attach_fast_path(table)
+        return table, None
 
     # -- running ---------------------------------------------------------------------------
     def kick_all(self) -> None:
@@ -280,7 +306,7 @@ class Machine:
         vCPU threads are kicked and answer from their own thread (halt_probe); the next check
         without an exit reads the answers. Not while a debugger holds the vCPUs."""
         live = [t for t in self.threads if not t.done]
-        progress = sum(t.exits - t.kicks for t in self.threads)
+        progress = sum(t.exits + t.fast_exits - t.kicks for t in self.threads)
         if self.debugger is not None or not live or progress != self._progress:
             self._progress = progress
             return None
@@ -441,7 +467,7 @@ class Machine:
                         exit_code=self._exit_code)
         if status in (ExitStatus.TIMEOUT, ExitStatus.INTERRUPTED):
             res.timeout_reports = [self.capture(t) for t in self.threads if not t.done]
-        res.exits = sum(t.exits for t in self.threads)
+        res.exits = sum(t.exits + t.fast_exits for t in self.threads)
         res.hypercalls = {call_name(c): n for c, n in self.dispatcher.counts.items()}
         for t in self.threads:
             for k, n in t.switches.items():
@@ -449,7 +475,8 @@ class Machine:
             for reason, n in t.entry_reasons.items():
                 res.entry_reasons[reason.value] = res.entry_reasons.get(reason.value, 0) + n
         res.stats = {"backend": self.pvm.backend, "personality": self.policy.name,
-                     "faults_injected": self.faults_injected, "warnings": self.warnings}
+                     "faults_injected": self.faults_injected, "warnings": self.warnings,
+                     "fast_exits": sum(t.fast_exits for t in self.threads)}
         if self.console.line_count > len(self.console.lines):
             res.stats["console_lines"] = self.console.line_count
         if self.console.dropped or self._console_blocked:

@@ -26,6 +26,7 @@ from ..x86 import apic, arch
 from . import abi, events as ev
 from .crash_state import recover_after_shutdown
 from .devices import BadUcall, decode_ucall
+from .devices.bus import ABSENT_READ, ABSENT_WRITE
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, call_name
 from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Stop, StopKind, Switch, SwitchReason
@@ -96,6 +97,7 @@ class VcpuThread:
         }
         self._apply = {Answer: self._answer, Fault: self._fault, Switch: self.switch, Stop: self._stop}
         self._unknown_ports: set[tuple[str, int]] = set()   # unhandled accesses already warned about
+        self._ports = machine.ports
         self._port_owner = machine.ports.owner       # port -> device (PortBus)
         self.outside_ram = [0, 0, None]      # reads, writes, first GPA (summed by the machine)
 
@@ -106,6 +108,12 @@ class VcpuThread:
     def set_port_handler(self, port: int, handler) -> None:
         """Writes to ``port`` go to ``handler(exit)``, which returns an outcome (or None)."""
         self.port_handlers[port] = handler
+        self.machine.ports.unmark_absent(port, ABSENT_WRITE)    # the fast path must not drop them
+
+    @property
+    def fast_exits(self) -> int:
+        """Exits of this vCPU the fast path answered (``exits`` counts the others)."""
+        return sum(self.planes_vcpu.plane_vcpu(p).fast_exits for p in self.planes_vcpu.planes)
 
     def set_exit_handler(self, exit_type: type, handler):
         """Exits of ``exit_type`` (an exits.Exit class) go to ``handler(exit)``, which returns
@@ -127,6 +135,10 @@ class VcpuThread:
         planes_vcpu = self.planes_vcpu
         sink = m.trace
         dbg = m.debugger
+        # The exit fast path answers some exits in C (Machine._attach_fast_path): not while a
+        # trace sink or the gdb stub (breakpoints, single-step) must see every exit.
+        if m.fast_table is not None and not sink and not dbg:
+            self.vcpu.use_fast_path(m.fast_table)
         try:
             while not self.done and not m.stopping:
                 if dbg and not dbg.before_run(self):   # a gdb stub holds this vCPU (all-stop)
@@ -232,6 +244,7 @@ class VcpuThread:
         dev = self._port_owner(port)
         if dev is None:
             self._unknown_access("write to unhandled port {:#x} ignored", port)
+            self._ports.mark_absent(port, ABSENT_WRITE)     # the next ones: the fast path's
             return
         for i in range(0, size * ex.count, size):   # `rep outs` brings several values at once
             dev.io_write(port, size, int.from_bytes(data[i:i + size], "little"))
@@ -241,6 +254,7 @@ class VcpuThread:
         dev = self._port_owner(port)
         if dev is None:                       # as a PC's open bus
             self._unknown_access("read of unhandled port {:#x} returned all ones", port)
+            self._ports.mark_absent(port, ABSENT_READ)      # the next ones: the fast path's
             data = b"\xFF" * (size * ex.count)
         elif ex.count == 1:                   # the common case, kept short: it is a userspace exit
             data = dev.io_read(port, size).to_bytes(size, "little")

@@ -47,6 +47,15 @@ class AcpiPm(PortDevice):
         ticks = (self.clock() - self._epoch) * PM_TIMER_HZ // 1_000_000_000
         return ticks & PM_TIMER_MASK
 
+    def attach_fast_path(self, table) -> bool:
+        """Let the exit fast path (pykvmm/fastexit.py) answer 4-byte reads of the timer with
+        this device's epoch, rate and mask: the same value timer() gives at the same instant.
+        Only for the host's monotonic clock (CLOCK_MONOTONIC, which the C loop reads)."""
+        if self.clock is not time.monotonic_ns:
+            return False
+        table.set_clock(self, self.base + PM_TMR, 4, self._epoch, PM_TIMER_HZ, PM_TIMER_MASK)
+        return True
+
     def set_status(self, bits: int) -> None:
         with self._lock:
             self.status |= bits

@@ -37,12 +37,36 @@ class MmioDevice:
         pass
 
 
+ABSENT_READ, ABSENT_WRITE = 1, 2       # fastexit.ABSENT_*: the bits of ``PortBus.absent``
+
+
 class PortBus:
+    """``absent``: where the exit fast path (pykvmm/fastexit.py) is on, its per-port bytes:
+    a port marked there is answered in C as an unowned port is here (reads all ones, writes
+    dropped). The vCPU thread marks a port after answering it so once; claiming it unmarks it."""
+
     def __init__(self):
         self._ports: dict[int, PortDevice] = {}
         # owner(port) -> the device or None: the dict's own get (the per-exit lookup, no
         # Python frame); the dict is only ever changed in place, so this stays valid
         self.owner = self._ports.get
+        self.absent = None
+
+    def mark_absent(self, port: int, bit: int) -> None:
+        """``port`` has no owner: the fast path may answer its reads (ABSENT_READ) or writes
+        (ABSENT_WRITE) from now on. Marked, then checked again: a register() racing on another
+        thread either sees the mark (and clears it) or is seen here."""
+        absent = self.absent
+        if absent is None:
+            return
+        absent[port] |= bit
+        if port in self._ports:
+            absent[port] = 0
+
+    def unmark_absent(self, port: int, bit: int = ABSENT_READ | ABSENT_WRITE) -> None:
+        """Something now answers ``port`` (a device, or a vCPU thread's port handler for writes)."""
+        if self.absent is not None:
+            self.absent[port] &= ~bit
 
     def register(self, base: int, count: int, device: PortDevice) -> None:
         if base < 0 or count <= 0 or base + count > 0x10000:
@@ -52,6 +76,7 @@ class PortBus:
                 raise BusConflict(f"port {port:#x} is claimed by {self._ports[port].name} and {device.name}")
         for port in range(base, base + count):
             self._ports[port] = device
+            self.unmark_absent(port)
 
     def unregister(self, base: int, count: int, device: PortDevice) -> None:
         """Remove ``device`` from the ports it holds in base..base+count (a PCI BAR moving)."""

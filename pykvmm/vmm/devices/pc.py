@@ -89,6 +89,11 @@ class PcPlatform:
     def close(self) -> None:
         self.pci_testdev.close()
 
+    def attach_fast_path(self, table) -> None:
+        """The devices whose answers the exit fast path gives (pykvmm/fastexit.py)."""
+        self.pm.attach_fast_path(table)
+        self.pci_testdev.attach_fast_path(table)
+
     def write_memory(self, machine) -> None:
         machine.memory.write(acpi.ACPI_BASE, acpi.build_tables(machine.config.vcpus))
 

@@ -26,6 +26,7 @@ test's. A BAR the guest moves takes the armed ioeventfd with it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import threading
@@ -45,7 +46,8 @@ HDR_TEST, HDR_WIDTH, HDR_OFFSET, HDR_DATA, HDR_COUNT, HDR_NAME = 0, 1, 4, 8, 12,
 
 
 class _Test:
-    def __init__(self, index: int, io: bool):
+    def __init__(self, index: int, io: bool, counts):
+        self.index, self._counts = index, counts        # counts: the device's uint32 cells
         kind = TESTS[index % len(TESTS)]
         name = f"{'portio' if io else 'mmio'}-{kind}".encode() + b"\0"
         self.match_data = kind != "wildcard-eventfd"
@@ -53,10 +55,17 @@ class _Test:
         self.io = io
         self.offset = (IO_SIZE if io else MEM_SIZE) // 2 + index
         self.data = DATAMATCH if self.match_data else NOMATCH
-        self.count = 0
         self.header = bytearray(HDR_NAME + len(name))
         self.header[HDR_NAME:] = name
         self.header[HDR_WIDTH] = 1
+
+    @property
+    def count(self) -> int:
+        return self._counts[self.index]
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._counts[self.index] = value
 
     def snapshot(self) -> bytes:
         struct.pack_into("<IBxxxI", self.header, HDR_OFFSET, self.offset, self.data, self.count)
@@ -72,11 +81,15 @@ class PciTestDev(PciFunction):
         self.mem_bar = self.add_bar(0, MEM_SIZE, io=False, address=mem_addr)
         self.io_bar = self.add_bar(1, IO_SIZE, io=True, address=io_addr)
         struct.pack_into("<H", self.config, COMMAND, CMD_IO | CMD_MEMORY)   # as the firmware left it
-        self.tests = [_Test(i, io=i >= len(TESTS)) for i in range(2 * len(TESTS))]
+        # The counts live in C memory: the exit fast path (pykvmm/fastexit.py) counts the
+        # test register's byte writes there without Python (attach_fast_path)
+        self._counts = (ctypes.c_uint32 * (2 * len(TESTS)))()
+        self.tests = [_Test(i, io=i >= len(TESTS), counts=self._counts) for i in range(2 * len(TESTS))]
         self.current: _Test | None = None
         self._lock = threading.Lock()
         self.ioeventfd = None           # Vm.ioeventfd of the device's VM (see the docstring)
         self._armed = None              # (eventfd, pio, address, datamatch) registered with KVM
+        self._fast = None               # the fast path's FastTable, or None
 
     def close(self) -> None:
         with self._lock:
@@ -109,6 +122,30 @@ class PciTestDev(PciFunction):
         with self._lock:
             self._disarm()
             self._arm()
+            self._fast_rules()
+
+    def attach_fast_path(self, table) -> None:
+        """Let the exit fast path count the current test's writes (``table``: a FastTable)."""
+        with self._lock:
+            self._fast = table
+            self._fast_rules()
+
+    def _fast_rules(self) -> None:
+        """The fast path's rules for the current test, one per decoded window the test register
+        falls in (bar_write counts it through either window, as here). Lock held."""
+        table, test = self._fast, self.current
+        if table is None:
+            return
+        for bar in (self.mem_bar, self.io_bar):
+            key = (self, bar.index)
+            if test is None or bar.address is None or test.offset >= bar.size:
+                table.clear(key)
+            else:
+                table.set_counter(key, bar.io, bar.address + test.offset, self._count_address(test),
+                                  test.data if test.match_data else None)
+
+    def _count_address(self, test: _Test) -> int:
+        return ctypes.addressof(self._counts) + test.index * ctypes.sizeof(ctypes.c_uint32)
 
     def _write_byte(self, io: bool, offset: int, byte: int) -> None:
         if offset == HDR_TEST:
@@ -117,13 +154,17 @@ class PciTestDev(PciFunction):
             if self.current is not None:
                 self.current.count = 0
                 self._arm()
+            self._fast_rules()
             return
         test = self.current
         if test is None or offset != test.offset:
             return
         if test.match_data and byte != test.data:
             return
-        test.count += 1
+        if self._fast is not None:      # atomic, as the C loop's count on another vCPU
+            self._fast.count_add(self._count_address(test))
+        else:
+            test.count += 1
 
     # -- ioeventfds (called with the lock held) ---------------------------------------------
     def _arm(self) -> None:

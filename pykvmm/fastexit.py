@@ -14,6 +14,8 @@ What a table answers (``FastTable``; the devices fill it, the loop only reads it
     * writes counted by a device (``set_counter``): pci-testdev's test register, the count kept
       in memory the Python device reads.
 Everything else (and EINTR from a kick) comes back to Python as from a plain KVM_RUN.
+When it is used: vmm/machine.py (Machine._attach_fast_path: not with more than one plane) and
+vmm/vcpu_thread.py (not while a trace sink or the gdb stub must see every exit).
 
 How it is built: on first use, ``cffi`` writes the C module and ``gcc`` compiles it into a
 cache folder (``$PYKVMM_CACHE``, else ``$XDG_CACHE_HOME/pykvmm``, else ``~/.cache/pykvmm``),

@@ -92,7 +92,7 @@ class MachineConfig:
     pit: bool = True               # the in-kernel i8254 (KVM_CREATE_PIT2)
     vtl_boot: str = "pykvmm"       # "pykvmm": every VTL starts at the guest entry; "tlfs": only
                                    # VTL0 runs at reset (needs hv_vsm; see vmm/vsm/enable.py)
-    fast_path: bool = True         # the compiled exit fast path where it applies (Machine.fast_path_state)
+    fast_path: bool = True         # the compiled exit fast path where it applies (Machine._attach_fast_path)
 
 
 class Machine:

@@ -244,7 +244,10 @@ class VcpuThread:
         dev = self._port_owner(port)
         if dev is None:
             self._unknown_access("write to unhandled port {:#x} ignored", port)
-            self._ports.mark_absent(port, ABSENT_WRITE)     # the next ones: the fast path's
+            # the next ones: the fast path's (the mark is the machine's: not while another
+            # vCPU thread has a handler for the port)
+            if not any(port in t.port_handlers for t in self.machine.threads):
+                self._ports.mark_absent(port, ABSENT_WRITE)
             return
         for i in range(0, size * ex.count, size):   # `rep outs` brings several values at once
             dev.io_write(port, size, int.from_bytes(data[i:i + size], "little"))

@@ -48,6 +48,20 @@ def test_timeout_names_a_dropped_sti_shadow(kvm_available, monkeypatch, shadow):
         assert r.message == ""
 
 
+def test_timeout_with_a_vcpu_still_running_only_suggests_the_sti_shadow(kvm_available, monkeypatch):
+    """Halted vCPUs beside one that still runs may just have finished their part (kvm-unit-tests'
+    APs do): the note names the running vCPU and offers the lost wake-up as one explanation."""
+    import pykvmm.vmm.machine as machine
+    real = machine.convention
+    monkeypatch.setattr(machine, "convention", lambda kvm, name: host.Probe("lost", "") if name == "sti_shadow"
+                        else real(kvm, name))
+    with Machine(guest_image("halt_idle"), MachineConfig(vcpus=3, quiet=True)) as m:
+        r = m.run(3.0)                 # the run limit is what is tested: vcpu2 spins for good
+    assert r.status == ExitStatus.TIMEOUT
+    assert r.message.startswith("vcpu2 still running; vcpu0, vcpu1 halted with interrupts on"), r.message
+    assert "finished, or" in r.message and "sti_shadow: lost" in r.message
+
+
 def test_sti_shadow_probe_sees_a_dropped_shadow(kvm):
     """What QEMU's emulated SVM (before 9.1) does at VM entry, made real here: enter without the
     shadow. The probe must then see the interrupt come in on the shadowed instruction."""

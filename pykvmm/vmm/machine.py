@@ -290,15 +290,23 @@ class Machine:
     def _idle_without_shadow(self) -> str:
         """After a timeout (the vCPU threads have stopped): on a host whose CPU drops the STI
         shadow at VM entry (host convention sti_shadow), a vCPU halted with interrupts on and
-        nothing pending may have taken its wake-up before its `hlt`. Say so, or ""."""
+        nothing pending may have taken its wake-up before its `hlt`. Say so, or "". While
+        other vCPUs still ran, the halted one may just have finished its part (kvm-unit-tests'
+        APs halt when done), so the message only says what it might mean."""
         if convention(self.kvm, "sti_shadow").value != "lost":
             return ""
-        idle = [f"vcpu{t.index}" for t in self.threads if not t.done and halted_idle(t.plane_vcpu())]
+        live = [t for t in self.threads if not t.done]
+        idle = [t for t in live if halted_idle(t.plane_vcpu())]
         if not idle:
             return ""
-        return (f"{', '.join(idle)} halted with interrupts on and nothing pending, on a host whose CPU drops "
-                f"the STI interrupt shadow at VM entry (host convention sti_shadow: lost): a `sti; hlt` wait "
-                f"there can take its wake-up before the `hlt` and then wait for good")
+        names = ", ".join(f"vcpu{t.index}" for t in idle)
+        shadow = ("the STI interrupt shadow at VM entry (host convention sti_shadow: lost): a `sti; hlt` wait "
+                  "there can take its wake-up before the `hlt` and then wait for good")
+        if len(idle) == len(live):
+            return f"{names} halted with interrupts on and nothing pending, on a host whose CPU drops {shadow}"
+        running = ", ".join(f"vcpu{t.index}" for t in live if t not in idle)
+        return (f"{running} still running; {names} halted with interrupts on and nothing pending (finished, or, if "
+                f"{running} waits for it, a lost wake-up: this host's CPU drops {shadow})")
 
     def _hung(self) -> str | None:
         """A hang nobody would see: every unfinished vCPU halted with interrupts off and nothing

@@ -299,10 +299,10 @@ class HyperV:
         ISR bit) while the highest in-service vector is one it delivered with auto-EOI;
         a vector only in the IRR waits for the next exit (a kick follows every delivery,
         and the timer thread kicks while any is outstanding, less often while it finds
-        nothing to EOI: auto_eoi_kicks). The same vector can be in service and pending
-        again (an EOM re-asserted it before the first exit after the guest took it): the
-        one in service is EOIed, the pending one stays outstanding, else the ISR bit would
-        block it forever (kvm-unit-tests' hyperv_stimer on mainline KVM)."""
+        nothing to EOI: auto_eoi_kicks). The same vector can be in service and pending again (an EOM re-asserted it before the first exit after the
+        guest took it): the one in service is EOIed, the pending one stays outstanding,
+        else the ISR bit would block it forever (kvm-unit-tests' hyperv_stimer on
+        mainline KVM)."""
         vp = self.vps.get((t.index, t.plane))
         if vp is None:
             return

@@ -21,9 +21,6 @@ from . import tlfs as T
 from .features import HvConfig
 from .hypercall import FAST_REGS_SIZE, HvError, HvUndefined, HypercallTable, is_cpl0, rewind_to_out, write_xmm
 
-AUTO_EOI_KICK = 200e-6      # seconds from an auto-EOI delivery to the first kick (auto_eoi_kicks)
-AUTO_EOI_BACKOFF_MAX = 5    # at most 5 doublings of it: 6.4 ms between kicks
-
 
 class MsrFault(Exception):
     """#GP for this RDMSR/WRMSR (the reason is kept for traces and tests)."""
@@ -50,8 +47,6 @@ class VpHv:
     synic: object = None
     stimers: list = field(default_factory=list)
     auto_eoi: set = field(default_factory=set)   # vectors delivered with auto-EOI, not yet EOIed
-    auto_eoi_backoff: int = 0       # kicks found nothing to EOI this many times in a row (auto_eoi_kicks)
-    auto_eoi_next_kick: float = 0.0  # time.monotonic() of its next auto-EOI kick
 
 
 class HyperV:
@@ -285,7 +280,6 @@ class HyperV:
         vp = self.vps[(vcpu, plane)]
         if auto_eoi:
             vp.auto_eoi.add(vector)
-            vp.auto_eoi_backoff, vp.auto_eoi_next_kick = 0, 0.0
         ok = self.machine.pvm.planes[plane].signal_msi(*apic.msi_message(vcpu, vector)) > 0
         if auto_eoi:
             self.machine.threads[vcpu].planes_vcpu.kick()
@@ -297,9 +291,9 @@ class HyperV:
         Auto-EOI means the interrupt leaves no ISR bit. The in-kernel LAPIC knows nothing
         of it, so pykvmm EOIs (host-initiated x2APIC EOI write, which clears the highest
         ISR bit) while the highest in-service vector is one it delivered with auto-EOI;
-        a vector only in the IRR waits for the next exit (a kick follows every delivery,
-        and the timer thread kicks while any is outstanding, less often while it finds
-        nothing to EOI: auto_eoi_kicks). The same vector can be in service and pending again (an EOM re-asserted it before the first exit after the
+        a vector only in the IRR waits for the next exit (a kick follows every delivery
+        and the timer thread kicks while any is outstanding). The same vector can be in
+        service and pending again (an EOM re-asserted it before the first exit after the
         guest took it): the one in service is EOIed, the pending one stays outstanding,
         else the ISR bit would block it forever (kvm-unit-tests' hyperv_stimer on
         mainline KVM)."""
@@ -318,7 +312,6 @@ class HyperV:
             return
         v = t.plane_vcpu()
         with self.lock:
-            eoied = False
             for _ in range(8):
                 regs = bytes(ffi.buffer(v.get_lapic().regs))
                 isr = apic.isr_vectors(regs)
@@ -326,7 +319,6 @@ class HyperV:
                 top = max(isr) if isr else None
                 if top is not None and top in vp.auto_eoi:
                     v.set_msrs({arch.X2APIC_EOI: 0})
-                    eoied = True
                     if top not in irr:
                         vp.auto_eoi.discard(top)
                     continue
@@ -334,32 +326,10 @@ class HyperV:
                     if vec not in irr and vec not in isr:
                         vp.auto_eoi.discard(vec)   # the guest EOIed it itself
                 break
-            if eoied or not vp.auto_eoi:
-                vp.auto_eoi_backoff = 0
-            else:
-                vp.auto_eoi_backoff = min(vp.auto_eoi_backoff + 1, AUTO_EOI_BACKOFF_MAX)
 
-    def auto_eoi_kicks(self, now: float) -> tuple[list, float | None]:
-        """(the vCPU threads to kick now for auto-EOI vectors their running plane holds, the
-        seconds until the next such kick is due, or None when none is outstanding).
-
-        A VP is kicked AUTO_EOI_KICK after a delivery, then twice as long after each kick
-        whose service found nothing to EOI (up to AUTO_EOI_BACKOFF_MAX doublings): its guest
-        has not taken the vector yet (interrupts off in a long handler), and every kick is an
-        exit. On a slow host (nested KVM under emulation, where an exit costs about a
-        millisecond) kicks every 200 us took most of the vCPU's time, and kvm-unit-tests'
-        hyperv_stimer with 2 planes never left its timer handler."""
-        due, soonest = [], None
-        for t in self.machine.threads:
-            vp = self.vps[(t.index, t.plane)]
-            if not vp.auto_eoi:
-                continue
-            if vp.auto_eoi_next_kick <= now:
-                due.append(t)
-                vp.auto_eoi_next_kick = now + AUTO_EOI_KICK * (1 << vp.auto_eoi_backoff)
-            left = vp.auto_eoi_next_kick - now
-            soonest = left if soonest is None else min(soonest, left)
-        return due, soonest
+    def outstanding_auto_eoi(self):
+        """vCPU threads whose running plane holds auto-EOI vectors not yet serviced."""
+        return [t for t in self.machine.threads if self.vps[(t.index, t.plane)].auto_eoi]
 
     # -- machine-level requests ---------------------------------------------------------------------
     def stop_machine(self, t, why: str) -> None:

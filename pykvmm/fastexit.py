@@ -45,7 +45,7 @@ SOURCE = Path(__file__).with_name("fastexit.c")
 RULES = 8                               # FASTEXIT_RULES in fastexit.c
 RULE_NONE, RULE_CLOCK_READ, RULE_COUNT_WRITE = 0, 1, 2
 SPACE_PORT, SPACE_MMIO = 0, 1
-ABSENT_READ, ABSENT_WRITE = 1, 2
+ABSENT_READ, ABSENT_WRITE = 1, 2        # the bits of FastTable.absent (PortBus.absent)
 
 CDEF = """
 struct fastexit_rule {

@@ -108,7 +108,7 @@ class VcpuThread:
     def set_port_handler(self, port: int, handler) -> None:
         """Writes to ``port`` go to ``handler(exit)``, which returns an outcome (or None)."""
         self.port_handlers[port] = handler
-        self.machine.ports.unmark_absent(port, ABSENT_WRITE)    # the fast path must not drop them
+        self._ports.unmark_absent(port, ABSENT_WRITE)    # the fast path must not drop them
 
     @property
     def fast_exits(self) -> int:

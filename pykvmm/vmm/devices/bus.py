@@ -6,6 +6,8 @@ page, then among the (few) ranges sharing that page, so a lookup never walks eve
 
 from __future__ import annotations
 
+from ...fastexit import ABSENT_READ, ABSENT_WRITE   # the bits of ``PortBus.absent``
+
 PAGE_SHIFT = 12
 
 
@@ -35,9 +37,6 @@ class MmioDevice:
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         pass
-
-
-ABSENT_READ, ABSENT_WRITE = 1, 2       # fastexit.ABSENT_*: the bits of ``PortBus.absent``
 
 
 class PortBus:

@@ -136,3 +136,97 @@ int fastexit_run(int vcpu_fd, void *run_area, const struct fastexit_table *t, ui
     *handled = n;
     return 0;
 }
+
+/*
+ * The plane switches of one vCPU whose planes are separate KVM vCPUs (the soft-switch
+ * backends), for a policy whose VtlCall and VtlReturn move no state and need no look at other
+ * planes' LAPICs (pykvmm/vmm/vtl.py's vmpl): such a switch is a check of the caller's
+ * registers, a push or pop of the suspended stack, the EntryReason store, and the next
+ * KVM_RUN on the other plane's fd. Python fills this struct and reads back what changed
+ * (pykvmm/fastexit.py, FastSwitch); anything else returns to Python as a plain KVM_RUN would.
+ */
+#define FASTEXIT_PLANES 16
+#define HVCALL_VTL_CALL 0x11
+#define HVCALL_VTL_RETURN 0x12
+#define ENTRY_VTL_CALL 1
+
+struct fastexit_planes {
+    int32_t fd[FASTEXIT_PLANES];            /* each plane's KVM vCPU; -1: none */
+    void *run[FASTEXIT_PLANES];             /* its kvm_run */
+    void *entry_copy[FASTEXIT_PLANES];      /* as fastexit_run's entry_copy, per plane */
+    uint32_t *entry_reason[FASTEXIT_PLANES];/* EntryReason of its control page (host address) */
+    uint64_t exits[FASTEXIT_PLANES];        /* switch exits answered here, per plane (Python folds) */
+    uint64_t switches[FASTEXIT_PLANES][FASTEXIT_PLANES];    /* [from][to], Python folds */
+    uint64_t calls, returns;                /* VtlCalls and VtlReturns answered here */
+    uint32_t above[FASTEXIT_PLANES];        /* the planes a VtlCall from p may enter (lowest wins) */
+    uint32_t plane;                         /* in: the plane to run; out: the one whose exit returns */
+    uint32_t depth;                         /* the suspended stack, bottom first */
+    uint8_t stack[FASTEXIT_PLANES];
+    uint32_t entered;                       /* planes entered here (Python folds and clears) */
+    uint32_t port;                          /* the hypercall port */
+};
+
+/* The plane a well-formed VtlCall/VtlReturn at this exit of plane `p` switches to, -1 for
+ * Python (anything else, malformed calls included: they become #UD there). */
+static int switch_target(struct fastexit_planes *s, struct kvm_run *run, uint32_t p)
+{
+    if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT ||
+        run->io.port != s->port || run->io.count != 1)
+        return -1;
+    if ((run->kvm_valid_regs & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)) !=
+        (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS))
+        return -1;
+    struct kvm_regs *regs = &run->s.regs.regs;
+    if (run->s.regs.sregs.cs.dpl != 0)
+        return -1;
+    if (regs->rcx == HVCALL_VTL_CALL && regs->rax == 0) {
+        uint32_t above = s->above[p];
+        if (!above || s->depth >= FASTEXIT_PLANES)
+            return -1;
+        int target = __builtin_ctz(above);
+        if (s->fd[target] < 0)
+            return -1;
+        s->stack[s->depth++] = (uint8_t)p;
+        if (s->entry_reason[target])
+            __atomic_store_n(s->entry_reason[target], ENTRY_VTL_CALL, __ATOMIC_RELAXED);
+        s->calls++;
+        return target;
+    }
+    if (regs->rcx == HVCALL_VTL_RETURN && (regs->rax & ~1ull) == 0 && p != 0 && s->depth &&
+        s->stack[s->depth - 1] < p && s->fd[s->stack[s->depth - 1]] >= 0) {
+        s->returns++;
+        return s->stack[--s->depth];
+    }
+    return -1;
+}
+
+/*
+ * As fastexit_run, for plane s->plane of a vCPU, switching planes for the calls
+ * switch_target answers. Returns 0 with the exit in plane s->plane's kvm_run, or -errno of
+ * the KVM_RUN that failed (EINTR for a kick: Python sets immediate_exit in every plane's
+ * kvm_run while this runs, so a kick between two KVM_RUNs is not lost). No device table:
+ * with more than one plane every other exit is Python's (pykvmm/vmm/machine.py says why).
+ */
+int fastexit_run_planes(struct fastexit_planes *s)
+{
+    uint32_t p = s->plane;
+    for (;;) {
+        struct kvm_run *run = s->run[p];
+        s->entered |= 1u << p;
+        if (s->entry_copy[p])
+            memcpy(s->entry_copy[p], &run->s.regs, sizeof(struct kvm_sync_regs));
+        if (ioctl(s->fd[p], KVM_RUN, 0) < 0) {
+            int err = errno;
+            s->plane = p;
+            return -err;
+        }
+        int target = switch_target(s, run, p);
+        if (target < 0)
+            break;
+        s->exits[p]++;
+        s->switches[p][target]++;
+        p = (uint32_t)target;
+    }
+    s->plane = p;
+    return 0;
+}

@@ -39,6 +39,9 @@ from pathlib import Path
 
 import cffi
 
+from .kvm import count_compiled_ioctls
+from .uapi import ffi as kvm_ffi        # pykvmm's own cdefs (kvm_run addresses)
+
 ENV_SWITCH = "PYKVMM_FASTPATH"
 MODULE = "_pykvmm_fastexit"
 SOURCE = Path(__file__).with_name("fastexit.c")
@@ -57,6 +60,12 @@ int fastexit_run(int vcpu_fd, void *run_area, const struct fastexit_table *t, ui
                  void *entry_copy);
 uint64_t fastexit_clock_value(const struct fastexit_rule *rule, int64_t now_ns);
 void fastexit_count_add(uint32_t *counter);
+struct fastexit_planes {
+    int32_t fd[16]; void *run[16]; void *entry_copy[16]; uint32_t *entry_reason[16];
+    uint64_t exits[16]; uint64_t switches[16][16]; uint64_t calls, returns; uint32_t above[16];
+    uint32_t plane; uint32_t depth; uint8_t stack[16]; uint32_t entered; uint32_t port; ...;
+};
+int fastexit_run_planes(struct fastexit_planes *s);
 """
 
 
@@ -229,3 +238,102 @@ class FastTable:
 
     def address(self) -> int:
         return int(self.ffi.cast("uintptr_t", self.table))
+
+
+class FastSwitch:
+    """One vCPU's plane switches in C (``fastexit_run_planes``): a well-formed VtlCall or
+    VtlReturn through the hypercall port switches planes without returning to Python, for a
+    policy whose switch moves no state, needs no look at other planes' LAPICs and writes the
+    VtlCall EntryReason into the entered plane's control page (vmm/vtl.py's vmpl; the vCPU
+    thread decides when: vmm/vcpu_thread.py). Every other exit returns as from a plain KVM_RUN.
+
+    ``vcpus``: plane -> its KVM vCPU; ``above``: plane -> the planes a VtlCall from it may
+    enter (the lowest is entered); ``entry_reasons``: plane -> host address of its EntryReason.
+    After ``run`` the loop's own effects are folded into the vCPUs (exit counts, IF, sync
+    areas); ``plane``, ``stack()``, ``entered`` and ``take_switches()`` give the rest to the
+    thread. While a run is in progress ``request_immediate_exit`` (a kick) stops every plane."""
+
+    def __init__(self, module, vcpus: dict, port: int, above: dict, entry_reasons: dict):
+        self.ffi, self.lib = module.ffi, module.lib
+        s = self.s = self.ffi.new("struct fastexit_planes *")
+        self.vcpus = dict(vcpus)
+        self._runs = [v.run_struct for v in self.vcpus.values()]
+        self._plane_of = {v: p for p, v in self.vcpus.items()}
+        self.plane = min(self.vcpus)
+        for p in range(len(s.fd)):
+            s.fd[p] = -1
+        for p, v in self.vcpus.items():
+            s.fd[p] = v.fd
+            s.run[p] = self.ffi.cast("void *", int(kvm_ffi.cast("uintptr_t", v.run_struct)))
+            s.above[p] = above.get(p, 0)
+            if entry_reasons.get(p) is not None:
+                s.entry_reason[p] = self.ffi.cast("uint32_t *", entry_reasons[p])
+        s.port = port
+        self._keep_entry = [(p, v) for p, v in self.vcpus.items() if v.keeps_entry_state]
+        for p, v in self._keep_entry:
+            s.entry_copy[p] = self.ffi.cast("void *", v.entry_state_address())
+        self.entered = 0
+        self._loop = self.lib.fastexit_run_planes
+
+    def set_stack(self, suspended: list[int]) -> None:
+        """The thread's suspended stack (after a switch Python made)."""
+        s = self.s
+        s.depth = len(suspended)
+        for i, p in enumerate(suspended):
+            s.stack[i] = p
+
+    def stack(self) -> list[int]:
+        s = self.s
+        return list(s.stack[0:s.depth])
+
+    def request_immediate_exit(self) -> None:
+        """A kick (planes.api: under the lock, with the run in progress): every plane's KVM_RUN
+        returns at once, the one in progress through the kick's signal."""
+        for run in self._runs:
+            run.immediate_exit = 1
+
+    @property
+    def switched(self) -> int:
+        """Switches made in C since the last take_switches()."""
+        return self.s.calls + self.s.returns
+
+    def take_switches(self) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """(VtlCalls, VtlReturns, [(from, to, count)]) made in C since the last call; resets them."""
+        s = self.s
+        calls, returns = s.calls, s.returns
+        s.calls = s.returns = 0
+        pairs = []
+        planes = list(self.vcpus)
+        for a in planes:
+            row = s.switches[a]
+            for b in planes:
+                n = row[b]
+                if n:
+                    pairs.append((a, b, n))
+                    row[b] = 0
+        return calls, returns, pairs
+
+    def run(self, vcpu):
+        """KVM_RUN of ``vcpu`` (one of ``vcpus``), switching planes in C, until an exit for
+        Python: that exit, decoded by the KVM vCPU of the plane it came from (``plane``)."""
+        s = self.s
+        s.plane = self._plane_of[vcpu]
+        for p, v in self._keep_entry:
+            v.refresh_entry_sources()
+        ret = self._loop(s)
+        final = s.plane
+        self.plane = final
+        self.entered, s.entered = s.entered, 0
+        exits = s.exits
+        entries = 1
+        for p, v in self.vcpus.items():
+            n = exits[p]
+            if n:
+                exits[p] = 0
+                entries += n
+                v.count_fast_exits(n, p == final)
+            if p != final:
+                v.run_struct.immediate_exit = 0         # a kick's: the final plane's stays (a
+                                                        # kick after its exit is for the next run)
+        count_compiled_ioctls("KVM_RUN", entries)
+        return self.vcpus[final].run(ran=ret)

@@ -90,6 +90,12 @@ def counting_ioctls(counts: collections.Counter):
 _counting = None        # the Counter of counting_ioctls while it runs: the fast path's KVM_RUNs count too
 
 
+def count_compiled_ioctls(name: str, n: int) -> None:
+    """``n`` ioctls ``name`` made by compiled code (fastexit's loops), for counting_ioctls."""
+    if _counting is not None:
+        _counting[name] += n
+
+
 def _arg(arg):
     if isinstance(arg, int):
         return ffi.cast(_VOIDP, arg)
@@ -514,6 +520,31 @@ class Vcpu(FdObject):
                 return ret
         self._fast_run = run
 
+    @property
+    def keeps_entry_state(self) -> bool:
+        return self._entry_state is not None
+
+    def entry_state_address(self) -> int:
+        """Where keep_entry_state's copy is (for a C loop that enters this vCPU itself)."""
+        return int(ffi.cast("uintptr_t", self._entry_state))
+
+    def refresh_entry_sources(self) -> None:
+        """Before a C loop that keeps the entry state may enter this vCPU: its sync area must
+        hold its registers (a SET ioctl since its last exit left it stale)."""
+        self._live("regs")
+        self._live("sregs")
+
+    def count_fast_exits(self, n: int, last_entry: bool = True) -> None:
+        """``n`` exits of this vCPU were answered in C (the fast path's loops). ``last_entry``:
+        its latest entry has not exited to Python yet (run() decodes that exit); otherwise the
+        latest of the ``n`` was its last exit, whose header and sync classes are read here."""
+        self.exit_count += n
+        self.fast_exits += n
+        if not last_entry:
+            _, self.if_flag, _, _, _, _, _, self._valid = _EXIT_HEADER.unpack_from(self.run_mmap)
+        if self._entry_state is not None:       # the loop copied it at its latest entry
+            self.entry_state_exit = self.exit_count if last_entry else self.exit_count - 1
+
     def entry_state(self):
         """(a copy of the struct kvm_sync_regs kept at the last KVM_RUN, the exit count then) or None."""
         if self._entry_state is None or self.entry_state_exit < 0:
@@ -534,23 +565,25 @@ class Vcpu(FdObject):
             return -ffi.errno
         return ret
 
-    def run(self) -> Exit:
-        """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``."""
-        if self._entry_state is not None:
-            self._keep_entry_state()
-        fast = self._fast_run
-        if fast is None:
-            ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
-            if ret < 0:
-                ret = -ffi.errno
+    def run(self, ran: int | None = None) -> Exit:
+        """KVM_RUN once and decode the exit. EINTR (a kick) comes back as ``Interrupted``.
+        ``ran``: the KVM_RUN was made already, returning this (0 or -errno; fastexit.FastSwitch,
+        whose loop entered this vCPU last): only decode its exit."""
+        if ran is None:
+            if self._entry_state is not None:
+                self._keep_entry_state()
+            fast = self._fast_run
+            if fast is None:
+                ret = _ioctl(self.fd, _KVM_RUN, _ZERO)
+                if ret < 0:
+                    ret = -ffi.errno
+            else:
+                ret = fast(*self._fast_args)        # 0 or -errno, after the exits it answered
+                answered = self._fast_handled[0]
+                if answered:
+                    self.count_fast_exits(answered)
         else:
-            ret = fast(*self._fast_args)        # 0 or -errno, after the exits it answered
-            answered = self._fast_handled[0]
-            if answered:
-                self.exit_count += answered
-                self.fast_exits += answered
-                if self._entry_state is not None:
-                    self.entry_state_exit = self.exit_count     # the loop copied it at its last entry
+            ret = ran
         self.exit_count += 1
         reason, self.if_flag, direction, size, port, count, data_offset, self._valid = \
             _EXIT_HEADER.unpack_from(self.run_mmap)

@@ -5,6 +5,7 @@ failure reasons) are checked alone."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -93,6 +94,60 @@ def test_off_with_planes_and_when_configured(kvm_available):
         assert m.fast_table is None and m.fast_path_off == "off with more than one plane"
     with Machine(guest_image("hello"), MachineConfig(fast_path=False, quiet=True)) as m:
         assert m.fast_table is None and "configuration" in m.fast_path_off
+
+
+# ---- plane switches in C (fastexit.FastSwitch: vmpl's VtlCall/VtlReturn) -------------------------
+
+def run_vmpl(guest: str, arg: int = 0, **config):
+    """(RunResult, vCPU 0's thread, the faults injected) of ``guest`` on 2 planes under vmpl."""
+    with Machine(guest_image(guest), MachineConfig(planes=2, personality="vmpl", arg=arg, quiet=True,
+                                                   **config)) as m:
+        r = m.run(LAST_RESORT)
+        return r, m.threads[0], list(m.faults)
+
+
+@pytest.mark.parametrize("guest", ["vtl_roundtrip", "vtl_vmpl", "vtl_bad"])
+def test_vmpl_switches_in_c_as_in_python(fast_path, guest):
+    """The same run with the switches made in C and in Python: the same results, faults (vtl_bad's
+    malformed calls go to Python, which injects #UD at the same RIP) and counts."""
+    fast, t_fast, faults_fast = run_vmpl(guest, 300)
+    slow, t_slow, faults_slow = run_vmpl(guest, 300, fast_path=False)
+    assert slow.stats["fast_exits"] == 0
+    assert fast.stats["fast_exits"] == 2 * fast.switches[(1, 0)] > 0      # every switch in C
+    for key in ("status", "switches", "entry_reasons", "hypercalls", "ucall_counts"):
+        assert getattr(fast, key) == getattr(slow, key), key
+    assert fast.stats["ud_reasons"] == slow.stats["ud_reasons"]
+    assert faults_fast == faults_slow
+    assert fast.exits - t_fast.kicks == slow.exits - t_slow.kicks
+    assert t_fast.plane == t_slow.plane and t_fast.suspended == t_slow.suspended
+
+
+def test_vmpl_switch_loop_is_kicked_out(fast_path):
+    """Kicks reach a vCPU whose C loop keeps switching planes (every plane's immediate_exit is
+    set): an interrupted run of endless round trips stops, with the counts of what it did."""
+    with Machine(guest_image("vtl_roundtrip"), MachineConfig(planes=2, personality="vmpl", arg=1 << 40,
+                                                             quiet=True)) as m:
+        t = m.threads[0]
+
+        def interrupt_once_switching():
+            deadline = time.monotonic() + LAST_RESORT
+            while time.monotonic() < deadline:
+                fast = t._fast_switch
+                if fast is not None and fast.switched > 100:
+                    break
+                time.sleep(0.001)
+            m.interrupt()
+
+        watcher = threading.Thread(target=interrupt_once_switching)
+        watcher.start()
+        r = m.run(LAST_RESORT)
+        watcher.join()
+    assert r.status == ExitStatus.INTERRUPTED
+    calls, returns = r.switches[(0, 1)], r.switches.get((1, 0), 0)
+    assert calls > 100 and calls - returns in (0, 1)
+    assert r.hypercalls == {"HvCallVtlCall": calls, "HvCallVtlReturn": returns}
+    assert r.entry_reasons == {"call": calls, "return": returns}
+    assert t.suspended == ([0] if calls > returns else []) and t.plane == calls - returns
 
 
 def test_environment_switch_turns_it_off(monkeypatch):

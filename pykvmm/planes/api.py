@@ -180,7 +180,7 @@ class PlanesVcpu(ABC):
             self._entries_held = on
 
     # -- for the backends' run() -----------------------------------------------------------
-    def run_kvm(self, v: Vcpu, req: int):
+    def run_kvm(self, v: Vcpu, req: int, switch=None):
         """KVM_RUN of ``v`` (a plane of this vCPU) as the run of this vCPU, kickable. Returns
         Interrupted without entering, as for a kick, while a plane of ``req`` is in ``_hint`` or
         entries are held (both checked under the lock, where the backends set them).
@@ -191,16 +191,18 @@ class PlanesVcpu(ABC):
         ioctl. Leaving takes no lock: ``_kicked`` is cleared before ``_in_run``, so a kick that
         still finds ``_in_run`` came during this run (which is returning: what it asked for)
         and may at worst make the next run return Interrupted once; a kick that finds it
-        cleared is kept for the next run, as a kick between two runs must be."""
+        cleared is kept for the next run, as a kick between two runs must be.
+        ``switch`` (a fastexit.FastSwitch, ``v`` its first plane): the run may switch planes in
+        C; ``_in_run`` is then ``switch``, whose request_immediate_exit stops every plane."""
         with self._lock:
             if self._kicked or self._hint & req or self._entries_held:
                 self._kicked = False
                 return Interrupted()
             self.thread_id = threading.get_ident()
             self._running_req = req
-            self._in_run = v
+            self._in_run = v if switch is None else switch
         try:
-            return v.run()
+            return v.run() if switch is None else switch.run(v)
         finally:
             self._kicked = False
             self._in_run = None

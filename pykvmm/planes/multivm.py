@@ -74,7 +74,8 @@ class MultiVmVcpu(SoftSwitchVcpu):
     def wait_out_of(self, plane_id: int) -> None:
         """Return once this vCPU is not in KVM_RUN of ``plane_id`` (kicking it out)."""
         v = self._vcpu_of.get(plane_id)
-        while v is not None and self._in_run is v:
+        # (``_in_run`` may be a fastexit.FastSwitch, in KVM_RUN of any of its planes)
+        while v is not None and (self._in_run is v or v in getattr(self._in_run, "vcpus", {}).values()):
             self.kick()
             time.sleep(20e-6)
 

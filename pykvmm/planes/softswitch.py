@@ -301,6 +301,17 @@ class SoftSwitchVcpu(PlanesVcpu):
                         self._hint |= found     # the next entry looks again and returns the event
         return ex
 
+    def run_switching(self, plane: int, switch):
+        """run(plane) with no plane requested, where ``switch`` (fastexit.FastSwitch) may switch
+        planes in C; the exit is of plane ``switch.plane``. Not with a shared FPU (copied at
+        each plane change here)."""
+        ex = self.run_kvm(self._vcpu_of[plane], 0, switch)
+        self.last_plane = switch.plane
+        self._entered |= switch.entered     # (see _scan)
+        if type(ex) in self.checked_exits:
+            ex = self.check_exit(switch.vcpus[switch.plane], ex)
+        return ex
+
     # -- LAPIC timers of planes that are not running (module docstring) --------------------
     def _expired_timer(self, p: int, v: Vcpu, lvt: int) -> int | None:
         """The LVT timer vector if plane ``p``'s armed timer (``lvt``, its unmasked LVT entry,

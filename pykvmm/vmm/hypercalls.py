@@ -157,6 +157,14 @@ class Dispatcher:
             self._per_thread.append(counts)
         return counts
 
+    def add_counts(self, code: int, n: int) -> None:
+        """``n`` calls of ``code`` answered outside dispatch() (fastexit.FastSwitch), counted
+        as this thread's."""
+        counts = getattr(self._local, "counts", None)
+        if counts is None:
+            counts = self._thread_counts()
+        counts[code] = counts.get(code, 0) + n
+
     def register(self, code: int, handler) -> None:
         self.handlers[code] = handler
 

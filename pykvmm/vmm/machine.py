@@ -22,6 +22,7 @@ from ..planes.api import install_kick_handler
 from ..uapi import constants as C
 from ..x86 import apic, arch, cpu_model, longmode
 from .hyperv import features as hv_features   # registers the hv_* flags of --cpu
+from .hyperv import tlfs
 from . import abi, bringup, capture as _capture, events as ev
 from .boot import FlatBinary
 from .console import Console
@@ -231,6 +232,32 @@ class Machine:
         self.ports.absent = memoryview(table.absent)
         self.platform.attach_fast_path(table)
         return table, None
+
+    def fast_switch_for(self, thread: VcpuThread):
+        """A fastexit.FastSwitch for ``thread`` when its policy lets a C loop make its switches
+        (PlanePolicy.fast_switches) and nothing else must see them: the exit fast path is on,
+        a soft-switching backend without a shared FPU, the VtlCall/VtlReturn codes still go
+        to the policy. None otherwise (the caller checks the rest: no trace sink, no gdb stub,
+        its hypercall port its own)."""
+        if not self.config.fast_path or self.plane_count < 2 or self.pvm.shared_fpu:
+            return None
+        planes_vcpu = thread.planes_vcpu
+        if not hasattr(planes_vcpu, "run_switching"):
+            return None
+        spec = self.policy.fast_switches(thread)
+        policy, handlers = self.policy, self.dispatcher.handlers
+        if spec is None or handlers.get(tlfs.HVCALL_VTL_CALL) != policy.vtl_call \
+                or handlers.get(tlfs.HVCALL_VTL_RETURN) != policy.vtl_return:
+            return None
+        module = fastexit.load()
+        if module is None:
+            return None
+        vcpus = {p: planes_vcpu.plane_vcpu(p) for p in spec}
+        if any(v.run_struct is None for v in vcpus.values()):
+            return None
+        return fastexit.FastSwitch(module, vcpus, abi.PORT_HYPERCALL,
+                                   {p: above for p, (above, _) in spec.items()},
+                                   {p: self.memory.hva + gpa for p, (_, gpa) in spec.items()})
 
     # -- running ---------------------------------------------------------------------------
     def kick_all(self) -> None:

@@ -12,6 +12,10 @@ A policy decides when a vCPU switches planes and what state moves across. The vC
                                          (``thread.vcpu`` is still plane ``src``'s KVM vCPU,
                                          ``dest`` is plane ``dst``'s; ``first``: ``dst`` has
                                          never run, it starts at the guest entry)
+    fast_switches(thread) -> dict | None the switches a C loop may make for this thread
+                                         (fastexit.FastSwitch: well-formed VtlCall/VtlReturn
+                                         only): plane -> (planes a VtlCall from it may enter,
+                                         GPA of its VtlCall EntryReason or None); None: none
 
 Hypercall handlers return outcomes (:mod:`pykvmm.vmm.outcomes`) like every handler. The
 registry of policies by name is :mod:`pykvmm.vmm.personalities`.
@@ -66,6 +70,10 @@ class PlanePolicy:
 
     def transfer(self, thread, src: int, dst: int, dest, reason: SwitchReason, first: bool) -> None:
         """Move shared state from plane ``src`` to ``dst`` of ``thread`` (bare: nothing)."""
+
+    def fast_switches(self, thread) -> dict | None:
+        """Bare: none (its switches answer a status, and it looks at higher planes' LAPICs)."""
+        return None
 
     def summary(self) -> dict:
         """The policy's counters, merged into RunResult.stats (bare: none)."""

@@ -28,6 +28,7 @@ from .crash_state import recover_after_shutdown
 from .devices import BadUcall, decode_ucall
 from .devices.bus import ABSENT_READ, ABSENT_WRITE
 from .hypercalls import OUT_SIZE, STUB_OUT_OFFSETS, call_name
+from .hyperv import tlfs
 from .memory import GuestMemoryError
 from .outcomes import Answer, Fault, Outcome, Stop, StopKind, Switch, SwitchReason
 
@@ -100,6 +101,7 @@ class VcpuThread:
         self._ports = machine.ports
         self._port_owner = machine.ports.owner       # port -> device (PortBus)
         self.outside_ram = [0, 0, None]      # reads, writes, first GPA (summed by the machine)
+        self._fast_switch = None             # fastexit.FastSwitch while main() runs with one
 
     def plane_vcpu(self, plane: int | None = None) -> Vcpu:
         """The KVM vCPU of ``plane`` (default: the running plane, also ``self.vcpu``)."""
@@ -139,12 +141,23 @@ class VcpuThread:
         # trace sink or the gdb stub (breakpoints, single-step) must see every exit.
         if m.fast_table is not None and not sink and not dbg:
             self.vcpu.use_fast_path(m.fast_table)
+        # The policy's switches in C (Machine.fast_switch_for) while no plane is requested.
+        fast_switch = None
+        if not sink and not dbg and self.port_handlers.get(abi.PORT_HYPERCALL) == self._on_hypercall:
+            fast_switch = self._fast_switch = m.fast_switch_for(self)
         try:
             while not self.done and not m.stopping:
                 if dbg and not dbg.before_run(self):   # a gdb stub holds this vCPU (all-stop)
                     continue
                 plane = self.plane
-                ex = planes_vcpu.run(plane, policy.req_exit_planes(self))
+                req = policy.req_exit_planes(self)
+                if fast_switch is not None and not req:
+                    ex = planes_vcpu.run_switching(plane, fast_switch)
+                    if fast_switch.switched:
+                        self._took_fast_switches(fast_switch)
+                        plane = self.plane
+                else:
+                    ex = planes_vcpu.run(plane, req)
                 self.exits += 1
                 if sink:
                     sink(ev.TraceEvent(ev.EXIT, self.index, plane, X.fields(ex)))
@@ -165,6 +178,23 @@ class VcpuThread:
                                      + traceback.format_exc()))
         finally:
             m.thread_finished(self)
+
+    def _took_fast_switches(self, fast_switch) -> None:
+        """The C loop made switches (fastexit.FastSwitch): what switch() would have recorded."""
+        calls, returns, pairs = fast_switch.take_switches()
+        dst = fast_switch.plane
+        self.plane, self.vcpu = dst, fast_switch.vcpus[dst]
+        self.suspended[:] = fast_switch.stack()
+        entered = fast_switch.entered
+        self.started_planes.update(p for p in fast_switch.vcpus if entered >> p & 1)
+        for src, to, n in pairs:
+            self.switches[(src, to)] = self.switches.get((src, to), 0) + n
+        dispatcher = self.machine.dispatcher
+        for reason, code, n in ((SwitchReason.CALL, tlfs.HVCALL_VTL_CALL, calls),
+                                (SwitchReason.RETURN, tlfs.HVCALL_VTL_RETURN, returns)):
+            if n:
+                self.entry_reasons[reason] = self.entry_reasons.get(reason, 0) + n
+                dispatcher.add_counts(code, n)
 
     def apply(self, outcome: Outcome) -> None:
         """Carry out what a handler decided (the loop does this for every handler)."""
@@ -210,6 +240,8 @@ class VcpuThread:
             regs.rax, regs.rcx = switch.load_return_regs
             vcpu.mark_dirty("regs")
         self.plane, self.vcpu = dst, vcpu
+        if self._fast_switch is not None:
+            self._fast_switch.set_stack(self.suspended)
         self.switches[(src, dst)] = self.switches.get((src, dst), 0) + 1
         reason = switch.reason
         self.entry_reasons[reason] = self.entry_reasons.get(reason, 0) + 1

@@ -192,6 +192,18 @@ class VtlPolicy(PlanePolicy):
         return switch or super().on_memory_fault(thread, fault)
 
     # -- switches -------------------------------------------------------------------------------
+    def fast_switches(self, thread) -> dict | None:
+        """vmpl's VtlCall/VtlReturn without VSM or Hyper-V: the whole switch is the checks C can
+        make (control word, RAX, CPL, suspended stack), the stack and the EntryReason of a call
+        (the C loop: fastexit.c's switch_target). vtl moves shared state and looks at higher
+        planes' LAPICs: Python's."""
+        if self.shares_state or self.loads_return_regs or self.preempts or self.vsm is not None \
+                or self.machine.hyperv is not None:
+            return None
+        vcpu = thread.index
+        return {p: (self._above[p] & self.enabled[vcpu],
+                    self._control_pages[vcpu][p] + abi.VTL_ENTRY_REASON) for p in range(self.plane_count)}
+
     def transfer(self, thread, src: int, dst: int, dest, reason: SwitchReason, first: bool) -> None:
         """The shared state (module docstring) from ``thread.vcpu``, plane ``src``'s KVM vCPU,
         to ``dest``, plane ``dst``'s, unless ``dst`` has never run; then the entry reason, and

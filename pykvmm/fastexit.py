@@ -328,7 +328,7 @@ class FastSwitch:
         entries = 1
         for p, v in self.vcpus.items():
             n = exits[p]
-            if n:
+            if n or p == final:     # (the final plane: its entry state was kept here, exits or not)
                 exits[p] = 0
                 entries += n
                 v.count_fast_exits(n, p == final)

@@ -87,10 +87,14 @@ def _kvm_amd_reset(v) -> None:
     v.set_regs(regs)
 
 
-@pytest.mark.parametrize("guest, planes, reg, value", [("fault", 1, "rax", 0xFA17), ("vtl_crash", 2, "r12", 0x7777)])
-def test_triple_fault_state_recreated_when_kvm_resets_the_vcpu(kvm_available, monkeypatch, guest, planes, reg, value):
+@pytest.mark.parametrize("guest, planes, reg, value, personality", [
+    ("fault", 1, "rax", 0xFA17, "auto"), ("vtl_crash", 2, "r12", 0x7777, "vtl"),
+    ("vtl_crash", 2, "r12", 0x7777, "vmpl")])
+def test_triple_fault_state_recreated_when_kvm_resets_the_vcpu(kvm_available, monkeypatch, guest, planes, reg, value,
+                                                              personality):
     """kvm_amd's behaviour made real here: the vCPU is reset at the shutdown exit, and the
-    crash report must still show the ud2 and the registers the guest had there."""
+    crash report must still show the ud2 and the registers the guest had there (under vmpl the
+    VtlCall into the crashing plane is made in C, which keeps the entry state too)."""
     import pykvmm.vmm.vcpu_thread as vcpu_thread
     real = vcpu_thread.recover_after_shutdown
 
@@ -99,7 +103,7 @@ def test_triple_fault_state_recreated_when_kvm_resets_the_vcpu(kvm_available, mo
         return real(v, kick)
 
     monkeypatch.setattr(vcpu_thread, "recover_after_shutdown", reset_then_recover)
-    with Machine(guest_image(guest), MachineConfig(planes=planes, quiet=True)) as m:
+    with Machine(guest_image(guest), MachineConfig(planes=planes, personality=personality, quiet=True)) as m:
         for t in m.threads:
             for p in range(planes):
                 v = t.plane_vcpu(p)

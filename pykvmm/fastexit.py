@@ -15,7 +15,8 @@ What a table answers (``FastTable``; the devices fill it, the loop only reads it
       in memory the Python device reads.
 Everything else (and EINTR from a kick) comes back to Python as from a plain KVM_RUN.
 When it is used: vmm/machine.py (Machine._attach_fast_path: not with more than one plane) and
-vmm/vcpu_thread.py (not while a trace sink or the gdb stub must see every exit).
+vmm/vcpu_thread.py (not while a trace sink or the gdb stub must see every exit). With more than
+one plane, ``FastSwitch`` (below) makes the plane switches of a policy that needs nothing else.
 
 How it is built: on first use, ``cffi`` writes the C module and ``gcc`` compiles it into a
 cache folder (``$PYKVMM_CACHE``, else ``$XDG_CACHE_HOME/pykvmm``, else ``~/.cache/pykvmm``),
@@ -176,7 +177,8 @@ def status() -> tuple[bool, str]:
     module = load()
     if module is None:
         return False, f"cannot be built or loaded: {_state[1]}"
-    return True, (f"compiled: PM timer reads, absent ports and pci-testdev's test writes answered in C; "
+    return True, (f"compiled: PM timer reads, absent ports and pci-testdev's test writes answered in C, "
+                  f"vmpl's VtlCall/VtlReturn switched there; "
                   f"{ENV_SWITCH}=0 turns it off")
 
 

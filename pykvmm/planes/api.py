@@ -199,7 +199,9 @@ class PlanesVcpu(ABC):
             self.thread_id = threading.get_ident()
             self._running_req = req
             self._in_run = v
-        if req and self.vm.ticker_parked:       # read after _in_run is published (SoftSwitchVm._tick)
+        # read after _in_run is published (SoftSwitchVm._tick); only a change from outside,
+        # note_pending(), makes a run need kicks later, and it kicks that run itself
+        if req and self.vm.ticker_parked and self.needs_scan_kick():
             self.vm.wake_ticker()
         try:
             return v.run()

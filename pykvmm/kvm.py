@@ -120,8 +120,13 @@ class FdObject:
     def ioctl(self, req: str | Ioctl, arg=0) -> int:
         entry = IOCTLS[req] if isinstance(req, str) else req
         ret = _ioctl(self.fd, entry.code, _arg(arg))
-        if ret < 0:
-            raise KvmError(entry.name, self.label, ffi.errno)
+        while ret < 0:
+            err = ffi.errno
+            # A signal can end a KVM ioctl before it did anything (seen: KVM_CREATE_VM under
+            # a profiler's sampling). Ask again; KVM_RUN never comes here: its EINTR is a kick.
+            if err != _errno.EINTR:
+                raise KvmError(entry.name, self.label, err)
+            ret = _ioctl(self.fd, entry.code, _arg(arg))
         return ret
 
     def fileno(self) -> int:

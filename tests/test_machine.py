@@ -122,3 +122,29 @@ def test_guest_cpuid_offers_the_tsc_deadline_timer_kvm_emulates(kvm):
         cpuid = m.threads[0].planes_vcpu.cpuid
         ecx = next(cpuid.entries[i].ecx for i in range(cpuid.nent) if cpuid.entries[i].function == 1)
     assert bool(ecx & longmode.CPUID_1_ECX_TSC_DEADLINE) == emulated
+
+
+def test_checked_ioctl_asks_again_after_a_signal(kvm, monkeypatch):
+    """KVM_CREATE_VM (mm_take_all_locks) gives up with EINTR when a signal is pending, e.g. a
+    profiler sampling the process: the checked ioctl asks again instead of failing the run.
+    KVM_RUN's EINTR stays a kick (Vcpu.run, test_planes), and raw_ioctl returns it as it is."""
+    import errno
+    from pykvmm import kvm as kvm_module
+    from pykvmm.uapi import IOCTLS, ffi
+
+    real = kvm_module._ioctl
+    interrupted = []
+
+    def once_interrupted(fd, code, arg):
+        if code == IOCTLS["KVM_CREATE_VM"].code and not interrupted:
+            interrupted.append(code)
+            ffi.errno = errno.EINTR
+            return -1
+        return real(fd, code, arg)
+
+    monkeypatch.setattr(kvm_module, "_ioctl", once_interrupted)
+    vm = kvm.create_vm()
+    assert interrupted and vm.fd >= 0
+    vm.close()
+    interrupted.clear()
+    assert kvm.raw_ioctl("KVM_CREATE_VM", 0) == -errno.EINTR

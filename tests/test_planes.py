@@ -258,3 +258,74 @@ def test_msi_to_inactive_plane_switches_only_when_requested(kvm_available, backe
     assert_done(r)
     assert (2, 0x61) in r.syncs(plane=1)
     assert r.entry_reasons.get("interrupt", 0) >= 1
+
+
+# ---- the soft-switch ticker ------------------------------------------------------------------
+
+# real mode at CODE_GPA: hlt ; jmp back (in-kernel halt with IF=0: only a kick ends the run);
+# at CODE_GPA + 0x10 the OUT_LOOP
+HALT_LOOP = b"\xF4\xEB\xFD"
+
+
+def _sleeping_in_kernel(tid: int) -> bool:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "S"
+
+
+@pytest.mark.parametrize("soft_backend", ["apic-groups", "multivm"])
+def test_ticker_parks_while_no_run_needs_it_and_wakes_for_one(kvm_available, soft_backend):
+    """The ticker kicks runs with planes requested so their LAPICs get read; with nothing to
+    kick it parks (a poll every millisecond halved every exit's speed on nested mainline KVM),
+    and a run that needs kicks wakes it: that run still ends within a kick interval."""
+    from conftest import LAST_RESORT, backend_probe, require, wait_for
+    import threading
+    from pykvmm.kvm import Kvm
+
+    probe = backend_probe(soft_backend)
+    require(soft_backend, probe is not None and probe.available, probe.reason if probe else "backend probe failed")
+    r = PlanesRig(Kvm(), soft_backend)
+    try:
+        r.mem[CODE_GPA:CODE_GPA + len(HALT_LOOP)] = HALT_LOOP
+        r.mem[CODE_GPA + 0x10:CODE_GPA + 0x10 + len(OUT_LOOP)] = OUT_LOOP
+        v1 = r.planes_vcpu.plane_vcpu(1)
+        regs = v1.get_regs()
+        regs.rip = CODE_GPA + 0x10
+        v1.set_regs(regs)
+        runs = []
+
+        def halted_run():
+            runs.append(r.planes_vcpu.run(plane=0, req_exit_planes=1 << 1))
+
+        # 1. plane 0 halts requesting plane 1: the look on entry finds plane 1's LAPIC
+        # software-disabled (nothing can become deliverable there until it runs), so no kick
+        # can find anything: the ticker parks while the run goes on
+        t = threading.Thread(target=halted_run, daemon=True)
+        t.start()
+        wait_for(lambda: r.vm.ticker_parked, "the ticker to park")
+        assert t.is_alive() and not runs
+        r.planes_vcpu.kick()                # (what note_pending would do: not the ticker's kick)
+        t.join(LAST_RESORT)
+        assert len(runs) == 1 and isinstance(runs[0], X.Interrupted)
+        # the same run again does not need kicks either: it leaves the ticker parked (a ticker
+        # woken for nothing would now sit out the long interval unparked)
+        r.vm.kick_interval = LAST_RESORT
+        t = threading.Thread(target=halted_run, daemon=True)
+        t.start()
+        wait_for(lambda: t.native_id and _sleeping_in_kernel(t.native_id), "the run to halt in KVM_RUN")
+        assert r.vm.ticker_parked
+        r.planes_vcpu.kick()
+        t.join(LAST_RESORT)
+        assert len(runs) == 2
+        r.vm.kick_interval = 1e-3
+        # 2. plane 1 runs with its LAPIC enabled, then plane 0 halts requesting it: an
+        # interrupt for plane 1 could now arrive in the kernel unseen, so that run needs
+        # kicks: it wakes the parked ticker and is ended by its kick
+        r.enable_apic(1)
+        assert isinstance(r.planes_vcpu.run(plane=1), X.IoOut)
+        assert r.vm.ticker_parked
+        t = threading.Thread(target=halted_run)
+        t.start()
+        t.join(LAST_RESORT)
+        assert len(runs) == 3 and isinstance(runs[2], X.Interrupted)
+    finally:
+        r.close()       # stops a parked ticker too (a hang here is a lost wake-up at stop)

@@ -201,6 +201,10 @@ class PlanesVcpu(ABC):
             self.thread_id = threading.get_ident()
             self._running_req = req
             self._in_run = v if switch is None else switch
+        # read after _in_run is published (SoftSwitchVm._tick); only a change from outside,
+        # note_pending(), makes a run need kicks later, and it kicks that run itself
+        if req and self.vm.ticker_parked and self.needs_scan_kick():
+            self.vm.wake_ticker()
         try:
             return v.run() if switch is None else switch.run(v)
         finally:
@@ -235,6 +239,13 @@ class PlanesVm(ABC):
         self.shared_fpu = False
         self.irqchip = False
         install_kick_handler()
+
+    # Soft-switching backends kick runs with planes requested from a ticker thread, which
+    # parks while no run needs it; run_kvm() wakes it. Never set for the others.
+    ticker_parked = False
+
+    def wake_ticker(self) -> None:
+        """A run that may need kicks started while the ticker was parked."""
 
     # -- planes -------------------------------------------------------------------------
     def raw_create_plane(self, plane_id: int) -> int:

@@ -24,7 +24,9 @@ When the LAPICs are read (a "scan", one KVM_GET_LAPIC per plane)
     halted in KVM_RUN), and at once by note_pending() for an interrupt pykvmm itself delivers
     (``Plane.signal_msi``). The bound for an in-kernel IPI into a plane that is not running is
     therefore one kick interval plus one scan (``make bench``: wake-up delay); for signal_msi
-    it is one kick.
+    it is one kick. A tick that finds no run needing a kick (every requested plane has its
+    LAPIC off, or no run has planes requested) parks the ticker; the next run that needs
+    kicks wakes it on entry, so the bound holds from that entry.
 
 LAPIC timers of planes that are not running
     KVM notices a vCPU's timer expiry (one-shot, periodic, TSC-deadline) only when that vCPU
@@ -104,6 +106,7 @@ class SoftSwitchVm:
     kick_interval = KICK_INTERVAL
     _ticker: threading.Thread | None = None
     _ticker_stop: threading.Event | None = None
+    _ticker_wake: threading.Event | None = None
     _ticker_lock = threading.Lock()
     _host_timer: HostTimer | None = None
 
@@ -119,21 +122,50 @@ class SoftSwitchVm:
             if self._ticker is not None:
                 return
             self._ticker_stop = threading.Event()
-            self._ticker = threading.Thread(target=self._tick, args=(self._ticker_stop,),
+            self._ticker_wake = threading.Event()
+            self._ticker = threading.Thread(target=self._tick, args=(self._ticker_stop, self._ticker_wake),
                                             name="plane-ticker", daemon=True)
             self._ticker.start()
 
-    def _tick(self, stop: threading.Event) -> None:
+    def _tick(self, stop: threading.Event, wake: threading.Event) -> None:
+        # A tick that finds no run to kick parks the ticker until run_kvm() enters a run that
+        # needs one (PlanesVm.wake_ticker). A ticker polling for nothing cost half of every
+        # vCPU's time on mainline KVM under emulation (a Python wake-up there takes about as
+        # long as 1 ms of guest exits), e.g. all the time a VTL1 was never enabled.
         while not stop.wait(self.kick_interval):
-            for cpu in list(self.vcpus.values()):
-                if cpu.needs_scan_kick():
-                    cpu.kick()
+            if self._kick_due():
+                continue
+            wake.clear()
+            if stop.is_set():           # stop_ticker() sets stop, then wake
+                break
+            self.ticker_parked = True
+            # Published before this second look; run_kvm() publishes its run before reading
+            # ticker_parked: one of the two sees the other (both under the GIL).
+            if not self._kick_due():
+                wake.wait()
+            self.ticker_parked = False
+
+    def _kick_due(self) -> bool:
+        """Kick every vCPU whose run needs it; whether there was one."""
+        due = False
+        for cpu in list(self.vcpus.values()):
+            if cpu.needs_scan_kick():
+                cpu.kick()
+                due = True
+        return due
+
+    def wake_ticker(self) -> None:
+        self.ticker_parked = False
+        wake = self._ticker_wake
+        if wake is not None:
+            wake.set()
 
     def stop_ticker(self) -> None:
         with self._ticker_lock:
             ticker, self._ticker = self._ticker, None
             if ticker is not None:
                 self._ticker_stop.set()
+                self._ticker_wake.set()
         if ticker is not None and ticker is not threading.current_thread():
             ticker.join()
         timer, self._host_timer = self._host_timer, None

@@ -6,6 +6,9 @@
  * adds 5-8 us more, C well under one. Python fills the table; this loop only reads it.
  * Everything it does not recognise returns to Python exactly as a plain KVM_RUN would, with
  * kvm_run holding that exit.
+ *
+ * FASTEXIT_RULES, FASTEXIT_PLANES, HVCALL_VTL_CALL, HVCALL_VTL_RETURN and ENTRY_VTL_CALL are
+ * defined by fastexit.py (C_FACTS) from pykvmm's own constants before this text.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -14,7 +17,6 @@
 #include <time.h>
 #include <linux/kvm.h>
 
-#define FASTEXIT_RULES 8
 
 enum { RULE_NONE, RULE_CLOCK_READ, RULE_COUNT_WRITE };
 enum { SPACE_PORT, SPACE_MMIO };
@@ -145,10 +147,6 @@ int fastexit_run(int vcpu_fd, void *run_area, const struct fastexit_table *t, ui
  * KVM_RUN on the other plane's fd. Python fills this struct and reads back what changed
  * (pykvmm/fastexit.py, FastSwitch); anything else returns to Python as a plain KVM_RUN would.
  */
-#define FASTEXIT_PLANES 16
-#define HVCALL_VTL_CALL 0x11
-#define HVCALL_VTL_RETURN 0x12
-#define ENTRY_VTL_CALL 1
 
 struct fastexit_planes {
     int32_t fd[FASTEXIT_PLANES];            /* each plane's KVM vCPU; -1: none */

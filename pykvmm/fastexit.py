@@ -42,11 +42,24 @@ import cffi
 
 from .kvm import count_compiled_ioctls
 from .uapi import ffi as kvm_ffi        # pykvmm's own cdefs (kvm_run addresses)
+from .vmm import abi
+from .vmm.hyperv import tlfs
+from .x86.arch import MAX_PLANES
 
 ENV_SWITCH = "PYKVMM_FASTPATH"
 MODULE = "_pykvmm_fastexit"
 SOURCE = Path(__file__).with_name("fastexit.c")
-RULES = 8                               # FASTEXIT_RULES in fastexit.c
+RULES = 8                               # the rule slots of a table (FASTEXIT_RULES)
+
+# The facts fastexit.c shares with the rest of pykvmm, defined for it here from their one source
+# (prepended to the C source, so a change rebuilds the module: the source is in the cache key)
+C_FACTS = {
+    "FASTEXIT_RULES": RULES,
+    "FASTEXIT_PLANES": MAX_PLANES,
+    "HVCALL_VTL_CALL": tlfs.HVCALL_VTL_CALL,
+    "HVCALL_VTL_RETURN": tlfs.HVCALL_VTL_RETURN,
+    "ENTRY_VTL_CALL": abi.VTL_ENTRY_VTL_CALL,
+}
 RULE_NONE, RULE_CLOCK_READ, RULE_COUNT_WRITE = 0, 1, 2
 SPACE_PORT, SPACE_MMIO = 0, 1
 ABSENT_READ, ABSENT_WRITE = 1, 2        # the bits of FastTable.absent (PortBus.absent)
@@ -56,18 +69,18 @@ struct fastexit_rule {
     uint32_t kind; uint32_t space; uint64_t addr; uint32_t size; int32_t match;
     uint32_t *counter; int64_t epoch_ns; uint64_t hz; uint64_t mask; ...;
 };
-struct fastexit_table { uint8_t absent[65536]; struct fastexit_rule rules[8]; ...; };
+struct fastexit_table { uint8_t absent[65536]; struct fastexit_rule rules[%(RULES)d]; ...; };
 int fastexit_run(int vcpu_fd, void *run_area, const struct fastexit_table *t, uint64_t *handled,
                  void *entry_copy);
 uint64_t fastexit_clock_value(const struct fastexit_rule *rule, int64_t now_ns);
 void fastexit_count_add(uint32_t *counter);
 struct fastexit_planes {
-    int32_t fd[16]; void *run[16]; void *entry_copy[16]; uint32_t *entry_reason[16];
-    uint64_t exits[16]; uint64_t switches[16][16]; uint64_t calls, returns; uint32_t above[16];
-    uint32_t plane; uint32_t depth; uint8_t stack[16]; uint32_t entered; uint32_t port; ...;
+    int32_t fd[%(P)d]; void *run[%(P)d]; void *entry_copy[%(P)d]; uint32_t *entry_reason[%(P)d];
+    uint64_t exits[%(P)d]; uint64_t switches[%(P)d][%(P)d]; uint64_t calls, returns; uint32_t above[%(P)d];
+    uint32_t plane; uint32_t depth; uint8_t stack[%(P)d]; uint32_t entered; uint32_t port; ...;
 };
 int fastexit_run_planes(struct fastexit_planes *s);
-"""
+""" % {"RULES": RULES, "P": MAX_PLANES}
 
 
 class Unavailable(Exception):
@@ -100,7 +113,7 @@ def build(folder: Path) -> Path:
     """Compile the module into ``folder`` (atomically: concurrent first uses each build and the
     last rename wins) and return its path. Raises Unavailable with the reason."""
     try:
-        source = SOURCE.read_text()
+        source = "".join(f"#define {name} {value:#x}\n" for name, value in C_FACTS.items()) + SOURCE.read_text()
     except OSError as e:
         raise Unavailable(f"its C source is missing ({e})") from None
     target = folder / f"{MODULE}-{_key(source)}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"

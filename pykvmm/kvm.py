@@ -686,6 +686,26 @@ class Vcpu(FdObject):
             bad = pairs[n][0]
             raise KvmError("KVM_SET_MSRS", self.label, _errno.EINVAL, f"KVM refused MSR {bad:#x}")
 
+    def _tsc_offset_attr(self, value):
+        return ffi.new("struct kvm_device_attr *", {
+            "group": C.KVM_VCPU_TSC_CTRL, "attr": C.KVM_VCPU_TSC_OFFSET,
+            "addr": int(ffi.cast("uintptr_t", value))})
+
+    def get_tsc_offset(self) -> int | None:
+        """The guest TSC's offset from the host TSC (KVM_VCPU_TSC_OFFSET, Linux 5.16 on), or
+        None where KVM has no such attribute."""
+        value = ffi.new("uint64_t *")
+        ret = self.raw_ioctl("KVM_GET_DEVICE_ATTR", self._tsc_offset_attr(value))
+        if ret == -_errno.ENXIO or ret == -_errno.ENOTTY or ret == -_errno.EINVAL:
+            return None
+        if ret < 0:
+            raise KvmError("KVM_GET_DEVICE_ATTR", self.label, -ret, "reading KVM_VCPU_TSC_OFFSET")
+        return value[0]
+
+    def set_tsc_offset(self, offset: int) -> None:
+        value = ffi.new("uint64_t *", offset)
+        self.ioctl("KVM_SET_DEVICE_ATTR", self._tsc_offset_attr(value))
+
     def set_cpuid2(self, cpuid) -> None:
         self.ioctl("KVM_SET_CPUID2", cpuid.ptr if isinstance(cpuid, _Owned) else cpuid)
 

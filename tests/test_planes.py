@@ -329,3 +329,43 @@ def test_ticker_parks_while_no_run_needs_it_and_wakes_for_one(kvm_available, sof
         assert len(runs) == 3 and isinstance(runs[2], X.Interrupted)
     finally:
         r.close()       # stops a parked ticker too (a hang here is a lost wake-up at stop)
+
+
+def _tsc(vcpu, plane):
+    from pykvmm.x86 import arch
+    return vcpu.plane_vcpu(plane).get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
+
+
+def test_planes_of_a_vcpu_read_one_tsc(kvm, backend):
+    """One vCPU has one TSC whichever plane runs (on multivm each plane is its own KVM VM,
+    whose TSC would start on its own: at 0 when it is created, on mainline KVM)."""
+    vm = open_planes_vm(kvm, backend)
+    try:
+        vcpu = vm.create_vcpu(0)
+        vm.create_plane(1).create_vcpu_plane(vcpu)
+        t0, t1, t2 = _tsc(vcpu, 0), _tsc(vcpu, 1), _tsc(vcpu, 0)
+        assert t0 <= t1 <= t2, (t0, t1, t2)
+    finally:
+        vm.close()
+
+
+def test_plane_instances_take_plane0s_tsc_offset(kvm, backend):
+    """Exactly: a plane's instance gets plane 0's TSC offset (KVM_VCPU_TSC_OFFSET), not a copy
+    of its value that is already late by the time between two ioctls."""
+    from conftest import require
+    vm = open_planes_vm(kvm, backend)
+    try:
+        vcpu = vm.create_vcpu(0)
+        offset = vcpu.plane0.get_tsc_offset()
+        require("KVM_VCPU_TSC_OFFSET", offset is not None, "KVM has no KVM_VCPU_TSC_OFFSET vCPU attribute (Linux 5.16+)")
+        moved = (offset + (1 << 40)) & (1 << 64) - 1     # far from where any new VM's TSC starts
+        vcpu.plane0.set_tsc_offset(moved)
+        require("a TSC offset", vcpu.plane0.get_tsc_offset() == moved,
+                "this KVM keeps every guest TSC at the host's (a TSC offset set reads back as "
+                f"{vcpu.plane0.get_tsc_offset():#x})")
+        vm.create_plane(1).create_vcpu_plane(vcpu)
+        assert vcpu.plane_vcpu(1).get_tsc_offset() == moved
+        t0, t1, t2 = _tsc(vcpu, 0), _tsc(vcpu, 1), _tsc(vcpu, 0)
+        assert t0 <= t1 <= t2, (t0, t1, t2)
+    finally:
+        vm.close()

@@ -45,10 +45,16 @@ class MultiVmPlane(Plane):
         if vcpu.cpuid is not None:
             v.set_cpuid2(vcpu.cpuid)  # the RFC copies plane 0's CPUID into plane-N vCPUs
         # One vCPU has one TSC: each KVM VM starts its own, so rdtsc would jump at every
-        # switch. Plane 0's value written here agrees to within one ioctl (about 1 us); the
-        # reference clock measures what remains (hyperv/timers.py).
-        tsc = vcpu.plane0.get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
-        v.set_msrs({arch.MSR_IA32_TSC: tsc})
+        # switch. Plane 0's offset from the host TSC makes them equal; where KVM has no such
+        # attribute, plane 0's value written here agrees to within the time between the two
+        # ioctls (about 1 us here, hundreds nested under emulation, where rdtsc went back
+        # across a VtlCall); the reference clock measures what remains (hyperv/timers.py).
+        offset = vcpu.plane0.get_tsc_offset()
+        if offset is not None:
+            v.set_tsc_offset(offset)
+        else:
+            tsc = vcpu.plane0.get_msrs([arch.MSR_IA32_TSC])[arch.MSR_IA32_TSC]
+            v.set_msrs({arch.MSR_IA32_TSC: tsc})
         self.vcpus[vcpu.id] = v
         vcpu.add_plane_vcpu(self.id, v)
         return v

@@ -124,3 +124,7 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 # KVM_CREATE_PIT2
 KVM_PIT_SPEAKER_DUMMY = 1
+
+# vCPU device attributes (KVM_GET/SET_DEVICE_ATTR on a vCPU fd)
+KVM_VCPU_TSC_CTRL = 0           # group
+KVM_VCPU_TSC_OFFSET = 0         # its attribute: the guest TSC's offset from the host's (Linux 5.16+)

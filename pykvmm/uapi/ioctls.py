@@ -112,6 +112,8 @@ IOCTLS = _table(
     Ioctl("KVM_GET_SREGS2", _IOR(KVMIO, 0xcc, "struct kvm_sregs2"), _C, "struct kvm_sregs2"),
     Ioctl("KVM_SET_SREGS2", _IOW(KVMIO, 0xcd, "struct kvm_sregs2"), _C, "struct kvm_sregs2"),
     Ioctl("KVM_GET_XSAVE2", _IOR(KVMIO, 0xcf, "struct kvm_xsave"), _C, "struct kvm_xsave"),
+    Ioctl("KVM_SET_DEVICE_ATTR", _IOW(KVMIO, 0xe1, "struct kvm_device_attr"), _C, "struct kvm_device_attr"),
+    Ioctl("KVM_GET_DEVICE_ATTR", _IOW(KVMIO, 0xe2, "struct kvm_device_attr"), _C, "struct kvm_device_attr"),
     # RFCs (not in mainline; see profiles.py for which numbers each planes variant uses)
     Ioctl("KVM_SET_APIC_ID_GROUPS", _IOW(KVMIO, 0xd7, "struct kvm_apic_id_groups"), _V,
           "struct kvm_apic_id_groups", mainline=False),

@@ -140,6 +140,13 @@ struct kvm_userspace_memory_region {
     __u64 userspace_addr;
 };
 
+struct kvm_device_attr {
+    __u32 flags;
+    __u32 group;
+    __u64 attr;
+    __u64 addr;
+};
+
 struct kvm_msi {
     __u32 address_lo;
     __u32 address_hi;

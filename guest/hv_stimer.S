@@ -10,6 +10,11 @@
  *           the second waits for the handler's EOM, which re-asserts the vector while the
  *           first is still in service (no exit in between): the VMM must EOI the one in
  *           service although the same vector is pending again.
+ *   A periodic 10 ms timer the guest falls 10 periods behind on (interrupts off): not lazy,
+ *   SYNC 9, ExpirationTimes skipped among the first 15 messages (0: it catches up),
+ *   SYNC 10, the shortest time between two DeliveryTimes (>= half a period: never back to
+ *   back); lazy, SYNC 11, skips among the first 4 (>= 1), SYNC 12, ExpirationTimes off the
+ *   timer's grid of periods (0).
  */
 .include "guest.inc"
 .include "hv.inc"
@@ -21,6 +26,10 @@
 .set VAUTO, 0x62
 .set SINT_AUTO, 2
 .set SLOT_AUTO, SINT_AUTO * HV_MESSAGE_SIZE
+.set VPACED, 0x63
+.set SINT_PACED, 3
+.set SLOT_PACED, SINT_PACED * HV_MESSAGE_SIZE
+.set PACED_PERIOD, 100000           /* 10 ms */
 
 .macro WAIT_FOR var:req, n:req
 1:  cmp qword ptr [rip + \var], \n
@@ -46,6 +55,26 @@
     and eax, HV_STIMER_ENABLE
 .endm
 
+/* STIMER1, periodic PACED_PERIOD into SINT_PACED with \flags; the guest stalls with interrupts
+ * off for 10 periods, then takes \messages messages and stops the timer. */
+.macro FALL_BEHIND flags:req, messages:req
+    mov qword ptr [rip + paced_count], 0
+    mov qword ptr [rip + paced_exp], 0
+    mov qword ptr [rip + paced_skips], 0
+    mov qword ptr [rip + paced_off_grid], 0
+    mov qword ptr [rip + paced_min_gap], -1
+    WRMSR_OK HV_MSR_STIMER0_COUNT + 2, PACED_PERIOD
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 2, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | \flags | (SINT_PACED << 16)
+    NOW_PLUS 10*PACED_PERIOD
+    mov rsi, rax
+1:  mov edi, HV_MSR_TIME_REF_COUNT
+    call rdmsr_safe
+    cmp rdx, rsi
+    jb 1b
+    WAIT_FOR paced_count, \messages
+    WRMSR_OK HV_MSR_STIMER0_CONFIG + 2, 0
+.endm
+
 .text
 .globl main
 main:
@@ -61,6 +90,8 @@ main:
     WRMSR_OK HV_MSR_SCONTROL, 1
     WRMSR_OK HV_MSR_SINT0 + SINT, VSINT
     WRMSR_OK HV_MSR_SINT0 + SINT_AUTO, VAUTO | HV_SINT_AUTO_EOI
+    SET_HANDLER VPACED, paced_handler
+    WRMSR_OK HV_MSR_SINT0 + SINT_PACED, VPACED
 
     /* direct one-shot, 100 us from now */
     NOW_PLUS 1000
@@ -119,6 +150,13 @@ main:
     WRMSR_OK HV_MSR_STIMER0_CONFIG + 4, HV_STIMER_ENABLE | (SINT_AUTO << 16)
     WAIT_FOR auto_count, 2
     GUEST_SYNC 8, [rip + auto_count]
+
+    FALL_BEHIND 0, 15
+    GUEST_SYNC 9, [rip + paced_skips]
+    GUEST_SYNC 10, [rip + paced_min_gap]
+    FALL_BEHIND HV_STIMER_LAZY, 4
+    GUEST_SYNC 11, [rip + paced_skips]
+    GUEST_SYNC 12, [rip + paced_off_grid]
     GUEST_DONE
 
 direct_handler:
@@ -169,6 +207,55 @@ auto_eoi_handler:
     pop rax
     iretq
 
+/* Gaps between a message's ExpirationTime and DeliveryTime and the previous message's; EOM
+ * when another expiration waits for the slot. */
+paced_handler:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    lea rsi, [rip + simp]
+    add rsi, SLOT_PACED
+    cmp dword ptr [rsi], HVMSG_TIMER_EXPIRED
+    jne 3f
+    mov rax, [rsi + HV_MSG_PAYLOAD + 8]
+    mov rcx, [rip + paced_exp]
+    mov [rip + paced_exp], rax
+    test rcx, rcx
+    jz 2f                               /* the first message */
+    sub rax, rcx
+    cmp rax, PACED_PERIOD
+    jbe 1f
+    inc qword ptr [rip + paced_skips]
+1:  xor edx, edx
+    mov ecx, PACED_PERIOD
+    div rcx
+    test rdx, rdx
+    jz 1f
+    inc qword ptr [rip + paced_off_grid]
+1:  mov rax, [rsi + HV_MSG_PAYLOAD + 16]
+    sub rax, [rip + paced_deliv]
+    cmp rax, [rip + paced_min_gap]
+    jae 2f
+    mov [rip + paced_min_gap], rax
+2:  mov rax, [rsi + HV_MSG_PAYLOAD + 16]
+    mov [rip + paced_deliv], rax
+    lock inc qword ptr [rip + paced_count]
+    xor eax, eax
+    xchg [rsi], eax
+    test byte ptr [rsi + HV_MSG_HEADER_FLAGS], HV_MSG_FLAG_PENDING
+    jz 3f
+    mov ecx, HV_MSR_EOM
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+3:  call apic_eoi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
 .bss
 .balign 4096
 simp: .space 4096
@@ -177,3 +264,9 @@ msg_count: .space 8
 msg_expiration: .space 8
 msg_delivery: .space 8
 auto_count: .space 8
+paced_count: .space 8
+paced_exp: .space 8
+paced_deliv: .space 8
+paced_skips: .space 8
+paced_off_grid: .space 8
+paced_min_gap: .space 8

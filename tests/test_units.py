@@ -437,3 +437,12 @@ def test_host_timer_fires_in_time_order_and_wakes_for_an_earlier_one():
     finally:
         t.close()
     assert t.pending() == 0 and fired == ["first", "early"]
+
+
+def test_periodic_stimer_catches_up_half_a_period_apart_or_skips_when_lazy():
+    from pykvmm.vmm.hyperv.timers import CATCH_UP_LIMIT, next_expiration
+    assert next_expiration(1000, 100, 1050, lazy=False) == (1100, 1100)   # on time
+    assert next_expiration(1000, 100, 1350, lazy=False) == (1100, 1400)   # behind: each one, spaced
+    assert next_expiration(1000, 100, 1350, lazy=True) == (1400, 1400)    # lazy: the next grid point
+    far = 1100 + 100 * CATCH_UP_LIMIT
+    assert next_expiration(1000, 100, far + 30, lazy=False) == (far + 100, far + 100)

@@ -17,8 +17,17 @@ absolute expiration time (already past: expires at once); periodic: COUNT is the
 On expiry a HVMSG_TIMER_EXPIRED message (TimerIndex, ExpirationTime, DeliveryTime) goes to
 the SINTx slot; if the slot is busy the message-pending flag is set and the expiry waits for
 the guest's EOM. Direct mode asserts ApicVector instead. A one-shot timer disables itself
-after delivery; a periodic one re-arms at expiration + period, and a lazy one skips the
-periods it missed (periods below 50 us are stretched to 50 us). One thread runs every timer of the machine from ``time.monotonic_ns``.
+after delivery. A periodic one keeps the schedule expiration + k * period (periods below
+50 us are stretched to 50 us). When a delivery comes after the next expiration is already
+due (the guest held the slot, or the host was slow), a lazy timer skips the periods it
+missed and stays on that grid, as KVM does for every periodic timer; a timer that is not
+lazy catches up by a shortened period: the missed expirations come half a period apart,
+each with its own ExpirationTime, never back to back, so a guest whose handler cannot keep
+up still runs between them. (Delivered at once, they made a VMM slower than the period
+feed hundreds in a row into a guest that did nothing else: kvm-unit-tests' hyperv_stimer
+livelocked so under nested KVM.) More than CATCH_UP_LIMIT periods behind, a timer that is
+not lazy skips too. One thread runs every timer of the machine from
+``time.monotonic_ns``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ APIC_FREQUENCY_HZ = 1_000_000_000   # KVM's LAPIC timer runs at 1 GHz (1 ns per 
 AUTO_EOI_KICK = 200e-6              # how often vCPUs with outstanding auto-EOI are kicked
 MIN_PERIOD = 500                    # 50 us: a floor on periodic timers, so a guest cannot make the
                                     # timer thread spin (a 100 ns period would be 10 M interrupts/s)
+CATCH_UP_LIMIT = 100                # periods a timer that is not lazy catches up at the most
 
 
 def _read_together(ref, other, tries: int = 8) -> tuple[int, int]:
@@ -50,6 +60,19 @@ def _read_together(ref, other, tries: int = 8) -> tuple[int, int]:
         if best is None or b - a < best[0]:
             best = (b - a, (a + b) // 2, o)
     return best[1], best[2]
+
+
+def next_expiration(expiration: int, period: int, now: int, lazy: bool) -> tuple[int, int]:
+    """(the next ExpirationTime, when to fire it) of a periodic timer whose ``expiration`` was
+    delivered at ``now`` (module docstring: skipping and catching up)."""
+    due = expiration + period
+    behind = now - due
+    if behind < 0:
+        return due, due
+    if lazy or behind >= CATCH_UP_LIMIT * period:
+        due = now + period - behind % period        # the next point of the grid
+        return due, due
+    return due, now + period // 2
 
 
 class ReferenceClock:
@@ -187,12 +210,9 @@ class Timers:
         self.counts["stimer_expirations"] += 1
         st.pending = False
         if st.config & T.STIMER_PERIODIC:
-            period = max(st.count, MIN_PERIOD)
-            nxt = (st.expiration or now) + period
-            if nxt <= now and (st.config & T.STIMER_LAZY or now - nxt > 100 * period):
-                nxt = now + period
-            st.expiration = nxt
-            heapq.heappush(self.heap, (nxt, st.armed_seq, st))
+            st.expiration, fire = next_expiration(st.expiration or now, max(st.count, MIN_PERIOD), now,
+                                                  bool(st.config & T.STIMER_LAZY))
+            heapq.heappush(self.heap, (fire, st.armed_seq, st))
             self.cond.notify()
         else:
             st.config &= ~T.STIMER_ENABLE

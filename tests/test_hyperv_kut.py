@@ -41,16 +41,21 @@ def test_kut_hyperv_tests_pass(kut_suite, kvm_available, planes, hv_flags):
     25k SynIC messages through pykvmm's Python. 4 s here, but 45-115 s of its 90 s under
     nested KVM in QEMU TCG (make test-nested), as measured in five runs: the timeouts get
     room (x4), as run_tests.sh's would under emulation."""
+    logs = kut_suite.parent / f"logs-{planes}-{hv_flags}"
     res = pykvmm("kut", "--suite", str(kut_suite), *FAST, "--planes", str(planes), "-j", "2",
-                 "--hv-flags", hv_flags, "--logs", str(kut_suite.parent / f"logs-{planes}-{hv_flags}"),
-                 "--timeout-scale", "4", timeout=1800)
+                 "--hv-flags", hv_flags, "--logs", str(logs), "--timeout-scale", "4", timeout=1800)
     out = res.stdout.splitlines()
-    assert "PASS hyperv_synic (1 tests)" in out, res.stdout + res.stderr
-    assert "PASS hyperv_stimer (12 tests)" in out, res.stdout + res.stderr
-    assert "PASS hyperv_clock" in out, res.stdout + res.stderr
+
+    def why(test: str) -> str:
+        # what the run said, and the end of that test's own log (pykvmm's timeout or crash report)
+        log = logs / f"{test}.log"
+        return res.stdout + res.stderr + (f"\n--- {log}, end:\n" + log.read_text()[-6000:] if log.exists() else "")
+    assert "PASS hyperv_synic (1 tests)" in out, why("hyperv_synic")
+    assert "PASS hyperv_stimer (12 tests)" in out, why("hyperv_stimer")
+    assert "PASS hyperv_clock" in out, why("hyperv_clock")
     assert res.returncode == 0
     if hv_flags:
-        log = (kut_suite.parent / f"logs-{planes}-{hv_flags}" / "hyperv_clock.log").read_text()
+        log = (logs / "hyperv_clock.log").read_text()
         assert "--cpu kvm64,hv_time,hv_vpindex,hv_vapic,hv_synic,hv_vsm " in log, log
 
 

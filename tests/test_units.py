@@ -446,3 +446,21 @@ def test_periodic_stimer_catches_up_half_a_period_apart_or_skips_when_lazy():
     assert next_expiration(1000, 100, 1350, lazy=True) == (1400, 1400)    # lazy: the next grid point
     far = 1100 + 100 * CATCH_UP_LIMIT
     assert next_expiration(1000, 100, far + 30, lazy=False) == (far + 100, far + 100)
+
+
+def test_auto_eoi_kicks_wait_until_the_vcpu_has_run_since_its_last_service():
+    from pykvmm.vmm.hyperv.partition import AUTO_EOI_KICK, HyperV, VpHv
+    hv = object.__new__(HyperV)
+    threads = [SimpleNamespace(index=i, plane=0) for i in range(3)]
+    hv.machine = SimpleNamespace(threads=threads)
+    hv.vps = {(i, 0): VpHv(i, 0) for i in range(3)}
+    hv.vps[(0, 0)].auto_eoi = {0xf2}                     # never serviced: due at once
+    hv.vps[(1, 0)].auto_eoi = {0xf2}
+    hv.vps[(1, 0)].auto_eoi_serviced = 10.0              # back in the guest at t = 10 s
+    due, nxt = hv.auto_eoi_due(10.0 + AUTO_EOI_KICK / 4)
+    assert due == [threads[0]]                           # vCPU 2 holds nothing
+    assert nxt == pytest.approx(AUTO_EOI_KICK * 3 / 4)   # vCPU 1, once it has run its share
+    assert hv.auto_eoi_due(10.0 + AUTO_EOI_KICK)[0] == threads[:2]
+    for vp in hv.vps.values():
+        vp.auto_eoi.clear()
+    assert hv.auto_eoi_due(11.0) == ([], None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ... import exits as X, kvm as K
@@ -38,6 +39,12 @@ class PlaneHv:
         return self.hypercall & ~0xFFF if self.hypercall & T.HYPERCALL_ENABLE else None
 
 
+# A vCPU that holds auto-EOI vectors is kicked so that pykvmm can EOI them (HyperV.service),
+# but only once it has run this long since its last service: kicked at a fixed rate, a vCPU
+# whose kicks take longer than that to serve (nested KVM in QEMU TCG) would run no guest code.
+AUTO_EOI_KICK = 200e-6
+
+
 @dataclass
 class VpHv:
     """Per virtual processor, per VTL: SynIC, timers, VP assist page (private to a VTL)."""
@@ -47,6 +54,7 @@ class VpHv:
     synic: object = None
     stimers: list = field(default_factory=list)
     auto_eoi: set = field(default_factory=set)   # vectors delivered with auto-EOI, not yet EOIed
+    auto_eoi_serviced: float = 0.0      # time.monotonic() of its thread's last auto-EOI service
 
 
 class HyperV:
@@ -282,7 +290,11 @@ class HyperV:
             vp.auto_eoi.add(vector)
         ok = self.machine.pvm.planes[plane].signal_msi(*apic.msi_message(vcpu, vector)) > 0
         if auto_eoi:
-            self.machine.threads[vcpu].planes_vcpu.kick()
+            t = self.machine.threads[vcpu]
+            # the vCPU's own thread services on its way back to the guest: a kick would only
+            # make it come back out before the guest has taken the vector
+            if t.planes_vcpu.thread_id != threading.get_ident() and self._kick_due(t, time.monotonic()) <= 0:
+                t.planes_vcpu.kick()
         return ok
 
     def service(self, t) -> None:
@@ -326,10 +338,27 @@ class HyperV:
                     if vec not in irr and vec not in isr:
                         vp.auto_eoi.discard(vec)   # the guest EOIed it itself
                 break
+        vp.auto_eoi_serviced = time.monotonic()
 
-    def outstanding_auto_eoi(self):
-        """vCPU threads whose running plane holds auto-EOI vectors not yet serviced."""
-        return [t for t in self.machine.threads if self.vps[(t.index, t.plane)].auto_eoi]
+    def auto_eoi_due(self, now: float) -> tuple[list, float | None]:
+        """(the vCPU threads to kick now: their running plane holds auto-EOI vectors and they
+        have run AUTO_EOI_KICK since their last service, seconds until the next one is due
+        or None: nothing outstanding)."""
+        due, soonest = [], None
+        for t in self.machine.threads:
+            left = self._kick_due(t, now)
+            if left is None:
+                continue
+            if left <= 0:
+                due.append(t)
+                left = AUTO_EOI_KICK
+            soonest = left if soonest is None else min(soonest, left)
+        return due, soonest
+
+    def _kick_due(self, t, now: float) -> float | None:
+        """Seconds until ``t`` may be kicked for auto-EOI (<= 0: now), None: nothing outstanding."""
+        vp = self.vps[(t.index, t.plane)]
+        return vp.auto_eoi_serviced + AUTO_EOI_KICK - now if vp.auto_eoi else None
 
     # -- machine-level requests ---------------------------------------------------------------------
     def stop_machine(self, t, why: str) -> None:

@@ -43,7 +43,6 @@ from . import tlfs as T
 from .partition import MsrFault
 
 APIC_FREQUENCY_HZ = 1_000_000_000   # KVM's LAPIC timer runs at 1 GHz (1 ns per bus cycle)
-AUTO_EOI_KICK = 200e-6              # how often vCPUs with outstanding auto-EOI are kicked
 MIN_PERIOD = 500                    # 50 us: a floor on periodic timers, so a guest cannot make the
                                     # timer thread spin (a 100 ns period would be 10 M interrupts/s)
 CATCH_UP_LIMIT = 100                # periods a timer that is not lazy catches up at the most
@@ -249,12 +248,12 @@ class Timers:
                 wait = None
                 if self.heap:
                     wait = max(0.0, (self.heap[0][0] - self.clock.now()) * 100e-9)
-                late = hv.outstanding_auto_eoi()
-                if late:
-                    for t in late:
-                        t.planes_vcpu.kick()
-                    self.counts["auto_eoi_kicks"] += len(late)
-                    wait = AUTO_EOI_KICK if wait is None else min(wait, AUTO_EOI_KICK)
+                late, next_kick = hv.auto_eoi_due(time.monotonic())
+                for t in late:
+                    t.planes_vcpu.kick()
+                self.counts["auto_eoi_kicks"] += len(late)
+                if next_kick is not None:
+                    wait = next_kick if wait is None else min(wait, next_kick)
                 self.cond.wait(wait if wait is not None else 0.05)
 
     def summary(self) -> dict:

@@ -41,6 +41,17 @@
 2:
 .endm
 
+/* EOM when another message waits for the slot at \slot (clobbers eax, ecx, edx) */
+.macro EOM_IF_PENDING slot:req
+    test byte ptr [\slot + HV_MSG_HEADER_FLAGS], HV_MSG_FLAG_PENDING
+    jz .Lno_eom\@
+    mov ecx, HV_MSR_EOM
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+.Lno_eom\@:
+.endm
+
 /* rax = HV_MSR_TIME_REF_COUNT + \delta */
 .macro NOW_PLUS delta:req
     mov edi, HV_MSR_TIME_REF_COUNT
@@ -196,12 +207,7 @@ auto_eoi_handler:
     cmp eax, HVMSG_TIMER_EXPIRED
     jne 1f
     lock inc qword ptr [rip + auto_count]
-    test byte ptr [rdx + HV_MSG_HEADER_FLAGS], HV_MSG_FLAG_PENDING
-    jz 1f
-    mov ecx, HV_MSR_EOM
-    xor eax, eax
-    xor edx, edx
-    wrmsr
+    EOM_IF_PENDING rdx
 1:  pop rdx
     pop rcx
     pop rax
@@ -214,8 +220,7 @@ paced_handler:
     push rcx
     push rdx
     push rsi
-    lea rsi, [rip + simp]
-    add rsi, SLOT_PACED
+    lea rsi, [rip + simp + SLOT_PACED]
     cmp dword ptr [rsi], HVMSG_TIMER_EXPIRED
     jne 3f
     mov rax, [rsi + HV_MSG_PAYLOAD + 8]
@@ -243,12 +248,7 @@ paced_handler:
     lock inc qword ptr [rip + paced_count]
     xor eax, eax
     xchg [rsi], eax
-    test byte ptr [rsi + HV_MSG_HEADER_FLAGS], HV_MSG_FLAG_PENDING
-    jz 3f
-    mov ecx, HV_MSR_EOM
-    xor eax, eax
-    xor edx, edx
-    wrmsr
+    EOM_IF_PENDING rsi
 3:  call apic_eoi
     pop rsi
     pop rdx

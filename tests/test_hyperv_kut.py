@@ -52,9 +52,13 @@ def test_kut_hyperv_tests_pass(kut_suite, kvm_available, planes, hv_flags):
         return res.stdout + res.stderr + (f"\n--- {log}, end:\n" + log.read_text()[-6000:] if log.exists() else "")
     assert "PASS hyperv_synic (1 tests)" in out, why("hyperv_synic")
     assert "PASS hyperv_stimer (12 tests)" in out, why("hyperv_stimer")
-    assert "PASS hyperv_clock" in out, why("hyperv_clock")
+    # unittests.cfg runs hyperv_clock only where the host's clocksource is the TSC (run_tests.sh
+    # skips it elsewhere, and so does pykvmm kut); a loaded host can lose its TSC clocksource
+    host_tsc = "SKIP hyperv_clock (/sys/devices/system/clocksource/clocksource0/current_clocksource " \
+               "not equal to tsc)" not in out
+    assert "PASS hyperv_clock" in out or not host_tsc, why("hyperv_clock")
     assert res.returncode == 0
-    if hv_flags:
+    if hv_flags and host_tsc:
         log = (logs / "hyperv_clock.log").read_text()
         assert "--cpu kvm64,hv_time,hv_vpindex,hv_vapic,hv_synic,hv_vsm " in log, log
 

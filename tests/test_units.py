@@ -449,9 +449,11 @@ def test_periodic_stimer_catches_up_half_a_period_apart_or_skips_when_lazy():
 
 
 def test_auto_eoi_kicks_wait_until_the_vcpu_has_run_since_its_last_service():
-    from pykvmm.vmm.hyperv.partition import AUTO_EOI_KICK, HyperV, VpHv
+    from pykvmm.vmm.hyperv.partition import AUTO_EOI_KICK, KICK_DUTY, HyperV, VpHv
     hv = object.__new__(HyperV)
-    threads = [SimpleNamespace(index=i, plane=0) for i in range(3)]
+    kicks = []
+    threads = [SimpleNamespace(index=i, plane=0, planes_vcpu=SimpleNamespace(kick=lambda i=i: kicks.append(i)))
+               for i in range(3)]
     hv.machine = SimpleNamespace(threads=threads)
     hv.vps = {(i, 0): VpHv(i, 0) for i in range(3)}
     hv.vps[(0, 0)].auto_eoi = {0xf2}                     # never serviced: due at once
@@ -461,6 +463,15 @@ def test_auto_eoi_kicks_wait_until_the_vcpu_has_run_since_its_last_service():
     assert due == [threads[0]]                           # vCPU 2 holds nothing
     assert nxt == pytest.approx(AUTO_EOI_KICK * 3 / 4)   # vCPU 1, once it has run its share
     assert hv.auto_eoi_due(10.0 + AUTO_EOI_KICK)[0] == threads[:2]
+    # a kick that took 2 ms to serve: the next waits 4 x 2 ms after that service
+    hv.kick_for_auto_eoi(threads[1], 20.0)
+    assert kicks == [1]
+    assert hv.auto_eoi_due(20.0 + AUTO_EOI_KICK / 2)[0] == [threads[0]]     # not twice at once
+    vp = hv.vps[(1, 0)]
+    vp.auto_eoi_gap = max(AUTO_EOI_KICK, KICK_DUTY * 0.002)     # what service() computes
+    vp.auto_eoi_kicked, vp.auto_eoi_serviced = 0.0, 20.002
+    assert threads[1] not in hv.auto_eoi_due(20.002 + 0.007)[0]
+    assert threads[1] in hv.auto_eoi_due(20.002 + 0.008)[0]
     for vp in hv.vps.values():
         vp.auto_eoi.clear()
     assert hv.auto_eoi_due(11.0) == ([], None)

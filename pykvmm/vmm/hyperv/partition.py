@@ -40,9 +40,13 @@ class PlaneHv:
 
 
 # A vCPU that holds auto-EOI vectors is kicked so that pykvmm can EOI them (HyperV.service),
-# but only once it has run this long since its last service: kicked at a fixed rate, a vCPU
-# whose kicks take longer than that to serve (nested KVM in QEMU TCG) would run no guest code.
+# once it has run AUTO_EOI_KICK since its last service, or KICK_DUTY times as long as its last
+# kick took to serve (from the kick to its way back into the guest), whichever is longer: kicks
+# then take at most a fifth of a vCPU's time. Kicked at a fixed rate, a vCPU whose kicks took
+# longer to serve than the rate (nested KVM under QEMU TCG: about 2 ms) ran almost no guest
+# code, e.g. while an auto-EOI vector waited in the IRR for a long handler to end.
 AUTO_EOI_KICK = 200e-6
+KICK_DUTY = 4
 
 
 @dataclass
@@ -54,7 +58,9 @@ class VpHv:
     synic: object = None
     stimers: list = field(default_factory=list)
     auto_eoi: set = field(default_factory=set)   # vectors delivered with auto-EOI, not yet EOIed
-    auto_eoi_serviced: float = 0.0      # time.monotonic() of its thread's last auto-EOI service
+    auto_eoi_serviced: float = 0.0      # time.monotonic() of its thread's last auto-EOI service,
+    auto_eoi_kicked: float = 0.0        # of the kick not yet served (0: none)
+    auto_eoi_gap: float = AUTO_EOI_KICK     # from a service to the next kick
 
 
 class HyperV:
@@ -293,8 +299,10 @@ class HyperV:
             t = self.machine.threads[vcpu]
             # the vCPU's own thread services on its way back to the guest: a kick would only
             # make it come back out before the guest has taken the vector
-            if t.planes_vcpu.thread_id != threading.get_ident() and self._kick_due(t, time.monotonic()) <= 0:
-                t.planes_vcpu.kick()
+            if t.planes_vcpu.thread_id != threading.get_ident():
+                now = time.monotonic()
+                if self._kick_due(t, now) <= 0:
+                    self.kick_for_auto_eoi(t, now)
         return ok
 
     def service(self, t) -> None:
@@ -338,12 +346,16 @@ class HyperV:
                     if vec not in irr and vec not in isr:
                         vp.auto_eoi.discard(vec)   # the guest EOIed it itself
                 break
-        vp.auto_eoi_serviced = time.monotonic()
+        now = time.monotonic()
+        if vp.auto_eoi_kicked:
+            vp.auto_eoi_gap = max(AUTO_EOI_KICK, KICK_DUTY * (now - vp.auto_eoi_kicked))
+            vp.auto_eoi_kicked = 0.0
+        vp.auto_eoi_serviced = now
 
     def auto_eoi_due(self, now: float) -> tuple[list, float | None]:
         """(the vCPU threads to kick now: their running plane holds auto-EOI vectors and they
-        have run AUTO_EOI_KICK since their last service, seconds until the next one is due
-        or None: nothing outstanding)."""
+        have run long enough since their last service (AUTO_EOI_KICK, KICK_DUTY), seconds
+        until the next one is due or None: nothing outstanding)."""
         due, soonest = [], None
         for t in self.machine.threads:
             left = self._kick_due(t, now)
@@ -351,14 +363,24 @@ class HyperV:
                 continue
             if left <= 0:
                 due.append(t)
-                left = AUTO_EOI_KICK
+                left = self.vps[(t.index, t.plane)].auto_eoi_gap
             soonest = left if soonest is None else min(soonest, left)
         return due, soonest
+
+    def kick_for_auto_eoi(self, t, now: float) -> None:
+        vp = self.vps[(t.index, t.plane)]
+        if not vp.auto_eoi_kicked:
+            vp.auto_eoi_kicked = now
+        t.planes_vcpu.kick()
 
     def _kick_due(self, t, now: float) -> float | None:
         """Seconds until ``t`` may be kicked for auto-EOI (<= 0: now), None: nothing outstanding."""
         vp = self.vps[(t.index, t.plane)]
-        return vp.auto_eoi_serviced + AUTO_EOI_KICK - now if vp.auto_eoi else None
+        if not vp.auto_eoi:
+            return None
+        # kicked and not served yet (its thread may have gone to another plane meanwhile):
+        # again only a whole gap after that kick
+        return (vp.auto_eoi_kicked or vp.auto_eoi_serviced) + vp.auto_eoi_gap - now
 
     # -- machine-level requests ---------------------------------------------------------------------
     def stop_machine(self, t, why: str) -> None:

@@ -250,7 +250,7 @@ class Timers:
                     wait = max(0.0, (self.heap[0][0] - self.clock.now()) * 100e-9)
                 late, next_kick = hv.auto_eoi_due(time.monotonic())
                 for t in late:
-                    t.planes_vcpu.kick()
+                    hv.kick_for_auto_eoi(t, time.monotonic())
                 self.counts["auto_eoi_kicks"] += len(late)
                 if next_kick is not None:
                     wait = next_kick if wait is None else min(wait, next_kick)

@@ -467,11 +467,13 @@ def test_auto_eoi_kicks_wait_until_the_vcpu_has_run_since_its_last_service():
     hv.kick_for_auto_eoi(threads[1], 20.0)
     assert kicks == [1]
     assert hv.auto_eoi_due(20.0 + AUTO_EOI_KICK / 2)[0] == [threads[0]]     # not twice at once
-    vp = hv.vps[(1, 0)]
-    vp.auto_eoi_gap = max(AUTO_EOI_KICK, KICK_DUTY * 0.002)     # what service() computes
-    vp.auto_eoi_kicked, vp.auto_eoi_serviced = 0.0, 20.002
-    assert threads[1] not in hv.auto_eoi_due(20.002 + 0.007)[0]
-    assert threads[1] in hv.auto_eoi_due(20.002 + 0.008)[0]
+    hv.auto_eoi_served(hv.vps[(1, 0)], 20.002)
+    assert threads[1] not in hv.auto_eoi_due(20.002 + KICK_DUTY * 0.002 - 0.0005)[0]
+    assert threads[1] in hv.auto_eoi_due(20.002 + KICK_DUTY * 0.002)[0]
+    # a quick kick: back to the floor
+    hv.kick_for_auto_eoi(threads[1], 30.0)
+    hv.auto_eoi_served(hv.vps[(1, 0)], 30.00001)
+    assert threads[1] in hv.auto_eoi_due(30.00001 + AUTO_EOI_KICK)[0]
     for vp in hv.vps.values():
         vp.auto_eoi.clear()
     assert hv.auto_eoi_due(11.0) == ([], None)

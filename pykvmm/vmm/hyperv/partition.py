@@ -346,7 +346,12 @@ class HyperV:
                     if vec not in irr and vec not in isr:
                         vp.auto_eoi.discard(vec)   # the guest EOIed it itself
                 break
-        now = time.monotonic()
+        self.auto_eoi_served(vp, time.monotonic())
+
+    @staticmethod
+    def auto_eoi_served(vp: VpHv, now: float) -> None:
+        """``vp``'s thread goes back into the guest after an auto-EOI service: the next kick
+        waits a gap from now, KICK_DUTY times as long as the kick just served took."""
         if vp.auto_eoi_kicked:
             vp.auto_eoi_gap = max(AUTO_EOI_KICK, KICK_DUTY * (now - vp.auto_eoi_kicked))
             vp.auto_eoi_kicked = 0.0
@@ -368,6 +373,8 @@ class HyperV:
         return due, soonest
 
     def kick_for_auto_eoi(self, t, now: float) -> None:
+        """Kick ``t`` to have its auto-EOI vectors serviced; the gap after the kick is measured
+        from the first kick not yet served."""
         vp = self.vps[(t.index, t.plane)]
         if not vp.auto_eoi_kicked:
             vp.auto_eoi_kicked = now

@@ -23,9 +23,9 @@ due (the guest held the slot, or the host was slow), a lazy timer skips the peri
 missed and stays on that grid, as KVM does for every periodic timer; a timer that is not
 lazy catches up by a shortened period: the missed expirations come half a period apart,
 each with its own ExpirationTime, never back to back, so a guest whose handler cannot keep
-up still runs between them. (Delivered at once, they made a VMM slower than the period
-feed hundreds in a row into a guest that did nothing else: kvm-unit-tests' hyperv_stimer
-livelocked so under nested KVM.) More than CATCH_UP_LIMIT periods behind, a timer that is
+up still runs between them. (Delivered at once, each at the EOM of the one before, they kept
+a guest on a host slower than the period in its handler; with the auto-EOI kick rate this
+made kvm-unit-tests' hyperv_stimer time out under nested KVM.) More than CATCH_UP_LIMIT periods behind, a timer that is
 not lazy skips too. One thread runs every timer of the machine from
 ``time.monotonic_ns``.
 """
@@ -248,9 +248,10 @@ class Timers:
                 wait = None
                 if self.heap:
                     wait = max(0.0, (self.heap[0][0] - self.clock.now()) * 100e-9)
-                late, next_kick = hv.auto_eoi_due(time.monotonic())
+                now_s = time.monotonic()
+                late, next_kick = hv.auto_eoi_due(now_s)
                 for t in late:
-                    hv.kick_for_auto_eoi(t, time.monotonic())
+                    hv.kick_for_auto_eoi(t, now_s)
                 self.counts["auto_eoi_kicks"] += len(late)
                 if next_kick is not None:
                     wait = next_kick if wait is None else min(wait, next_kick)
